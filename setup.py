@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="qmlhfl_mpi",
+    version="0.1.0",
+    description="Multi-layer hierarchical federated learning with layer-specific quantization (QMLHFL) on MPI",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    install_requires=[
+        "numpy>=1.24,<3",
+        "torch>=2.1,<2.15",
+        "torchvision>=0.16,<0.30",
+        "mpi4py>=3.1,<5",
+        "h5py>=3.8,<4",
+        "PyYAML>=6,<7",
+        "matplotlib>=3.6,<4",
+    ],
+    extras_require={
+        "mpich": ["mpich>=4,<6"],
+        "test": ["pytest>=7,<10", "pytest-mpi>=0.6,<1", "pandas>=1.5,<4"],
+    },
+    entry_points={"console_scripts": ["qmlhfl-mpi=qmlhfl_mpi.cli:main"]},
+)

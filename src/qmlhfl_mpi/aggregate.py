@@ -1,0 +1,151 @@
+"""Nested aggregation: one global round of QMLHFL on one rank.
+
+Implements DESIGN section 1's recursion over the communicators of
+:mod:`qmlhfl_mpi.comm` and the codecs of :mod:`qmlhfl_mpi.quantize`::
+
+    aggregate(u, v) = v + sum_c a(c) * Q_n(work(c, v) - v)
+
+Every child's difference is encoded by the rank that leads the child, the
+packed messages go up with ``Gatherv`` (or stay on the rank when the node
+lies inside it), and the parent's leader decodes them in child order.  The
+same encode/decode path serves local and remote children, which is why the
+trained model is bit-for-bit the same for any number of ranks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import rng
+from .comm import LayerComms, broadcast_vector, gather_messages
+from .quantize import Codec
+from .topology import RankLayout
+
+# (vector, device, round, call) -> (trained vector, sum of step losses, steps)
+TrainFn = Callable[[np.ndarray, int, int, int], tuple[np.ndarray, float, int]]
+
+
+@dataclass
+class RoundStats:
+    """What one rank did in one global round."""
+
+    num_links: int
+    loss_sum: float = 0.0
+    steps: int = 0
+    uplink_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    messages: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    t_compute: float = 0.0
+    t_codec: float = 0.0
+    t_comm: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.uplink_bytes = np.zeros(self.num_links, dtype=np.int64)
+        self.messages = np.zeros(self.num_links, dtype=np.int64)
+
+
+class HierarchicalAggregator:
+    """Runs global rounds for one rank.  :meth:`global_round` is collective over
+    the communicators in ``comms`` (built from the same layout on every rank)."""
+
+    def __init__(self, layout: RankLayout, rank: int, comms: Sequence[LayerComms | None],
+                 codecs: Sequence[Codec], tau: Sequence[int], dim: int, seed: int,
+                 train_fn: TrainFn, samples: np.ndarray | None = None) -> None:
+        tree = layout.tree
+        if len(codecs) != tree.N or len(tau) != tree.N:
+            raise ValueError(f"need {tree.N} codecs and tau values, got {len(codecs)} and {len(tau)}")
+        self.layout, self.tree, self.rank = layout, tree, rank
+        self.comms, self.codecs, self.tau = list(comms), list(codecs), list(tau)
+        self.dim, self.seed, self.train_fn = dim, seed, train_fn
+        self.samples = samples
+        self.msg_len = [c.nbytes(dim) for c in codecs]
+        self._weights: dict[tuple[int, int], np.ndarray] = {}
+        self._calls: dict[tuple[int, int], int] = {}
+        self._round = 0
+        self.stats = RoundStats(tree.N)
+
+    # ---- helpers -----------------------------------------------------------
+    def weights(self, n: int, u: int) -> np.ndarray:
+        key = (n, u)
+        if key not in self._weights:
+            self._weights[key] = self.tree.weights(n, u, self.samples).astype(np.float32)
+        return self._weights[key]
+
+    def _next_call(self, n: int, u: int) -> int:
+        k = self._calls.get((n, u), 0)
+        self._calls[(n, u)] = k + 1
+        return k
+
+    def _my_children(self, n: int, u: int) -> range:
+        kids = self.tree.children(n, u)
+        mine = self.layout.nodes_of(self.rank, n - 1)
+        return range(max(kids.start, mine.start), min(kids.stop, mine.stop))
+
+    # ---- the recursion ------------------------------------------------------
+    def global_round(self, t: int, w: np.ndarray) -> np.ndarray:
+        """One cloud aggregation ``w_{t+1} = aggregate(cloud, w_t)``; every rank
+        returns the new cloud model.  Collective."""
+        self._round = t
+        self._calls.clear()
+        self.stats = RoundStats(self.tree.N)
+        out = self._aggregate(self.tree.N, 0, np.asarray(w, dtype=np.float32), broadcast=True)
+        assert out is not None
+        return out
+
+    def _work(self, m: int, c: int, v: np.ndarray) -> np.ndarray | None:
+        """What child ``c`` (layer ``m``) hands its parent, started from ``v``."""
+        if m == 0:
+            t0 = time.perf_counter()
+            x, loss_sum, steps = self.train_fn(v, c, self._round, self._next_call(0, c))
+            self.stats.t_compute += time.perf_counter() - t0
+            self.stats.loss_sum += loss_sum
+            self.stats.steps += steps
+            return x
+        reps = self.tau[m]  # tau_{m+1}
+        x: np.ndarray | None = v
+        for k in range(reps):
+            # the last result only matters to c's leader: the parent broadcasts next
+            x = self._aggregate(m, c, x, broadcast=k < reps - 1)
+        return x
+
+    def _aggregate(self, n: int, u: int, v: np.ndarray | None, broadcast: bool) -> np.ndarray | None:
+        """One aggregation of node ``u`` (layer ``n``) from its current model ``v``."""
+        layout, rank, st = self.layout, self.rank, self.stats
+        codec, L = self.codecs[n - 1], self.msg_len[n - 1]
+        parts = []
+        for c in self._my_children(n, u):
+            x = self._work(n - 1, c, v)
+            if layout.leader(n - 1, c) == rank:
+                g = rng.stream(self.seed, rng.QUANT, n, c, self._round, self._next_call(n, c))
+                t0 = time.perf_counter()
+                parts.append(codec.encode(x - v, g))
+                st.t_codec += time.perf_counter() - t0
+                st.uplink_bytes[n - 1] += L
+                st.messages[n - 1] += 1
+        sendbuf = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+        lc = self.comms[n]
+        spanning = lc is not None and lc.node == u
+        if spanning and lc.leaders is not None:
+            t0 = time.perf_counter()
+            gathered = gather_messages(lc.leaders, sendbuf, lc.leader_counts, L)
+            st.t_comm += time.perf_counter() - t0
+        else:
+            gathered = sendbuf
+        new = None
+        if layout.leader(n, u) == rank:
+            assert gathered is not None and v is not None
+            t0 = time.perf_counter()
+            acc = np.zeros(self.dim, dtype=np.float32)
+            for i, a in enumerate(self.weights(n, u)):
+                dec = codec.decode(gathered[i * L : (i + 1) * L], self.dim)
+                dec *= a
+                acc += dec
+            new = v + acc
+            st.t_codec += time.perf_counter() - t0
+        if broadcast and spanning and lc.subtree is not None:
+            t0 = time.perf_counter()
+            new = broadcast_vector(lc.subtree, new, self.dim)
+            st.t_comm += time.perf_counter() - t0
+        return new

@@ -1,0 +1,116 @@
+"""`qmlhfl-mpi` command line: run | check | optimize | report.
+
+The only module that touches ``MPI.COMM_WORLD``.  An unexpected exception on
+any rank aborts the whole job (``Abort``) so no rank is left waiting in a
+collective; expected problems (bad config, data, output) end every rank with
+exit code 2 and one message.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from typing import Sequence
+
+from . import __version__
+
+EXIT_ABORT = 1
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def setup_logging(rank: int, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RankFilter(rank))
+    handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)d] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # rank 0 speaks for the job; the others report only warnings and errors
+    root.setLevel(getattr(logging, level) if rank == 0 else max(logging.WARNING, getattr(logging, level)))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qmlhfl-mpi", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"qmlhfl-mpi {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", help="YAML config file")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=0.1 (repeatable)")
+        sp.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    r = sub.add_parser("run", help="train under mpiexec/srun and write the HDF5 results")
+    common(r)
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    r.add_argument("--quiet", action="store_true", help="no per-round table")
+    return p
+
+
+def _print_row(row: dict, header: list[bool]) -> None:
+    if not header[0]:
+        print(f"{'round':>5} {'train_loss':>10} {'test_acc':>8} {'test_loss':>9} {'uplink_MB':>9} "
+              f"{'compute_s':>9} {'codec_s':>7} {'comm_s':>7}", flush=True)
+        header[0] = True
+    acc = row["test_accuracy"]
+    print(f"{row['round']:>5} {row['train_loss']:>10.4f} {acc:>8.4f} {row['test_loss']:>9.4f} "
+          f"{row['uplink_bytes'].sum() / 1e6:>9.3f} {row['time_compute']:>9.2f} {row['time_codec']:>7.3f} "
+          f"{row['time_comm']:>7.3f}", flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    setup_logging(rank, args.log_level)
+    try:
+        from . import config
+        from .comm import agree_on_error
+        from .job import JobError, run_job
+
+        cfg, msg = None, None
+        try:
+            cfg = config.load(args.config, args.set)
+        except config.ConfigError as e:
+            msg = str(e)
+        msg = agree_on_error(comm, msg)
+        if msg is not None:
+            if rank == 0:
+                print(f"qmlhfl-mpi: error: {msg}", file=sys.stderr, flush=True)
+            return 2
+        header = [args.quiet]
+        try:
+            summary = run_job(comm, cfg, overwrite=args.overwrite,
+                              on_round=None if args.quiet else (lambda row: _print_row(row, header)))
+        except JobError as e:
+            if rank == 0:
+                print(f"qmlhfl-mpi: error: {e}", file=sys.stderr, flush=True)
+            return e.code
+        if rank == 0:
+            print(f"done: {summary.rounds_done} rounds, final test accuracy {summary.final_accuracy:.4f}, "
+                  f"results in {summary.path}", flush=True)
+        return 0
+    except BaseException as e:  # noqa: BLE001 - any failure must end every rank
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        sys.stderr.write(f"qmlhfl-mpi: rank {rank} failed, aborting the job:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        comm.Abort(EXIT_ABORT)
+        return EXIT_ABORT
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    raise AssertionError(args.command)

@@ -1,0 +1,314 @@
+"""Run configuration: frozen dataclasses loaded from YAML with strict validation.
+
+Every field carries its valid range in its metadata (see :func:`fld`), so the
+loader checks types and ranges generically and the schema can be listed
+(:func:`schema`).  Unknown keys are errors that list the valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .topology import Tree, TopologyError
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key, the value and the fix."""
+
+
+def fld(default: Any, *, lo: float | None = None, hi: float | None = None,
+        choices: Sequence[Any] | None = None, lo_open: bool = False, doc: str = "") -> Any:
+    """A dataclass field with its validation rule in the metadata."""
+    meta = {"lo": lo, "hi": hi, "choices": tuple(choices) if choices else None,
+            "lo_open": lo_open, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    branching: tuple[int, ...] | None = fld(None, lo=1, doc="fan-out per layer, cloud first")
+    tree: Any = fld(None, doc="explicit tree as nested lists; an integer k is a layer-1 node with k devices")
+    weighting: str = fld("devices", choices=("devices", "samples"), doc="aggregation weights D(c)/D(p) or S(c)/S(p)")
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    levels: tuple[int, ...] = fld((), lo=0, hi=32767, doc="s_1..s_N per link; 0 or 'none' = float32")
+    bucket: int = fld(512, lo=0, doc="values per norm; 0 = one global norm")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = fld(0.05, lo=0, lo_open=True, doc="SGD learning rate mu")
+    batch_size: int = fld(32, lo=1, doc="minibatch size B")
+    rounds: int = fld(20, lo=1, doc="global rounds T")
+    seed: int = fld(0, lo=0, hi=2**63 - 1, doc="run seed")
+    eval_every: int = fld(1, lo=1, doc="evaluate the cloud model every k rounds (and after the last)")
+    threads: int = fld(0, lo=0, doc="torch threads per rank; 0 = SLURM_CPUS_PER_TASK or 1")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    alpha: float = fld(1.0, lo=0, doc="model heterogeneity of Synthetic(alpha, beta)")
+    beta: float = fld(1.0, lo=0, doc="feature heterogeneity of Synthetic(alpha, beta)")
+    dim: int = fld(60, lo=1, doc="input features")
+    classes: int = fld(10, lo=2, doc="classes")
+    samples: int = fld(200, lo=2, doc="median samples per device (train + test)")
+    size_sigma: float = fld(0.5, lo=0, doc="lognormal sigma of per-device sizes; 0 = equal")
+    test_fraction: float = fld(0.2, lo=0, hi=1, lo_open=True, doc="share of each device's samples held out")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    kind: str = fld("iid", choices=("iid", "shards", "dirichlet", "edge-shards"))
+    classes_per_device: int = fld(2, lo=1)
+    alpha: float = fld(0.5, lo=0, lo_open=True, doc="Dirichlet concentration")
+    size_sigma: float = fld(0.0, lo=0, doc="iid: lognormal sigma of device sizes")
+    classes_per_edge: int = fld(4, lo=1, doc="edge-shards: classes in each edge's pool")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = fld("synthetic", choices=("synthetic", "mnist", "fashion-mnist", "cifar10"))
+    root: str = fld("data", doc="local data directory (torchvision layout, or Debian's for Fashion-MNIST)")
+    download: bool = fld(False, doc="let torchvision download into root (needs internet)")
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = fld("mlp", choices=("logreg", "mlp", "cnn", "cifar-cnn"))
+    hidden: int = fld(64, lo=1, doc="hidden width of mlp")
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    step_time: float = fld(0.01, lo=0, doc="seconds per local SGD step (deadline model)")
+    uplink_rate: tuple[float, ...] = fld((), lo=0, lo_open=True, doc="bits/s of links 1..N; empty = 1e8 each")
+    uplink_latency: tuple[float, ...] = fld((), lo=0, doc="seconds per message on links 1..N; empty = 0.01 each")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str = fld("results/run.h5", doc="HDF5 results file")
+
+
+@dataclass(frozen=True)
+class Config:
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    tau: tuple[int, ...] = fld((), lo=1, doc="tau_1..tau_N")
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def build_tree(self) -> Tree:
+        t = self.topology
+        return Tree.uniform(list(t.branching)) if t.branching is not None else Tree.from_nested(t.tree)
+
+    @property
+    def N(self) -> int:
+        return len(self.tau)
+
+    def link_rates(self) -> tuple[float, ...]:
+        return self.latency.uplink_rate or (1e8,) * self.N
+
+    def link_latencies(self) -> tuple[float, ...]:
+        return self.latency.uplink_latency or (0.01,) * self.N
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(dataclasses.asdict(self)), sort_keys=False)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# ---- generic loader --------------------------------------------------------
+def _describe(f: dataclasses.Field, tp: Any) -> str:
+    m = f.metadata
+    parts = []
+    if m.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in m["choices"])
+    base = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    inner = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple or (inner and typing.get_origin(inner[0]) is tuple):
+        parts.append("a list of numbers")
+    else:
+        parts.append(base.get(tp, "a value"))
+    if m.get("lo") is not None:
+        parts.append(("> " if m.get("lo_open") else ">= ") + f"{m['lo']:g}")
+    if m.get("hi") is not None:
+        parts.append(f"<= {m['hi']:g}")
+    return " ".join(parts)
+
+
+def _check_scalar(key: str, v: Any, tp: type, f: dataclasses.Field) -> Any:
+    m = f.metadata
+    bad = ConfigError(f"config key '{key}' = {v!r}: expected {_describe(f, tp)}")
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise bad
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad
+    elif tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise bad
+        v = float(v)
+    elif tp is str:
+        if not isinstance(v, str):
+            raise bad
+    if m.get("choices") and v not in m["choices"]:
+        raise bad
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is not None and (v < lo or (m.get("lo_open") and v == lo)):
+        raise bad
+    if hi is not None and v > hi:
+        raise bad
+    return v
+
+
+def _convert(key: str, v: Any, tp: Any, f: dataclasses.Field) -> Any:
+    if tp is Any:
+        return v
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if v is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        return _convert(key, v, tp, f)
+    if origin is tuple:
+        elem = args[0]
+        if key.endswith("quantizer.levels"):
+            v = [0 if isinstance(x, str) and x.lower() == "none" else x for x in (v if isinstance(v, list) else [v])]
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"config key '{key}' = {v!r}: expected {_describe(f, tp)}")
+        return tuple(_check_scalar(f"{key}[{i}]", x, elem, f) for i, x in enumerate(v))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, key)
+    return _check_scalar(key, v, tp, f)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = f"section '{prefix}'" if prefix else "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {where} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(repr(f'{prefix}.{k}'.lstrip('.')) for k in unknown)} in {where}; "
+            f"valid keys there: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, val in raw.items():
+        key = f"{prefix}.{name}".lstrip(".")
+        kwargs[name] = _convert(key, val, hints[name], fields[name])
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``dotted.key=value`` overrides (value parsed as YAML) to a raw dict."""
+    raw = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.lr=0.1")
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[p] = child
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def from_dict(raw: Any) -> Config:
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply ``--set`` overrides, validate. Raises ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; pass the path of a YAML file such as configs/quickstart.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks (tree vs tau vs levels vs latency lengths)."""
+    t = cfg.topology
+    if (t.branching is None) == (t.tree is None):
+        raise ConfigError(
+            "topology: give exactly one of 'branching' (uniform fan-outs, cloud first, e.g. [2, 2, 4]) "
+            "or 'tree' (nested lists, e.g. [[3, 2], [4]])"
+        )
+    try:
+        tree = cfg.build_tree()
+    except TopologyError as e:
+        raise ConfigError(str(e)) from None
+    N = tree.N
+    if len(cfg.tau) != N:
+        raise ConfigError(f"config key 'tau' = {list(cfg.tau)}: the tree has N={N} layers, so give {N} values tau_1..tau_{N}, each >= 1")
+    if len(cfg.quantizer.levels) != N:
+        raise ConfigError(
+            f"config key 'quantizer.levels' = {list(cfg.quantizer.levels)}: the tree has N={N} links, "
+            f"so give {N} values s_1..s_{N} (0 or 'none' = float32)"
+        )
+    for key in ("uplink_rate", "uplink_latency"):
+        vals = getattr(cfg.latency, key)
+        if vals and len(vals) != N:
+            raise ConfigError(f"config key 'latency.{key}' = {list(vals)}: give {N} values (links 1..{N}) or leave it empty")
+    if cfg.data.name == "synthetic" and cfg.model.name in ("cnn", "cifar-cnn"):
+        raise ConfigError(f"config key 'model.name' = {cfg.model.name!r}: the synthetic data are flat vectors; use 'mlp' or 'logreg'")
+
+
+def schema() -> list[tuple[str, Any, dataclasses.Field]]:
+    """All leaf keys as ``(dotted key, type, field)``; used by docs and fault tests."""
+    out: list[tuple[str, Any, dataclasses.Field]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            else:
+                out.append((f"{prefix}{f.name}", tp, f))
+
+    walk(Config, "")
+    return out

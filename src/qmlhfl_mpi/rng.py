@@ -1,0 +1,22 @@
+"""Random streams keyed by (run seed, purpose, entity, round, ...).
+
+There is no global random state anywhere in qmlhfl_mpi: every random choice
+draws from a generator built here from the run seed and the identity of what
+it is for, so results do not depend on which rank computes them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# purposes (never renumber: they are part of the results' reproducibility)
+DATA = 1       # synthetic data of a device: (seed, DATA, device)
+INIT = 2       # initial cloud model: (seed, INIT)
+BATCH = 3      # minibatches: (seed, BATCH, device, round, call)
+QUANT = 4      # quantizer: (seed, QUANT, layer, node, round, call)
+PARTITION = 5  # data partition: (seed, PARTITION, ...)
+SIZES = 6      # synthetic per-device sizes: (seed, SIZES, device)
+
+
+def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:
+    """A fresh PCG64 generator for ``(seed, purpose, *ids)``; all ids are >= 0."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, purpose, *ids])))
