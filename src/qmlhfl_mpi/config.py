@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,11 +152,17 @@ def _describe(f: dataclasses.Field, tp: Any) -> str:
         parts.append("a list of numbers")
     else:
         parts.append(base.get(tp, "a value"))
-    if m.get("lo") is not None:
-        parts.append(("> " if m.get("lo_open") else ">= ") + f"{m['lo']:g}")
-    if m.get("hi") is not None:
-        parts.append(f"<= {m['hi']:g}")
+    lo, hi = m.get("lo"), m.get("hi")
+    if lo is not None and hi is not None and not m.get("lo_open"):
+        parts.append(f"from {lo:g} to {hi:g}")
+    elif lo is not None:
+        parts.append(("> " if m.get("lo_open") else ">= ") + f"{lo:g}")
+        if hi is not None:
+            parts.append(f"and <= {hi:g}")
     return " ".join(parts)
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _check_scalar(key: str, v: Any, tp: type, f: dataclasses.Field) -> Any:
@@ -169,6 +176,8 @@ def _check_scalar(key: str, v: Any, tp: type, f: dataclasses.Field) -> Any:
         if isinstance(v, bool) or not isinstance(v, int):
             raise bad
     elif tp is float:
+        if isinstance(v, str) and _FLOAT_RE.fullmatch(v.strip()):
+            v = float(v)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise bad
         v = float(v)

@@ -189,7 +189,8 @@ class QSGDCodec:
             full[:d] = vals
         else:
             full = vals
-        full.reshape(nb, blen)[...] *= (norms / np.float32(self.levels)).astype(np.float32)[:, None]
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite norms propagate as NaN
+            full.reshape(nb, blen)[...] *= (norms / np.float32(self.levels)).astype(np.float32)[:, None]
         return full[:d]
 
 

@@ -1,0 +1,78 @@
+"""Shared test utilities: launching real ``mpiexec`` jobs and small configs."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mpiexec_path() -> str:
+    """The MPI launcher next to this Python (the venv's, from the mpich wheel),
+    else ``$QMLHFL_MPIEXEC``, else the one on PATH."""
+    if os.environ.get("QMLHFL_MPIEXEC"):
+        return os.environ["QMLHFL_MPIEXEC"]
+    here = Path(sys.executable).parent / "mpiexec"
+    if here.exists():
+        return str(here)
+    found = shutil.which("mpiexec")
+    if not found:
+        raise RuntimeError("no mpiexec found: install the 'mpich' extra or set QMLHFL_MPIEXEC")
+    return found
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """Environment for a child job: no inherited MPI/PMI state, one thread."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "PMIX_", "MPI_", "HYDRA_", "OMPI_", "SLURM_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_mpi(n: int, args: list[str], *, cwd: Path | None = None, timeout: float = 300,
+            env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """``mpiexec -n n <args>``; returns the completed process and wall seconds."""
+    cmd = [mpiexec_path(), "-n", str(n), *args]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return proc, time.monotonic() - t0
+
+
+def run_cli(n: int, cli_args: list[str], **kw: Any) -> tuple[subprocess.CompletedProcess, float]:
+    return run_mpi(n, [sys.executable, "-m", "qmlhfl_mpi", *cli_args], **kw)
+
+
+SMALL: dict[str, Any] = {
+    "topology": {"branching": [2, 3]},
+    "tau": [2, 2],
+    "quantizer": {"levels": [3, 8], "bucket": 16},
+    "train": {"lr": 0.1, "batch_size": 8, "rounds": 2, "seed": 7, "eval_every": 1},
+    "data": {"name": "synthetic", "synthetic": {"dim": 6, "classes": 3, "samples": 24}},
+    "model": {"name": "mlp", "hidden": 5},
+    "output": {"path": "out.h5"},
+}
+
+
+def small_config(tmp_path: Path, name: str = "cfg.yaml", **sections: Any) -> Path:
+    """Write the small test config with top-level sections replaced/merged."""
+    cfg = copy.deepcopy(SMALL)
+    for key, val in sections.items():
+        if isinstance(val, dict) and isinstance(cfg.get(key), dict) and key != "topology":
+            cfg[key] = {**cfg[key], **val}
+        else:
+            cfg[key] = val
+    cfg["output"]["path"] = str(tmp_path / cfg["output"]["path"])
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p

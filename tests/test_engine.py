@@ -1,0 +1,133 @@
+"""The MPI engine end to end under real ``mpiexec``: rank invariance, agreement
+with a serial reference, exact byte accounting, the results file."""
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from helpers import run_cli, small_config
+from qmlhfl_mpi import config
+from qmlhfl_mpi.data import load_local_data
+from qmlhfl_mpi.models import build_model
+from qmlhfl_mpi.quantize import make_codec
+from reference import Reference, build_tree
+
+
+def run_ok(n, cfg_path, *extra, timeout=300):
+    proc, secs = run_cli(n, ["run", str(cfg_path), "--quiet", *extra], timeout=timeout)
+    assert proc.returncode == 0, f"mpiexec -n {n} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def final_model(path):
+    with h5py.File(path, "r") as f:
+        return f["model/final"][()]
+
+
+def test_same_final_model_for_1_2_4_and_8_ranks(tmp_path):
+    cfg = small_config(tmp_path, topology={"branching": [2, 2, 2]}, tau=[2, 2, 1],
+                       quantizer={"levels": [2, 5, 0], "bucket": 8}, train={"rounds": 2})
+    models, metrics = {}, {}
+    for n in (1, 2, 4, 8):  # 8, 4, 2 and 1 devices per rank
+        out = tmp_path / f"r{n}.h5"
+        run_ok(n, cfg, "--set", f"output.path={out}")
+        models[n] = final_model(out)
+        with h5py.File(out) as f:
+            metrics[n] = (f["metrics/uplink_bytes"][()], f["metrics/train_loss"][()], f.attrs["world_size"])
+    assert np.isfinite(models[1]).all()
+    for n in (2, 4, 8):
+        assert np.array_equal(models[1], models[n]), f"{n} ranks differ from 1 rank"
+        assert np.array_equal(metrics[1][0], metrics[n][0])
+        assert metrics[n][2] == n
+        np.testing.assert_allclose(metrics[1][1], metrics[n][1], rtol=1e-12)
+
+
+CASES = {
+    "N1-fedavg": dict(topology={"tree": 5}, tau=[3], quantizer={"levels": [4], "bucket": 16}),
+    "N2-hier-local-qsgd": dict(topology={"branching": [2, 3]}, tau=[2, 3], quantizer={"levels": [3, 0], "bucket": 0}),
+    "N3": dict(topology={"branching": [2, 2, 2]}, tau=[2, 2, 2], quantizer={"levels": [2, 6, 16], "bucket": 8}),
+    "N3-unbalanced": dict(topology={"tree": [[3, 1], [2]]}, tau=[1, 2, 2], quantizer={"levels": [4, 8, 2], "bucket": 16}),
+    "N2-unbalanced-samples": dict(topology={"tree": [4, 1, 2], "weighting": "samples"}, tau=[2, 2],
+                                  quantizer={"levels": [5, 3], "bucket": 16}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_engine_matches_serial_reference(tmp_path, case):
+    path = small_config(tmp_path, train={"rounds": 2}, **CASES[case])
+    raw = yaml.safe_load(path.read_text())
+    cfg = config.load(path)
+    tree = cfg.build_tree()
+    ranks = min(3, tree.num_devices)
+    run_ok(ranks, path)
+
+    data = load_local_data(cfg, tree, range(tree.num_devices), 0, 1)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, hidden=cfg.model.hidden, seed=cfg.train.seed)
+    topo = raw["topology"]
+    root = build_tree(topo.get("tree"), topo.get("branching"))
+    samples = data.samples if topo.get("weighting") == "samples" else None
+    ref = Reference(root, cfg.tau, cfg.quantizer.levels, cfg.quantizer.bucket, cfg.train.lr,
+                    cfg.train.batch_size, cfg.train.seed, model, data.train, samples)
+    expected = ref.run(cfg.train.rounds)
+    got = final_model(cfg.output.path)
+    assert got.shape == expected.shape
+    assert np.array_equal(got, expected), f"max abs diff {np.abs(got - expected).max()}"
+
+
+def test_uplink_bytes_are_messages_times_formula(tmp_path):
+    cfg_path = small_config(tmp_path, topology={"tree": [[3, 1], [2, 2]]}, tau=[2, 3, 2],
+                            quantizer={"levels": [3, 255, 0], "bucket": 7}, train={"rounds": 3})
+    run_ok(3, cfg_path)
+    cfg = config.load(cfg_path)
+    with h5py.File(cfg.output.path) as f:
+        ub = f["metrics/uplink_bytes"][()]
+        d = int(f.attrs["num_params"])
+        msg = f["quantizer/message_bytes"][()]
+    assert ub.shape == (3, 3)
+    # hand count: devices 8, layer-1 nodes 4, layer-2 nodes 2; tau = (2, 3, 2)
+    messages = [8 * 3 * 2, 4 * 2, 2 * 1]
+    s = cfg.quantizer.levels
+    per_msg = [4 * math.ceil(d / 7) + math.ceil(d * 3 / 8),      # s=3: 2 level bits + sign
+               4 * math.ceil(d / 7) + math.ceil(d * 9 / 8),      # s=255: 8 level bits + sign
+               4 * d]                                            # none: float32
+    assert msg.tolist() == per_msg == [make_codec(x, 7).nbytes(d) for x in s]
+    for row in ub:
+        assert row.tolist() == [m * b for m, b in zip(messages, per_msg)]
+
+
+def test_results_file_schema(tmp_path):
+    cfg_path = small_config(tmp_path, train={"rounds": 3, "eval_every": 2})
+    run_ok(2, cfg_path)
+    cfg = config.load(cfg_path)
+    with h5py.File(cfg.output.path) as f:
+        for key in ("config_yaml", "version", "mpi_library", "world_size", "status"):
+            assert key in f.attrs, key
+        assert f.attrs["status"] == "completed" and f.attrs["world_size"] == 2
+        assert config.from_dict(yaml.safe_load(f.attrs["config_yaml"])) == cfg
+        m = f["metrics"]
+        assert m["round"][()].tolist() == [0, 1, 2]
+        for key in ("test_accuracy", "test_loss", "train_loss", "time_compute", "time_codec", "time_comm"):
+            assert m[key].shape == (3,), key
+        acc = m["test_accuracy"][()]
+        assert np.isnan(acc[0]) and np.isfinite(acc[1]) and np.isfinite(acc[2])  # eval_every=2 and the last round
+        assert 0 <= acc[2] <= 1
+        assert np.all(m["time_compute"][()] > 0) and np.all(m["time_comm"][()] >= 0)
+        assert m["uplink_bytes"].shape == (3, 2)
+        assert f["model/final"].dtype == np.float32
+        assert f["model/final"].shape == (int(f.attrs["num_params"]),)
+
+
+def test_diverging_run_stops_with_advice_and_keeps_results(tmp_path):
+    cfg_path = small_config(tmp_path, train={"rounds": 20, "lr": 1e20},
+                            model={"name": "logreg"})
+    proc, secs = run_cli(2, ["run", str(cfg_path), "--quiet"], timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "diverged" in proc.stderr and "train.lr=" in proc.stderr
+    with h5py.File(config.load(cfg_path).output.path) as f:
+        assert f.attrs["status"] == "diverged"
+        rounds = f["metrics/round"].shape[0]
+        assert 1 <= rounds < 20
