@@ -4,11 +4,17 @@ The only module that touches ``MPI.COMM_WORLD``.  An unexpected exception on
 any rank aborts the whole job (``Abort``) so no rank is left waiting in a
 collective; expected problems (bad config, data, output) end every rank with
 exit code 2 and one message.
+
+Exit codes: 0 done; 1 aborted after an unexpected error on some rank; 2 bad
+config, data, output or checkpoint (nothing changed); 3 diverged (results so
+far kept); 74 a write failed; 75 stopped by SIGTERM/SIGUSR1 after writing a
+checkpoint (continue with ``--resume``).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import traceback
 from typing import Sequence
@@ -51,8 +57,15 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="train under mpiexec/srun and write the HDF5 results")
     common(r)
-    r.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing output file (and its checkpoint)")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the interrupted run in output.path from its checkpoint")
     r.add_argument("--quiet", action="store_true", help="no per-round table")
+
+    from . import report
+    rp = sub.add_parser("report", help="tables and plots from one or many HDF5 result files")
+    report.add_arguments(rp)
     return p
 
 
@@ -68,6 +81,10 @@ def _print_row(row: dict, header: list[bool]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # first of all, so a signal during start-up also ends in a clean stop
+    stop: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -76,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         from . import config
         from .comm import agree_on_error
-        from .job import JobError, run_job
+        from .job import EXIT_PREEMPTED, JobError, run_job
 
         cfg, msg = None, None
         try:
@@ -90,11 +107,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 2
         header = [args.quiet]
         try:
-            summary = run_job(comm, cfg, overwrite=args.overwrite,
+            summary = run_job(comm, cfg, overwrite=args.overwrite, resume=args.resume,
+                              stop_requested=lambda: bool(stop),
                               on_round=None if args.quiet else (lambda row: _print_row(row, header)))
         except JobError as e:
             if rank == 0:
-                print(f"qmlhfl-mpi: error: {e}", file=sys.stderr, flush=True)
+                kind = "stopped" if e.code == EXIT_PREEMPTED else "error"
+                print(f"qmlhfl-mpi: {kind}: {e}", file=sys.stderr, flush=True)
             return e.code
         if rank == 0:
             print(f"done: {summary.rounds_done} rounds, final test accuracy {summary.final_accuracy:.4f}, "
@@ -113,4 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "report":
+        from . import report
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return report.main(args)
     raise AssertionError(args.command)

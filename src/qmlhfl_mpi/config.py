@@ -101,6 +101,7 @@ class LatencyConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     path: str = fld("results/run.h5", doc="HDF5 results file")
+    checkpoint_every: int = fld(1, lo=0, doc="write the checkpoint every k global rounds; 0 = only on SIGTERM/SIGUSR1")
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,28 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'latency.{key}' = {list(vals)}: give {N} values (links 1..{N}) or leave it empty")
     if cfg.data.name == "synthetic" and cfg.model.name in ("cnn", "cifar-cnn"):
         raise ConfigError(f"config key 'model.name' = {cfg.model.name!r}: the synthetic data are flat vectors; use 'mlp' or 'logreg'")
+
+
+# keys that may change between a checkpoint and its resumption: they do not
+# change the trained model or the recorded metrics
+RESUME_FREE_KEYS = ("output.path", "output.checkpoint_every", "train.rounds", "train.threads")
+
+
+def _flatten(x: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(x, dict):
+        out: dict[str, Any] = {}
+        for k, v in x.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: x}
+
+
+def config_diff(old_yaml: str, new: Config) -> list[str]:
+    """``key: old -> new`` for every key (but :data:`RESUME_FREE_KEYS`) that differs."""
+    old = _flatten(yaml.safe_load(old_yaml) or {})
+    cur = _flatten(yaml.safe_load(new.to_yaml()))
+    keys = sorted((set(old) | set(cur)) - set(RESUME_FREE_KEYS))
+    return [f"{k}: {old.get(k)!r} -> {cur.get(k)!r}" for k in keys if old.get(k) != cur.get(k)]
 
 
 def schema() -> list[tuple[str, Any, dataclasses.Field]]:

@@ -8,18 +8,27 @@ Schema (documented for users in docs/results.md)::
     /topology/starts_<n>   device boundaries of the nodes of layer n (n = 0..N)
     /topology/rank_blocks  device boundaries of the ranks' blocks
     /topology/samples      training samples per device
+    /topology/class_counts training samples per device and class (devices x classes)
     /quantizer/levels, bucket, message_bytes, messages_per_round, q   (per link)
     /metrics/round, test_accuracy, test_loss, train_loss,
              uplink_bytes (rounds x N), time_compute, time_codec, time_comm,
              time_eval, time_round, modelled_time
     /model/final           flat float32 cloud model after the last round
+
+The checkpoint of a run lives beside its results, in ``<output>.ckpt`` (HDF5):
+attributes ``rounds_done`` and ``config_yaml`` and the dataset ``model`` (the
+cloud model after ``rounds_done`` rounds).  It is written to a temporary file,
+synced and renamed over the previous one, so a crash during the write leaves
+the previous checkpoint intact.  Every random stream is keyed by (seed,
+entity, round), so the model and the round are all a restart needs.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import h5py
 import numpy as np
@@ -37,12 +46,79 @@ def output_problem(path: str | Path, overwrite: bool) -> str | None:
     if p.exists() and p.is_dir():
         return f"output.path {str(p)!r} is a directory; give a file name such as {str(p / 'run.h5')!r}"
     parent = p.parent if str(p.parent) else Path(".")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        return f"cannot create output file {str(p)!r}: directory {str(probe)!r} is not writable"
+    probe = parent / f".qmlhfl-probe-{os.getpid()}"
+    try:  # a real write: permission bits say nothing for root or read-only mounts
+        parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return (f"cannot write the output file {str(p)!r}: {e.strerror or e} ({e.filename or parent}); "
+                "choose a writable output.path, e.g. --set output.path=results/run.h5")
     return None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or inconsistent."""
+
+
+def checkpoint_path(output: str | Path) -> Path:
+    return Path(f"{output}.ckpt")
+
+
+def write_checkpoint(path: str | Path, *, model: np.ndarray, rounds_done: int, config_yaml: str,
+                     crash_hook: Callable[[], None] | None = None) -> None:
+    """Atomically replace the checkpoint at ``path`` (temp file, fsync, rename)."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["rounds_done"] = int(rounds_done)
+        f.attrs["config_yaml"] = config_yaml
+        f.attrs["format"] = "qmlhfl_mpi checkpoint 1"
+        ds = f.create_dataset("model", shape=model.shape, dtype=np.float32)
+        half = model.size // 2
+        ds[:half] = model[:half]
+        if crash_hook is not None:
+            crash_hook()  # tests: die half-way through the write
+        ds[half:] = model[half:]
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, p)
+    dfd = os.open(p.parent if str(p.parent) else ".", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model: np.ndarray
+    rounds_done: int
+    config_yaml: str
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and check a checkpoint; :class:`CheckpointError` says what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"no checkpoint at {str(p)!r}")
+    try:
+        with h5py.File(p, "r") as f:
+            if f.attrs.get("format") != "qmlhfl_mpi checkpoint 1" or "model" not in f:
+                raise CheckpointError(f"{str(p)!r} is not a qmlhfl_mpi checkpoint (format attribute or model missing)")
+            model = f["model"][()]
+            rounds = int(f.attrs["rounds_done"])
+            cfg = f.attrs["config_yaml"]
+    except CheckpointError:
+        raise
+    except Exception as e:  # h5py raises OSError/KeyError/ValueError on damaged files
+        raise CheckpointError(f"checkpoint {str(p)!r} is unreadable (truncated or corrupt?): {e}") from None
+    if model.dtype != np.float32 or model.ndim != 1 or rounds < 1:
+        raise CheckpointError(f"checkpoint {str(p)!r} is inconsistent: model {model.dtype}{model.shape}, rounds_done={rounds}")
+    return Checkpoint(model, rounds, cfg.decode() if isinstance(cfg, bytes) else str(cfg))
 
 
 class ResultsWriter:
@@ -75,6 +151,25 @@ class ResultsWriter:
         self.f.create_group("model")
         self.f.flush()
 
+    @classmethod
+    def reopen(cls, path: str | Path, rounds_done: int, attrs: Mapping[str, Any]) -> "ResultsWriter":
+        """Continue an existing file: drop metric rows after ``rounds_done``, mark it running."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.f = h5py.File(self.path, "r+")
+        m = self.f["metrics"]
+        for k in m:
+            if m[k].shape[0] > rounds_done:
+                m[k].resize((rounds_done,) + m[k].shape[1:])
+        resumed = list(self.f.attrs.get("resumed_at_rounds", [])) + [rounds_done]
+        self.f.attrs["resumed_at_rounds"] = np.array(resumed, dtype=np.int64)
+        for k, v in attrs.items():
+            self.f.attrs[k] = str(v) if isinstance(v, str) else v
+        self.f.attrs["status"] = "running"
+        self.f.attrs["status_message"] = ""
+        self.f.flush()
+        return self
+
     def append_round(self, row: Mapping[str, Any]) -> None:
         """Append one global round; ``row`` has every metric name of the schema."""
         m = self.f["metrics"]
@@ -99,6 +194,14 @@ class ResultsWriter:
             self.f.attrs["status"] = status
             self.f.attrs["status_message"] = message
             self.f.close()
+
+
+def read_status(path: str | Path) -> tuple[str, int, str]:
+    """(status, metric rows, config_yaml) of a results file; raises OSError if unreadable."""
+    with h5py.File(path, "r") as f:
+        cfg = f.attrs.get("config_yaml", "")
+        return (str(f.attrs.get("status", "")), int(f["metrics/round"].shape[0]),
+                cfg.decode() if isinstance(cfg, bytes) else str(cfg))
 
 
 def read_results(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,179 @@
+"""Fault suite: signals, killed ranks, crashes during a checkpoint, damaged
+checkpoints, unwritable or full disks, and exact resumption."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from helpers import clean_env, mpiexec_path, run_cli, small_config
+
+ROUNDS = 8
+SECTIONS = dict(topology={"branching": [2, 2, 2]}, tau=[2, 2, 1], quantizer={"levels": [3, 8, 0], "bucket": 16},
+                train={"rounds": ROUNDS})
+
+
+def final(path):
+    with h5py.File(path, "r") as f:
+        return f["model/final"][()], f["metrics/train_loss"][()], f["metrics/round"][()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every restart must reproduce bit for bit."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = small_config(tmp, **SECTIONS)
+    proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return final(tmp / "out.h5")
+
+
+def wait_readable(path, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with h5py.File(path, "r"):
+                return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def assert_same_as_reference(path, reference):
+    model, loss, rounds = final(path)
+    assert np.array_equal(model, reference[0])
+    assert np.array_equal(loss, reference[1])
+    assert rounds.tolist() == list(range(ROUNDS))
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_exactly_on_other_rank_count(tmp_path, reference):
+    cfg = small_config(tmp_path, **SECTIONS)
+    # slow the rounds down so the signal lands mid-run
+    cmd = [mpiexec_path(), "-n", "4", sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg), "--quiet"]
+    env = clean_env(QMLHFL_ROUND_DELAY="0.5")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    out = tmp_path / "out.h5"
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "out.h5.ckpt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 75, stderr
+    assert "--resume" in stderr
+    wait_readable(out)
+    with h5py.File(out) as f:
+        assert f.attrs["status"] == "preempted"
+        done = f["metrics/round"].shape[0]
+    assert 1 <= done < ROUNDS
+    with h5py.File(tmp_path / "out.h5.ckpt") as f:
+        assert int(f.attrs["rounds_done"]) == done
+    proc2, _ = run_cli(3, ["run", str(cfg), "--quiet", "--resume"], timeout=180)
+    assert proc2.returncode == 0, proc2.stderr
+    assert_same_as_reference(out, reference)
+    assert not (tmp_path / "out.h5.ckpt").exists()
+
+
+def test_sigkilled_rank_ends_job_fast_and_checkpoint_survives(tmp_path, reference):
+    cfg = small_config(tmp_path, **SECTIONS)
+    proc, secs = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120, env=clean_env(QMLHFL_FAULT="1:3:kill"))
+    assert proc.returncode != 0
+    assert secs < 15 + 5
+    ck = tmp_path / "out.h5.ckpt"
+    wait_readable(ck)
+    with h5py.File(ck) as f:
+        assert int(f.attrs["rounds_done"]) == 3
+    proc2, _ = run_cli(4, ["run", str(cfg), "--quiet", "--resume"], timeout=180)
+    assert proc2.returncode == 0, proc2.stderr
+    assert_same_as_reference(tmp_path / "out.h5", reference)
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, reference):
+    cfg = small_config(tmp_path, **SECTIONS)
+    proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120, env=clean_env(QMLHFL_FAULT="0:4:ckpt"))
+    assert proc.returncode != 0
+    ck = tmp_path / "out.h5.ckpt"
+    wait_readable(ck)
+    with h5py.File(ck) as f:  # round 4's checkpoint died half-written; round 3's is intact
+        assert int(f.attrs["rounds_done"]) == 4
+    proc2, _ = run_cli(2, ["run", str(cfg), "--quiet", "--resume"], timeout=180)
+    assert proc2.returncode == 0, proc2.stderr
+    assert_same_as_reference(tmp_path / "out.h5", reference)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
+def test_damaged_checkpoint_is_refused_and_nothing_is_changed(tmp_path, damage):
+    cfg = small_config(tmp_path, **SECTIONS)
+    proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120, env=clean_env(QMLHFL_FAULT="1:3:kill"))
+    assert proc.returncode != 0
+    ck, out = tmp_path / "out.h5.ckpt", tmp_path / "out.h5"
+    wait_readable(ck)
+    if damage == "truncate":
+        ck.write_bytes(ck.read_bytes()[:300])
+    elif damage == "garbage":
+        ck.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(2000))
+    else:
+        ck.unlink()
+    before = (out.read_bytes(), ck.read_bytes() if ck.exists() else None)
+    proc2, secs = run_cli(2, ["run", str(cfg), "--quiet", "--resume"], timeout=120)
+    assert proc2.returncode == 2
+    assert "cannot resume" in proc2.stderr and "Nothing was changed" in proc2.stderr, proc2.stderr
+    assert "Traceback" not in proc2.stderr
+    assert secs < 20
+    assert (out.read_bytes(), ck.read_bytes() if ck.exists() else None) == before
+
+
+def test_resume_with_changed_config_lists_the_keys(tmp_path):
+    cfg = small_config(tmp_path, **SECTIONS)
+    proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120, env=clean_env(QMLHFL_FAULT="0:2:kill"))
+    assert proc.returncode != 0
+    wait_readable(tmp_path / "out.h5.ckpt")
+    proc2, _ = run_cli(2, ["run", str(cfg), "--quiet", "--resume", "--set", "train.lr=0.3",
+                           "--set", "quantizer.levels=[3,8,16]", "--set", "train.rounds=12"], timeout=120)
+    assert proc2.returncode == 2
+    assert "train.lr: 0.1 -> 0.3" in proc2.stderr and "quantizer.levels: [3, 8, 0] -> [3, 8, 16]" in proc2.stderr
+    assert "train.rounds" not in proc2.stderr  # more rounds is allowed
+    # and a fresh run without --resume is refused while the checkpoint exists
+    proc3, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120)
+    assert proc3.returncode == 2 and "--resume" in proc3.stderr
+
+
+@pytest.mark.parametrize("where", ["/sys/qmlhfl-test/out.h5", "FILE/out.h5"])
+def test_unwritable_output_location(tmp_path, where):
+    if where.startswith("FILE"):
+        (tmp_path / "FILE").write_text("a file, not a directory")
+        where = str(tmp_path / where)
+    cfg = small_config(tmp_path, output={"path": where})
+    proc, secs = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120)
+    assert proc.returncode in (2, 74), proc.stderr
+    assert where in proc.stderr and "Traceback" not in proc.stderr
+    assert secs < 20
+
+
+def test_disk_full_gives_clear_error_and_keeps_last_checkpoint(tmp_path):
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=450k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        # ~65k parameters: 260 kB checkpoints; the second one cannot fit beside the first
+        cfg = small_config(tmp_path, **SECTIONS, model={"name": "mlp", "hidden": 250},
+                           output={"path": str(mnt / "out.h5")})
+        proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120)
+        assert proc.returncode == 74, proc.stderr
+        assert "No space left on device" in proc.stderr and "--resume" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        with h5py.File(mnt / "out.h5.ckpt") as f:
+            assert int(f.attrs["rounds_done"]) >= 1
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
