@@ -20,6 +20,8 @@ FAST = 20  # seconds: start-up of two Python ranks plus the check, with margin o
      "2 MPI ranks cannot host a tree of 1 devices"),
     ({"data": {"name": "fashion-mnist", "root": "/nonexistent/fmnist"}, "model": {"name": "mlp"}},
      "/nonexistent/fmnist"),
+    pytest.param({"train": {"device": "cuda"}}, "no GPU is visible", id="cuda-without-gpu",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")),
 ])
 def test_bad_input_fails_fast_with_message(tmp_path, sections, message):
     cfg = small_config(tmp_path, **sections)

@@ -21,6 +21,7 @@ CASES = {
     "cnn": ((1, 28, 28), 10, _conv(1, 32, 5) + _conv(32, 64, 5) + _lin(3136, 512) + _lin(512, 10)),
     "cifar-cnn": ((3, 32, 32), 10, _conv(3, 32, 3) + _conv(32, 64, 3) + _conv(64, 64, 3)
                   + _lin(1024, 64) + _lin(64, 10)),
+    "linear": ((60,), 1, _lin(60, 1)),  # least squares: one output whatever num_classes says
 }
 
 

@@ -63,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="continue the interrupted run in output.path from its checkpoint")
     r.add_argument("--quiet", action="store_true", help="no per-round table")
 
-    from . import report
+    from . import planner, report
+    ck = sub.add_parser("check", help="quantizers, message sizes, modelled time and the learning-rate condition")
+    planner.add_check_arguments(ck)
+    op = sub.add_parser("optimize", help="iteration counts tau that maximise convergence under a deadline")
+    planner.add_optimize_arguments(op)
     rp = sub.add_parser("report", help="tables and plots from one or many HDF5 result files")
     report.add_arguments(rp)
     return p
@@ -132,6 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
+    if args.command in ("check", "optimize"):
+        from . import planner
+        from .config import ConfigError
+        from .datasets import DataError
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return planner.cmd_check(args) if args.command == "check" else planner.cmd_optimize(args)
+        except (ConfigError, DataError, ValueError) as e:
+            print(f"qmlhfl-mpi: error: {e}", file=sys.stderr)
+            return 2
     if args.command == "report":
         from . import report
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -54,6 +54,8 @@ class TrainConfig:
     seed: int = fld(0, lo=0, hi=2**63 - 1, doc="run seed")
     eval_every: int = fld(1, lo=1, doc="evaluate the cloud model every k rounds (and after the last)")
     threads: int = fld(0, lo=0, doc="torch threads per rank; 0 = SLURM_CPUS_PER_TASK or 1")
+    device: str = fld("cpu", choices=("auto", "cpu", "cuda"), doc="where ranks train; auto = cuda if present")
+    share_gpus: bool = fld(False, doc="allow more ranks per node than GPUs (ranks share GPUs round-robin)")
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = fld("synthetic", choices=("synthetic", "mnist", "fashion-mnist", "cifar10"))
+    name: str = fld("synthetic", choices=("synthetic", "lstsq", "mnist", "fashion-mnist", "cifar10"),
+                    doc="lstsq = synthetic least-squares regression (an L-smooth test problem; model linear)")
     root: str = fld("data", doc="local data directory (torchvision layout, or Debian's for Fashion-MNIST)")
     download: bool = fld(False, doc="let torchvision download into root (needs internet)")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -87,7 +90,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = fld("mlp", choices=("logreg", "mlp", "cnn", "cifar-cnn"))
+    name: str = fld("mlp", choices=("logreg", "mlp", "cnn", "cifar-cnn", "linear"),
+                    doc="linear = least-squares regression, for data lstsq only")
     hidden: int = fld(64, lo=1, doc="hidden width of mlp")
 
 
@@ -303,13 +307,17 @@ def validate(cfg: Config) -> None:
         vals = getattr(cfg.latency, key)
         if vals and len(vals) != N:
             raise ConfigError(f"config key 'latency.{key}' = {list(vals)}: give {N} values (links 1..{N}) or leave it empty")
-    if cfg.data.name == "synthetic" and cfg.model.name in ("cnn", "cifar-cnn"):
+    if (cfg.data.name == "lstsq") != (cfg.model.name == "linear"):
+        raise ConfigError(f"config keys 'data.name' = {cfg.data.name!r} and 'model.name' = {cfg.model.name!r}: "
+                          "the least-squares data 'lstsq' and the regression model 'linear' go together")
+    if cfg.data.name in ("synthetic", "lstsq") and cfg.model.name in ("cnn", "cifar-cnn"):
         raise ConfigError(f"config key 'model.name' = {cfg.model.name!r}: the synthetic data are flat vectors; use 'mlp' or 'logreg'")
 
 
 # keys that may change between a checkpoint and its resumption: they do not
 # change the trained model or the recorded metrics
-RESUME_FREE_KEYS = ("output.path", "output.checkpoint_every", "train.rounds", "train.threads")
+RESUME_FREE_KEYS = ("output.path", "output.checkpoint_every", "train.rounds", "train.threads",
+                    "train.share_gpus")
 
 
 def _flatten(x: Any, prefix: str = "") -> dict[str, Any]:

@@ -66,13 +66,31 @@ def synthetic_device(cfg: Config, device: int) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.int64)
 
 
+def lstsq_device(cfg: Config, device: int) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares regression data of one device: ``y = x . w_k + 0.1 noise`` with
+    ``w_k = w* + N(0, alpha)`` (model heterogeneity) and features ``N(v_k, diag(j^-1.2))``,
+    ``v_k ~ N(0, beta)`` (feature heterogeneity).  float32 features and targets."""
+    s = cfg.data.synthetic
+    n = _synthetic_size(cfg, device)
+    w_star = rng.stream(cfg.train.seed, rng.DATA, 2**32).standard_normal(s.dim)
+    g = rng.stream(cfg.train.seed, rng.DATA, device)
+    w = w_star + (g.normal(0.0, np.sqrt(s.alpha), s.dim) if s.alpha > 0 else 0.0)
+    v = g.normal(0.0, np.sqrt(s.beta), s.dim) if s.beta > 0 else np.zeros(s.dim)
+    sd = np.arange(1, s.dim + 1, dtype=np.float64) ** (-0.6)
+    x = v + sd * g.standard_normal((n, s.dim))
+    y = x @ w + 0.1 * g.standard_normal(n)
+    return x.astype(np.float32), y.astype(np.float32)
+
+
 def _load_synthetic(cfg: Config, tree: Tree, devices: range) -> LocalData:
     s = cfg.data.synthetic
+    regression = cfg.data.name == "lstsq"
+    make = lstsq_device if regression else synthetic_device
     samples = np.array([_split_sizes(cfg, _synthetic_size(cfg, k))[0] for k in range(tree.num_devices)], dtype=np.int64)
     train: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     tx, ty = [], []
     for k in devices:
-        x, y = synthetic_device(cfg, k)
+        x, y = make(cfg, k)
         n_train = samples[k]
         train[k] = (torch.from_numpy(x[:n_train]), torch.from_numpy(y[:n_train]))
         tx.append(x[n_train:])
@@ -81,7 +99,7 @@ def _load_synthetic(cfg: Config, tree: Tree, devices: range) -> LocalData:
         train=train,
         test_x=torch.from_numpy(np.concatenate(tx)),
         test_y=torch.from_numpy(np.concatenate(ty)),
-        num_classes=s.classes,
+        num_classes=1 if regression else s.classes,
         input_shape=(s.dim,),
         samples=samples,
     )
@@ -120,6 +138,6 @@ def _load_images(cfg: Config, tree: Tree, devices: range, rank: int, num_ranks: 
 
 def load_local_data(cfg: Config, tree: Tree, devices: range, rank: int, num_ranks: int) -> LocalData:
     """Data of the devices ``devices`` hosted by ``rank`` (not collective)."""
-    if cfg.data.name == "synthetic":
+    if cfg.data.name in ("synthetic", "lstsq"):
         return _load_synthetic(cfg, tree, devices)
     return _load_images(cfg, tree, devices, rank, num_ranks)

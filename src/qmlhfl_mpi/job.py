@@ -28,6 +28,7 @@ from .aggregate import HierarchicalAggregator
 from .comm import agree_on_error, broadcast_vector, build_layer_comms, max_over_ranks, sum_over_ranks
 from .config import Config, config_diff
 from .data import load_local_data
+from .placement import PlacementError, select_device
 from .quantize import make_codec
 from .theory import LatencyModel, round_time
 from .topology import RankLayout, TopologyError, messages_per_round
@@ -147,8 +148,12 @@ def run_job(comm: MPI.Intracomm, cfg: Config, *, overwrite: bool = False, resume
     torch.set_num_threads(threads_per_rank(cfg))
     devices = layout.devices(rank)
     data = _agree(comm, lambda: load_local_data(cfg, tree, devices, rank, size), (DataError, ValueError, OSError))
+    device = _agree(comm, lambda: select_device(comm, cfg.train.device, cfg.train.share_gpus), (PlacementError,))
+    if device.type != "cpu":
+        data.train = {k: (x.to(device), y.to(device)) for k, (x, y) in data.train.items()}
+        data.test_x, data.test_y = data.test_x.to(device), data.test_y.to(device)
     model = build_model(cfg.model.name, data.input_shape, data.num_classes, hidden=cfg.model.hidden, seed=cfg.train.seed)
-    trainer = LocalTrainer(model, cfg.train.lr, cfg.train.batch_size, cfg.train.seed)
+    trainer = LocalTrainer(model, cfg.train.lr, cfg.train.batch_size, cfg.train.seed, device)
     dim = trainer.dim
     w = trainer.get_vector()  # identical on every rank: build_model seeds from cfg.train.seed
     if start:
@@ -170,7 +175,8 @@ def run_job(comm: MPI.Intracomm, cfg: Config, *, overwrite: bool = False, resume
 
     class_counts = np.zeros((tree.num_devices, data.num_classes))
     for k, (_, y) in data.train.items():
-        class_counts[k] = np.bincount(y.numpy(), minlength=data.num_classes)
+        labels = y.cpu().numpy() if not y.is_floating_point() else np.zeros(len(y), dtype=np.int64)
+        class_counts[k] = np.bincount(labels, minlength=data.num_classes)
     class_counts = sum_over_ranks(comm, class_counts).astype(np.int64)
     writer = _agree(comm, lambda: _open_writer(cfg, overwrite, start, comm, layout, data.samples, class_counts,
                                                codecs, dim, num_parameters(model)) if rank == 0 else None,
@@ -193,7 +199,8 @@ def run_job(comm: MPI.Intracomm, cfg: Config, *, overwrite: bool = False, resume
                 t1 = time.perf_counter()
                 ev = sum_over_ranks(comm, np.array(trainer.evaluate(w, data.test_x, data.test_y), dtype=np.float64))
                 t_eval = float(max_over_ranks(comm, np.array([time.perf_counter() - t1]))[0])
-                test_loss, acc = ev[0] / max(ev[2], 1), ev[1] / max(ev[2], 1)
+                test_loss = ev[0] / max(ev[2], 1)
+                acc = ev[1] / max(ev[2], 1) if data.num_classes > 1 else float("nan")  # nan: regression
             train_loss = totals[0] / max(totals[1], 1)
             row = {
                 "round": t, "test_accuracy": acc if evaluate else float("nan"), "test_loss": test_loss,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-MODEL_NAMES = ("logreg", "mlp", "cnn", "cifar-cnn")
+MODEL_NAMES = ("logreg", "mlp", "cnn", "cifar-cnn", "linear")
 
 _INIT_PURPOSE = 2  # = qmlhfl_mpi.rng.INIT: the init stream is keyed (seed, INIT)
 _CNN_SHAPE = (1, 28, 28)
@@ -86,7 +86,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, hi
     shape = tuple(input_shape)
     if not shape or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 for d in shape):
         raise ValueError(f"input_shape={input_shape!r}: expected a non-empty tuple of positive integers")
-    for arg, value, low in (("num_classes", num_classes, 2), ("hidden", hidden, 1), ("seed", seed, 0)):
+    min_classes = 1 if name == "linear" else 2
+    for arg, value, low in (("num_classes", num_classes, min_classes), ("hidden", hidden, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{arg}={value!r}: must be an integer >= {low}")
     needed = {"cnn": _CNN_SHAPE, "cifar-cnn": _CIFAR_SHAPE}.get(name)
@@ -97,6 +98,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, hi
     with torch.device("meta"):  # no allocation and no global-RNG draw for torch's default init
         if name == "logreg":
             model: nn.Module = nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+        elif name == "linear":  # least-squares regression: one output
+            model = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 1))
         elif name == "mlp":
             model = _mlp(in_features, hidden, num_classes)
         elif name == "cnn":

@@ -20,27 +20,28 @@ class LocalTrainer:
     vector, takes the steps and returns the new vector.
     """
 
-    def __init__(self, model: torch.nn.Module, lr: float, batch_size: int, seed: int) -> None:
-        self.model = model
+    def __init__(self, model: torch.nn.Module, lr: float, batch_size: int, seed: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
         self.lr = lr
         self.batch_size = batch_size
         self.seed = seed
-        self.params = [p for p in model.parameters()]
+        self.params = [p for p in self.model.parameters()]
         self.dim = sum(p.numel() for p in self.params)
-        self.flat = torch.zeros(self.dim, dtype=torch.float32)
+        self.flat = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
         off = 0
         for p in self.params:
             n = p.numel()
             self.flat[off : off + n].copy_(p.data.reshape(-1))
             p.data = self.flat[off : off + n].view_as(p)
             off += n
-        self.flat_np = self.flat.numpy()
 
     def get_vector(self) -> np.ndarray:
-        return self.flat_np.copy()
+        return self.flat.cpu().numpy().copy()
 
     def set_vector(self, v: np.ndarray) -> None:
-        self.flat_np[:] = v
+        self.flat.copy_(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)))
 
     def _batches(self, n: int, steps: int, g: np.random.Generator) -> np.ndarray:
         """Indices for ``steps`` minibatches: consecutive slices of fresh permutations."""
@@ -57,6 +58,7 @@ class LocalTrainer:
         """
         self.set_vector(v)
         idx = torch.from_numpy(self._batches(len(y), steps, rng.stream(self.seed, rng.BATCH, device, round_, call)))
+        idx = idx.to(self.device)
         loss_sum = 0.0
         model, params, lr = self.model, self.params, self.lr
         model.train()
@@ -64,7 +66,7 @@ class LocalTrainer:
             bi = idx[s]
             for p in params:
                 p.grad = None
-            loss = F.cross_entropy(model(x[bi]), y[bi])
+            loss = loss_fn(model(x[bi]), y[bi])
             loss.backward()
             with torch.no_grad():
                 torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)
@@ -73,12 +75,21 @@ class LocalTrainer:
 
     @torch.no_grad()
     def evaluate(self, v: np.ndarray, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> tuple[float, int, int]:
-        """(sum of losses, correct predictions, samples) of model ``v`` on ``(x, y)``."""
+        """(sum of losses, correct predictions, samples) of model ``v`` on ``(x, y)``;
+        no correct predictions for regression targets."""
         self.set_vector(v)
         self.model.eval()
         loss_sum, correct = 0.0, 0
         for i in range(0, len(y), batch):
-            out = self.model(x[i : i + batch])
-            loss_sum += float(F.cross_entropy(out, y[i : i + batch], reduction="sum"))
-            correct += int((out.argmax(1) == y[i : i + batch]).sum())
+            out, target = self.model(x[i : i + batch]), y[i : i + batch]
+            loss_sum += float(loss_fn(out, target, reduction="sum"))
+            if not target.is_floating_point():
+                correct += int((out.argmax(1) == target).sum())
         return loss_sum, correct, len(y)
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross entropy for class labels; ``0.5 (out - y)^2`` for float targets (least squares)."""
+    if y.is_floating_point():
+        return 0.5 * F.mse_loss(out.squeeze(-1), y, reduction=reduction)
+    return F.cross_entropy(out, y, reduction=reduction)

@@ -1,0 +1,44 @@
+"""Which compute device each rank trains on (CPU, or a GPU chosen from the
+rank's node-local index).  Collective over the communicator it is given."""
+from __future__ import annotations
+
+import logging
+import socket
+
+import torch
+from mpi4py import MPI
+
+log = logging.getLogger(__name__)
+
+
+class PlacementError(ValueError):
+    """The requested device placement is impossible on this node."""
+
+
+def select_device(comm: MPI.Intracomm, requested: str, share_gpus: bool) -> torch.device:
+    """``cpu``, or ``cuda:<local rank mod GPUs>`` for ``cuda``/``auto``.  Collective.
+
+    Ranks on one node are found with ``Split_type(COMM_TYPE_SHARED)``; with
+    more ranks on a node than GPUs this raises :class:`PlacementError` unless
+    ``share_gpus``.  Rank 0 logs the whole mapping once.
+    """
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    local_rank, local_size = local.Get_rank(), local.Get_size()
+    local.Free()
+    ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    problem, device = None, torch.device("cpu")
+    if requested == "cuda" and ngpu == 0:
+        problem = (f"train.device is 'cuda' but no GPU is visible on {socket.gethostname()} "
+                   "(torch.cuda.is_available() is False); use train.device: cpu or auto")
+    elif requested in ("cuda", "auto") and ngpu > 0:
+        if local_size > ngpu and not share_gpus:
+            problem = (f"{local_size} ranks on node {socket.gethostname()} but only {ngpu} GPU(s): start at most "
+                       f"{ngpu} ranks per node (e.g. srun --ntasks-per-node={ngpu}) or set train.share_gpus: true")
+        else:
+            device = torch.device(f"cuda:{local_rank % ngpu}")
+    mapping = comm.gather((comm.Get_rank(), socket.gethostname(), str(device), problem), root=0)
+    if comm.Get_rank() == 0:
+        log.info("device placement: %s", ", ".join(f"rank {r}@{h}: {d}" for r, h, d, _ in mapping))
+    if problem is not None:
+        raise PlacementError(problem)
+    return device

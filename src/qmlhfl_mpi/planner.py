@@ -1,0 +1,172 @@
+"""`qmlhfl-mpi check` and `qmlhfl-mpi optimize`: the theory applied to a config.
+
+Serial commands (no MPI).  They read the config, size the messages from the
+real model, estimate the smoothness constant ``L`` from the data when it is
+not given, and print what :mod:`qmlhfl_mpi.theory` and
+:mod:`qmlhfl_mpi.optimize` say about it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from . import config as config_mod
+from .config import Config
+from .optimize import optimize_tau
+from .quantize import make_codec
+from .theory import LatencyModel, lr_condition_B, max_lr, q_per_link, round_time_parts
+from .topology import messages_per_round
+from .train import loss_fn
+
+EXIT_LR_VIOLATED = 4
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--L", type=float, default=None, help="smoothness constant; estimated from the data if omitted")
+
+
+def _model_and_data(cfg: Config, max_devices: int = 8):
+    from .data import load_local_data
+    from .models import build_model
+
+    tree = cfg.build_tree()
+    devices = range(min(tree.num_devices, max_devices))
+    data = load_local_data(cfg, tree, devices, 0, 1)
+    model = build_model(cfg.model.name, data.input_shape, data.num_classes, hidden=cfg.model.hidden,
+                        seed=cfg.train.seed)
+    return tree, model, data
+
+
+def estimate_smoothness(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                        iters: int = 30, seed: int = 0) -> float:
+    """Largest Hessian eigenvalue magnitude of the loss at the model's current
+    parameters, by power iteration with Hessian-vector products, maximised over
+    ``batches`` (e.g. one per device).  A local estimate of ``L``."""
+    params = [p for p in model.parameters()]
+    g = torch.Generator().manual_seed(seed)
+    best = 0.0
+    for x, y in batches:
+        loss = loss_fn(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        v = [torch.randn(p.shape, generator=g) for p in params]
+        lam = 0.0
+        for _ in range(iters):
+            norm = math.sqrt(sum(float((t * t).sum()) for t in v)) or 1.0
+            v = [t / norm for t in v]
+            hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+            lam = math.sqrt(sum(float((t * t).sum()) for t in hv))
+            v = [t.detach() for t in hv]
+        best = max(best, lam)
+    return best
+
+
+def _smoothness(cfg: Config, given: float | None) -> tuple[float, str]:
+    if given is not None:
+        if not given > 0:
+            raise config_mod.ConfigError(f"--L {given!r}: the smoothness constant must be > 0")
+        return given, "given"
+    _, model, data = _model_and_data(cfg)
+    batches = [(x[:512], y[:512]) for x, y in data.train.values()]
+    L = estimate_smoothness(model, batches, seed=cfg.train.seed)
+    return L, f"ESTIMATE: largest Hessian eigenvalue at the initial model over {len(batches)} devices' data"
+
+
+def _latency(cfg: Config) -> LatencyModel:
+    return LatencyModel(cfg.latency.step_time, cfg.link_rates(), cfg.link_latencies())
+
+
+def _dim(cfg: Config) -> int:
+    from .models import build_model, num_parameters
+
+    if cfg.data.name == "synthetic":
+        s = cfg.data.synthetic
+        shape, classes = (s.dim,), s.classes
+    else:
+        shape = (3, 32, 32) if cfg.data.name == "cifar10" else (1, 28, 28)
+        classes = 10
+    return num_parameters(build_model(cfg.model.name, shape, classes, hidden=cfg.model.hidden, seed=0))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config, args.set)
+    tree = cfg.build_tree()
+    dim = _dim(cfg)
+    levels, bucket = cfg.quantizer.levels, cfg.quantizer.bucket
+    qs = q_per_link(dim, levels, bucket)
+    parts = round_time_parts(dim, cfg.tau, levels, bucket, tree, _latency(cfg))
+    print(f"config {args.config}: N={tree.N}, {tree.num_devices} devices, {dim} parameters, tau={list(cfg.tau)}")
+    print(f"{'link':>4} {'levels':>7} {'q_n':>10} {'bytes/msg':>10} {'msgs/round':>10} {'bytes/round':>12} "
+          f"{'model_s/round':>13}")
+    for n in range(1, tree.N + 1):
+        nb = make_codec(levels[n - 1], bucket).nbytes(dim)
+        msgs = messages_per_round(tree, cfg.tau, n)
+        print(f"{n:>4} {levels[n - 1] or 'none':>7} {qs[n - 1]:>10.4g} {nb:>10} {msgs:>10} {nb * msgs:>12} "
+              f"{parts.comm[n - 1]:>13.4g}")
+    print(f"SGD steps per device per round: {math.prod(cfg.tau)}; modelled round time {parts.total:.4g} s "
+          f"(compute {parts.compute:.4g} s)")
+    L, how = _smoothness(cfg, args.L)
+    samples = None
+    B = lr_condition_B(cfg.tau, qs, tree, samples=samples)
+    bound = max_lr(L, cfg.tau, qs, tree, samples=samples)
+    ok = cfg.train.lr < bound
+    print(f"L = {L:.4g} ({how})")
+    print(f"learning-rate condition 1 - L^2 mu^2 B > 0 with B = {B:.4g}: admissible lr < {bound:.4g}")
+    print(f"configured train.lr = {cfg.train.lr:g}: {'satisfies the condition' if ok else 'VIOLATES the condition'}")
+    if not ok and args.strict:
+        return EXIT_LR_VIOLATED
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config, args.set)
+    tree = cfg.build_tree()
+    dim = _dim(cfg)
+    L, how = _smoothness(cfg, args.L)
+    lr = cfg.train.lr if args.lr is None else args.lr
+    res = optimize_tau(dim, cfg.quantizer.levels, cfg.quantizer.bucket, tree, _latency(cfg), args.deadline, L,
+                       lr, max_tau=args.max_tau, sigma2=args.sigma2, gap0=args.gap0, zeta2=args.zeta2,
+                       n_random=args.random, seed=cfg.train.seed)
+    print(f"L = {L:.4g} ({how}); lr = {lr:g}; deadline {args.deadline:g} s; tau_n in 1..{args.max_tau}")
+    print(f"optimum tau = {list(res.tau)}: objective (bound) {res.objective:.6g}, T = {res.T} rounds of "
+          f"{res.round_time:.4g} s, {res.steps} SGD steps per device, admissible lr < {res.max_lr:.4g} "
+          f"({res.nodes} configurations scored)")
+    if res.random_objectives:
+        print(f"{len(res.random_objectives)} random feasible tau: objective best {res.random_best:.6g}, median "
+              f"{res.random_median:.6g}, worst {res.random_worst:.6g}; the optimum beats or ties "
+              f"{100 * res.beaten_fraction:.1f}% of them (median / optimum = {res.median_gain:.3g})")
+    if args.write:
+        out = Path(args.write)
+        if out.exists() and not args.overwrite:
+            print(f"qmlhfl-mpi: error: {str(out)!r} exists; pass --overwrite to replace it", file=sys.stderr)
+            return 2
+        new = dataclasses.replace(cfg, tau=tuple(res.tau), train=dataclasses.replace(cfg.train, lr=lr))
+        config_mod.validate(new)
+        out.write_text(f"# tau optimised by qmlhfl-mpi optimize for a {args.deadline:g} s deadline\n" + new.to_yaml())
+        print(f"wrote {out}")
+    return 0
+
+
+def add_check_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--strict", action="store_true", help=f"exit {EXIT_LR_VIOLATED} if train.lr violates the condition")
+
+
+def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--deadline", type=float, required=True, help="seconds of modelled time")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate the condition is checked with (default: train.lr; --write records it)")
+    p.add_argument("--max-tau", type=int, default=50, help="largest tau_n searched (default 50)")
+    p.add_argument("--sigma2", type=float, default=1.0, help="stochastic-gradient variance in the bound")
+    p.add_argument("--gap0", type=float, default=1.0, help="initial optimality gap in the bound")
+    p.add_argument("--zeta2", type=float, default=0.0, help="heterogeneity constant in the bound")
+    p.add_argument("--random", type=int, default=1000, help="random feasible configurations to compare with")
+    p.add_argument("--write", default=None, help="save the config with the optimal tau to this YAML file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --write file")
