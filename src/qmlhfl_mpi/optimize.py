@@ -34,7 +34,8 @@ from .topology import Tree
 
 __all__ = ["OptimResult", "optimize_tau", "random_feasible"]
 
-_GRID_LEVELS = 2  # the last layers are scored all at once with numpy
+MAX_TAU_LIMIT = 10_000
+_GRID_SIZE = 1 << 20  # the last layers are scored all at once with numpy, up to this many
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,9 @@ class _Problem:
         for name, v in (("sigma2", sigma2), ("gap0", gap0), ("zeta2", zeta2)):
             if not (math.isfinite(float(v)) and float(v) >= 0):
                 raise ValueError(f"{name}={v!r} out of range: expected a finite value >= 0")
-        if isinstance(max_tau, bool) or not isinstance(max_tau, (int, np.integer)) or max_tau < 1:
-            raise ValueError(f"max_tau={max_tau!r} out of range: expected an integer >= 1")
+        if (isinstance(max_tau, bool) or not isinstance(max_tau, (int, np.integer))
+                or not 1 <= max_tau <= MAX_TAU_LIMIT):
+            raise ValueError(f"max_tau={max_tau!r} out of range: expected an integer 1 <= max_tau <= {MAX_TAU_LIMIT}")
         if iid and zeta2 != 0:
             raise ValueError(f"zeta2={zeta2!r} with iid=True: identical data means zeta2 = 0")
         self.N, self.max_tau = N, int(max_tau)
@@ -223,10 +225,12 @@ def _search(p: _Problem) -> tuple[tuple[int, ...], float]:
             denom += p.cost[n - 1] / hi
         return p.deadline / denom if denom > 0 else math.inf
 
+    grid = 2 if M * M <= _GRID_SIZE else 1
+
     def rec(prefix: list[int]) -> None:
         nonlocal best, best_tau
         j = len(prefix)
-        if N - j <= _GRID_LEVELS:
+        if N - j <= grid:
             cands = p.grid_candidates(prefix, best)
             for cand in cands:
                 obj = p.evaluate(cand)[0]

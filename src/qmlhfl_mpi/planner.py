@@ -19,7 +19,7 @@ from . import config as config_mod
 from .config import Config
 from .optimize import optimize_tau
 from .quantize import make_codec
-from .theory import LatencyModel, lr_condition_B, max_lr, q_per_link, round_time_parts
+from .theory import LatencyModel, condition_terms, error_factor, max_lr, q_per_link, round_time_parts
 from .topology import messages_per_round
 from .train import loss_fn
 
@@ -112,12 +112,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"SGD steps per device per round: {math.prod(cfg.tau)}; modelled round time {parts.total:.4g} s "
           f"(compute {parts.compute:.4g} s)")
     L, how = _smoothness(cfg, args.L)
-    samples = None
-    B = lr_condition_B(cfg.tau, qs, tree, samples=samples)
-    bound = max_lr(L, cfg.tau, qs, tree, samples=samples)
+    terms = condition_terms(cfg.tau, qs, tree)
+    bound = max_lr(L, cfg.tau, qs, tree)
     ok = cfg.train.lr < bound
+    print(f"quantization error factor prod(1 + q_n) = {error_factor(qs):.4g}")
     print(f"L = {L:.4g} ({how})")
-    print(f"learning-rate condition 1 - L^2 mu^2 B > 0 with B = {B:.4g}: admissible lr < {bound:.4g}")
+    print(f"drift terms: paper-visible {terms.visible:.4g}, cross-layer {terms.cross:.4g}, quantization "
+          f"{sum(terms.quant_drift):.4g}; injected quantization noise {sum(terms.quant_noise):.4g} (docs/theory.md)")
+    print(f"learning-rate condition 1 - L^2 mu^2 B > 0 with B = {terms.B:.4g}: admissible lr < {bound:.4g}")
     print(f"configured train.lr = {cfg.train.lr:g}: {'satisfies the condition' if ok else 'VIOLATES the condition'}")
     if not ok and args.strict:
         return EXIT_LR_VIOLATED
