@@ -22,6 +22,7 @@ from typing import Sequence
 from . import __version__
 
 EXIT_ABORT = 1
+EXIT_LR_VIOLATED = 4  # check --strict: train.lr violates the learning-rate condition
 
 
 class _RankFilter(logging.Filter):
@@ -63,11 +64,27 @@ def _parser() -> argparse.ArgumentParser:
                       help="continue the interrupted run in output.path from its checkpoint")
     r.add_argument("--quiet", action="store_true", help="no per-round table")
 
-    from . import planner, report
     ck = sub.add_parser("check", help="quantizers, message sizes, modelled time and the learning-rate condition")
-    planner.add_check_arguments(ck)
+    common(ck)
+    ck.add_argument("--L", type=float, default=None, help="smoothness constant; estimated from the data if omitted")
+    ck.add_argument("--strict", action="store_true",
+                    help=f"exit {EXIT_LR_VIOLATED} if train.lr violates the learning-rate condition")
+
     op = sub.add_parser("optimize", help="iteration counts tau that maximise convergence under a deadline")
-    planner.add_optimize_arguments(op)
+    common(op)
+    op.add_argument("--L", type=float, default=None, help="smoothness constant; estimated from the data if omitted")
+    op.add_argument("--deadline", type=float, required=True, help="seconds of modelled time")
+    op.add_argument("--lr", type=float, default=None,
+                    help="learning rate the condition is checked with (default: train.lr; --write records it)")
+    op.add_argument("--max-tau", type=int, default=50, help="largest tau_n searched (default 50)")
+    op.add_argument("--sigma2", type=float, default=1.0, help="stochastic-gradient variance in the bound")
+    op.add_argument("--gap0", type=float, default=1.0, help="initial optimality gap in the bound")
+    op.add_argument("--zeta2", type=float, default=0.0, help="heterogeneity constant in the bound")
+    op.add_argument("--random", type=int, default=1000, help="random feasible configurations to compare with")
+    op.add_argument("--write", default=None, help="save the config with the optimal tau to this YAML file")
+    op.add_argument("--overwrite", action="store_true", help="replace an existing --write file")
+
+    from . import report
     rp = sub.add_parser("report", help="tables and plots from one or many HDF5 result files")
     report.add_arguments(rp)
     return p

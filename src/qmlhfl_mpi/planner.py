@@ -23,13 +23,7 @@ from .theory import LatencyModel, condition_terms, error_factor, max_lr, q_per_l
 from .topology import messages_per_round
 from .train import loss_fn
 
-EXIT_LR_VIOLATED = 4
-
-
-def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--L", type=float, default=None, help="smoothness constant; estimated from the data if omitted")
+EXIT_LR_VIOLATED = 4  # same value as cli.EXIT_LR_VIOLATED
 
 
 def _model_and_data(cfg: Config, max_devices: int = 8):
@@ -153,22 +147,3 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         out.write_text(f"# tau optimised by qmlhfl-mpi optimize for a {args.deadline:g} s deadline\n" + new.to_yaml())
         print(f"wrote {out}")
     return 0
-
-
-def add_check_arguments(p: argparse.ArgumentParser) -> None:
-    add_common(p)
-    p.add_argument("--strict", action="store_true", help=f"exit {EXIT_LR_VIOLATED} if train.lr violates the condition")
-
-
-def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
-    add_common(p)
-    p.add_argument("--deadline", type=float, required=True, help="seconds of modelled time")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate the condition is checked with (default: train.lr; --write records it)")
-    p.add_argument("--max-tau", type=int, default=50, help="largest tau_n searched (default 50)")
-    p.add_argument("--sigma2", type=float, default=1.0, help="stochastic-gradient variance in the bound")
-    p.add_argument("--gap0", type=float, default=1.0, help="initial optimality gap in the bound")
-    p.add_argument("--zeta2", type=float, default=0.0, help="heterogeneity constant in the bound")
-    p.add_argument("--random", type=int, default=1000, help="random feasible configurations to compare with")
-    p.add_argument("--write", default=None, help="save the config with the optimal tau to this YAML file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --write file")
