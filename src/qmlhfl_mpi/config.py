@@ -320,19 +320,20 @@ RESUME_FREE_KEYS = ("output.path", "output.checkpoint_every", "train.rounds", "t
                     "train.share_gpus")
 
 
-def _flatten(x: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(x: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to ``{dotted.key: value}``; lists stay values."""
     if isinstance(x, dict):
         out: dict[str, Any] = {}
         for k, v in x.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: x}
 
 
 def config_diff(old_yaml: str, new: Config) -> list[str]:
     """``key: old -> new`` for every key (but :data:`RESUME_FREE_KEYS`) that differs."""
-    old = _flatten(yaml.safe_load(old_yaml) or {})
-    cur = _flatten(yaml.safe_load(new.to_yaml()))
+    old = flatten(yaml.safe_load(old_yaml) or {})
+    cur = flatten(yaml.safe_load(new.to_yaml()))
     keys = sorted((set(old) | set(cur)) - set(RESUME_FREE_KEYS))
     return [f"{k}: {old.get(k)!r} -> {cur.get(k)!r}" for k in keys if old.get(k) != cur.get(k)]
 

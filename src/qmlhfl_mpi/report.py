@@ -1,22 +1,25 @@
 """`qmlhfl-mpi report`: a text table and PNG plots from one or many HDF5 result files.
 
-For every file the table gives the run's label, its status, the rounds done,
-the final and best test accuracy, the uplink bytes of every link summed over
-the run, the measured wall time and (where the deadline model is known) the
-modelled time.  The plots overlay all runs: test accuracy against the global
-round, against the cumulative uplink bytes (all links), against the measured
-wall time and against the modelled time of the deadline model.
+For every file the table gives the run's name (its file stem), its status, the
+rounds done, the final and best test accuracy, the uplink bytes of every link
+summed over the run, the measured wall time, the modelled time of the deadline
+model and, last, its label.  The plots overlay all runs: test accuracy against
+the global round, against the cumulative uplink bytes (all links), against the
+measured wall time and, where the files hold finite values, against the
+modelled time.
 
 Labels come from the configs: each file's ``config_yaml`` attribute is
 flattened to dotted keys, and a run is labelled by the keys whose values differ
-between the given files (``output.path`` is ignored).  A single file, or files
-whose configs do not differ, are labelled by their file names.
+between the given files (``output.path`` and the other ``output.*`` keys are
+ignored).  A single file, or files whose configs do not differ, are labelled
+by their file names.
 
-Definitions (all read from ``/metrics``):
+Definitions (all read from ``/metrics``); rounds are counted from 1 here:
+"round k" is the state after k global rounds, stored at ``/metrics/round == k-1``.
 
-* wall time after round ``t`` = ``sum_{r<=t} (time_round[r] + time_eval[r])``
-* cumulative uplink bytes after round ``t`` = ``sum_{r<=t} sum_n uplink_bytes[r, n]``
-* modelled time after round ``t`` = ``sum_{r<=t} modelled_time[r]``
+* wall time after round k = ``sum_{r<k} (time_round[r] + time_eval[r])``
+* cumulative uplink bytes after round k = ``sum_{r<k} sum_n uplink_bytes[r, n]``
+* modelled time after round k = ``sum_{r<k} modelled_time[r]``
 * rounds that were not evaluated have a NaN test accuracy; they are skipped in
   the plots, and "final" is the last evaluated accuracy.
 """
@@ -26,14 +29,18 @@ import argparse
 import csv
 import math
 import sys
-from dataclasses import dataclass, field
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import yaml
 
-IGNORED_KEYS = ("output.path",)
+from .config import flatten
+from .results import ResultsFileError, read_run
+
+IGNORED_PREFIXES = ("output.",)  # where and how results are written: never what differs between experiments
 PLOTS = {  # file suffix -> (x label, attribute of Run holding the x values)
     "acc_vs_round": ("global round", "rounds_x"),
     "acc_vs_uplink": ("cumulative uplink traffic, all links (MB)", "uplink_x"),
@@ -58,8 +65,8 @@ class Run:
     uplink_bytes: np.ndarray          # (rounds, N) int64
     wall: np.ndarray                  # cumulative wall seconds after each round
     modelled: np.ndarray              # cumulative modelled seconds after each round (may be NaN)
-    label: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    label: str = ""                   # legend text: the config keys that differ
+    name: str = ""                    # table name: file stem (the path if stems clash)
 
     @property
     def evaluated(self) -> np.ndarray:
@@ -80,12 +87,12 @@ class Run:
 
     @property
     def best(self) -> tuple[float, int]:
-        """(best test accuracy, its global round); (NaN, -1) if never evaluated."""
+        """(best test accuracy, after how many rounds); (NaN, 0) if never evaluated."""
         ok = self.evaluated
         if not ok.any():
-            return math.nan, -1
+            return math.nan, 0
         i = int(np.flatnonzero(ok)[np.argmax(self.accuracy[ok])])
-        return float(self.accuracy[i]), int(self.rounds[i])
+        return float(self.accuracy[i]), int(self.rounds[i]) + 1
 
     @property
     def link_totals(self) -> np.ndarray:
@@ -102,7 +109,7 @@ class Run:
     # x values of the plots (all rounds; the plots keep the evaluated ones)
     @property
     def rounds_x(self) -> np.ndarray:
-        return self.rounds.astype(np.float64) + 1.0  # accuracy after round t is after t+1 rounds
+        return self.rounds.astype(np.float64) + 1.0  # /metrics/round t holds the state after t+1 rounds
 
     @property
     def uplink_x(self) -> np.ndarray:
@@ -116,72 +123,36 @@ class Run:
     def modelled_x(self) -> np.ndarray:
         return self.modelled
 
-    def reached(self, target: float) -> tuple[int, float] | None:
-        """(rounds done, wall seconds) when the test accuracy first reached ``target``."""
+    def reached(self, target: float) -> tuple[int, float, float] | None:
+        """(rounds done, wall seconds, modelled seconds) when the test accuracy first reached ``target``."""
         hit = np.flatnonzero(self.evaluated & (np.nan_to_num(self.accuracy, nan=-1.0) >= target))
         if not hit.size:
             return None
         i = int(hit[0])
-        return int(self.rounds[i]) + 1, float(self.wall[i])
+        return int(self.rounds[i]) + 1, float(self.wall[i]), float(self.modelled[i])
 
 
 # ---- reading ---------------------------------------------------------------
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings to ``{dotted.key: value}``; lists stay values."""
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def load_run(path: str | Path) -> Run:
     """Read one results file; raises :class:`ReportError` naming the file."""
-    import h5py
-
     p = Path(path)
-    if not p.exists():
-        raise ReportError(f"results file {str(p)!r} not found")
-    if p.is_dir():
-        raise ReportError(f"{str(p)!r} is a directory; give HDF5 result files (e.g. {str(p / '*.h5')!r})")
     try:
-        is_h5 = h5py.is_hdf5(p)
-    except OSError as e:
-        raise ReportError(f"cannot read {str(p)!r}: {e}") from None
-    if not is_h5:
-        raise ReportError(f"{str(p)!r} is not an HDF5 file; give the .h5 files written by 'qmlhfl-mpi run'")
-    try:
-        with h5py.File(p, "r") as f:
-            text = f.attrs.get("config_yaml")
-            if text is None or "metrics" not in f:
-                raise ReportError(f"{str(p)!r} is an HDF5 file but not a qmlhfl-mpi results file "
-                                  "(no 'config_yaml' attribute or no /metrics group)")
-            m = f["metrics"]
-            missing = [k for k in ("round", "test_accuracy", "uplink_bytes", "time_round") if k not in m]
-            if missing:
-                raise ReportError(f"{str(p)!r}: /metrics lacks {missing}; not a qmlhfl-mpi results file "
-                                  "or written by an incompatible version")
+        raw = read_run(p)
+    except ResultsFileError as e:
+        raise ReportError(str(e)) from None
+    m, text, status = raw["metrics"], raw["config_yaml"], raw["status"]
 
-            def col(name: str) -> np.ndarray:
-                return np.asarray(m[name][()], dtype=np.float64) if name in m else np.zeros(m["round"].shape[0])
+    def col(name: str) -> np.ndarray:
+        return np.asarray(m[name], dtype=np.float64) if name in m else np.zeros(m["round"].shape[0])
 
-            rounds = np.asarray(m["round"][()], dtype=np.int64)
-            acc = col("test_accuracy")
-            ub = np.asarray(m["uplink_bytes"][()], dtype=np.int64)
-            wall = np.cumsum(col("time_round") + col("time_eval"))
-            modelled = np.cumsum(col("modelled_time")) if "modelled_time" in m else np.full(rounds.shape, np.nan)
-            status = f.attrs.get("status", "unknown")
-            extra = {"N": int(f.attrs["N"]) if "N" in f.attrs else ub.shape[1] if ub.ndim == 2 else 0,
-                     "world_size": int(f.attrs["world_size"]) if "world_size" in f.attrs else None}
-    except ReportError:
-        raise
-    except (OSError, KeyError, ValueError) as e:
-        raise ReportError(f"cannot read {str(p)!r} as a qmlhfl-mpi results file: {e}") from None
-    if isinstance(text, bytes):
-        text = text.decode()
-    if isinstance(status, bytes):
-        status = status.decode()
+    rounds = np.asarray(m["round"], dtype=np.int64)
+    acc = col("test_accuracy")
+    ub = np.asarray(m["uplink_bytes"], dtype=np.int64)
+    wall = np.cumsum(col("time_round") + col("time_eval"))
+    modelled = np.cumsum(col("modelled_time")) if "modelled_time" in m else np.full(rounds.shape, np.nan)
+    if ub.ndim != 2 or ub.shape[0] != rounds.shape[0]:
+        raise ReportError(f"{str(p)!r}: /metrics/uplink_bytes has shape {ub.shape}, expected "
+                          f"({rounds.shape[0]}, N); the file is damaged or not a qmlhfl-mpi results file")
     try:
         cfg = yaml.safe_load(str(text)) or {}
     except yaml.YAMLError as e:
@@ -189,7 +160,7 @@ def load_run(path: str | Path) -> Run:
     if not isinstance(cfg, dict):
         raise ReportError(f"{str(p)!r}: the 'config_yaml' attribute does not hold a mapping")
     return Run(path=p, config=flatten(cfg), status=str(status), rounds=rounds, accuracy=acc,
-               uplink_bytes=ub.reshape(len(rounds), -1), wall=wall, modelled=modelled, extra=extra)
+               uplink_bytes=ub, wall=wall, modelled=modelled)
 
 
 def _fmt_value(v: Any, key: str = "") -> str:
@@ -202,26 +173,34 @@ def _fmt_value(v: Any, key: str = "") -> str:
     return str(v)
 
 
-def differing_keys(configs: Sequence[dict[str, Any]], ignore: Sequence[str] = IGNORED_KEYS) -> list[str]:
-    """Dotted keys whose values are not the same in all ``configs`` (in config order)."""
+def differing_keys(configs: Sequence[dict[str, Any]], ignore: Sequence[str] = IGNORED_PREFIXES) -> list[str]:
+    """Dotted keys whose values are not the same in all ``configs`` (in config order);
+    keys starting with one of ``ignore`` (``output.path`` and the other output keys) are skipped."""
     keys: list[str] = []
     for c in configs:
         keys += [k for k in c if k not in keys]
-    return [k for k in keys if k not in ignore
+    return [k for k in keys if not k.startswith(tuple(ignore))
             and len({repr(c[k]) if k in c else "<absent>" for c in configs}) > 1]
 
 
-def assign_labels(runs: Sequence[Run]) -> list[str]:
-    """Label every run by the config keys that differ, else by its file stem."""
-    keys = differing_keys([r.config for r in runs]) if len(runs) > 1 else []
+def assign_labels(runs: Sequence[Run], keys: Sequence[str] | None = None) -> list[str]:
+    """Label every run by the config keys that differ (or by ``keys``), else by its file stem."""
+    if keys is None:
+        keys = differing_keys([r.config for r in runs]) if len(runs) > 1 else []
+    else:
+        unknown = [k for k in keys if not any(k in r.config for r in runs)]
+        if unknown:
+            valid = sorted({k for r in runs for k in r.config})
+            raise ReportError(f"--label-keys: {unknown} not in the configs of these files; "
+                              f"valid keys: {', '.join(valid)}")
     labels = [", ".join(f"{k}={_fmt_value(r.config.get(k, '<absent>'), k)}" for k in keys) for r in runs]
+    names = [r.path.stem for r in runs]
+    if len(set(names)) < len(names):
+        names = [str(r.path) for r in runs]
     if not keys or len(set(labels)) < len(labels):
-        stems = [r.path.stem for r in runs]
-        if len(set(stems)) < len(stems):
-            stems = [str(r.path) for r in runs]
-        labels = [f"{s}: {lab}" if lab else s for s, lab in zip(stems, labels)]
-    for r, lab in zip(runs, labels):
-        r.label = lab
+        labels = [f"{s}: {lab}" if lab else s for s, lab in zip(names, labels)]
+    for r, name, lab in zip(runs, names, labels):
+        r.name, r.label = name, lab
     return labels
 
 
@@ -232,17 +211,19 @@ def table_rows(runs: Sequence[Run], target: float | None = None) -> tuple[list[s
     header = ["run", "status", "rounds", "final_acc", "best_acc", "best_round"]
     header += [f"uplink_bytes_L{n}" for n in range(1, n_links + 1)] + ["uplink_bytes_total", "wall_s", "modelled_s"]
     if target is not None:
-        header += ["rounds_to_target", "wall_s_to_target"]
+        header += ["rounds_to_target", "wall_s_to_target", "modelled_s_to_target"]
+    header.append("label")
     rows = []
     for r in runs:
         best, best_round = r.best
         totals = r.link_totals
-        row: list[Any] = [r.label, r.status, r.rounds_done, r.final_accuracy, best, best_round]
+        row: list[Any] = [r.name, r.status, r.rounds_done, r.final_accuracy, best, best_round]
         row += [int(totals[n]) if n < r.num_links else "" for n in range(n_links)]
         row += [int(totals.sum()), r.wall_time, r.modelled_time]
         if target is not None:
             hit = r.reached(target)
-            row += [hit[0], hit[1]] if hit else ["", ""]
+            row += list(hit) if hit else ["", "", ""]
+        row.append(r.label)
         rows.append(row)
     return header, rows
 
@@ -264,11 +245,13 @@ def format_table(header: list[str], rows: list[list[Any]]) -> str:
     shown = [h.replace("uplink_bytes_", "uplink_MB_") for h in header]
     cells = [[_fmt_cell(h, v) for h, v in zip(header, row)] for row in rows]
     widths = [max(len(s), *(len(c[i]) for c in cells)) if cells else len(s) for i, s in enumerate(shown)]
-    lines = ["  ".join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(shown, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for c in cells:
-        lines.append("  ".join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(c, widths))))
-    return "\n".join(lines)
+    text_cols = (0, len(shown) - 1)  # name and label: left-aligned; numbers: right-aligned
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i in text_cols else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    return "\n".join([line(shown), line(["-" * w for w in widths]), *(line(c) for c in cells)])
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
@@ -300,9 +283,12 @@ def plot_runs(runs: Sequence[Run], out_dir: Path, prefix: str, title: str | None
                 series.append((r.label, x[ok], r.accuracy[ok]))
         if not series:
             continue
-        fig, ax = plt.subplots(figsize=(7.0, 4.4), dpi=100)
-        for label, x, y in series:
-            ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, linewidth=1.4, label=label)
+        below = max(len(s[0]) for s in series) > 45  # long labels: legend under the axes, wrapped
+        texts = [textwrap.fill(s[0], 100, break_long_words=False) if below else s[0] for s in series]
+        lines = sum(t.count("\n") + 1 for t in texts)
+        fig, ax = plt.subplots(figsize=(7.0, 4.4 + (0.16 * lines + 0.3 if below else 0)), dpi=100)
+        for text, (_, x, y) in zip(texts, series):
+            ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, linewidth=1.4, label=text)
         finals = [s[1][-1] for s in series if s[1][-1] > 0]
         if attr == "uplink_x" and finals and max(finals) / min(finals) >= 10:
             ax.set_xscale("log")
@@ -311,10 +297,13 @@ def plot_runs(runs: Sequence[Run], out_dir: Path, prefix: str, title: str | None
         ax.grid(True, alpha=0.3)
         if title:
             ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8, loc="lower right")
+        if below:
+            ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(0.0, -0.14), frameon=False)
+        else:
+            ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         path = out_dir / f"{prefix}_{suffix}.png"
-        fig.savefig(path)
+        fig.savefig(path, bbox_inches="tight" if below else None)
         plt.close(fig)
         written.append(path)
     return written
@@ -329,8 +318,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="file name prefix of the plots (default: the file stem for one file, 'report' for several)")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the table, exact values, as CSV")
     p.add_argument("--target", type=float, default=None, metavar="ACC",
-                   help="add the rounds and wall seconds at which the test accuracy first reached ACC (e.g. 0.8)")
+                   help="add the rounds, wall and modelled seconds at which the test accuracy first reached ACC "
+                        "(e.g. 0.8)")
     p.add_argument("--title", default=None, help="title of the plots")
+    p.add_argument("--label-keys", default=None, metavar="KEY,...",
+                   help="label runs by these dotted config keys (default: the keys whose values differ)")
     p.add_argument("--no-plots", action="store_true", help="print the table only")
 
 
@@ -339,14 +331,19 @@ def main(args: argparse.Namespace) -> int:
         if args.target is not None and not 0 <= args.target <= 1:
             raise ReportError(f"--target {args.target}: expected an accuracy from 0 to 1, e.g. --target 0.8")
         runs = [load_run(f) for f in args.files]
+        keys = [k.strip() for k in args.label_keys.split(",") if k.strip()] if args.label_keys else None
+        assign_labels(runs, keys)
     except ReportError as e:
         print(f"qmlhfl-mpi report: error: {e}", file=sys.stderr)
         return 2
-    assign_labels(runs)
     header, rows = table_rows(runs, args.target)
     print(format_table(header, rows))
     if args.csv:
-        write_csv(Path(args.csv), header, rows)
+        try:
+            write_csv(Path(args.csv), header, rows)
+        except OSError as e:
+            print(f"qmlhfl-mpi report: error: cannot write --csv {args.csv!r}: {e}", file=sys.stderr)
+            return 2
         print(f"table written to {args.csv}")
     if not args.no_plots:
         out = Path(args.out) if args.out else runs[0].path.parent
@@ -358,6 +355,8 @@ def main(args: argparse.Namespace) -> int:
             return 2
         for path in paths:
             print(f"plot written to {path}")
-        if not any(p.name.endswith("acc_vs_modelled_time.png") for p in paths):
+        if paths and not any(p.name.endswith("acc_vs_modelled_time.png") for p in paths):
             print("no finite modelled times in these files: modelled-time plot skipped")
+        if not paths:
+            print("no evaluated rounds in these files: no plots drawn")
     return 0
