@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/round.py [--ranks 1 2 4] [--rounds 10] [--big-rounds 3]
 
 Runs configs/quickstart.yaml at each rank count, then the same tree with a
-~1.6 M-parameter MLP (model.hidden=1250), reads the HDF5 files and prints the
+~1.6 M-parameter MLP (model.hidden=1250), and, where Debian's Fashion-MNIST is
+installed, the 1.66 M-parameter FedAvg CNN on 8 devices; reads the HDF5 files and prints the
 median over rounds (round 0 excluded when there are more than two) of each
 part, as seconds and as a share of the round. time_* are the max over ranks;
 time_comm includes waiting for slower ranks.
@@ -21,6 +22,7 @@ from pathlib import Path
 import h5py
 
 REPO = Path(__file__).resolve().parents[1]
+FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def mpiexec() -> str:
@@ -53,8 +55,13 @@ def main() -> None:
     print(f"{'model':<12} {'params':>9} {'ranks':>5} {'round_s':>8} {'compute_s':>9} {'codec_s':>8} {'comm_s':>8} "
           f"{'codec%':>7} {'comm%':>6}")
     with tempfile.TemporaryDirectory() as tmp:
-        for label, sets in (("quickstart", [f"train.rounds={args.rounds}"]),
-                            ("mlp-1250", [f"train.rounds={args.big_rounds}", "model.hidden=1250", "train.eval_every=100"])):
+        cases = [("quickstart", [f"train.rounds={args.rounds}"]),
+                 ("mlp-1250", [f"train.rounds={args.big_rounds}", "model.hidden=1250", "train.eval_every=100"])]
+        if Path(FMNIST).is_dir():  # the FedAvg CNN (1.66 M parameters) on real images, 8 devices
+            cases.append(("cnn-fmnist", [f"train.rounds={args.big_rounds}", "model.name=cnn", "data.name=fashion-mnist",
+                                         f"data.root={FMNIST}", "topology.branching=[2,2,2]", "train.batch_size=64",
+                                         "train.eval_every=100", "data.partition.kind=shards"]))
+        for label, sets in cases:
             for n in args.ranks:
                 r = run(n, Path(tmp) / f"{label}-{n}.h5", sets)
                 tot = r["time_round"]

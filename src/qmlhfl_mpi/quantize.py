@@ -161,10 +161,12 @@ class QSGDCodec:
             y = np.abs(xb)
             y *= scale[:, None]
             y += rng.random(y.shape, dtype=np.float32)
-            np.nan_to_num(y, copy=False, nan=0.0, posinf=float(s), neginf=0.0)
-            np.minimum(y, np.float32(s), out=y)
+            if not np.isfinite(norms).all():  # inf/nan inputs: keep codes in range, decode yields nan
+                np.nan_to_num(y, copy=False, nan=0.0, posinf=float(s), neginf=0.0)
+                np.minimum(y, np.float32(s), out=y)
         ctype = np.uint8 if self.width <= 8 else np.uint16
-        codes = y.astype(ctype).reshape(-1)[:d]
+        codes = y.astype(ctype).reshape(-1)[:d]  # floor; at most s + 1 after float rounding
+        np.minimum(codes, ctype(s), out=codes)
         codes <<= 1
         codes |= np.signbit(xb).reshape(-1)[:d]
         out[: 4 * nb] = norms.astype("<f4").view(np.uint8)
