@@ -92,3 +92,13 @@ def test_balanced_counts_and_layout_queries():
     assert list(L.ranks_of(3, 0)) == [0, 1, 2, 3]
     L8 = RankLayout.build(t, 8)
     assert L8.spanning_node(3, 1) == 1 and list(L8.nodes_of(3, 0)) == [6, 7]
+
+
+def test_unbalanced_tree_error_messages_terminate():
+    """The message lists the balanced counts without recursing into itself."""
+    t = Tree.from_nested([[3, 2], [4, 1]])
+    assert balanced_rank_counts(t) == [1, 2, 10]
+    with pytest.raises(TopologyError, match=r"11 MPI ranks cannot host a tree of 10 devices.*\[1, 2, 10\]"):
+        rank_blocks(t, 11)
+    with pytest.raises(TopologyError, match=r"straddle nodes of layer 1; .*\[1, 2, 10\]"):
+        check_aligned(t, np.array([0, 2, 10]))

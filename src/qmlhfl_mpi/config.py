@@ -81,7 +81,8 @@ class PartitionConfig:
 @dataclass(frozen=True)
 class DataConfig:
     name: str = fld("synthetic", choices=("synthetic", "lstsq", "mnist", "fashion-mnist", "cifar10"),
-                    doc="lstsq = synthetic least-squares regression (an L-smooth test problem; model linear)")
+                    doc="data set: embedded synthetic (default) or lstsq (least squares, model linear), "
+                        "or images from data.root")
     root: str = fld("data", doc="local data directory (torchvision layout, or Debian's for Fashion-MNIST)")
     download: bool = fld(False, doc="let torchvision download into root (needs internet)")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

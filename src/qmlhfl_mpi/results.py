@@ -3,8 +3,9 @@
 Schema (documented for users in docs/results.md)::
 
     /                      attrs: config_yaml, version, mpi_library, world_size,
-                                  torch_version, numpy_version, h5py_version,
-                                  created, status, status_message, num_params, N
+                                  torch_version, numpy_version, threads_per_rank,
+                                  created, status, status_message, num_params, N,
+                                  resumed_at_rounds (after a --resume)
     /topology/starts_<n>   device boundaries of the nodes of layer n (n = 0..N)
     /topology/rank_blocks  device boundaries of the ranks' blocks
     /topology/samples      training samples per device

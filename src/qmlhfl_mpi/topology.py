@@ -216,22 +216,27 @@ def rank_blocks(tree: Tree, num_ranks: int) -> np.ndarray:
     return bounds
 
 
-def check_aligned(tree: Tree, bounds: np.ndarray) -> None:
-    """Raise :class:`TopologyError` unless every block is inside one node or is a
-    union of whole nodes, at every layer."""
+def _misalignment(tree: Tree, bounds: np.ndarray) -> str | None:
+    """What is wrong with the blocks ``bounds``, or ``None`` if they are aligned."""
     for n in range(tree.N + 1):
         st = tree.starts[n]
         for r in range(len(bounds) - 1):
             a, b = int(bounds[r]), int(bounds[r + 1])
             if b <= a:
-                raise TopologyError(f"rank {r} would host no device (block {a}..{b})")
+                return f"rank {r} would host no device (block {a}..{b})"
             i = int(np.searchsorted(st, a, side="right") - 1)
             j = int(np.searchsorted(st, b - 1, side="right") - 1)
             if i != j and (st[i] != a or st[j + 1] != b):
-                raise TopologyError(
-                    f"rank {r}'s devices {a}..{b - 1} straddle nodes of layer {n}; "
-                    f"rank counts that fit this tree evenly: {balanced_rank_counts(tree)}"
-                )
+                return f"rank {r}'s devices {a}..{b - 1} straddle nodes of layer {n}"
+    return None
+
+
+def check_aligned(tree: Tree, bounds: np.ndarray) -> None:
+    """Raise :class:`TopologyError` unless every block is inside one node or is a
+    union of whole nodes, at every layer."""
+    problem = _misalignment(tree, bounds)
+    if problem is not None:
+        raise TopologyError(f"{problem}; rank counts that fit this tree evenly: {balanced_rank_counts(tree)}")
 
 
 def balanced_rank_counts(tree: Tree, limit: int = 24) -> list[int]:
@@ -242,10 +247,7 @@ def balanced_rank_counts(tree: Tree, limit: int = 24) -> list[int]:
     for p in range(1, D + 1):
         if D % p:
             continue
-        bounds = np.arange(0, D + 1, D // p)
-        try:
-            check_aligned(tree, bounds) if p > 1 else None
-        except TopologyError:
+        if _misalignment(tree, np.arange(0, D + 1, D // p)) is not None:
             continue
         good.append(p)
         if len(good) >= limit:
