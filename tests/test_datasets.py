@@ -86,6 +86,7 @@ def test_gz_inside_torchvision_raw_folder(tmp_path, idx_splits):
     _write_idx_dir(tmp_path / "MNIST" / "raw", gz=True, splits={"train": idx_splits["train"]})
     data = load_image_data("mnist", tmp_path, train=True)
     _check(data, *idx_splits["train"], (1, 28, 28))
+    assert len(data) == len(idx_splits["train"][1])
 
 
 def _write_cifar(base: Path, n_per_batch: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

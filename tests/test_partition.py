@@ -155,4 +155,5 @@ def test_module_is_pure():
             "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
             "bad = [m for m in ('torch', 'mpi4py', 'h5py') if m in sys.modules]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

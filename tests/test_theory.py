@@ -290,7 +290,8 @@ def test_theory_and_optimize_are_pure():
     code = ("import sys, qmlhfl_mpi.theory, qmlhfl_mpi.optimize; "
             "bad = [m for m in ('torch', 'mpi4py', 'h5py') if m in sys.modules]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 # ---- numerical sanity: the nested recursion on least squares ------------------------

@@ -159,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .datasets import DataError
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
-            return planner.cmd_check(args) if args.command == "check" else planner.cmd_optimize(args)
+            cmd = planner.cmd_check if args.command == "check" else planner.cmd_optimize
+            return cmd(args, lambda line: print(line, flush=True))
         except (ConfigError, DataError, ValueError) as e:
             print(f"qmlhfl-mpi: error: {e}", file=sys.stderr)
             return 2

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -88,40 +88,44 @@ def _dim(cfg: Config) -> int:
     return num_parameters(build_model(cfg.model.name, shape, classes, hidden=cfg.model.hidden, seed=0))
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
+    """Print the check report through ``write``; returns the exit code."""
     cfg = config_mod.load(args.config, args.set)
     tree = cfg.build_tree()
     dim = _dim(cfg)
     levels, bucket = cfg.quantizer.levels, cfg.quantizer.bucket
     qs = q_per_link(dim, levels, bucket)
     parts = round_time_parts(dim, cfg.tau, levels, bucket, tree, _latency(cfg))
-    print(f"config {args.config}: N={tree.N}, {tree.num_devices} devices, {dim} parameters, tau={list(cfg.tau)}")
-    print(f"{'link':>4} {'levels':>7} {'q_n':>10} {'bytes/msg':>10} {'msgs/round':>10} {'bytes/round':>12} "
+    write(f"config {args.config}: N={tree.N}, {tree.num_devices} devices, {dim} parameters, tau={list(cfg.tau)}")
+    write(f"{'link':>4} {'levels':>7} {'q_n':>10} {'bytes/msg':>10} {'msgs/round':>10} {'bytes/round':>12} "
           f"{'model_s/round':>13}")
     for n in range(1, tree.N + 1):
         nb = make_codec(levels[n - 1], bucket).nbytes(dim)
         msgs = messages_per_round(tree, cfg.tau, n)
-        print(f"{n:>4} {levels[n - 1] or 'none':>7} {qs[n - 1]:>10.4g} {nb:>10} {msgs:>10} {nb * msgs:>12} "
+        write(f"{n:>4} {levels[n - 1] or 'none':>7} {qs[n - 1]:>10.4g} {nb:>10} {msgs:>10} {nb * msgs:>12} "
               f"{parts.comm[n - 1]:>13.4g}")
-    print(f"SGD steps per device per round: {math.prod(cfg.tau)}; modelled round time {parts.total:.4g} s "
+    write(f"SGD steps per device per round: {math.prod(cfg.tau)}; modelled round time {parts.total:.4g} s "
           f"(compute {parts.compute:.4g} s)")
     L, how = _smoothness(cfg, args.L)
     terms = condition_terms(cfg.tau, qs, tree)
     bound = max_lr(L, cfg.tau, qs, tree)
     ok = cfg.train.lr < bound
-    print(f"quantization error factor prod(1 + q_n) = {error_factor(qs):.4g}")
-    print(f"L = {L:.4g} ({how})")
-    print(f"drift terms: paper-visible {terms.visible:.4g}, cross-layer {terms.cross:.4g}, quantization "
+    write(f"quantization error factor prod(1 + q_n) = {error_factor(qs):.4g}")
+    write(f"L = {L:.4g} ({how})")
+    write(f"drift terms: paper-visible {terms.visible:.4g}, cross-layer {terms.cross:.4g}, quantization "
           f"{sum(terms.quant_drift):.4g}; injected quantization noise {sum(terms.quant_noise):.4g} (docs/theory.md)")
-    print(f"learning-rate condition 1 - L^2 mu^2 B > 0 with B = {terms.B:.4g}: admissible lr < {bound:.4g}")
-    print(f"configured train.lr = {cfg.train.lr:g}: {'satisfies the condition' if ok else 'VIOLATES the condition'}")
+    write(f"learning-rate condition 1 - L^2 mu^2 B > 0 with B = {terms.B:.4g}: admissible lr < {bound:.4g}")
+    write(f"configured train.lr = {cfg.train.lr:g}: {'satisfies the condition' if ok else 'VIOLATES the condition'}")
     if not ok and args.strict:
         return EXIT_LR_VIOLATED
     return 0
 
 
-def cmd_optimize(args: argparse.Namespace) -> int:
+def cmd_optimize(args: argparse.Namespace, write: Callable[[str], None]) -> int:
+    """Run the optimiser, report through ``write``; returns the exit code."""
     cfg = config_mod.load(args.config, args.set)
+    if args.write and Path(args.write).exists() and not args.overwrite:
+        raise ValueError(f"--write {args.write!r} exists; pass --overwrite to replace it")
     tree = cfg.build_tree()
     dim = _dim(cfg)
     L, how = _smoothness(cfg, args.L)
@@ -129,21 +133,18 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     res = optimize_tau(dim, cfg.quantizer.levels, cfg.quantizer.bucket, tree, _latency(cfg), args.deadline, L,
                        lr, max_tau=args.max_tau, sigma2=args.sigma2, gap0=args.gap0, zeta2=args.zeta2,
                        n_random=args.random, seed=cfg.train.seed)
-    print(f"L = {L:.4g} ({how}); lr = {lr:g}; deadline {args.deadline:g} s; tau_n in 1..{args.max_tau}")
-    print(f"optimum tau = {list(res.tau)}: objective (bound) {res.objective:.6g}, T = {res.T} rounds of "
+    write(f"L = {L:.4g} ({how}); lr = {lr:g}; deadline {args.deadline:g} s; tau_n in 1..{args.max_tau}")
+    write(f"optimum tau = {list(res.tau)}: objective (bound) {res.objective:.6g}, T = {res.T} rounds of "
           f"{res.round_time:.4g} s, {res.steps} SGD steps per device, admissible lr < {res.max_lr:.4g} "
           f"({res.nodes} configurations scored)")
     if res.random_objectives:
-        print(f"{len(res.random_objectives)} random feasible tau: objective best {res.random_best:.6g}, median "
+        write(f"{len(res.random_objectives)} random feasible tau: objective best {res.random_best:.6g}, median "
               f"{res.random_median:.6g}, worst {res.random_worst:.6g}; the optimum beats or ties "
               f"{100 * res.beaten_fraction:.1f}% of them (median / optimum = {res.median_gain:.3g})")
     if args.write:
         out = Path(args.write)
-        if out.exists() and not args.overwrite:
-            print(f"qmlhfl-mpi: error: {str(out)!r} exists; pass --overwrite to replace it", file=sys.stderr)
-            return 2
         new = dataclasses.replace(cfg, tau=tuple(res.tau), train=dataclasses.replace(cfg.train, lr=lr))
         config_mod.validate(new)
         out.write_text(f"# tau optimised by qmlhfl-mpi optimize for a {args.deadline:g} s deadline\n" + new.to_yaml())
-        print(f"wrote {out}")
+        write(f"wrote {out}")
     return 0
