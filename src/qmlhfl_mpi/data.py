@@ -136,6 +136,17 @@ def _load_images(cfg: Config, tree: Tree, devices: range, rank: int, num_ranks: 
     )
 
 
+IMAGE_SPECS = {"mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}
+
+
+def input_spec(cfg: Config) -> tuple[tuple[int, ...], int]:
+    """(input shape, outputs) of the configured data set, without loading it."""
+    if cfg.data.name in ("synthetic", "lstsq"):
+        s = cfg.data.synthetic
+        return (s.dim,), (1 if cfg.data.name == "lstsq" else s.classes)
+    return IMAGE_SPECS[cfg.data.name]
+
+
 def load_local_data(cfg: Config, tree: Tree, devices: range, rank: int, num_ranks: int) -> LocalData:
     """Data of the devices ``devices`` hosted by ``rank`` (not collective)."""
     if cfg.data.name in ("synthetic", "lstsq"):

@@ -77,14 +77,10 @@ def _latency(cfg: Config) -> LatencyModel:
 
 
 def _dim(cfg: Config) -> int:
+    from .data import input_spec
     from .models import build_model, num_parameters
 
-    if cfg.data.name == "synthetic":
-        s = cfg.data.synthetic
-        shape, classes = (s.dim,), s.classes
-    else:
-        shape = (3, 32, 32) if cfg.data.name == "cifar10" else (1, 28, 28)
-        classes = 10
+    shape, classes = input_spec(cfg)
     return num_parameters(build_model(cfg.model.name, shape, classes, hidden=cfg.model.hidden, seed=0))
 
 
