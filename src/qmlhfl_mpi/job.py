@@ -163,9 +163,9 @@ def run_job(comm: MPI.Intracomm, cfg: Config, *, overwrite: bool = False, resume
     codecs = [make_codec(s, cfg.quantizer.bucket) for s in cfg.quantizer.levels]
     samples = data.samples if cfg.topology.weighting == "samples" else None
 
-    def train_fn(v: np.ndarray, device: int, round_: int, call: int) -> tuple[np.ndarray, float, int]:
-        x, y = data.train[device]
-        out, loss_sum = trainer.train(v, x, y, cfg.tau[0], device, round_, call)
+    def train_fn(v: np.ndarray, dev: int, round_: int, call: int) -> tuple[np.ndarray, float, int]:
+        x, y = data.train[dev]
+        out, loss_sum = trainer.train(v, x, y, cfg.tau[0], dev, round_, call)
         return out, loss_sum, cfg.tau[0]
 
     comms = build_layer_comms(comm, layout)
