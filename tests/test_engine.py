@@ -37,13 +37,13 @@ def test_same_final_model_for_1_2_3_and_4_ranks(tmp_path):
         run_ok(n, cfg, "--set", f"output.path={out}")
         models[n] = final_model(out)
         with h5py.File(out) as f:
-            metrics[n] = (f["metrics/uplink_bytes"][()], f["metrics/train_loss"][()], f.attrs["world_size"])
+            metrics[n] = {k: f["metrics"][k][()] for k in ("uplink_bytes", "train_loss", "test_loss", "test_accuracy")}
+            assert f.attrs["world_size"] == n
     assert np.isfinite(models[1]).all()
     for n in (2, 3, 4):
         assert np.array_equal(models[1], models[n]), f"{n} ranks differ from 1 rank"
-        assert np.array_equal(metrics[1][0], metrics[n][0])
-        assert metrics[n][2] == n
-        np.testing.assert_allclose(metrics[1][1], metrics[n][1], rtol=1e-12)
+        for key, value in metrics[1].items():  # the metrics too, not only the model
+            assert np.array_equal(value, metrics[n][key]), (key, n)
 
 
 CASES = {
@@ -147,3 +147,30 @@ def test_quickstart_config_learns(tmp_path):
         assert int(f.attrs["N"]) == 3 and f["topology/starts_0"].shape[0] - 1 >= 16
     assert len(set(levels.tolist())) == 3  # different quantizer on every link
     assert acc[-1] > acc[0] + 0.3 and acc[-1] > 0.6, acc
+
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def test_fashion_mnist_run_is_rank_invariant_including_test_metrics(tmp_path):
+    """Real images: the partition, the per-rank data and the chunked evaluation
+    give the same model and the same metrics on 1 and 3 ranks."""
+    import os
+    if not os.path.isdir(FMNIST):
+        pytest.skip(f"{FMNIST} missing: apt-get install dataset-fashion-mnist")
+    cfg = small_config(tmp_path, data={"name": "fashion-mnist", "root": FMNIST,
+                                       "partition": {"kind": "shards", "classes_per_device": 2}},
+                       model={"name": "logreg"}, train={"rounds": 2, "batch_size": 16})
+    got = {}
+    for n in (1, 3):
+        out = tmp_path / f"f{n}.h5"
+        run_ok(n, cfg, "--set", f"output.path={out}")
+        with h5py.File(out) as f:
+            got[n] = (f["model/final"][()], f["metrics/test_loss"][()], f["metrics/test_accuracy"][()],
+                      f["topology/class_counts"][()])
+    for a, b in zip(got[1], got[3]):
+        assert np.array_equal(a, b)
+    acc, counts = got[1][2], got[1][3]
+    assert acc[-1] > 0.3  # 10 classes: well above chance after two rounds
+    assert counts.shape == (6, 10) and counts.sum() == 60000
+    assert ((counts > 0).sum(axis=1) <= 2).all()  # shards: at most 2 classes per device

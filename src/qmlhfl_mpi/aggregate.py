@@ -30,11 +30,14 @@ TrainFn = Callable[[np.ndarray, int, int, int], tuple[np.ndarray, float, int]]
 
 @dataclass
 class RoundStats:
-    """What one rank did in one global round."""
+    """What one rank did in one global round.  Losses and steps are kept per
+    device, so that summing them over ranks (each entry comes from one rank) and
+    then over devices gives the same float for any number of ranks."""
 
     num_links: int
-    loss_sum: float = 0.0
-    steps: int = 0
+    num_devices: int
+    loss: np.ndarray = field(default_factory=lambda: np.zeros(0))   # sum of step losses per device
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # SGD steps per device
     uplink_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
     messages: np.ndarray = field(default_factory=lambda: np.zeros(0))
     t_compute: float = 0.0
@@ -42,6 +45,8 @@ class RoundStats:
     t_comm: float = 0.0
 
     def __post_init__(self) -> None:
+        self.loss = np.zeros(self.num_devices)
+        self.steps = np.zeros(self.num_devices)
         self.uplink_bytes = np.zeros(self.num_links, dtype=np.int64)
         self.messages = np.zeros(self.num_links, dtype=np.int64)
 
@@ -64,7 +69,7 @@ class HierarchicalAggregator:
         self._weights: dict[tuple[int, int], np.ndarray] = {}
         self._calls: dict[tuple[int, int], int] = {}
         self._round = 0
-        self.stats = RoundStats(tree.N)
+        self.stats = RoundStats(tree.N, tree.num_devices)
 
     # ---- helpers -----------------------------------------------------------
     def weights(self, n: int, u: int) -> np.ndarray:
@@ -89,7 +94,7 @@ class HierarchicalAggregator:
         returns the new cloud model.  Collective."""
         self._round = t
         self._calls.clear()
-        self.stats = RoundStats(self.tree.N)
+        self.stats = RoundStats(self.tree.N, self.tree.num_devices)
         out = self._aggregate(self.tree.N, 0, np.asarray(w, dtype=np.float32), broadcast=True)
         assert out is not None
         return out
@@ -100,8 +105,8 @@ class HierarchicalAggregator:
             t0 = time.perf_counter()
             x, loss_sum, steps = self.train_fn(v, c, self._round, self._next_call(0, c))
             self.stats.t_compute += time.perf_counter() - t0
-            self.stats.loss_sum += loss_sum
-            self.stats.steps += steps
+            self.stats.loss[c] += loss_sum
+            self.stats.steps[c] += steps
             return x
         reps = self.tau[m]  # tau_{m+1}
         x: np.ndarray | None = v

@@ -26,6 +26,9 @@ from .config import Config
 from .topology import Tree
 
 
+TEST_CHUNK = 250  # images per evaluation chunk
+
+
 @dataclass
 class LocalData:
     """What one rank holds: its devices' training data and its share of the test set."""
@@ -36,6 +39,10 @@ class LocalData:
     num_classes: int
     input_shape: tuple[int, ...]
     samples: np.ndarray  # training samples of EVERY device (int64, length D)
+    # the test set is cut into chunks fixed by the data alone (not by the rank
+    # count); this rank evaluates (chunk id, start, stop) slices of test_x/test_y
+    test_chunks: list[tuple[int, int, int]]
+    num_test_chunks: int
 
 
 def _synthetic_size(cfg: Config, device: int) -> int:
@@ -88,13 +95,15 @@ def _load_synthetic(cfg: Config, tree: Tree, devices: range) -> LocalData:
     make = lstsq_device if regression else synthetic_device
     samples = np.array([_split_sizes(cfg, _synthetic_size(cfg, k))[0] for k in range(tree.num_devices)], dtype=np.int64)
     train: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    tx, ty = [], []
-    for k in devices:
+    tx, ty, chunks, off = [], [], [], 0
+    for k in devices:  # one test chunk per device: its held-out samples
         x, y = make(cfg, k)
         n_train = samples[k]
         train[k] = (torch.from_numpy(x[:n_train]), torch.from_numpy(y[:n_train]))
         tx.append(x[n_train:])
         ty.append(y[n_train:])
+        chunks.append((k, off, off + len(y) - n_train))
+        off += len(y) - n_train
     return LocalData(
         train=train,
         test_x=torch.from_numpy(np.concatenate(tx)),
@@ -102,6 +111,8 @@ def _load_synthetic(cfg: Config, tree: Tree, devices: range) -> LocalData:
         num_classes=1 if regression else s.classes,
         input_shape=(s.dim,),
         samples=samples,
+        test_chunks=chunks,
+        num_test_chunks=tree.num_devices,
     )
 
 
@@ -125,7 +136,12 @@ def _load_images(cfg: Config, tree: Tree, devices: range, rank: int, num_ranks: 
     num_classes, shape = full.num_classes, full.input_shape
     del full
     test = load_image_data(d.name, d.root, train=False, download=d.download)
-    mine = np.array_split(np.arange(len(test.labels)), num_ranks)[rank]
+    n = len(test.labels)
+    num_chunks = -(-n // TEST_CHUNK)
+    ids = np.array_split(np.arange(num_chunks), num_ranks)[rank]
+    lo, hi = (int(ids[0]) * TEST_CHUNK, min(n, (int(ids[-1]) + 1) * TEST_CHUNK)) if len(ids) else (0, 0)
+    mine = np.arange(lo, hi)
+    chunks = [(int(c), int(c) * TEST_CHUNK - lo, min(n, (int(c) + 1) * TEST_CHUNK) - lo) for c in ids]
     return LocalData(
         train=train,
         test_x=test.images(mine),
@@ -133,6 +149,8 @@ def _load_images(cfg: Config, tree: Tree, devices: range, rank: int, num_ranks: 
         num_classes=num_classes,
         input_shape=shape,
         samples=samples,
+        test_chunks=chunks,
+        num_test_chunks=num_chunks,
     )
 
 

@@ -190,21 +190,23 @@ def run_job(comm: MPI.Intracomm, cfg: Config, *, overwrite: bool = False, resume
             w = agg.global_round(t, w)
             t_round = time.perf_counter() - t0
             st = agg.stats
-            totals = sum_over_ranks(comm, np.concatenate([[st.loss_sum, st.steps], st.uplink_bytes]))
+            D = tree.num_devices  # per-device entries come from one rank each: the sums are exact
+            totals = sum_over_ranks(comm, np.concatenate([st.loss, st.steps, st.uplink_bytes]))
             peaks = max_over_ranks(comm, np.array([st.t_compute, st.t_codec, st.t_comm, t_round,
                                                     float(stop_requested())]))
             evaluate = (t + 1) % cfg.train.eval_every == 0 or t == cfg.train.rounds - 1
             test_loss, t_eval = float("nan"), 0.0
             if evaluate:
                 t1 = time.perf_counter()
-                ev = sum_over_ranks(comm, np.array(trainer.evaluate(w, data.test_x, data.test_y), dtype=np.float64))
+                ev = trainer.evaluate(w, data.test_x, data.test_y, data.test_chunks, data.num_test_chunks)
+                ev = sum_over_ranks(comm, ev).sum(axis=0)  # in chunk order: the same for any rank count
                 t_eval = float(max_over_ranks(comm, np.array([time.perf_counter() - t1]))[0])
                 test_loss = ev[0] / max(ev[2], 1)
                 acc = ev[1] / max(ev[2], 1) if data.num_classes > 1 else float("nan")  # nan: regression
-            train_loss = totals[0] / max(totals[1], 1)
+            train_loss = totals[:D].sum() / max(totals[D : 2 * D].sum(), 1)
             row = {
                 "round": t, "test_accuracy": acc if evaluate else float("nan"), "test_loss": test_loss,
-                "train_loss": train_loss, "uplink_bytes": totals[2:].astype(np.int64),
+                "train_loss": train_loss, "uplink_bytes": totals[2 * D :].astype(np.int64),
                 "time_compute": peaks[0], "time_codec": peaks[1], "time_comm": peaks[2],
                 "time_round": peaks[3], "time_eval": t_eval, "modelled_time": t_model,
             }

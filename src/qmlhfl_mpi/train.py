@@ -6,6 +6,8 @@ individual tensors.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -74,18 +76,23 @@ class LocalTrainer:
         return self.get_vector(), loss_sum
 
     @torch.no_grad()
-    def evaluate(self, v: np.ndarray, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> tuple[float, int, int]:
-        """(sum of losses, correct predictions, samples) of model ``v`` on ``(x, y)``;
-        no correct predictions for regression targets."""
+    def evaluate(self, v: np.ndarray, x: torch.Tensor, y: torch.Tensor,
+                 chunks: Sequence[tuple[int, int, int]], num_chunks: int, batch: int = 2048) -> np.ndarray:
+        """Model ``v`` on the test chunks ``(chunk id, start, stop)`` of ``(x, y)``:
+        a ``(num_chunks, 3)`` array of (sum of losses, correct predictions, samples),
+        zero for chunks not given.  No correct predictions for regression targets."""
         self.set_vector(v)
         self.model.eval()
-        loss_sum, correct = 0.0, 0
-        for i in range(0, len(y), batch):
-            out, target = self.model(x[i : i + batch]), y[i : i + batch]
-            loss_sum += float(loss_fn(out, target, reduction="sum"))
-            if not target.is_floating_point():
-                correct += int((out.argmax(1) == target).sum())
-        return loss_sum, correct, len(y)
+        out = np.zeros((num_chunks, 3))
+        for cid, lo, hi in chunks:
+            loss_sum, correct = 0.0, 0
+            for i in range(lo, hi, batch):
+                pred, target = self.model(x[i : min(hi, i + batch)]), y[i : min(hi, i + batch)]
+                loss_sum += float(loss_fn(pred, target, reduction="sum"))
+                if not target.is_floating_point():
+                    correct += int((pred.argmax(1) == target).sum())
+            out[cid] = (loss_sum, correct, hi - lo)
+        return out
 
 
 def loss_fn(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
