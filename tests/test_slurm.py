@@ -64,9 +64,15 @@ def slurm() -> None:
                     f"{proc.stdout}\n{proc.stderr}")
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
     # the job runs this Python (and the mpiexec beside it); no inherited SLURM_/PMI_ state
-    return clean_env(QMLHFL_PYTHON=sys.executable)
+    return clean_env(QMLHFL_PYTHON=sys.executable, **extra)
+
+
+# rounds of the small config take milliseconds on an idle machine: slow them down
+# (a test hook of the engine) so that a signal sent after the first checkpoint
+# always lands before the run ends
+SLOW = {"QMLHFL_ROUND_DELAY": "0.1"}
 
 
 def sbatch(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -148,7 +154,7 @@ def test_sbatch_checkpoint_requeue_resume(slurm, cancel_jobs, tmp_path: Path) ->
     cfg = small_config(tmp_path, train={"rounds": rounds})
     out, ckpt = tmp_path / "pre.h5", tmp_path / "pre.h5.ckpt"
     job = sbatch(["--ntasks=2", f"--output={tmp_path}/slurm-%j.out", str(RUN), str(cfg), "--quiet",
-                  "--set", f"output.path={out}"], cwd=REPO)
+                  "--set", f"output.path={out}"], cwd=REPO, env=_env(**SLOW))
     cancel_jobs.append(job)
     log = tmp_path / f"slurm-{job}.out"
 
@@ -223,7 +229,7 @@ def test_scancel_checkpoints_but_does_not_requeue(slurm, cancel_jobs, tmp_path: 
     cfg = small_config(tmp_path, train={"rounds": 300})
     out, ckpt = tmp_path / "c.h5", tmp_path / "c.h5.ckpt"
     job = sbatch(["--ntasks=2", f"--output={tmp_path}/slurm-%j.out", str(RUN), str(cfg), "--quiet",
-                  "--set", f"output.path={out}"], cwd=REPO)
+                  "--set", f"output.path={out}"], cwd=REPO, env=_env(**SLOW))
     cancel_jobs.append(job)
     log = tmp_path / f"slurm-{job}.out"
     deadline = time.monotonic() + 120
