@@ -82,6 +82,25 @@ def sbatch(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str
     return proc.stdout.strip().split(";")[0]
 
 
+def submit_until_checkpoint(tmp_path: Path, cfg: Path, name: str, cancel_jobs: list[str]
+                            ) -> tuple[str, Path, Path, Path]:
+    """sbatch a slowed-down run and wait for its first checkpoint, which shows
+    the ranks are up and trapping signals.  Returns (job, output, checkpoint, log)."""
+    out, ckpt = tmp_path / f"{name}.h5", tmp_path / f"{name}.h5.ckpt"
+    job = sbatch(["--ntasks=2", f"--output={tmp_path}/slurm-%j.out", str(RUN), str(cfg), "--quiet",
+                  "--set", f"output.path={out}"], cwd=REPO, env=_env(**SLOW))
+    cancel_jobs.append(job)
+    log = tmp_path / f"slurm-{job}.out"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists():
+        info = job_info(job)[0]
+        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), \
+            f"job ended before its first checkpoint: {info}\n{log.read_text() if log.exists() else ''}"
+        assert time.monotonic() < deadline, f"no checkpoint within 120 s\n{log.read_text() if log.exists() else ''}"
+        time.sleep(0.1)
+    return job, out, ckpt, log
+
+
 def job_info(job: str) -> list[dict[str, str]]:
     """One dict (JobState, Restarts, ExitCode, ...) per job / array task."""
     proc = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
@@ -152,20 +171,7 @@ def test_sbatch_checkpoint_requeue_resume(slurm, cancel_jobs, tmp_path: Path) ->
     t0 = time.monotonic()
     rounds = 100
     cfg = small_config(tmp_path, train={"rounds": rounds})
-    out, ckpt = tmp_path / "pre.h5", tmp_path / "pre.h5.ckpt"
-    job = sbatch(["--ntasks=2", f"--output={tmp_path}/slurm-%j.out", str(RUN), str(cfg), "--quiet",
-                  "--set", f"output.path={out}"], cwd=REPO, env=_env(**SLOW))
-    cancel_jobs.append(job)
-    log = tmp_path / f"slurm-{job}.out"
-
-    # the first checkpoint (after round 1) shows the ranks are up and trapping signals
-    deadline = time.monotonic() + 120
-    while not ckpt.exists():
-        info = job_info(job)[0]
-        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), \
-            f"job ended before its first checkpoint: {info}\n{log.read_text() if log.exists() else ''}"
-        assert time.monotonic() < deadline, f"no checkpoint within 120 s\n{log.read_text() if log.exists() else ''}"
-        time.sleep(0.1)
+    job, out, ckpt, log = submit_until_checkpoint(tmp_path, cfg, "pre", cancel_jobs)
     sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True, timeout=30)
     assert sig.returncode == 0, sig.stderr
 
@@ -227,15 +233,7 @@ def test_scancel_checkpoints_but_does_not_requeue(slurm, cancel_jobs, tmp_path: 
     exit 75, but the script must not requeue (a requeue would undo the cancel)."""
     t0 = time.monotonic()
     cfg = small_config(tmp_path, train={"rounds": 300})
-    out, ckpt = tmp_path / "c.h5", tmp_path / "c.h5.ckpt"
-    job = sbatch(["--ntasks=2", f"--output={tmp_path}/slurm-%j.out", str(RUN), str(cfg), "--quiet",
-                  "--set", f"output.path={out}"], cwd=REPO, env=_env(**SLOW))
-    cancel_jobs.append(job)
-    log = tmp_path / f"slurm-{job}.out"
-    deadline = time.monotonic() + 120
-    while not ckpt.exists():
-        assert time.monotonic() < deadline, f"no checkpoint within 120 s\n{log.read_text() if log.exists() else ''}"
-        time.sleep(0.1)
+    job, out, ckpt, log = submit_until_checkpoint(tmp_path, cfg, "c", cancel_jobs)
     subprocess.run(["scancel", job], check=True, timeout=30)
     info = wait_for(job, all_final, 60, "end after scancel", log)[0]
     time.sleep(1)  # let the batch shell's last lines reach the log

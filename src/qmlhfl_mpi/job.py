@@ -2,7 +2,7 @@
 checkpoints and restarts.
 
 :func:`run_job` is collective over the communicator it is given; the entry
-point (:mod:`qmlhfl_mpi.cli`) passes ``COMM_WORLD``.  Errors that every rank
+point (:mod:`qmlhfl_mpi.cli`) passes the world communicator.  Errors that every rank
 can see coming (bad config, missing data, existing output, a bad checkpoint,
 a failed write) are agreed on collectively so all ranks stop together with
 one message and a documented exit code; anything else propagates and the
