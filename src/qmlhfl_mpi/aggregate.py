@@ -39,7 +39,6 @@ class RoundStats:
     loss: np.ndarray = field(default_factory=lambda: np.zeros(0))   # sum of step losses per device
     steps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # SGD steps per device
     uplink_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    messages: np.ndarray = field(default_factory=lambda: np.zeros(0))
     t_compute: float = 0.0
     t_codec: float = 0.0
     t_comm: float = 0.0
@@ -48,7 +47,6 @@ class RoundStats:
         self.loss = np.zeros(self.num_devices)
         self.steps = np.zeros(self.num_devices)
         self.uplink_bytes = np.zeros(self.num_links, dtype=np.int64)
-        self.messages = np.zeros(self.num_links, dtype=np.int64)
 
 
 class HierarchicalAggregator:
@@ -128,7 +126,6 @@ class HierarchicalAggregator:
                 parts.append(codec.encode(x - v, g))
                 st.t_codec += time.perf_counter() - t0
                 st.uplink_bytes[n - 1] += L
-                st.messages[n - 1] += 1
         sendbuf = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
         lc = self.comms[n]
         spanning = lc is not None and lc.node == u

@@ -20,9 +20,8 @@ import traceback
 from typing import Sequence
 
 from . import __version__
+from .exitcodes import EXIT_ABORT, EXIT_LR_VIOLATED, EXIT_PREEMPTED
 
-EXIT_ABORT = 1
-EXIT_LR_VIOLATED = 4  # check --strict: train.lr violates the learning-rate condition
 
 
 class _RankFilter(logging.Filter):
@@ -114,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         from . import config
         from .comm import agree_on_error
-        from .job import EXIT_PREEMPTED, JobError, run_job
+        from .job import JobError, run_job
 
         cfg, msg = None, None
         try:

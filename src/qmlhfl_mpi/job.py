@@ -28,6 +28,7 @@ from .aggregate import HierarchicalAggregator
 from .comm import agree_on_error, broadcast_vector, build_layer_comms, max_over_ranks, sum_over_ranks
 from .config import Config, config_diff
 from .data import load_local_data
+from .exitcodes import EXIT_DIVERGED, EXIT_IO, EXIT_PREEMPTED, EXIT_USAGE
 from .placement import PlacementError, select_device
 from .quantize import make_codec
 from .theory import LatencyModel, round_time
@@ -35,13 +36,6 @@ from .topology import RankLayout, TopologyError, messages_per_round
 from .train import LocalTrainer
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_ABORT = 1       # unexpected error on some rank: the whole job was aborted
-EXIT_USAGE = 2       # bad config / data / output / checkpoint: nothing was changed
-EXIT_DIVERGED = 3    # non-finite loss or model: results so far are kept
-EXIT_IO = 74         # writing results or a checkpoint failed (disk full, permissions)
-EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGUSR1 after a checkpoint: resume with --resume
 
 
 class JobError(Exception):

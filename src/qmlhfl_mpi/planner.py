@@ -17,13 +17,13 @@ import torch
 
 from . import config as config_mod
 from .config import Config
+from .exitcodes import EXIT_LR_VIOLATED
 from .optimize import optimize_tau
 from .quantize import make_codec
 from .theory import LatencyModel, condition_terms, error_factor, max_lr, q_per_link, round_time_parts
 from .topology import messages_per_round
 from .train import loss_fn
 
-EXIT_LR_VIOLATED = 4  # same value as cli.EXIT_LR_VIOLATED
 
 
 def _model_and_data(cfg: Config, max_devices: int = 8):

@@ -241,17 +241,8 @@ def read_run(path: str | Path) -> dict[str, Any]:
         raise
     except (OSError, KeyError, ValueError) as e:
         raise ResultsFileError(f"cannot read {str(p)!r} as a qmlhfl-mpi results file: {e}") from None
+
     def text_of(v: Any) -> str:
         return v.decode() if isinstance(v, bytes) else str(v)
+
     return {"config_yaml": text_of(text), "status": text_of(status), "metrics": metrics}
-
-
-def read_results(path: str | Path) -> dict[str, Any]:
-    """Everything in a results file as numpy arrays and attributes (plain dict)."""
-    out: dict[str, Any] = {}
-    with h5py.File(path, "r") as f:
-        out["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        for grp in ("metrics", "topology", "quantizer", "model"):
-            if grp in f:
-                out[grp] = {k: f[grp][k][()] for k in f[grp]}
-    return out
