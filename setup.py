@@ -1,12 +1,16 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
+HERE = Path(__file__).resolve().parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "src/qmlhfl_mpi/_version.py").read_text()).group(1)
+
 setup(
     name="qmlhfl_mpi",
-    version="0.1.0",
+    version=VERSION,
     description="Multi-layer hierarchical federated learning with layer-specific quantization (QMLHFL) on MPI",
-    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     package_dir={"": "src"},
@@ -22,7 +26,9 @@ setup(
     ],
     extras_require={
         "mpich": ["mpich>=4,<6"],
-        "test": ["pytest>=7,<10", "pytest-mpi>=0.6,<1", "pandas>=1.5,<4"],
+        "test": ["pytest>=7,<10", "pytest-mpi>=0.6,<1", "pandas>=1.5,<4", "tensorboard>=2.10,<3"],
+        "tensorboard": ["tensorboard>=2.10,<3"],
+        "lint": ["ruff>=0.6", "mypy>=1.10", "import-linter>=2.0", "types-PyYAML"],
     },
     entry_points={"console_scripts": ["qmlhfl-mpi=qmlhfl_mpi.cli:main"]},
 )

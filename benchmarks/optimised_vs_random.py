@@ -45,10 +45,10 @@ import torch
 import yaml
 
 from qmlhfl_mpi import config
-from qmlhfl_mpi.data import load_local_data
-from qmlhfl_mpi.models import build_model, num_parameters
-from qmlhfl_mpi.optimize import random_feasible
-from qmlhfl_mpi.theory import LatencyModel, convergence_bound, max_lr, q_per_link, round_time
+from qmlhfl_mpi.config import build
+from qmlhfl_mpi.core.optimize import random_feasible
+from qmlhfl_mpi.core.theory import LatencyModel, convergence_bound, max_lr, q_per_link, round_time
+from qmlhfl_mpi.learning.models import num_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,9 +80,8 @@ def child_env() -> dict[str, str]:
 def constants(cfg: config.Config) -> dict[str, float]:
     """``L`` (a global bound) and ``sigma2``, ``zeta2``, ``gap0`` at the initial model."""
     tree = cfg.build_tree()
-    data = load_local_data(cfg, tree, range(tree.num_devices), 0, 1)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, hidden=cfg.model.hidden,
-                        seed=cfg.train.seed)
+    data = build.local_data(cfg, tree, range(tree.num_devices), 0, 1)
+    model = build.model(cfg, data.input_shape, data.num_classes)
     W, b = (p.detach().numpy().astype(np.float64) for p in model.parameters())  # (C, d), (C,)
     Ls, grads, losses, sig = [], [], [], []
     B = cfg.train.batch_size
@@ -177,7 +176,8 @@ def main() -> None:
     L, dim, D = est["L"], est["dim"], args.deadline
     consts = {"estimated": est, "defaults": {"sigma2": 1.0, "zeta2": 0.0, "gap0": 1.0}}
     levels, bucket = cfg.quantizer.levels, cfg.quantizer.bucket
-    qs = q_per_link(dim, levels, bucket)
+    codecs = build.codecs(cfg)  # one codec per link, as the optimize command builds them
+    qs = q_per_link(dim, codecs)
     lat = LatencyModel(cfg.latency.step_time, cfg.link_rates(), cfg.link_latencies())
     lr = args.lr_factor * max_lr(L, [1] * tree.N, qs, tree)
     print(f"config {base_path}: tree {list(cfg.topology.branching)} ({tree.num_devices} devices), {dim} parameters, "
@@ -198,7 +198,7 @@ def main() -> None:
         proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, check=True)
         print(f"$ qmlhfl-mpi optimize ({name} constants)\n" + proc.stdout.rstrip())
         opt[name] = tuple(config.load(path).tau)
-    rand = [tuple(t) for t in random_feasible(dim, levels, bucket, tree, lat, D, L, lr, args.max_tau,
+    rand = [tuple(t) for t in random_feasible(dim, codecs, tree, lat, D, L, lr, args.max_tau,
                                               count=args.random, seed=args.seed)]
 
     fr = (0.25, 0.5, 0.75, 1.0)
@@ -209,7 +209,7 @@ def main() -> None:
     for _, tau in rows:
         if tau in done:
             continue
-        rt = round_time(dim, tau, levels, bucket, tree, lat)
+        rt = round_time(dim, tau, codecs, tree, lat)
         T = math.floor(D / rt)
         bounds = [convergence_bound(T, lr, L, tau, qs, tree, consts[n]["sigma2"], consts[n]["gap0"],
                                     consts[n]["zeta2"]) for n in CONSTANTS]

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/round.py [--ranks 1 2 4] [--rounds 10] [--big-rounds 3]
 
 Runs configs/quickstart.yaml at each rank count, then the same tree with a
-~1.6 M-parameter MLP (model.hidden=1250), and, where Debian's Fashion-MNIST is
+~1.6 M-parameter MLP (model.args.hidden=1250), and, where Debian's Fashion-MNIST is
 installed, the 1.66 M-parameter FedAvg CNN on 8 devices; reads the HDF5 files and prints the
 median over rounds (round 0 excluded when there are more than two) of each
 part, as seconds and as a share of the round. time_* are the max over ranks;
@@ -56,7 +56,7 @@ def main() -> None:
           f"{'codec%':>7} {'comm%':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         cases = [("quickstart", [f"train.rounds={args.rounds}"]),
-                 ("mlp-1250", [f"train.rounds={args.big_rounds}", "model.hidden=1250", "train.eval_every=100"])]
+                 ("mlp-1250", [f"train.rounds={args.big_rounds}", "model.args.hidden=1250", "train.eval_every=100"])]
         if Path(FMNIST).is_dir():  # the FedAvg CNN (1.66 M parameters) on real images, 8 devices
             cases.append(("cnn-fmnist", [f"train.rounds={args.big_rounds}", "model.name=cnn", "data.name=fashion-mnist",
                                          f"data.root={FMNIST}", "topology.branching=[2,2,2]", "train.batch_size=64",

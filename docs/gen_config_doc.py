@@ -38,6 +38,11 @@ RULES = {
     "latency.uplink_latency": "N values or empty",
 }
 _SCALAR = {int: "int", float: "float", bool: "bool", str: "str"}
+# Keys typed ``Any`` in the schema (validated by config.validate()).
+ANY_TYPES = {"topology.tree": "int or nested list", "model.args": "mapping", "data.args": "mapping",
+             "callbacks": "list of references or {ref, args}"}
+REG_BEGIN = "<!-- registries:begin -->"
+REG_END = "<!-- registries:end -->"
 
 
 def _type(tp: Any) -> str:
@@ -62,6 +67,8 @@ def _num(x: Any) -> str:
 
 def _range(f: dataclasses.Field) -> str:
     m = f.metadata
+    if m.get("registry") is not None:
+        return ", ".join(f"`{n}`" for n in m["registry"].names()) + ", or a plug-in `module:attr` / `file.py:attr`"
     if m.get("choices"):
         return ", ".join(f"`{c}`" for c in m["choices"])
     lo, hi, lo_open = m.get("lo"), m.get("hi"), m.get("lo_open")
@@ -104,17 +111,36 @@ def table() -> str:
     for key, tp, f in schema():
         valid = "; ".join(x for x in (_range(f), RULES.get(key, "")) if x)
         doc = f.metadata.get("doc") or FALLBACK_DOC.get(key, "")
-        cells = [f"`{key}`", _type(tp), _default(f), valid, doc]
+        cells = [f"`{key}`", ANY_TYPES.get(key, _type(tp)), _default(f), valid, doc]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
 
 
-def render(text: str) -> str:
-    """``text`` (the whole of docs/config.md) with the generated part replaced."""
-    i, j = text.find(BEGIN), text.find(END)
+def registries() -> str:
+    """One table per registry: the built-in choices and what they are."""
+    from qmlhfl_mpi.core.codecs import CODECS
+    from qmlhfl_mpi.core.partition import PARTITIONERS
+    from qmlhfl_mpi.data.registry import DATASETS
+    from qmlhfl_mpi.learning.registry import MODELS
+
+    out = []
+    for reg in (MODELS, DATASETS, PARTITIONERS, CODECS):
+        out += [f"`{reg.key}` ({reg.kind}s):", "", "| name | what it is |", "|---|---|"]
+        out += [f"| `{e.name}` | {e.doc} |" for e in reg.entries()]
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def _replace(text: str, begin: str, end: str, body: str) -> str:
+    i, j = text.find(begin), text.find(end)
     if i < 0 or j < i:
-        raise ValueError(f"docs/config.md must contain {BEGIN} followed by {END}")
-    return text[: i + len(BEGIN)] + "\n" + table() + "\n" + text[j:]
+        raise ValueError(f"docs/config.md must contain {begin} followed by {end}")
+    return text[: i + len(begin)] + "\n" + body + "\n" + text[j:]
+
+
+def render(text: str) -> str:
+    """``text`` (the whole of docs/config.md) with the generated parts replaced."""
+    return _replace(_replace(text, BEGIN, END, table()), REG_BEGIN, REG_END, registries())
 
 
 def main(argv: list[str]) -> int:

@@ -59,7 +59,7 @@ SMALL: dict[str, Any] = {
     "quantizer": {"levels": [3, 8], "bucket": 16},
     "train": {"lr": 0.1, "batch_size": 8, "rounds": 2, "seed": 7, "eval_every": 1},
     "data": {"name": "synthetic", "synthetic": {"dim": 6, "classes": 3, "samples": 24}},
-    "model": {"name": "mlp", "hidden": 5},
+    "model": {"name": "mlp", "args": {"hidden": 5}},
     "output": {"path": "out.h5"},
 }
 

@@ -1,8 +1,9 @@
 """A deliberately simple serial QMLHFL: plain loops over a nested-list tree.
 
 Written from DESIGN section 1 for the tests; it shares nothing with the engine
-(topology, comm, aggregate, train, job) except the quantizer, the data
-generator and the model definition (its inputs).  Random streams follow the
+(topology, comm, aggregate, train, session) except the codecs (called through
+their public interface), the data generator and the model definition (its
+inputs).  Random streams follow the
 documented keys (docs/reproducibility in docs/results.md):
   minibatches  SeedSequence([seed, 3, device, round, call])
   quantizer    SeedSequence([seed, 4, layer, child index, round, call])
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qmlhfl_mpi.quantize import make_codec
+from qmlhfl_mpi.core.codecs import make_codec
 
 
 @dataclass
@@ -126,9 +127,8 @@ class Reference:
             x = self.work(c, v, t)
             k = self.count(("up", n, c.index))
             codec = self.codecs[n - 1]
-            dec = codec.decode(codec.encode(x - v, gen(self.seed, 4, n, c.index, t, k)), v.size)
-            dec *= np.float32(self.size(c) / self.size(u))
-            acc += dec
+            msg = codec.encode(x, v, (self.seed, 4, n, c.index, t, k))
+            codec.decode_add(msg, np.float32(self.size(c) / self.size(u)), acc)
         return v + acc
 
     def run(self, rounds):

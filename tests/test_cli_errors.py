@@ -6,7 +6,7 @@ import time
 
 import h5py
 import pytest
-
+from fault_plugin import spec as fault
 from helpers import clean_env, run_cli, small_config
 
 FAST = 20  # seconds: start-up of two Python ranks plus the check, with margin on a loaded machine
@@ -61,8 +61,7 @@ def test_missing_config_file(tmp_path):
 
 def test_rank_raising_mid_run_ends_the_job(tmp_path):
     cfg = small_config(tmp_path, train={"rounds": 50})
-    proc, secs = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120,
-                         env=clean_env(QMLHFL_FAULT="1:2"))
+    proc, secs = run_cli(2, ["run", str(cfg), "--quiet", "--set", fault("raise", rank=1, round=2)], timeout=120)
     assert proc.returncode != 0
     assert "injected fault on rank 1 in round 2" in proc.stderr
     assert secs < 15 + 5  # 15 s for the abort, plus Python start-up

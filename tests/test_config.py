@@ -39,7 +39,15 @@ def test_unknown_key_lists_valid_keys():
     ({"topology": {"branching": [2, 3], "tree": [1, 2]}}, r"exactly one of"),
     ({"topology": {}}, r"exactly one of"),
     ({"topology": {"tree": [[1], 2]}}, r"different depths"),
-    ({"model": {"name": "cnn"}}, r"synthetic data are flat"),
+    ({"quantizer": {"levels": [4, 8], "kind": ["qsgd"]}}, r"'quantizer.kind'.*give 2 codecs.*'qsgd', 'none'"),
+    ({"quantizer": {"levels": [4, 8], "kind": ["qsgd", "zip"]}}, r"'quantizer.kind\[1\]' = 'zip'.*one of 'qsgd'"),
+    ({"data": {"partition": {"kind": "stripes"}}}, r"'data.partition.kind' = 'stripes'.*'natural'"),
+    ({"data": {"name": "imagenet"}}, r"'data.name' = 'imagenet'.*'fashion-mnist'.*plug-in"),
+    ({"model": {"args": [1, 2]}}, r"'model.args' = \[1, 2\].*mapping"),
+    ({"model": {"init": "xavier"}}, r"'model.init' = 'xavier'.*'seeded', 'module'"),
+    ({"callbacks": "x.py:C"}, r"'callbacks' = 'x.py:C'.*list"),
+    ({"callbacks": [{"ref": "x.py:C", "arg": {}}]}, r"'callbacks\[0\]' has unknown key\(s\) \['arg'\]"),
+    ({"callbacks": ["nocolon"]}, r"'callbacks\[0\]' = 'nocolon'"),
     ({"latency": {"uplink_rate": [1.0]}}, r"latency.uplink_rate.*give 2 values"),
 ])
 def test_invalid_values_name_key_and_range(patch, match):

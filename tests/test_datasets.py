@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qmlhfl_mpi.datasets import IMAGE_DATASETS, DataError, ImageData, load_image_data
+from qmlhfl_mpi.data.images import IMAGE_DATASETS, DataError, ImageData, load_image_data
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -64,7 +64,7 @@ def _check(data: ImageData, images: np.ndarray, labels: np.ndarray, shape: tuple
 @pytest.mark.parametrize("train", [True, False])
 def test_torchvision_idx_layout(tmp_path, idx_splits, name, folder, train, caplog):
     _write_idx_dir(tmp_path / folder / "raw", gz=False, splits=idx_splits)
-    caplog.set_level(logging.INFO, logger="qmlhfl_mpi.datasets")
+    caplog.set_level(logging.INFO, logger="qmlhfl_mpi.data.images")
     data = load_image_data(name, str(tmp_path), train=train)
     images, labels = idx_splits["train" if train else "t10k"]
     _check(data, images, labels, (1, 28, 28))
@@ -74,7 +74,7 @@ def test_torchvision_idx_layout(tmp_path, idx_splits, name, folder, train, caplo
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
 def test_flat_gz_layout_like_debian(tmp_path, idx_splits, name, caplog):
     _write_idx_dir(tmp_path, gz=True, splits=idx_splits)
-    caplog.set_level(logging.INFO, logger="qmlhfl_mpi.datasets")
+    caplog.set_level(logging.INFO, logger="qmlhfl_mpi.data.images")
     for train, key in ((True, "train"), (False, "t10k")):
         data = load_image_data(name, tmp_path, train=train)
         _check(data, *idx_splits[key], (1, 28, 28))
@@ -110,7 +110,7 @@ def _write_cifar(base: Path, n_per_batch: int = 8) -> tuple[np.ndarray, np.ndarr
 
 def test_cifar10_generated_batches_fall_back_to_pickles(tmp_path, caplog):
     tr_x, tr_y, te_x, te_y = _write_cifar(tmp_path / "cifar-10-batches-py")
-    caplog.set_level(logging.INFO, logger="qmlhfl_mpi.datasets")
+    caplog.set_level(logging.INFO, logger="qmlhfl_mpi.data.images")
     train = load_image_data("cifar10", tmp_path, train=True)
     _check(train, tr_x, tr_y, (3, 32, 32))
     assert len(train) == 40
@@ -132,7 +132,7 @@ def test_cifar10_through_torchvision_when_md5_matches(tmp_path, monkeypatch, cap
     monkeypatch.setattr(cls, "train_list", [[n, md5(n)] for n, _ in cls.train_list])
     monkeypatch.setattr(cls, "test_list", [[n, md5(n)] for n, _ in cls.test_list])
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5("batches.meta")})
-    caplog.set_level(logging.INFO, logger="qmlhfl_mpi.datasets")
+    caplog.set_level(logging.INFO, logger="qmlhfl_mpi.data.images")
     _check(load_image_data("cifar10", tmp_path, train=True), tr_x, tr_y, (3, 32, 32))
     assert "via torchvision" in caplog.text and "md5" not in caplog.text
 

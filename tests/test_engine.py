@@ -8,13 +8,12 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-
 from helpers import run_cli, small_config
-from qmlhfl_mpi import config
-from qmlhfl_mpi.data import load_local_data
-from qmlhfl_mpi.models import build_model
-from qmlhfl_mpi.quantize import make_codec
 from reference import Reference, build_tree
+
+from qmlhfl_mpi import config
+from qmlhfl_mpi.config import build
+from qmlhfl_mpi.core.codecs import make_codec
 
 
 def run_ok(n, cfg_path, *extra, timeout=300):
@@ -65,8 +64,8 @@ def test_engine_matches_serial_reference(tmp_path, case):
     ranks = min(3, tree.num_devices)
     run_ok(ranks, path)
 
-    data = load_local_data(cfg, tree, range(tree.num_devices), 0, 1)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, hidden=cfg.model.hidden, seed=cfg.train.seed)
+    data = build.local_data(cfg, tree, range(tree.num_devices), 0, 1)
+    model = build.model(cfg, data.input_shape, data.num_classes)
     topo = raw["topology"]
     root = build_tree(topo.get("tree"), topo.get("branching"))
     samples = data.samples if topo.get("weighting") == "samples" else None
@@ -123,7 +122,7 @@ def test_results_file_schema(tmp_path):
 
 def test_diverging_run_stops_with_advice_and_keeps_results(tmp_path):
     cfg_path = small_config(tmp_path, train={"rounds": 20, "lr": 1e20},
-                            model={"name": "logreg"})
+                            model={"name": "logreg", "args": {}})
     proc, secs = run_cli(2, ["run", str(cfg_path), "--quiet"], timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert "diverged" in proc.stderr and "train.lr=" in proc.stderr
@@ -160,7 +159,7 @@ def test_fashion_mnist_run_is_rank_invariant_including_test_metrics(tmp_path):
         pytest.skip(f"{FMNIST} missing: apt-get install dataset-fashion-mnist")
     cfg = small_config(tmp_path, data={"name": "fashion-mnist", "root": FMNIST,
                                        "partition": {"kind": "shards", "classes_per_device": 2}},
-                       model={"name": "logreg"}, train={"rounds": 2, "batch_size": 16})
+                       model={"name": "logreg", "args": {}}, train={"rounds": 2, "batch_size": 16})
     got = {}
     for n in (1, 3):
         out = tmp_path / f"f{n}.h5"

@@ -11,7 +11,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-
+from fault_plugin import spec as fault
 from helpers import clean_env, mpiexec_path, run_cli, small_config
 
 ROUNDS = 8
@@ -56,8 +56,9 @@ def assert_same_as_reference(path, reference):
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly_on_other_rank_count(tmp_path, reference):
     cfg = small_config(tmp_path, **SECTIONS)
     # slow the rounds down so the signal lands mid-run
-    cmd = [mpiexec_path(), "-n", "4", sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg), "--quiet"]
-    env = clean_env(QMLHFL_ROUND_DELAY="0.5")
+    cmd = [mpiexec_path(), "-n", "4", sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg), "--quiet",
+           "--set", fault("delay", seconds=0.5)]
+    env = clean_env()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
     out = tmp_path / "out.h5"
@@ -83,7 +84,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly_on_other_rank_count(tm
 
 def test_sigkilled_rank_ends_job_fast_and_checkpoint_survives(tmp_path, reference):
     cfg = small_config(tmp_path, **SECTIONS)
-    proc, secs = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120, env=clean_env(QMLHFL_FAULT="1:3:kill"))
+    proc, secs = run_cli(2, ["run", str(cfg), "--quiet", "--set", fault("kill", rank=1, round=3)], timeout=120)
     assert proc.returncode != 0
     assert secs < 15 + 5
     ck = tmp_path / "out.h5.ckpt"
@@ -97,7 +98,7 @@ def test_sigkilled_rank_ends_job_fast_and_checkpoint_survives(tmp_path, referenc
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, reference):
     cfg = small_config(tmp_path, **SECTIONS)
-    proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120, env=clean_env(QMLHFL_FAULT="0:4:ckpt"))
+    proc, _ = run_cli(2, ["run", str(cfg), "--quiet", "--set", fault("ckpt", rank=0, round=4)], timeout=120)
     assert proc.returncode != 0
     ck = tmp_path / "out.h5.ckpt"
     wait_readable(ck)
@@ -111,7 +112,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, refer
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
 def test_damaged_checkpoint_is_refused_and_nothing_is_changed(tmp_path, damage):
     cfg = small_config(tmp_path, **SECTIONS)
-    proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120, env=clean_env(QMLHFL_FAULT="1:3:kill"))
+    proc, _ = run_cli(2, ["run", str(cfg), "--quiet", "--set", fault("kill", rank=1, round=3)], timeout=120)
     assert proc.returncode != 0
     ck, out = tmp_path / "out.h5.ckpt", tmp_path / "out.h5"
     wait_readable(ck)
@@ -132,7 +133,7 @@ def test_damaged_checkpoint_is_refused_and_nothing_is_changed(tmp_path, damage):
 
 def test_resume_with_changed_config_lists_the_keys(tmp_path):
     cfg = small_config(tmp_path, **SECTIONS)
-    proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120, env=clean_env(QMLHFL_FAULT="0:2:kill"))
+    proc, _ = run_cli(2, ["run", str(cfg), "--quiet", "--set", fault("kill", rank=0, round=2)], timeout=120)
     assert proc.returncode != 0
     wait_readable(tmp_path / "out.h5.ckpt")
     proc2, _ = run_cli(2, ["run", str(cfg), "--quiet", "--resume", "--set", "train.lr=0.3",
@@ -167,7 +168,7 @@ def test_disk_full_gives_clear_error_and_keeps_last_checkpoint(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
         # ~65k parameters: 260 kB checkpoints; the second one cannot fit beside the first
-        cfg = small_config(tmp_path, **SECTIONS, model={"name": "mlp", "hidden": 250},
+        cfg = small_config(tmp_path, **SECTIONS, model={"name": "mlp", "args": {"hidden": 250}},
                            output={"path": str(mnt / "out.h5")})
         proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120)
         assert proc.returncode == 74, proc.stderr

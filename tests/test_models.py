@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qmlhfl_mpi.models import MODEL_NAMES, build_model, num_parameters
+from qmlhfl_mpi.learning.models import build_model, num_parameters
+from qmlhfl_mpi.learning.registry import MODELS
+
+MODEL_NAMES = MODELS.names()
 
 
 def _conv(cin: int, cout: int, k: int) -> int:
@@ -17,11 +20,11 @@ def _lin(fin: int, fout: int) -> int:
 
 CASES = {
     "logreg": ((60,), 10, _lin(60, 10)),
-    "mlp": ((1, 28, 28), 10, _lin(784, 200) + _lin(200, 200) + _lin(200, 10)),
+    "mlp": ((1, 28, 28), 10, _lin(784, 64) + _lin(64, 64) + _lin(64, 10)),  # hidden defaults to 64
     "cnn": ((1, 28, 28), 10, _conv(1, 32, 5) + _conv(32, 64, 5) + _lin(3136, 512) + _lin(512, 10)),
     "cifar-cnn": ((3, 32, 32), 10, _conv(3, 32, 3) + _conv(32, 64, 3) + _conv(64, 64, 3)
                   + _lin(1024, 64) + _lin(64, 10)),
-    "linear": ((60,), 1, _lin(60, 1)),  # least squares: one output whatever num_classes says
+    "linear": ((60,), 1, _lin(60, 1)),  # least squares: one output
 }
 
 
@@ -46,8 +49,8 @@ def test_parameter_count_and_output_shape(name):
 
 def test_known_sizes():
     assert num_parameters(build_model("cnn", (1, 28, 28), 10)) == 1_663_370  # FedAvg's CNN, ~1.66 M
-    assert num_parameters(build_model("mlp", (1, 28, 28), 10)) == 199_210  # FedAvg's 2NN
-    assert num_parameters(build_model("mlp", (60,), 10, hidden=64)) == _lin(60, 64) + _lin(64, 64) + _lin(64, 10)
+    assert num_parameters(build_model("mlp", (1, 28, 28), 10, args={"hidden": 200})) == 199_210  # FedAvg's 2NN
+    assert num_parameters(build_model("mlp", (60,), 10, args={"hidden": 64})) == _lin(60, 64) + _lin(64, 64) + _lin(64, 10)
     assert num_parameters(build_model("logreg", (3, 32, 32), 100)) == _lin(3072, 100)
 
 
@@ -89,8 +92,9 @@ def test_shape_errors(name, shape, needed):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(name="resnet"), r"'resnet'.*logreg.*cifar-cnn"),
-    (dict(num_classes=1), r"num_classes=1.*>= 2"),
-    (dict(hidden=0), r"hidden=0.*>= 1"),
+    (dict(num_classes=0), r"num_classes=0.*>= 1"),
+    (dict(args={"hidden": 0}), r"hidden=0.*>= 1"),
+    (dict(args={"width": 3}), r"'mlp'.*width"),
     (dict(seed=-3), r"seed=-3.*>= 0"),
     (dict(input_shape=(0, 5)), r"input_shape=\(0, 5\)"),
 ])

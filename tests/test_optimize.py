@@ -1,4 +1,4 @@
-"""optimize.py: exact deadline optimisation of tau and random feasible baselines.
+"""core/optimize.py: exact deadline optimisation of tau and random feasible baselines.
 
 The reference objective here is assembled from the public theory functions
 (``round_time``, ``convergence_bound``, ``lr_condition``), independently of the
@@ -11,16 +11,24 @@ import time
 import numpy as np
 import pytest
 
-from qmlhfl_mpi.optimize import OptimResult, optimize_tau, random_feasible
-from qmlhfl_mpi.theory import LatencyModel, convergence_bound, lr_condition, q_per_link, round_time
-from qmlhfl_mpi.topology import Tree
+from qmlhfl_mpi.core.codecs import link_codecs
+from qmlhfl_mpi.core.optimize import OptimResult, optimize_tau, random_feasible
+from qmlhfl_mpi.core.theory import (
+    LatencyModel,
+    convergence_bound,
+    lr_condition,
+    q_per_link,
+    round_time,
+)
+from qmlhfl_mpi.core.topology import Tree
 
 
 def reference(tau, d, levels, bucket, tree, lat, deadline, L, lr, sigma2, gap0, zeta2=0.0):
     """(objective, T) of ``tau``; objective inf when infeasible."""
-    rt = round_time(d, tau, levels, bucket, tree, lat)
+    codecs = link_codecs(levels, bucket)
+    rt = round_time(d, tau, codecs, tree, lat)
     T = math.floor(deadline / rt)
-    qs = q_per_link(d, levels, bucket)
+    qs = q_per_link(d, codecs)
     if T < 1 or not lr_condition(lr, L, tau, qs, tree) > 0:
         return math.inf, T
     return convergence_bound(T, lr, L, tau, qs, tree, sigma2, gap0, zeta2), T
@@ -30,7 +38,7 @@ def test_hand_example_N1():
     # 1 s per step, 10 s per aggregation, deadline 100 s, no noise: maximise T*K with
     # T = floor(100 / (K + 10)): K = 40 gives 2 * 40 = 80 (K = 23: 69, K = 50: 50)
     lat = LatencyModel(1.0, (1e30,), (10.0,))
-    r = optimize_tau(10, [0], 0, Tree.from_nested(3), lat, 100.0, 1.0, 0.001, 50, sigma2=0.0, gap0=1.0,
+    r = optimize_tau(10, link_codecs([0], 0), Tree.from_nested(3), lat, 100.0, 1.0, 0.001, 50, sigma2=0.0, gap0=1.0,
                      n_random=50)
     assert isinstance(r, OptimResult)
     assert r.tau == (40,) and r.T == 2 and r.steps == 80
@@ -54,7 +62,7 @@ def test_matches_exhaustive_search(N, spec, levels, max_tau, lr, deadline, latcf
     tree = Tree.from_nested(spec)
     lat = LatencyModel(latcfg[0], latcfg[1], latcfg[2])
     d, L, s2, g0 = 5000, 2.0, 0.5, 3.0
-    r = optimize_tau(d, levels, 512, tree, lat, deadline, L, lr, max_tau, sigma2=s2, gap0=g0, zeta2=zeta2,
+    r = optimize_tau(d, link_codecs(levels, 512), tree, lat, deadline, L, lr, max_tau, sigma2=s2, gap0=g0, zeta2=zeta2,
                      n_random=10)
     best, arg = math.inf, None
     for tau in itertools.product(range(1, max_tau + 1), repeat=N):
@@ -73,15 +81,15 @@ def test_beats_every_random_feasible_choice_and_meets_the_deadline(N, spec, leve
     tree = Tree.from_nested(spec)
     lat = LatencyModel(*latcfg)
     d, L, s2, g0 = 5000, 2.0, 0.5, 3.0
-    r = optimize_tau(d, levels, 512, tree, lat, deadline, L, lr, max_tau, sigma2=s2, gap0=g0, zeta2=zeta2,
+    r = optimize_tau(d, link_codecs(levels, 512), tree, lat, deadline, L, lr, max_tau, sigma2=s2, gap0=g0, zeta2=zeta2,
                      n_random=1000, seed=7)
     obj, T = reference(r.tau, d, levels, 512, tree, lat, deadline, L, lr, s2, g0, zeta2)
     assert obj == pytest.approx(r.objective, rel=1e-12) and T == r.T >= 1
     assert r.T * r.round_time <= deadline
-    assert r.round_time == pytest.approx(round_time(d, r.tau, levels, 512, tree, lat), rel=1e-15)
-    assert lr_condition(lr, L, r.tau, q_per_link(d, levels, 512), tree) > 0
+    assert r.round_time == pytest.approx(round_time(d, r.tau, link_codecs(levels, 512), tree, lat), rel=1e-15)
+    assert lr_condition(lr, L, r.tau, q_per_link(d, link_codecs(levels, 512)), tree) > 0
     assert r.max_lr > lr and r.steps == r.T * math.prod(r.tau)
-    draws = random_feasible(d, levels, 512, tree, lat, deadline, L, lr, max_tau, count=1000, seed=7)
+    draws = random_feasible(d, link_codecs(levels, 512), tree, lat, deadline, L, lr, max_tau, count=1000, seed=7)
     assert len(draws) == 1000
     for tau in draws:
         assert all(1 <= t <= max_tau for t in tau)
@@ -99,7 +107,7 @@ def test_N6_max_tau_50_is_fast_and_respects_constraints():
     levels = [16, 8, 8, 4, 4, 0]
     d, L, lr, deadline = 100_000, 1.0, 1e-5, 1e6
     t0 = time.perf_counter()
-    r = optimize_tau(d, levels, 512, tree, lat, deadline, L, lr, 50, sigma2=1.0, gap0=10.0, zeta2=0.5,
+    r = optimize_tau(d, link_codecs(levels, 512), tree, lat, deadline, L, lr, 50, sigma2=1.0, gap0=10.0, zeta2=0.5,
                      n_random=1000, seed=3)
     elapsed = time.perf_counter() - t0
     assert elapsed < 30.0, f"N=6 search took {elapsed:.1f} s"
@@ -114,7 +122,7 @@ def test_N6_max_tau_50_is_fast_and_respects_constraints():
 def test_random_feasible_is_seeded_and_leaves_global_rng_alone():
     tree = Tree.uniform([2, 2, 2])
     lat = LatencyModel(0.01, (1e8, 1e7, 1e6), (0.001, 0.01, 0.1))
-    args = (1000, [8, 4, 0], 512, tree, lat, 1e4, 1.0, 1e-3, 20)
+    args = (1000, link_codecs([8, 4, 0], 512), tree, lat, 1e4, 1.0, 1e-3, 20)
     np.random.seed(123)
     state = np.random.get_state()[1].copy()
     a = random_feasible(*args, count=200, seed=5)
@@ -128,14 +136,14 @@ def test_optimize_rejects_infeasible_and_bad_input():
     tree = Tree.uniform([2, 2])
     lat = LatencyModel(0.01, (1e8, 1e6), (0.001, 0.1))
     with pytest.raises(ValueError, match="lr=2.0 violates the learning-rate condition even with tau all 1"):
-        optimize_tau(100, [0, 0], 0, tree, lat, 100.0, 1.0, 2.0)
+        optimize_tau(100, link_codecs([0, 0], 0), tree, lat, 100.0, 1.0, 2.0)
     with pytest.raises(ValueError, match="deadline=0.05 s is shorter than one global round"):
-        optimize_tau(100, [0, 0], 0, tree, lat, 0.05, 1.0, 0.01)
+        optimize_tau(100, link_codecs([0, 0], 0), tree, lat, 0.05, 1.0, 0.01)
     with pytest.raises(ValueError, match="max_tau=0 out of range"):
-        optimize_tau(100, [0, 0], 0, tree, lat, 100.0, 1.0, 0.01, max_tau=0)
+        optimize_tau(100, link_codecs([0, 0], 0), tree, lat, 100.0, 1.0, 0.01, max_tau=0)
     with pytest.raises(ValueError, match="the tree has N=2 links"):
-        optimize_tau(100, [0], 0, tree, lat, 100.0, 1.0, 0.01)
+        optimize_tau(100, link_codecs([0], 0), tree, lat, 100.0, 1.0, 0.01)
     with pytest.raises(ValueError, match="deadline=-1"):
-        optimize_tau(100, [0, 0], 0, tree, lat, -1, 1.0, 0.01)
+        optimize_tau(100, link_codecs([0, 0], 0), tree, lat, -1, 1.0, 0.01)
     with pytest.raises(ValueError, match="count=-1"):
-        random_feasible(100, [0, 0], 0, tree, lat, 100.0, 1.0, 0.01, count=-1)
+        random_feasible(100, link_codecs([0, 0], 0), tree, lat, 100.0, 1.0, 0.01, count=-1)

@@ -7,7 +7,14 @@ import sys
 import numpy as np
 import pytest
 
-from qmlhfl_mpi.partition import PARTITION_KINDS, partition
+from qmlhfl_mpi.core.partition import (
+    PARTITION_KINDS,
+    PARTITIONERS,
+    PartitionRequest,
+    partition,
+)
+
+RANDOM_KINDS = [k for k in PARTITION_KINDS if k != "natural"]  # natural follows the data's owners
 
 GROUPS = [range(0, 3), range(3, 10), range(10, 12), range(12, 20)]
 
@@ -31,14 +38,14 @@ def _assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
     np.testing.assert_array_equal(np.sort(allidx), np.arange(n))
 
 
-@pytest.mark.parametrize("kind", PARTITION_KINDS)
+@pytest.mark.parametrize("kind", RANDOM_KINDS)
 def test_every_sample_exactly_once(labels, kind):
     parts = _run(labels, kind)
     assert len(parts) == 20 and all(p.size >= 1 for p in parts)
     _assert_exact_cover(parts, labels.size)
 
 
-@pytest.mark.parametrize("kind", PARTITION_KINDS)
+@pytest.mark.parametrize("kind", RANDOM_KINDS)
 def test_deterministic_and_seed_dependent(labels, kind):
     a, b, c = _run(labels, kind, seed=3), _run(labels, kind, seed=3), _run(labels, kind, seed=4)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -147,13 +154,50 @@ def test_bad_labels():
 
 
 def test_module_is_pure():
-    """partition.py alone (not the package __init__) pulls in neither torch, mpi4py nor h5py."""
-    import qmlhfl_mpi.partition as mod
-
-    code = ("import importlib.util, sys; "
-            f"spec = importlib.util.spec_from_file_location('p', {mod.__file__!r}); "
-            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+    """The partitioners pull in neither torch, mpi4py nor h5py."""
+    code = ("import sys, qmlhfl_mpi.core.partition; "
             "bad = [m for m in ('torch', 'mpi4py', 'h5py') if m in sys.modules]; "
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("owners_n,devices", [(20, 20), (45, 20), (7, 3)])
+def test_natural_deals_sorted_owners_in_contiguous_blocks(owners_n, devices):
+    g = np.random.default_rng(3)
+    owner_ids = g.choice(10_000, owners_n, replace=False)  # arbitrary, unsorted ids
+    owners = g.choice(owner_ids, 3000)
+    owners[:owners_n] = owner_ids  # every owner has at least one sample
+    labels = g.integers(0, 10, owners.size)
+    parts = partition(labels, devices, "natural", 0, owners=owners)
+    _assert_exact_cover(parts, labels.size)
+    ranked = {o: j for j, o in enumerate(np.sort(owner_ids))}
+    for k, p in enumerate(parts):
+        mine = sorted({ranked[o] for o in owners[p]})
+        # device k gets exactly the owners of rank floor(k O / D) .. floor((k+1) O / D) - 1
+        assert mine == [j for j in range(owners_n) if (j * devices) // owners_n == k]
+        assert mine == list(range(-(-k * owners_n // devices), -(-(k + 1) * owners_n // devices)))
+    assert partition(labels, devices, "natural", 0, owners=owners)[0].tolist() == parts[0].tolist()
+
+
+def test_natural_errors_name_the_problem():
+    labels = np.zeros(10, dtype=np.int64)
+    with pytest.raises(ValueError, match="needs a data set that returns the owner"):
+        partition(labels, 2, "natural", 0)
+    with pytest.raises(ValueError, match="3 owners but the tree has 4 devices.*at most 3 devices"):
+        partition(labels, 4, "natural", 0, owners=np.arange(10) % 3)
+    with pytest.raises(ValueError, match="9 owner ids for 10 training samples"):
+        partition(labels, 2, "natural", 0, owners=np.arange(9))
+
+
+def test_plugin_partitioner_by_reference(tmp_path):
+    plugin = tmp_path / "halves.py"
+    plugin.write_text("import numpy as np\n"
+                      "def halves(req):\n"
+                      "    return np.array_split(np.arange(req.labels.size)[::-1], req.num_devices)\n")
+    labels = np.zeros(10, dtype=np.int64)
+    parts = partition(labels, 2, f"{plugin}:halves", 0)
+    assert [p.tolist() for p in parts] == [[5, 6, 7, 8, 9], [0, 1, 2, 3, 4]]
+    with pytest.raises(ValueError, match="unknown partitioner"):
+        partition(labels, 2, "halves", 0)
+    assert isinstance(PARTITIONERS.resolve("iid")(PartitionRequest(labels, 2, 0, None)), list)

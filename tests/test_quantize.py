@@ -4,8 +4,14 @@ import math
 import numpy as np
 import pytest
 
-from qmlhfl_mpi.quantize import (IdentityCodec, QSGDCodec, level_bits, make_codec, qsgd_nbytes,
-                                 variance_factor)
+from qmlhfl_mpi.core.codecs import make_codec
+from qmlhfl_mpi.core.codecs.identity import IdentityCodec
+from qmlhfl_mpi.core.codecs.qsgd import (
+    QSGDCodec,
+    level_bits,
+    qsgd_nbytes,
+    variance_factor,
+)
 
 
 def formula_nbytes(d, s, bucket):
@@ -19,7 +25,7 @@ def formula_nbytes(d, s, bucket):
 def test_byte_length_equals_formula_and_round_trip_is_consistent(s, d, bucket):
     codec = QSGDCodec(s, bucket)
     x = np.random.default_rng(d * 7 + s).standard_normal(d).astype(np.float32)
-    msg = codec.encode(x, np.random.default_rng(1))
+    msg = codec.encode_vector(x, np.random.default_rng(1))
     assert msg.dtype == np.uint8
     assert msg.size == codec.nbytes(d) == qsgd_nbytes(d, s, bucket) == formula_nbytes(d, s, bucket)
     y = codec.decode(msg, d)
@@ -41,7 +47,7 @@ def test_byte_length_equals_formula_and_round_trip_is_consistent(s, d, bucket):
 
 def test_decode_rejects_wrong_length():
     codec = QSGDCodec(4, 8)
-    msg = codec.encode(np.ones(20, np.float32), np.random.default_rng(0))
+    msg = codec.encode_vector(np.ones(20, np.float32), np.random.default_rng(0))
     with pytest.raises(ValueError, match="expected"):
         codec.decode(msg[:-1], 20)
 
@@ -52,7 +58,7 @@ def test_unbiased(s, bucket):
     x = np.random.default_rng(3).standard_normal(d).astype(np.float32)
     codec = QSGDCodec(s, bucket)
     trials = 8000
-    samples = np.stack([codec.decode(codec.encode(x, np.random.default_rng(i)), d) for i in range(trials)])
+    samples = np.stack([codec.decode(codec.encode_vector(x, np.random.default_rng(i)), d) for i in range(trials)])
     mean = samples.mean(0)
     stderr = samples.std(0) / np.sqrt(trials) + 1e-7
     # each coordinate within 5 standard errors of the truth; and overall chi-square-like check
@@ -66,7 +72,7 @@ def test_variance_bound_holds_empirically(s, bucket, d):
     codec = QSGDCodec(s, bucket)
     for x in (rng.standard_normal(d), rng.standard_cauchy(d), np.eye(1, d, 3)[0]):
         x = x.astype(np.float32)
-        errs = [np.sum((codec.decode(codec.encode(x, np.random.default_rng(i)), d) - x) ** 2) for i in range(300)]
+        errs = [np.sum((codec.decode(codec.encode_vector(x, np.random.default_rng(i)), d) - x) ** 2) for i in range(300)]
         q = variance_factor(d, s, bucket)
         assert q == pytest.approx(min((bucket or d) / s**2, math.sqrt(bucket or d) / s))
         assert np.mean(errs) <= q * np.sum(x.astype(np.float64) ** 2) * 1.05 + 1e-9
@@ -75,28 +81,28 @@ def test_variance_bound_holds_empirically(s, bucket, d):
 def test_zero_vector_round_trips_to_zeros():
     for bucket in (0, 4):
         codec = QSGDCodec(8, bucket)
-        y = codec.decode(codec.encode(np.zeros(10, np.float32), np.random.default_rng(0)), 10)
+        y = codec.decode(codec.encode_vector(np.zeros(10, np.float32), np.random.default_rng(0)), 10)
         assert np.all(y == 0) and not np.isnan(y).any()
     # a zero bucket inside a non-zero vector stays zero too
     x = np.zeros(12, np.float32)
     x[:4] = 1.0
-    y = QSGDCodec(8, 4).decode(QSGDCodec(8, 4).encode(x, np.random.default_rng(0)), 12)
+    y = QSGDCodec(8, 4).decode(QSGDCodec(8, 4).encode_vector(x, np.random.default_rng(0)), 12)
     assert np.all(y[4:] == 0) and np.all(np.isfinite(y))
 
 
 def test_deterministic_for_a_generator_and_different_for_another():
     x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
     c = QSGDCodec(4, 64)
-    a = c.encode(x, np.random.default_rng(5))
-    assert np.array_equal(a, c.encode(x, np.random.default_rng(5)))
-    assert not np.array_equal(a, c.encode(x, np.random.default_rng(6)))
+    a = c.encode_vector(x, np.random.default_rng(5))
+    assert np.array_equal(a, c.encode_vector(x, np.random.default_rng(5)))
+    assert not np.array_equal(a, c.encode_vector(x, np.random.default_rng(6)))
 
 
 def test_none_codec_is_exact_float32():
     x = np.random.default_rng(0).standard_normal(33).astype(np.float32)
     c = make_codec(0, 512)
     assert isinstance(c, IdentityCodec)
-    msg = c.encode(x)
+    msg = c.encode_vector(x)
     assert msg.size == c.nbytes(33) == 4 * 33
     assert np.array_equal(c.decode(msg, 33), x)
     assert c.variance(33) == 0.0
@@ -115,7 +121,7 @@ def test_bucket_reduces_error_as_designed():
     rel = {}
     for bucket in (0, 512):
         c = QSGDCodec(16, bucket)
-        y = c.decode(c.encode(x, np.random.default_rng(0)), d)
+        y = c.decode(c.encode_vector(x, np.random.default_rng(0)), d)
         rel[bucket] = np.linalg.norm(y - x) / np.linalg.norm(x)
     assert rel[512] < 0.7 < rel[0]
     assert QSGDCodec(16, 512).nbytes(d) < 1.02 * QSGDCodec(16, 0).nbytes(d)

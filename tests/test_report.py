@@ -9,9 +9,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from helpers import clean_env, run_cli, small_config
-from qmlhfl_mpi import cli, report
+
+from qmlhfl_mpi import cli
+from qmlhfl_mpi.analysis import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LEVELS = {"coarse": [3, 8], "float": ["none", 8]}

@@ -23,7 +23,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from helpers import REPO, clean_env, run_cli, small_config
 
 START = REPO / "tests" / "slurm" / "start_slurm.sh"

@@ -1,4 +1,4 @@
-"""theory.py: quantizer factors, learning-rate condition, bound, latency model.
+"""core/theory.py: quantizer factors, learning-rate condition, bound, latency model.
 
 Expected values are worked out by hand in the tests (literals and explicit
 arithmetic), never by calling the code under test.  The last tests check the
@@ -12,12 +12,25 @@ import sys
 import numpy as np
 import pytest
 
-from qmlhfl_mpi.quantize import QSGDCodec, make_codec
-from qmlhfl_mpi.theory import (LatencyModel, TreeConstants, condition_terms, convergence_bound,
-                               convergence_bound_terms, error_factor, lr_condition, lr_condition_B,
-                               max_lr, message_bits, q_per_link, round_time, round_time_parts,
-                               tree_constants)
-from qmlhfl_mpi.topology import Tree
+from qmlhfl_mpi.core.codecs import link_codecs, make_codec
+from qmlhfl_mpi.core.codecs.qsgd import QSGDCodec
+from qmlhfl_mpi.core.theory import (
+    LatencyModel,
+    TreeConstants,
+    condition_terms,
+    convergence_bound,
+    convergence_bound_terms,
+    error_factor,
+    lr_condition,
+    lr_condition_B,
+    max_lr,
+    message_bits,
+    q_per_link,
+    round_time,
+    round_time_parts,
+    tree_constants,
+)
+from qmlhfl_mpi.core.topology import Tree
 
 
 def b_from(A, kappa_bgamma):
@@ -28,11 +41,11 @@ def b_from(A, kappa_bgamma):
 # ---- quantizer factors -----------------------------------------------------------
 def test_q_per_link_hand_values():
     # bucket 0: B = d = 1000; s=4: min(1000/16, sqrt(1000)/4); s=16: min(1000/256, sqrt(1000)/16)
-    assert q_per_link(1000, [0, 4, 16], 0) == pytest.approx([0.0, 7.905694150420948, 1.976423537605237])
+    assert q_per_link(1000, link_codecs([0, 4, 16], 0)) == pytest.approx([0.0, 7.905694150420948, 1.976423537605237])
     # bucket 512: B = 512; s=4: min(512/16=32, sqrt(512)/4)
-    assert q_per_link(1000, [4], 512) == pytest.approx([5.656854249492381])
+    assert q_per_link(1000, link_codecs([4], 512)) == pytest.approx([5.656854249492381])
     # bucket longer than the vector: B = d; s=100: min(10/10000, sqrt(10)/100) = 0.001
-    assert q_per_link(10, [100], 512) == pytest.approx([0.001])
+    assert q_per_link(10, link_codecs([100], 512)) == pytest.approx([0.001])
 
 
 def test_error_factor():
@@ -52,19 +65,30 @@ def test_quantizer_variance_bound_holds_empirically(d, s, bucket, kind):
         x = (x * (rng.random(d) < 0.05)).astype(np.float32)
         x[0] = 5.0
     codec = QSGDCodec(s, bucket)
-    errs = [np.sum((codec.decode(codec.encode(x, np.random.default_rng(i)), d).astype(np.float64) - x) ** 2)
+    errs = [np.sum((codec.decode(codec.encode_vector(x, np.random.default_rng(i)), d).astype(np.float64) - x) ** 2)
             for i in range(300)]
-    (q,) = q_per_link(d, [s], bucket)
+    (q,) = q_per_link(d, link_codecs([s], bucket))
     assert np.mean(errs) <= q * float(np.sum(x.astype(np.float64) ** 2))
 
 
 def test_q_per_link_rejects_bad_input():
+    # the model dimension is checked by q_per_link; levels and bucket where the codecs are built
     with pytest.raises(ValueError, match="d=0"):
-        q_per_link(0, [4], 0)
-    with pytest.raises(ValueError, match=r"levels\[1\]=-1 out of range: expected 0 <= value <= 32767"):
-        q_per_link(10, [4, -1], 0)
+        q_per_link(0, link_codecs([4], 0))
+    with pytest.raises(ValueError, match="codecs=\\[\\] is empty"):
+        q_per_link(10, [])
+    with pytest.raises(ValueError, match=r"levels=-1, bucket=0: levels s=-1 out of range: expected an integer 1 <= s <= 32767"):
+        link_codecs([4, -1], 0)
+    with pytest.raises(ValueError, match=r"levels=-1, bucket=0: levels s=-1 out of range"):
+        make_codec(-1, 0)
+    with pytest.raises(ValueError, match=r"levels s=-1 out of range: expected an integer 1 <= s <= 32767"):
+        QSGDCodec(-1, 0)
+    with pytest.raises(ValueError, match=r"levels s=32768 out of range: expected an integer 1 <= s <= 32767"):
+        link_codecs([4, 32768], 0)
     with pytest.raises(ValueError, match="bucket=-3"):
-        q_per_link(10, [4], -3)
+        link_codecs([4], -3)
+    with pytest.raises(ValueError, match="bucket=-3"):
+        QSGDCodec(4, -3)
 
 
 # ---- tree constants ---------------------------------------------------------------
@@ -256,19 +280,21 @@ def test_tree_constants_can_be_passed_instead_of_tree():
 def test_round_time_hand_N1_N2_N3():
     lat1 = LatencyModel(0.02, (1e6,), (0.005,))
     # d=1000, s=2, bucket 0: 4 + ceil(1000*3/8) = 379 bytes = 3032 bits
-    assert message_bits(1000, [2], 0) == [3032]
-    assert round_time(1000, [4], [2], 0, Tree.from_nested(3), lat1) == pytest.approx(4 * 0.02 + 3032 / 1e6 + 0.005)
+    assert message_bits(1000, link_codecs([2], 0)) == [3032]
+    assert round_time(1000, [4], link_codecs([2], 0), Tree.from_nested(3), lat1) == pytest.approx(
+        4 * 0.02 + 3032 / 1e6 + 0.005)
 
     lat2 = LatencyModel(0.01, (1e6, 1e5), (0.001, 0.05))
     # link 1: s=8, bucket 512: 2 norms + ceil(1000*5/8) = 8 + 625 = 633 bytes; link 2: float32 4000 bytes
-    parts = round_time_parts(1000, [3, 4], [8, 0], 512, Tree.uniform([2, 2]), lat2)
+    parts = round_time_parts(1000, [3, 4], link_codecs([8, 0], 512), Tree.uniform([2, 2]), lat2)
     assert parts.compute == pytest.approx(12 * 0.01)
     assert parts.comm == pytest.approx((4 * (633 * 8 / 1e6 + 0.001), 1 * (32000 / 1e5 + 0.05)))
     assert parts.total == pytest.approx(0.12 + 0.024256 + 0.37)
 
     lat3 = LatencyModel(0.001, (1e7, 1e6, 1e5), (0.0, 0.01, 0.1))
     # s=16, bucket 100: 10 norms + ceil(1000*6/8) = 40 + 750 = 790 bytes on every link
-    got = round_time_parts(1000, [2, 3, 4], [16, 16, 16], 100, Tree.uniform([2, 2, 2]), lat3)
+    got = round_time_parts(1000, [2, 3, 4], link_codecs([16, 16, 16], 100), Tree.uniform([2, 2, 2]),
+                           lat3)
     assert got.compute == pytest.approx(24 * 0.001)
     assert got.comm == pytest.approx((12 * 6320 / 1e7, 4 * (6320 / 1e6 + 0.01), 1 * (6320 / 1e5 + 0.1)))
 
@@ -281,13 +307,13 @@ def test_latency_model_validation():
     with pytest.raises(ValueError, match="step_time=-1.0"):
         LatencyModel(-1.0, (1e6,), (0.0,))
     with pytest.raises(ValueError, match="N=2 links"):
-        round_time(10, [2, 2], [0], 0, Tree.uniform([2, 2]), LatencyModel(0.0, (1.0, 1.0), (0.0, 0.0)))
+        round_time(10, [2, 2], link_codecs([0], 0), Tree.uniform([2, 2]), LatencyModel(0.0, (1.0, 1.0), (0.0, 0.0)))
     lat = LatencyModel(0, [5, 6], [1, 2])  # lists and ints are normalised to float tuples
     assert lat.uplink_rate == (5.0, 6.0) and isinstance(lat.step_time, float)
 
 
 def test_theory_and_optimize_are_pure():
-    code = ("import sys, qmlhfl_mpi.theory, qmlhfl_mpi.optimize; "
+    code = ("import sys, qmlhfl_mpi.core.theory, qmlhfl_mpi.core.optimize, qmlhfl_mpi.core.codecs; "
             "bad = [m for m in ('torch', 'mpi4py', 'h5py') if m in sys.modules]; "
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -330,7 +356,7 @@ def run_recursion(tree, tau, levels, mu, As, bs, rounds, seed, w0=None):
         for c, a in zip(tree.children(n, u), tree.weights(n, u)):
             diff = (work(n - 1, c, v) - v).astype(np.float32)
             codec = codecs[n - 1]
-            out += a * codec.decode(codec.encode(diff, rng), d).astype(np.float64)
+            out += a * codec.decode(codec.encode_vector(diff, rng), d).astype(np.float64)
         return out
 
     w = np.zeros(d) if w0 is None else w0.copy()
@@ -370,7 +396,7 @@ def drift_check(tree, tau, levels, mu, As, bs, seed):
                 new = node[n][u].copy()
                 for xc, a in zip(cur, tree.weights(n, u)):
                     diff = (xc - node[n][u]).astype(np.float32)
-                    new += a * codecs[n - 1].decode(codecs[n - 1].encode(diff, rng), d).astype(np.float64)
+                    new += a * codecs[n - 1].decode(codecs[n - 1].encode_vector(diff, rng), d).astype(np.float64)
                 node[n][u] = new
                 for lay in range(n):  # broadcast down the subtree
                     for c in range(tree.num_nodes(lay)):
@@ -387,7 +413,7 @@ def test_drift_lemma_holds_in_simulation(tau, levels):
     tree = Tree.from_nested(spec)
     d = 12
     As, bs, L = least_squares(tree.num_devices, d, 20, 0)
-    qs = q_per_link(d, levels, 0)
+    qs = q_per_link(d, link_codecs(levels, 0))
     bg = condition_terms(tau, qs, tree).B_gamma
     mu = 0.5 / L
     runs = [drift_check(tree, list(tau), levels, mu, As, bs, s)[:2] for s in range(8 if any(levels) else 1)]
@@ -413,7 +439,7 @@ def test_admissible_lr_converges_and_large_lr_diverges(tau, levels, spec):
     tree = Tree.from_nested(spec)
     d = 10
     As, bs, L = least_squares(tree.num_devices, d, 25, 1)
-    qs = q_per_link(d, levels, 0)
+    qs = q_per_link(d, link_codecs(levels, 0))
     mu = max_lr(L, tau, qs, tree)
     ok, _ = run_recursion(tree, list(tau), levels, 0.99 * mu, As, bs, 150, 0)
     fstar = global_loss(np.linalg.lstsq(np.vstack(As), np.concatenate(bs), rcond=None)[0], As, bs)

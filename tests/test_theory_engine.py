@@ -20,9 +20,16 @@ import pytest
 from helpers import run_cli, small_config
 from qmlhfl_mpi import config
 from qmlhfl_mpi.cli import main as cli_main
-from qmlhfl_mpi.data import load_local_data
-from qmlhfl_mpi.planner import EXIT_LR_VIOLATED
-from qmlhfl_mpi.theory import LatencyModel, lr_condition_B, max_lr, q_per_link, round_time
+from qmlhfl_mpi.config import build
+from qmlhfl_mpi.core.codecs import link_codecs
+from qmlhfl_mpi.core.exitcodes import EXIT_LR_VIOLATED
+from qmlhfl_mpi.core.theory import (
+    LatencyModel,
+    lr_condition_B,
+    max_lr,
+    q_per_link,
+    round_time,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +40,7 @@ LSTSQ = {
     "quantizer": {"levels": [4, 16], "bucket": 16},
     "train": {"lr": 0.01, "batch_size": 8, "rounds": 15, "seed": 7, "eval_every": 1},
     "data": {"name": "lstsq", "synthetic": {"dim": DIM, "samples": 60}},
-    "model": {"name": "linear"},
+    "model": {"name": "linear", "args": {}},  # replaces the small config's mlp args
     "latency": {"step_time": 0.01, "uplink_rate": [2000.0, 500.0], "uplink_latency": [0.01, 0.1]},
 }
 
@@ -42,7 +49,7 @@ def exact_smoothness(cfg: config.Config) -> float:
     """``max_k lambda_max(X_k^T X_k / n_k)`` (bias column included): the exact
     smoothness constant of every device's least-squares loss."""
     tree = cfg.build_tree()
-    data = load_local_data(cfg, tree, range(tree.num_devices), 0, 1)
+    data = build.local_data(cfg, tree, range(tree.num_devices), 0, 1)
     best = 0.0
     for x, y in data.train.values():
         X = np.hstack([x.numpy().astype(np.float64), np.ones((len(y), 1))])
@@ -57,7 +64,7 @@ def problem(tmp_path_factory):
     cfg = config.load(path)
     tree = cfg.build_tree()
     L = exact_smoothness(cfg)
-    qs = q_per_link(DIM + 1, cfg.quantizer.levels, cfg.quantizer.bucket)
+    qs = q_per_link(DIM + 1, link_codecs(cfg.quantizer.levels, cfg.quantizer.bucket))
     bound = max_lr(L, cfg.tau, qs, tree)
     return {"path": path, "cfg": cfg, "tree": tree, "L": L, "qs": qs, "bound": bound, "tmp": tmp}
 
@@ -127,7 +134,7 @@ def test_optimize_writes_a_feasible_config_that_fits_the_deadline(problem, capsy
     assert all(1 <= t <= max_tau for t in new.tau) and len(new.tau) == tree.N
     assert new.train.lr == lr
     lat = LatencyModel(cfg.latency.step_time, cfg.link_rates(), cfg.link_latencies())
-    rt = round_time(DIM + 1, new.tau, new.quantizer.levels, new.quantizer.bucket, tree, lat)
+    rt = round_time(DIM + 1, new.tau, link_codecs(new.quantizer.levels, new.quantizer.bucket), tree, lat)
     T = math.floor(deadline / rt)
     assert T >= 1 and T * rt <= deadline
     assert lr < max_lr(L, new.tau, problem["qs"], tree)

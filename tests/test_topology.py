@@ -2,8 +2,16 @@
 import numpy as np
 import pytest
 
-from qmlhfl_mpi.topology import (RankLayout, TopologyError, Tree, aggregations_per_round, balanced_rank_counts,
-                                 check_aligned, messages_per_round, rank_blocks)
+from qmlhfl_mpi.core.topology import (
+    RankLayout,
+    TopologyError,
+    Tree,
+    aggregations_per_round,
+    balanced_rank_counts,
+    check_aligned,
+    messages_per_round,
+    rank_blocks,
+)
 
 
 def test_uniform_tree_shape():

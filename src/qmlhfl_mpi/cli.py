@@ -5,23 +5,31 @@ any rank aborts the whole job (``Abort``) so no rank is left waiting in a
 collective; expected problems (bad config, data, output) end every rank with
 exit code 2 and one message.
 
-Exit codes: 0 done; 1 aborted after an unexpected error on some rank; 2 bad
-config, data, output or checkpoint (nothing changed); 3 diverged (results so
-far kept); 74 a write failed; 75 stopped by SIGTERM/SIGUSR1 after writing a
-checkpoint (continue with ``--resume``).
+``run`` is a thin layer over the Python API: ``load_config`` then
+``Session(cfg, COMM_WORLD).run([SignalStop(), ConsoleTable()])``.
+
+Exit codes: 0 done; 1 aborted after an unexpected error on some rank (or a
+callback failed); 2 bad config, data, plug-in, output or checkpoint (nothing
+changed); 3 diverged (results so far kept); 74 a write failed; 75 stopped by
+SIGTERM/SIGUSR1 or a callback after writing a checkpoint (continue with
+``--resume``).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import traceback
 from typing import Sequence
 
 from . import __version__
-from .exitcodes import EXIT_ABORT, EXIT_LR_VIOLATED, EXIT_PREEMPTED
-
+from .core.exitcodes import (
+    EXIT_ABORT,
+    EXIT_DIVERGED,
+    EXIT_LR_VIOLATED,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+)
 
 
 class _RankFilter(logging.Filter):
@@ -83,58 +91,56 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--write", default=None, help="save the config with the optimal tau to this YAML file")
     op.add_argument("--overwrite", action="store_true", help="replace an existing --write file")
 
-    from . import report
+    from .analysis import report
     rp = sub.add_parser("report", help="tables and plots from one or many HDF5 result files")
     report.add_arguments(rp)
     return p
 
 
-def _print_row(row: dict, header: list[bool]) -> None:
-    if not header[0]:
-        print(f"{'round':>5} {'train_loss':>10} {'test_acc':>8} {'test_loss':>9} {'uplink_MB':>9} "
-              f"{'compute_s':>9} {'codec_s':>7} {'comm_s':>7}", flush=True)
-        header[0] = True
-    acc = row["test_accuracy"]
-    print(f"{row['round']:>5} {row['train_loss']:>10.4f} {acc:>8.4f} {row['test_loss']:>9.4f} "
-          f"{row['uplink_bytes'].sum() / 1e6:>9.3f} {row['time_compute']:>9.2f} {row['time_codec']:>7.3f} "
-          f"{row['time_comm']:>7.3f}", flush=True)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     # first of all, so a signal during start-up also ends in a clean stop
-    stop: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    from .run.signals import SignalStop
+
+    stopper = SignalStop()
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     setup_logging(rank, args.log_level)
+
+    def say(kind: str, text: str) -> None:
+        if rank == 0:
+            print(f"qmlhfl-mpi: {kind}: {text}", file=sys.stderr, flush=True)
+
     try:
-        from . import config
-        from .comm import agree_on_error
-        from .job import JobError, run_job
+        from .comm.collectives import agree_on_error
+        from .config import ConfigError, load_config
+        from .run.console import ConsoleTable
+        from .run.errors import RunError
+        from .run.session import Session
 
         cfg, msg = None, None
         try:
-            cfg = config.load(args.config, args.set)
-        except config.ConfigError as e:
+            cfg = load_config(args.config, args.set)
+        except ConfigError as e:
             msg = str(e)
         msg = agree_on_error(comm, msg)
-        if msg is not None:
-            if rank == 0:
-                print(f"qmlhfl-mpi: error: {msg}", file=sys.stderr, flush=True)
-            return 2
-        header = [args.quiet]
+        if msg is not None or cfg is None:
+            say("error", str(msg))
+            return EXIT_USAGE
         try:
-            summary = run_job(comm, cfg, overwrite=args.overwrite, resume=args.resume,
-                              stop_requested=lambda: bool(stop),
-                              on_round=None if args.quiet else (lambda row: _print_row(row, header)))
-        except JobError as e:
-            if rank == 0:
-                kind = "stopped" if e.code == EXIT_PREEMPTED else "error"
-                print(f"qmlhfl-mpi: {kind}: {e}", file=sys.stderr, flush=True)
+            session = Session(cfg, comm)
+            summary = session.run([stopper] + ([] if args.quiet else [ConsoleTable()]),
+                                  overwrite=args.overwrite, resume=args.resume)
+        except RunError as e:
+            say("stopped" if e.code == EXIT_PREEMPTED else "error", str(e))
             return e.code
+        if summary.status == "preempted":
+            say("stopped", f"{summary.message} (exit code {EXIT_PREEMPTED})")
+            return EXIT_PREEMPTED
+        if summary.status == "diverged":
+            say("error", summary.message)
+            return EXIT_DIVERGED
         if rank == 0:
             print(f"done: {summary.rounds_done} rounds, final test accuracy {summary.final_accuracy:.4f}, "
                   f"results in {summary.path}", flush=True)
@@ -153,9 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return cmd_run(args)
     if args.command in ("check", "optimize"):
-        from . import planner
+        from .analysis import planner
         from .config import ConfigError
-        from .datasets import DataError
+        from .data.source import DataError
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
             cmd = planner.cmd_check if args.command == "check" else planner.cmd_optimize
@@ -164,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"qmlhfl-mpi: error: {e}", file=sys.stderr)
             return 2
     if args.command == "report":
-        from . import report
+        from .analysis import report
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return report.main(args)
     raise AssertionError(args.command)

@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from qmlhfl_mpi import rng
-from qmlhfl_mpi.aggregate import HierarchicalAggregator
-from qmlhfl_mpi.comm import agree_on_error, broadcast_vector, build_layer_comms, gather_messages, sum_over_ranks
-from qmlhfl_mpi.quantize import make_codec
-from qmlhfl_mpi.topology import RankLayout, Tree
+from qmlhfl_mpi.comm.aggregate import HierarchicalAggregator
+from qmlhfl_mpi.comm.collectives import (
+    agree_on_error,
+    broadcast_vector,
+    gather_messages,
+    sum_over_ranks,
+)
+from qmlhfl_mpi.comm.communicators import build_layer_comms
+from qmlhfl_mpi.core import rng
+from qmlhfl_mpi.core.codecs import make_codec
+from qmlhfl_mpi.core.topology import RankLayout, Tree
 
 TREES = {
     "uniform": lambda: Tree.uniform([2, 2, 3]),

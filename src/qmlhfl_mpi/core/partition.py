@@ -21,17 +21,31 @@ Kinds
     edge-level heterogeneity: every edge server (a range of devices in
     ``groups``) gets a pool of ``classes_per_edge`` classes; the pool's samples
     are split over the edge's devices as ``shards`` with ``classes_per_device``.
+``natural``
+    the data set's own split: ``owners`` gives the owner (writer, user, ...)
+    of every sample.  The distinct owner ids, sorted, are dealt to the devices
+    in order and in contiguous blocks: with ``O`` owners and ``D <= O``
+    devices, owner ``j`` (in sorted order) goes to device ``floor(j D / O)``, so device
+    ``k`` gets owners ``ceil(k O / D) .. ceil((k+1) O / D) - 1``
+    (one owner each when ``O == D``).  ``O < D`` is an error: some device
+    would have no data.
+
+Each kind is a function ``f(request: PartitionRequest) -> list[index array]``
+registered in :data:`PARTITIONERS`; a plug-in partitioner is the same
+function named as ``module:attr`` or ``file.py:attr`` in
+``data.partition.kind``.
 """
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from .registry import PluginError, Registry
 
-PARTITION_KINDS = ("iid", "shards", "dirichlet", "edge-shards")
+log = logging.getLogger(__name__)
 
 # Generators are seeded with [seed, _PARTITION, sub-purpose, ...]; _PARTITION
 # equals qmlhfl_mpi.rng.PARTITION (kept literal so this module imports nothing).
@@ -227,22 +241,95 @@ def _edge_shards(labels: np.ndarray, num_devices: int, k: int, pool: int, groups
 
 
 # --------------------------------------------------------------------------- #
+@dataclass(frozen=True, eq=False)
+class PartitionRequest:
+    """Everything a partitioner may use; each kind reads the fields it needs."""
+
+    labels: np.ndarray               # int64 label of every training sample
+    num_devices: int
+    seed: int
+    groups: list[range] | None       # device ranges of the layer-1 (edge) nodes
+    owners: np.ndarray | None = None  # owner id of every sample (natural splits)
+    classes_per_device: int = 2
+    alpha: float = 0.5
+    size_sigma: float = 0.0
+    classes_per_edge: int = 4
+    min_samples: int = 1
+
+
+Partitioner = Callable[[PartitionRequest], Sequence[np.ndarray]]
+
+
+def iid(r: PartitionRequest) -> list[np.ndarray]:
+    """Uniform random split (lognormal sizes when ``size_sigma > 0``)."""
+    return _iid(r.labels.size, r.num_devices, r.seed, r.size_sigma, r.min_samples)
+
+
+def shards(r: PartitionRequest) -> list[np.ndarray]:
+    """``classes_per_device`` single-class shards per device (the paper's high heterogeneity)."""
+    return _shards(r.labels, r.num_devices, r.classes_per_device, _rng(r.seed, _SHARDS), "shards")
+
+
+def dirichlet(r: PartitionRequest) -> list[np.ndarray]:
+    """Per-class proportions over devices from ``Dirichlet(alpha)``."""
+    return _dirichlet(r.labels, r.num_devices, r.alpha, r.seed, r.min_samples)
+
+
+def edge_shards(r: PartitionRequest) -> list[np.ndarray]:
+    """Edge-level heterogeneity: a pool of ``classes_per_edge`` classes per edge, shards within it."""
+    return _edge_shards(r.labels, r.num_devices, r.classes_per_device, r.classes_per_edge,
+                        _check_groups(r.groups, r.num_devices), r.seed)
+
+
+def natural(r: PartitionRequest) -> list[np.ndarray]:
+    """The data set's own owners, dealt to the devices in order (see the module docstring)."""
+    if r.owners is None:
+        raise ValueError("data.partition.kind 'natural' needs a data set that returns the owner of every "
+                         "training sample as a third array (x, y, owner)")
+    owners = np.asarray(r.owners).reshape(-1)
+    if owners.size != r.labels.size:
+        raise ValueError(f"natural split: {owners.size} owner ids for {r.labels.size} training samples")
+    ids, inverse = np.unique(owners, return_inverse=True)
+    O, D = ids.size, r.num_devices
+    if O < D:
+        raise ValueError(f"natural split: the data set has {O} owners but the tree has {D} devices; every "
+                         f"device needs at least one owner, so use a tree of at most {O} devices")
+    device_of_owner = (np.arange(O) * D) // O  # contiguous blocks: owner j -> device floor(j D / O)
+    dev = device_of_owner[inverse]
+    order = np.argsort(dev, kind="stable")
+    cuts = np.searchsorted(dev[order], np.arange(1, D))
+    return list(np.split(order, cuts))
+
+
+PARTITIONERS = Registry("partitioner", "data.partition.kind")
+PARTITIONERS.register("iid", iid, "uniform random split (lognormal sizes with size_sigma > 0)")
+PARTITIONERS.register("shards", shards, "classes_per_device single-class shards per device (the paper's high "
+                      "heterogeneity)")
+PARTITIONERS.register("dirichlet", dirichlet, "per-class proportions over devices from Dirichlet(alpha)")
+PARTITIONERS.register("edge-shards", edge_shards, "edge-level heterogeneity: a pool of classes_per_edge classes "
+                      "per edge server, shards within it")
+PARTITIONERS.register("natural", natural, "the data set's own owners (a third array), dealt to the devices in "
+                      "sorted order and contiguous blocks")
+PARTITION_KINDS = PARTITIONERS.names()
+
+
 def partition(labels: np.ndarray, num_devices: int, kind: str, seed: int, *, classes_per_device: int = 2,
               alpha: float = 0.5, size_sigma: float = 0.0, classes_per_edge: int = 4,
-              groups: Sequence[range] | None = None, min_samples: int = 1) -> list[np.ndarray]:
-    """Split the samples ``0..len(labels)-1`` over ``num_devices`` devices.
+              groups: Sequence[range] | None = None, min_samples: int = 1,
+              owners: np.ndarray | None = None) -> list[np.ndarray]:
+    """Split the samples ``0..len(labels)-1`` over ``num_devices`` devices with
+    the partitioner ``kind`` (a name of :data:`PARTITIONERS` or a plug-in reference).
 
-    Returns one sorted int64 index array per device.  ``iid``, ``shards`` and
-    ``dirichlet`` use every sample exactly once; ``edge-shards`` too unless
-    there are fewer pool slots (edges * classes_per_edge) than classes.
-    Raises ValueError for impossible requests or when a device would get
-    fewer than ``min_samples`` samples.
+    Returns one sorted int64 index array per device.  ``iid``, ``shards``,
+    ``dirichlet`` and ``natural`` use every sample exactly once; ``edge-shards``
+    too unless there are fewer pool slots (edges * classes_per_edge) than
+    classes.  Raises ValueError for impossible requests or when a device would
+    get fewer than ``min_samples`` samples.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be a 1-D integer array, got dtype={labels.dtype} shape={labels.shape}")
-    if kind not in PARTITION_KINDS:
-        raise ValueError(f"partition kind={kind!r}: valid kinds are {PARTITION_KINDS}")
+    PARTITIONERS.check(kind)
     for name, value, low in (("num_devices", num_devices, 1), ("seed", seed, 0), ("min_samples", min_samples, 0),
                              ("classes_per_device", classes_per_device, 1),
                              ("classes_per_edge", classes_per_edge, 1)):
@@ -256,19 +343,22 @@ def partition(labels: np.ndarray, num_devices: int, kind: str, seed: int, *, cla
     if n < num_devices * min_samples:
         raise ValueError(f"{n} samples cannot give each of num_devices={num_devices} devices "
                          f"min_samples={min_samples}; need num_devices * min_samples <= {n}")
+    request = PartitionRequest(labels, int(num_devices), int(seed),
+                               list(groups) if groups is not None else None, owners,
+                               int(classes_per_device), float(alpha), float(size_sigma), int(classes_per_edge),
+                               int(min_samples))
+    fn = PARTITIONERS.resolve(kind)
+    if not callable(fn):
+        raise PluginError(f"data.partition.kind {kind!r}: {fn!r} is not callable; a partitioner is "
+                          "f(request: PartitionRequest) -> list of index arrays")
+    parts = list(fn(request))
+    if len(parts) != num_devices:
+        raise ValueError(f"partitioner {kind!r} returned {len(parts)} index arrays for {num_devices} devices")
 
-    if kind == "iid":
-        parts = _iid(n, num_devices, seed, size_sigma, min_samples)
-    elif kind == "shards":
-        parts = _shards(labels, num_devices, classes_per_device, _rng(seed, _SHARDS), "shards")
-    elif kind == "dirichlet":
-        parts = _dirichlet(labels, num_devices, alpha, seed, min_samples)
-    else:
-        parts = _edge_shards(labels, num_devices, classes_per_device, classes_per_edge,
-                             _check_groups(groups, num_devices), seed)
-
-    out = [np.sort(p).astype(np.int64, copy=False) for p in parts]
+    out = [np.sort(np.asarray(p)).astype(np.int64, copy=False) for p in parts]
     for d, p in enumerate(out):
+        if p.size and (p.min() < 0 or p.max() >= n):
+            raise ValueError(f"partitioner {kind!r}: device {d} got sample indices outside 0..{n - 1}")
         if p.size < min_samples:
             raise ValueError(f"{kind}: device {d} got {p.size} samples, fewer than min_samples={min_samples}; "
                              f"use fewer devices or fewer shards/classes per device (valid: >= {min_samples})")

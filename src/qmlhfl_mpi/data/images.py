@@ -31,6 +31,8 @@ from typing import Union
 import numpy as np
 import torch
 
+from .source import DataError
+
 log = logging.getLogger(__name__)
 
 IMAGE_DATASETS = ("mnist", "fashion-mnist", "cifar10")
@@ -50,10 +52,6 @@ _CIFAR_TEST = ("test_batch",)
 _CIFAR_META = "batches.meta"
 
 
-class DataError(ValueError):
-    """Missing, incomplete or malformed data files; the message says what is expected."""
-
-
 @dataclass(frozen=True, eq=False)
 class ImageData:
     """One split of an image data set.
@@ -71,6 +69,15 @@ class ImageData:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(samples, C, H, W)``, like the array it stands for."""
+        return (len(self), *self.input_shape)
+
+    def __getitem__(self, idx: np.ndarray) -> torch.Tensor:
+        """``images(idx)``: lets a data set hand out this lazily converted array as ``x``."""
+        return self.images(idx)
 
     def images(self, idx: np.ndarray) -> torch.Tensor:
         """Float32 tensor ``(len(idx), C, H, W)`` of samples ``idx``, scaled to
@@ -268,3 +275,18 @@ def load_image_data(name: str, root: PathLike, train: bool, download: bool = Fal
                         f"(min={labels.min()}, max={labels.max()})")
     labels.setflags(write=False)
     return ImageData(labels=labels, num_classes=num_classes, input_shape=shape, _pixels=images, _mean=mean, _std=std)
+
+
+def _loader(name: str):  # noqa: ANN202 - returns a data set function of the registry's interface
+    def load(root: PathLike, train: bool, download: bool = False) -> tuple[ImageData, np.ndarray]:
+        data = load_image_data(name, root, train, download)
+        return data, data.labels
+
+    load.__name__ = load.__qualname__ = name.replace("-", "_")
+    load.__doc__ = f"{name} from a local root: ``(images, labels)``; downloads only with ``download=True``."
+    return load
+
+
+mnist = _loader("mnist")
+fashion_mnist = _loader("fashion-mnist")
+cifar10 = _loader("cifar10")

@@ -28,8 +28,16 @@ from typing import Sequence
 
 import numpy as np
 
-from .theory import (LatencyModel, TreeConstants, _bound, _terms, message_bits, q_per_link,
-                     tree_constants)
+from .codecs import Codec
+from .theory import (
+    LatencyModel,
+    TreeConstants,
+    _bound,
+    _terms,
+    message_bits,
+    q_per_link,
+    tree_constants,
+)
 from .topology import Tree
 
 __all__ = ["OptimResult", "optimize_tau", "random_feasible"]
@@ -79,14 +87,14 @@ class OptimResult:
 class _Problem:
     """Precomputed constants and a scalar evaluation shared by search and sampling."""
 
-    def __init__(self, model_dim: int, levels: Sequence[int], bucket: int, tree: Tree,
+    def __init__(self, model_dim: int, codecs: Sequence[Codec], tree: Tree,
                  latency: LatencyModel, deadline: float, L: float, lr: float, max_tau: int,
                  sigma2: float, gap0: float, zeta2: float, samples: np.ndarray | None, iid: bool) -> None:
         if not isinstance(tree, Tree):
             raise ValueError(f"tree={tree!r}: expected a topology.Tree")
         N = tree.N
-        if len(levels) != N or latency.N != N:
-            raise ValueError(f"levels={list(levels)} and latency with {latency.N} links: "
+        if len(codecs) != N or latency.N != N:
+            raise ValueError(f"{len(codecs)} codecs and latency with {latency.N} links: "
                              f"the tree has N={N} links, give {N} of each")
         for name, v in (("deadline", deadline), ("L", L), ("lr", lr)):
             if not (math.isfinite(float(v)) and float(v) > 0):
@@ -100,9 +108,9 @@ class _Problem:
         if iid and zeta2 != 0:
             raise ValueError(f"zeta2={zeta2!r} with iid=True: identical data means zeta2 = 0")
         self.N, self.max_tau = N, int(max_tau)
-        self.qs = q_per_link(model_dim, levels, bucket)
+        self.qs = q_per_link(model_dim, codecs)
         self.consts: TreeConstants = tree_constants(tree, samples)
-        bits = message_bits(model_dim, levels, bucket)
+        bits = message_bits(model_dim, codecs)
         self.cost = [bits[n] / latency.uplink_rate[n] + latency.uplink_latency[n] for n in range(N)]
         self.step = latency.step_time
         if self.step == 0 and all(c == 0 for c in self.cost):
@@ -269,7 +277,7 @@ def _check_start(p: _Problem) -> None:
                          f"({rt!r} s): no feasible configuration")
 
 
-def random_feasible(model_dim: int, levels: Sequence[int], bucket: int, tree: Tree, latency: LatencyModel,
+def random_feasible(model_dim: int, codecs: Sequence[Codec], tree: Tree, latency: LatencyModel,
                     deadline: float, L: float, lr: float, max_tau: int = 50, count: int = 1000,
                     seed: int = 0, *, samples: np.ndarray | None = None, iid: bool = False
                     ) -> list[tuple[int, ...]]:
@@ -282,7 +290,7 @@ def random_feasible(model_dim: int, levels: Sequence[int], bucket: int, tree: Tr
     """
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
         raise ValueError(f"count={count!r} out of range: expected an integer >= 0")
-    p = _Problem(model_dim, levels, bucket, tree, latency, deadline, L, lr, max_tau, 1.0, 1.0, 0.0,
+    p = _Problem(model_dim, codecs, tree, latency, deadline, L, lr, max_tau, 1.0, 1.0, 0.0,
                  samples, iid)
     _check_start(p)
     return _draw(p, int(count), np.random.default_rng(seed))
@@ -306,7 +314,7 @@ def _draw(p: _Problem, count: int, rng: np.random.Generator) -> list[tuple[int, 
     return out
 
 
-def optimize_tau(model_dim: int, levels: Sequence[int], bucket: int, tree: Tree, latency: LatencyModel,
+def optimize_tau(model_dim: int, codecs: Sequence[Codec], tree: Tree, latency: LatencyModel,
                  deadline: float, L: float, lr: float, max_tau: int = 50, sigma2: float = 1.0,
                  gap0: float = 1.0, zeta2: float = 0.0, *, samples: np.ndarray | None = None,
                  iid: bool = False, n_random: int = 1000, seed: int = 0) -> OptimResult:
@@ -321,7 +329,7 @@ def optimize_tau(model_dim: int, levels: Sequence[int], bucket: int, tree: Tree,
     """
     if isinstance(n_random, bool) or not isinstance(n_random, (int, np.integer)) or n_random < 0:
         raise ValueError(f"n_random={n_random!r} out of range: expected an integer >= 0")
-    p = _Problem(model_dim, levels, bucket, tree, latency, deadline, L, lr, max_tau, sigma2, gap0, zeta2,
+    p = _Problem(model_dim, codecs, tree, latency, deadline, L, lr, max_tau, sigma2, gap0, zeta2,
                  samples, iid)
     _check_start(p)
     tau, obj = _search(p)

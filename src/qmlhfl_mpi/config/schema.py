@@ -16,7 +16,12 @@ from typing import Any, Sequence
 
 import yaml
 
-from .topology import Tree, TopologyError
+from ..core.codecs import CODECS
+from ..core.partition import PARTITIONERS
+from ..core.registry import PluginError, Registry
+from ..core.topology import TopologyError, Tree
+from ..data.registry import DATASETS
+from ..learning.registry import MODELS
 
 
 class ConfigError(ValueError):
@@ -24,10 +29,12 @@ class ConfigError(ValueError):
 
 
 def fld(default: Any, *, lo: float | None = None, hi: float | None = None,
-        choices: Sequence[Any] | None = None, lo_open: bool = False, doc: str = "") -> Any:
-    """A dataclass field with its validation rule in the metadata."""
+        choices: Sequence[Any] | None = None, lo_open: bool = False, doc: str = "",
+        registry: Registry | None = None) -> Any:
+    """A dataclass field with its validation rule in the metadata; ``registry``
+    makes the valid values the registry's names or a plug-in reference."""
     meta = {"lo": lo, "hi": hi, "choices": tuple(choices) if choices else None,
-            "lo_open": lo_open, "doc": doc}
+            "lo_open": lo_open, "doc": doc, "registry": registry}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -44,6 +51,7 @@ class TopologyConfig:
 class QuantizerConfig:
     levels: tuple[int, ...] = fld((), lo=0, hi=32767, doc="s_1..s_N per link; 0 or 'none' = float32")
     bucket: int = fld(512, lo=0, doc="values per norm; 0 = one global norm")
+    kind: tuple[str, ...] = fld((), registry=CODECS, doc="codec of each link (N values); empty = qsgd on every link")
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,8 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    kind: str = fld("iid", choices=("iid", "shards", "dirichlet", "edge-shards"))
+    kind: str = fld("iid", registry=PARTITIONERS, doc="how a pooled data set is split over the devices "
+                    "(ignored by the generated synthetic and lstsq)")
     classes_per_device: int = fld(2, lo=1)
     alpha: float = fld(0.5, lo=0, lo_open=True, doc="Dirichlet concentration")
     size_sigma: float = fld(0.0, lo=0, doc="iid: lognormal sigma of device sizes")
@@ -80,20 +89,21 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = fld("synthetic", choices=("synthetic", "lstsq", "mnist", "fashion-mnist", "cifar10"),
-                    doc="data set: embedded synthetic (default) or lstsq (least squares, model linear), "
-                        "or images from data.root")
+    name: str = fld("synthetic", registry=DATASETS, doc="data set: a built-in or a plug-in f(root, train, **args)")
     root: str = fld("data", doc="local data directory (torchvision layout, or Debian's for Fashion-MNIST)")
     download: bool = fld(False, doc="let torchvision download into root (needs internet)")
+    args: Any = fld({}, doc="keyword arguments passed to a data-set plug-in")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = fld("mlp", choices=("logreg", "mlp", "cnn", "cifar-cnn", "linear"),
-                    doc="linear = least-squares regression, for data lstsq only")
-    hidden: int = fld(64, lo=1, doc="hidden width of mlp")
+    name: str = fld("mlp", registry=MODELS, doc="model: a built-in or a plug-in f(input_shape, num_classes, **args)")
+    args: Any = fld({}, doc="keyword arguments of the model function, e.g. {hidden: 200} for mlp")
+    init: str = fld("seeded", choices=("seeded", "module"),
+                    doc="seeded: parameters drawn from train.seed; module: the model function's own init "
+                        "(rank 0's, broadcast)")
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,8 @@ class LatencyConfig:
 class OutputConfig:
     path: str = fld("results/run.h5", doc="HDF5 results file")
     checkpoint_every: int = fld(1, lo=0, doc="write the checkpoint every k global rounds; 0 = only on SIGTERM/SIGUSR1")
+    csv: bool = fld(False, doc="also log every round to a CSV file beside the results (output.path with .csv)")
+    tensorboard: str = fld("", doc="directory for TensorBoard scalars; empty = off (needs the tensorboard extra)")
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    callbacks: Any = fld([], doc="extra callbacks: a list of 'module:attr' / 'file.py:attr' references, or "
+                                 "{ref: REF, args: {...}} mappings; attr(**args) must give a qmlhfl_mpi.Callback")
 
     def build_tree(self) -> Tree:
         t = self.topology
@@ -150,6 +164,8 @@ def _plain(x: Any) -> Any:
 def _describe(f: dataclasses.Field, tp: Any) -> str:
     m = f.metadata
     parts = []
+    if m.get("registry") is not None:
+        return "one of " + m["registry"].choices_text()
     if m.get("choices"):
         return "one of " + ", ".join(repr(c) for c in m["choices"])
     base = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -192,6 +208,11 @@ def _check_scalar(key: str, v: Any, tp: type, f: dataclasses.Field) -> Any:
             raise bad
     if m.get("choices") and v not in m["choices"]:
         raise bad
+    if m.get("registry") is not None:
+        try:
+            m["registry"].check(v)
+        except PluginError:
+            raise bad from None
     lo, hi = m.get("lo"), m.get("hi")
     if lo is not None and (v < lo or (m.get("lo_open") and v == lo)):
         raise bad
@@ -284,6 +305,20 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     return from_dict(apply_overrides(raw, overrides))
 
 
+def load_config(source: str | Path | dict[str, Any] | Config, overrides: Sequence[str] = ()) -> Config:
+    """The validated config from a YAML file path, a plain dict (as YAML would give)
+    or a :class:`Config`, with ``dotted.key=value`` overrides applied.  Raises
+    :class:`ConfigError` naming the key, the value and the valid range."""
+    if isinstance(source, Config):
+        if not overrides:
+            validate(source)
+            return source
+        source = yaml.safe_load(source.to_yaml())
+    if isinstance(source, dict):
+        return from_dict(apply_overrides(source, overrides))
+    return load(source, overrides)
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks (tree vs tau vs levels vs latency lengths)."""
     t = cfg.topology
@@ -308,17 +343,40 @@ def validate(cfg: Config) -> None:
         vals = getattr(cfg.latency, key)
         if vals and len(vals) != N:
             raise ConfigError(f"config key 'latency.{key}' = {list(vals)}: give {N} values (links 1..{N}) or leave it empty")
-    if (cfg.data.name == "lstsq") != (cfg.model.name == "linear"):
-        raise ConfigError(f"config keys 'data.name' = {cfg.data.name!r} and 'model.name' = {cfg.model.name!r}: "
-                          "the least-squares data 'lstsq' and the regression model 'linear' go together")
-    if cfg.data.name in ("synthetic", "lstsq") and cfg.model.name in ("cnn", "cifar-cnn"):
-        raise ConfigError(f"config key 'model.name' = {cfg.model.name!r}: the synthetic data are flat vectors; use 'mlp' or 'logreg'")
+    if cfg.quantizer.kind and len(cfg.quantizer.kind) != N:
+        raise ConfigError(f"config key 'quantizer.kind' = {list(cfg.quantizer.kind)}: give {N} codecs (links 1..{N}) "
+                          f"or leave it empty for qsgd on every link; valid: {CODECS.choices_text()}")
+    for key, value in (("model.args", cfg.model.args), ("data.args", cfg.data.args)):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key '{key}' = {value!r}: expected a mapping of argument names to values, "
+                              "e.g. {hidden: 200}")
+    callback_specs(cfg.callbacks)
+
+
+def callback_specs(raw: Any) -> list[tuple[str, dict[str, Any]]]:
+    """``callbacks`` as ``(reference, args)`` pairs; raises :class:`ConfigError` on a bad entry."""
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"config key 'callbacks' = {raw!r}: expected a list of references such as "
+                          "['examples/callback.py:PrintAccuracy'] or of {ref: ..., args: {...}} mappings")
+    out = []
+    for i, item in enumerate(raw):
+        ref, args = (item, {}) if isinstance(item, str) else (None, None)
+        if isinstance(item, dict):
+            unknown = sorted(set(item) - {"ref", "args"})
+            ref, args = item.get("ref"), item.get("args", {})
+            if unknown:
+                raise ConfigError(f"config key 'callbacks[{i}]' has unknown key(s) {unknown}; valid: ref, args")
+        if not isinstance(ref, str) or ":" not in ref or not isinstance(args, dict):
+            raise ConfigError(f"config key 'callbacks[{i}]' = {item!r}: expected 'module:attr' or 'file.py:attr', "
+                              "or {ref: 'module:attr', args: {...}}")
+        out.append((ref, dict(args)))
+    return out
 
 
 # keys that may change between a checkpoint and its resumption: they do not
 # change the trained model or the recorded metrics
-RESUME_FREE_KEYS = ("output.path", "output.checkpoint_every", "train.rounds", "train.threads",
-                    "train.share_gpus")
+RESUME_FREE_KEYS = ("output.path", "output.checkpoint_every", "output.csv", "output.tensorboard", "train.rounds",
+                    "train.threads", "train.share_gpus", "callbacks")
 
 
 def flatten(x: Any, prefix: str = "") -> dict[str, Any]:

@@ -37,8 +37,8 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from .config import flatten
-from .results import ResultsFileError, read_run
+from ..config import flatten
+from ..results import ResultsFileError, read_run
 
 IGNORED_PREFIXES = ("output.",)  # where and how results are written: never what differs between experiments
 PLOTS = {  # file suffix -> (x label, attribute of Run holding the x values)

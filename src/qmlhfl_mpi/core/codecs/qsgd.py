@@ -1,7 +1,6 @@
-"""Uplink codecs: QSGD-family stochastic quantizer and the float32 identity.
+"""``qsgd``: the QSGD-family stochastic, unbiased quantizer with buckets (pure numpy).
 
-Pure numpy; no MPI, no h5py.  A codec turns a float32 vector into a ``uint8``
-buffer whose length is a pure function of ``(d, s, bucket)`` and back.
+A message's length is a pure function of ``(d, s, bucket)``.
 
 Wire format of :class:`QSGDCodec` (``s`` levels, bucket length ``B``)::
 
@@ -23,16 +22,21 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from .base import Codec
+from .bitpack import pack, unpack
+from .identity import IdentityCodec
 
 MAX_LEVELS = 32767  # 15 level bits + 1 sign bit = 16-bit codes at most
 
 
 def level_bits(s: int) -> int:
     """Bits of one level index for ``s`` levels: ``ceil(log2(s + 1))``."""
-    if not 1 <= s <= MAX_LEVELS:
-        raise ValueError(f"levels s={s!r} out of range: expected 1 <= s <= {MAX_LEVELS}")
+    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 1 <= s <= MAX_LEVELS:
+        raise ValueError(f"levels s={s!r} out of range: expected an integer 1 <= s <= {MAX_LEVELS}")
     return max(1, math.ceil(math.log2(s + 1)))
 
 
@@ -77,40 +81,8 @@ def _signed_levels(w: int) -> np.ndarray:
     return table
 
 
-def _group(w: int) -> tuple[int, int]:
-    """Codes per group and bytes per group so a group is byte aligned."""
-    g = 8 // math.gcd(w, 8)
-    return g, g * w // 8
-
-
 @dataclass(frozen=True)
-class IdentityCodec:
-    """``none``: the difference travels as little-endian float32."""
-
-    levels: int = 0
-    bucket: int = 0
-
-    @property
-    def name(self) -> str:
-        return "none"
-
-    def nbytes(self, d: int) -> int:
-        return 4 * d
-
-    def variance(self, d: int) -> float:
-        return 0.0
-
-    def encode(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        return np.ascontiguousarray(x, dtype="<f4").view(np.uint8).reshape(-1).copy()
-
-    def decode(self, buf: np.ndarray, d: int) -> np.ndarray:
-        if buf.size != 4 * d:
-            raise ValueError(f"float32 message of {buf.size} bytes, expected {4 * d} for d={d}")
-        return np.frombuffer(buf.tobytes(), dtype="<f4").astype(np.float32)
-
-
-@dataclass(frozen=True)
-class QSGDCodec:
+class QSGDCodec(Codec):
     """Stochastic unbiased quantizer with ``levels`` levels per bucket norm."""
 
     levels: int
@@ -140,8 +112,9 @@ class QSGDCodec:
         blen = d if nb <= 1 else self.bucket
         return nb, blen
 
-    def encode(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Quantize and pack ``x`` (float32, 1-D); randomness only from ``rng``."""
+    def encode_vector(self, x: np.ndarray, gen: np.random.Generator | None) -> np.ndarray:
+        """Quantize and pack ``x`` (float32, 1-D); randomness only from ``gen``."""
+        assert gen is not None, "qsgd draws random numbers: pass a generator"
         x = np.asarray(x, dtype=np.float32).reshape(-1)
         d = x.size
         s = self.levels
@@ -160,7 +133,7 @@ class QSGDCodec:
             scale = np.where(norms > 0, np.float32(s) / norms, np.float32(0)).astype(np.float32)
             y = np.abs(xb)
             y *= scale[:, None]
-            y += rng.random(y.shape, dtype=np.float32)
+            y += gen.random(y.shape, dtype=np.float32)
             if not np.isfinite(norms).all():  # inf/nan inputs: keep codes in range, decode yields nan
                 np.nan_to_num(y, copy=False, nan=0.0, posinf=float(s), neginf=0.0)
                 np.minimum(y, np.float32(s), out=y)
@@ -170,7 +143,7 @@ class QSGDCodec:
         codes <<= 1
         codes |= np.signbit(xb).reshape(-1)[:d]
         out[: 4 * nb] = norms.astype("<f4").view(np.uint8)
-        out[4 * nb :] = _pack(codes, self.width)
+        out[4 * nb :] = pack(codes, self.width)
         return out
 
     def decode(self, buf: np.ndarray, d: int) -> np.ndarray:
@@ -184,7 +157,7 @@ class QSGDCodec:
         if d == 0:
             return np.zeros(0, dtype=np.float32)
         norms = np.frombuffer(buf[: 4 * nb].tobytes(), dtype="<f4")
-        codes = _unpack(buf[4 * nb :], self.width, d)
+        codes = unpack(buf[4 * nb :], self.width, d)
         vals = np.take(_signed_levels(self.width), codes)
         if nb * blen != d:
             full = np.zeros(nb * blen, dtype=np.float32)
@@ -196,97 +169,12 @@ class QSGDCodec:
         return full[:d]
 
 
-def _word(bpg: int) -> tuple[np.dtype, int]:
-    """Smallest little-endian unsigned word holding one group (``bpg <= 8``)."""
-    for nbytes, dt in ((1, "<u1"), (2, "<u2"), (4, "<u4"), (8, "<u8")):
-        if bpg <= nbytes:
-            return np.dtype(dt), nbytes
-    raise AssertionError(bpg)
-
-
-def _pack(codes: np.ndarray, w: int) -> np.ndarray:
-    """Concatenate ``w``-bit codes, least-significant bit first, into bytes."""
-    d = codes.size
-    g, bpg = _group(w)
-    ngroups = -(-d // g)
-    if ngroups * g != d:
-        padded = np.zeros(ngroups * g, dtype=codes.dtype)
-        padded[:d] = codes
-        codes = padded
-    cols = codes.reshape(ngroups, g)
-    nout = (d * w + 7) // 8
-    if bpg > 8:  # two 64-bit words per group (only odd w >= 9)
-        lo = np.zeros(ngroups, dtype="<u8")
-        hi = np.zeros(ngroups, dtype="<u8")
-        for j in range(g):
-            off = j * w
-            c = cols[:, j].astype("<u8")
-            if off + w <= 64:
-                lo |= c << np.uint64(off)
-            elif off >= 64:
-                hi |= c << np.uint64(off - 64)
-            else:
-                lo |= c << np.uint64(off)
-                hi |= c >> np.uint64(64 - off)
-        grouped = np.concatenate(
-            [lo.view(np.uint8).reshape(ngroups, 8), hi.view(np.uint8).reshape(ngroups, 8)[:, : bpg - 8]],
-            axis=1,
-        )
-        return grouped.reshape(-1)[:nout]
-    dt, wb = _word(bpg)
-    word = cols[:, 0].astype(dt)
-    for j in range(1, g):
-        word |= cols[:, j].astype(dt) << dt.type(j * w)
-    if wb == bpg:
-        return word.view(np.uint8)[:nout]
-    return word.view(np.uint8).reshape(ngroups, wb)[:, :bpg].reshape(-1)[:nout]
-
-
-def _unpack(data: np.ndarray, w: int, d: int) -> np.ndarray:
-    """Inverse of :func:`_pack`: ``d`` codes of ``w`` bits."""
-    g, bpg = _group(w)
-    ngroups = -(-d // g)
-    if data.size != ngroups * bpg:
-        flat = np.zeros(ngroups * bpg, dtype=np.uint8)
-        flat[: data.size] = data
-    else:
-        flat = data
-    ctype = np.uint8 if w <= 8 else np.uint16
-    cols = np.empty((ngroups, g), dtype=ctype)
-    if bpg > 8:
-        raw = np.zeros((ngroups, 16), dtype=np.uint8)
-        raw[:, :bpg] = flat.reshape(ngroups, bpg)
-        lo = raw[:, :8].copy().view("<u8").reshape(-1)
-        hi = raw[:, 8:].copy().view("<u8").reshape(-1)
-        mask = np.uint64((1 << w) - 1)
-        for j in range(g):
-            off = j * w
-            if off + w <= 64:
-                c = (lo >> np.uint64(off)) & mask
-            elif off >= 64:
-                c = (hi >> np.uint64(off - 64)) & mask
-            else:
-                c = ((lo >> np.uint64(off)) | (hi << np.uint64(64 - off))) & mask
-            cols[:, j] = c
-        return cols.reshape(-1)[:d]
-    dt, wb = _word(bpg)
-    if wb == bpg:
-        word = np.ascontiguousarray(flat).view(dt)
-    else:
-        raw = np.zeros((ngroups, wb), dtype=np.uint8)
-        raw[:, :bpg] = flat.reshape(ngroups, bpg)
-        word = raw.view(dt).reshape(-1)
-    mask = dt.type((1 << w) - 1)
-    for j in range(g):
-        cols[:, j] = (word >> dt.type(j * w)) & mask if j else word & mask
-    return cols.reshape(-1)[:d]
-
-
-Codec = IdentityCodec | QSGDCodec
-
-
-def make_codec(levels: int, bucket: int) -> Codec:
-    """``levels == 0`` gives the float32 identity, else a :class:`QSGDCodec`."""
-    if levels == 0:
+def qsgd(levels: int, bucket: int = 512, **args: Any) -> Codec:
+    """Factory of the ``qsgd`` codec; ``levels == 0`` means no quantization (float32)."""
+    if args:
+        raise TypeError(f"codec 'qsgd' takes no arguments besides levels and bucket, got {sorted(args)}")
+    if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 0:
+        raise ValueError(f"bucket={bucket!r} must be an integer >= 0 (0 means one global norm)")
+    if levels == 0 and not isinstance(levels, bool):
         return IdentityCodec()
     return QSGDCodec(levels=levels, bucket=bucket)

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .quantize import MAX_LEVELS, make_codec, variance_factor
+from .codecs import Codec
 from .topology import Tree, aggregations_per_round
 
 __all__ = [
@@ -72,18 +72,21 @@ def _prefix_products(tau: Sequence[int]) -> list[int]:
 
 
 # ---- quantizer factors ---------------------------------------------------------
-def q_per_link(d: int, levels: Sequence[int], bucket: int) -> list[float]:
-    """Variance factor ``q_n`` of each link's quantizer (levels ``s_1..s_N``; 0 = none).
+def q_per_link(d: int, codecs: Sequence[Codec]) -> list[float]:
+    """Variance factor ``q_n`` of each link's codec for a model of ``d`` parameters.
 
-    ``E||Q_n(x) - x||^2 <= q_n ||x||^2`` with ``q = min(B/s^2, sqrt(B)/s)`` for
-    bucket length ``B`` (``d`` when ``bucket == 0``); ``q = 0`` for float32.
+    ``E||Q_n(x) - x||^2 <= q_n ||x||^2``; the codec objects say what it is (QSGD:
+    ``q = min(B/s^2, sqrt(B)/s)`` for bucket length ``B``; ``0`` for float32).
     """
+    _check_dim(d)
+    if len(codecs) == 0:
+        raise ValueError("codecs=[] is empty: give one codec per link (N >= 1)")
+    return [float(c.variance(int(d))) for c in codecs]
+
+
+def _check_dim(d: int) -> None:
     if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
         raise ValueError(f"model dimension d={d!r} out of range: expected an integer >= 1")
-    if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 0:
-        raise ValueError(f"bucket={bucket!r} out of range: expected an integer >= 0 (0 = one global norm)")
-    lv = _int_list("levels", levels, None, 0, MAX_LEVELS)
-    return [variance_factor(int(d), s, int(bucket)) for s in lv]
 
 
 def error_factor(qs: Sequence[float]) -> float:
@@ -348,13 +351,13 @@ class RoundTimeParts:
         return self.compute + sum(self.comm)
 
 
-def message_bits(model_dim: int, levels: Sequence[int], bucket: int) -> list[int]:
+def message_bits(model_dim: int, codecs: Sequence[Codec]) -> list[int]:
     """Bits of ONE uplink message on each link: ``8 * codec.nbytes(model_dim)``."""
-    q_per_link(model_dim, levels, bucket)  # validates
-    return [8 * make_codec(int(s), int(bucket)).nbytes(int(model_dim)) for s in levels]
+    _check_dim(model_dim)
+    return [8 * int(c.nbytes(int(model_dim))) for c in codecs]
 
 
-def round_time_parts(model_dim: int, tau: Sequence[int], levels: Sequence[int], bucket: int,
+def round_time_parts(model_dim: int, tau: Sequence[int], codecs: Sequence[Codec],
                      tree: Tree | None, latency: LatencyModel) -> RoundTimeParts:
     """``compute = K t_step``; ``comm[n-1] = prod(tau_{n+1..N}) (bits_n / R_n + lat_n)``.
 
@@ -365,16 +368,16 @@ def round_time_parts(model_dim: int, tau: Sequence[int], levels: Sequence[int], 
     """
     N = latency.N if tree is None else tree.N
     t = _int_list("tau", tau, N, 1)
-    if len(levels) != N or latency.N != N:
-        raise ValueError(f"levels={list(levels)} and latency with {latency.N} links: "
+    if len(codecs) != N or latency.N != N:
+        raise ValueError(f"{len(codecs)} codecs and latency with {latency.N} links: "
                          f"the tree has N={N} links, give {N} of each")
-    bits = message_bits(model_dim, levels, bucket)
+    bits = message_bits(model_dim, codecs)
     comm = tuple(aggregations_per_round(t, n) * (bits[n - 1] / latency.uplink_rate[n - 1]
                                                  + latency.uplink_latency[n - 1]) for n in range(1, N + 1))
     return RoundTimeParts(math.prod(t) * latency.step_time, comm)
 
 
-def round_time(model_dim: int, tau: Sequence[int], levels: Sequence[int], bucket: int,
+def round_time(model_dim: int, tau: Sequence[int], codecs: Sequence[Codec],
                tree: Tree | None, latency: LatencyModel) -> float:
     """Modelled seconds of one global round (see :func:`round_time_parts`)."""
-    return round_time_parts(model_dim, tau, levels, bucket, tree, latency).total
+    return round_time_parts(model_dim, tau, codecs, tree, latency).total

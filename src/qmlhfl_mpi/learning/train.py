@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import rng
+from ..core import rng
 
 
 class LocalTrainer:

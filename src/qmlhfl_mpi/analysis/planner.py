@@ -15,27 +15,27 @@ from typing import Callable
 
 import torch
 
-from . import config as config_mod
-from .config import Config
-from .exitcodes import EXIT_LR_VIOLATED
-from .optimize import optimize_tau
-from .quantize import make_codec
-from .theory import LatencyModel, condition_terms, error_factor, max_lr, q_per_link, round_time_parts
-from .topology import messages_per_round
-from .train import loss_fn
+from .. import config as config_mod
+from ..config import Config
+from ..config import build as edge
+from ..core.exitcodes import EXIT_LR_VIOLATED
+from ..core.optimize import optimize_tau
+from ..core.theory import (
+    condition_terms,
+    error_factor,
+    max_lr,
+    q_per_link,
+    round_time_parts,
+)
+from ..core.topology import messages_per_round
+from ..learning.train import loss_fn
 
 
-
-def _model_and_data(cfg: Config, max_devices: int = 8):
-    from .data import load_local_data
-    from .models import build_model
-
+def _model_and_data(cfg: Config, max_devices: int = 8):  # noqa: ANN202 - (tree, module, LocalData)
     tree = cfg.build_tree()
     devices = range(min(tree.num_devices, max_devices))
-    data = load_local_data(cfg, tree, devices, 0, 1)
-    model = build_model(cfg.model.name, data.input_shape, data.num_classes, hidden=cfg.model.hidden,
-                        seed=cfg.train.seed)
-    return tree, model, data
+    data = edge.local_data(cfg, tree, devices, 0, 1)
+    return tree, edge.model(cfg, data.input_shape, data.num_classes), data
 
 
 def estimate_smoothness(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -72,34 +72,26 @@ def _smoothness(cfg: Config, given: float | None) -> tuple[float, str]:
     return L, f"ESTIMATE: largest Hessian eigenvalue at the initial model over {len(batches)} devices' data"
 
 
-def _latency(cfg: Config) -> LatencyModel:
-    return LatencyModel(cfg.latency.step_time, cfg.link_rates(), cfg.link_latencies())
-
-
-def _dim(cfg: Config) -> int:
-    from .data import input_spec
-    from .models import build_model, num_parameters
-
-    shape, classes = input_spec(cfg)
-    return num_parameters(build_model(cfg.model.name, shape, classes, hidden=cfg.model.hidden, seed=0))
-
-
 def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     """Print the check report through ``write``; returns the exit code."""
     cfg = config_mod.load(args.config, args.set)
     tree = cfg.build_tree()
-    dim = _dim(cfg)
-    levels, bucket = cfg.quantizer.levels, cfg.quantizer.bucket
-    qs = q_per_link(dim, levels, bucket)
-    parts = round_time_parts(dim, cfg.tau, levels, bucket, tree, _latency(cfg))
+    dim = edge.model_dim(cfg)
+    codecs = edge.codecs(cfg)
+    qs = q_per_link(dim, codecs)
+    parts = round_time_parts(dim, cfg.tau, codecs, tree, edge.latency(cfg))
     write(f"config {args.config}: N={tree.N}, {tree.num_devices} devices, {dim} parameters, tau={list(cfg.tau)}")
-    write(f"{'link':>4} {'levels':>7} {'q_n':>10} {'bytes/msg':>10} {'msgs/round':>10} {'bytes/round':>12} "
+    write(f"{'link':>4} {'codec':>24} {'q_n':>10} {'bytes/msg':>10} {'msgs/round':>10} {'bytes/round':>12} "
           f"{'model_s/round':>13}")
-    for n in range(1, tree.N + 1):
-        nb = make_codec(levels[n - 1], bucket).nbytes(dim)
+    for n, codec in enumerate(codecs, start=1):
+        nb = codec.nbytes(dim)
         msgs = messages_per_round(tree, cfg.tau, n)
-        write(f"{n:>4} {levels[n - 1] or 'none':>7} {qs[n - 1]:>10.4g} {nb:>10} {msgs:>10} {nb * msgs:>12} "
-              f"{parts.comm[n - 1]:>13.4g}")
+        q = f"{qs[n - 1]:.4g}" if not codec.biased else "biased"
+        write(f"{n:>4} {codec.name:>24} {q:>10} {nb:>10} {msgs:>10} {nb * msgs:>12} {parts.comm[n - 1]:>13.4g}")
+    biased = [n for n, c in enumerate(codecs, start=1) if c.biased]
+    if biased:
+        write(f"links {biased} use biased codecs: the convergence bound below does not cover them "
+              "(their q_n is not a variance bound)")
     write(f"SGD steps per device per round: {math.prod(cfg.tau)}; modelled round time {parts.total:.4g} s "
           f"(compute {parts.compute:.4g} s)")
     L, how = _smoothness(cfg, args.L)
@@ -123,10 +115,10 @@ def cmd_optimize(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     if args.write and Path(args.write).exists() and not args.overwrite:
         raise ValueError(f"--write {args.write!r} exists; pass --overwrite to replace it")
     tree = cfg.build_tree()
-    dim = _dim(cfg)
+    dim = edge.model_dim(cfg)
     L, how = _smoothness(cfg, args.L)
     lr = cfg.train.lr if args.lr is None else args.lr
-    res = optimize_tau(dim, cfg.quantizer.levels, cfg.quantizer.bucket, tree, _latency(cfg), args.deadline, L,
+    res = optimize_tau(dim, edge.codecs(cfg), tree, edge.latency(cfg), args.deadline, L,
                        lr, max_tau=args.max_tau, sigma2=args.sigma2, gap0=args.gap0, zeta2=args.zeta2,
                        n_random=args.random, seed=cfg.train.seed)
     write(f"L = {L:.4g} ({how}); lr = {lr:g}; deadline {args.deadline:g} s; tau_n in 1..{args.max_tau}")

@@ -6,6 +6,8 @@ it is for, so results do not depend on which rank computes them.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 # purposes (never renumber: they are part of the results' reproducibility)
@@ -20,3 +22,8 @@ SIZES = 6      # synthetic per-device sizes: (seed, SIZES, device)
 def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:
     """A fresh PCG64 generator for ``(seed, purpose, *ids)``; all ids are >= 0."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, purpose, *ids])))
+
+
+def generator(key: Sequence[int]) -> np.random.Generator:
+    """:func:`stream` for a whole key ``(seed, purpose, *ids)``."""
+    return stream(*key)

@@ -1,7 +1,7 @@
 """Nested aggregation: one global round of QMLHFL on one rank.
 
 Implements DESIGN section 1's recursion over the communicators of
-:mod:`qmlhfl_mpi.comm` and the codecs of :mod:`qmlhfl_mpi.quantize`::
+:mod:`.communicators` and the codecs of :mod:`qmlhfl_mpi.core.codecs`::
 
     aggregate(u, v) = v + sum_c a(c) * Q_n(work(c, v) - v)
 
@@ -19,10 +19,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import rng
-from .comm import LayerComms, broadcast_vector, gather_messages
-from .quantize import Codec
-from .topology import RankLayout
+from ..core import rng
+from ..core.codecs import Codec
+from ..core.topology import RankLayout
+from .collectives import broadcast_vector, gather_messages
+from .communicators import LayerComms
 
 # (vector, device, round, call) -> (trained vector, sum of step losses, steps)
 TrainFn = Callable[[np.ndarray, int, int, int], tuple[np.ndarray, float, int]]
@@ -121,9 +122,10 @@ class HierarchicalAggregator:
         for c in self._my_children(n, u):
             x = self._work(n - 1, c, v)
             if layout.leader(n - 1, c) == rank:
-                g = rng.stream(self.seed, rng.QUANT, n, c, self._round, self._next_call(n, c))
+                assert x is not None and v is not None
+                key = (self.seed, rng.QUANT, n, c, self._round, self._next_call(n, c))
                 t0 = time.perf_counter()
-                parts.append(codec.encode(x - v, g))
+                parts.append(codec.encode(x, v, key))
                 st.t_codec += time.perf_counter() - t0
                 st.uplink_bytes[n - 1] += L
         sendbuf = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
@@ -141,9 +143,7 @@ class HierarchicalAggregator:
             t0 = time.perf_counter()
             acc = np.zeros(self.dim, dtype=np.float32)
             for i, a in enumerate(self.weights(n, u)):
-                dec = codec.decode(gathered[i * L : (i + 1) * L], self.dim)
-                dec *= a
-                acc += dec
+                codec.decode_add(gathered[i * L : (i + 1) * L], a, acc)
             new = v + acc
             st.t_codec += time.perf_counter() - t0
         if broadcast and spanning and lc.subtree is not None:

@@ -1,0 +1,48 @@
+"""``none``: the difference travels as little-endian float32 (no quantization)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import Codec
+
+
+class IdentityCodec(Codec):
+    """Lossless float32 messages of ``4 d`` bytes."""
+
+    levels = 0
+
+    @property
+    def name(self) -> str:
+        return "none"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IdentityCodec)
+
+    def __hash__(self) -> int:
+        return hash("none")
+
+    def __repr__(self) -> str:
+        return "IdentityCodec()"
+
+    def nbytes(self, d: int) -> int:
+        return 4 * d
+
+    def variance(self, d: int) -> float:
+        return 0.0
+
+    def encode_vector(self, x: np.ndarray, gen: np.random.Generator | None = None) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype="<f4").view(np.uint8).reshape(-1).copy()
+
+    def decode(self, buf: np.ndarray, d: int) -> np.ndarray:
+        if buf.size != 4 * d:
+            raise ValueError(f"float32 message of {buf.size} bytes, expected {4 * d} for d={d}")
+        return np.frombuffer(buf.tobytes(), dtype="<f4").astype(np.float32)
+
+
+def identity(levels: int = 0, bucket: int = 0, **args: Any) -> IdentityCodec:
+    """Factory of the ``none`` codec; ``levels`` and ``bucket`` are ignored."""
+    if args:
+        raise TypeError(f"codec 'none' takes no arguments, got {sorted(args)}")
+    return IdentityCodec()

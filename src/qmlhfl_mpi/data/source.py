@@ -1,0 +1,128 @@
+"""The two kinds of data set and the checks on what a data-set plug-in returns.
+
+* A *pooled* data set is a function ``f(root, train, **args)`` returning
+  ``(x, y)`` or ``(x, y, owner)`` (see :mod:`qmlhfl_mpi.data.registry`); its
+  training split is divided over the devices by a partitioner.
+* A *generated* data set (:class:`GeneratedDataset`) makes each device's
+  samples from ``(seed, device)`` on the rank that hosts the device, so memory
+  per rank depends only on the devices it hosts.
+
+:func:`load_pooled` calls a pooled data set and checks its result, raising
+:class:`DataError` with a message that names the data set and what was
+expected.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+__all__ = ["DataError", "GeneratedDataset", "Pooled", "load_pooled", "take"]
+
+
+class DataError(ValueError):
+    """Missing, incomplete or malformed data; the message says what is expected."""
+
+
+class GeneratedDataset(ABC):
+    """Data made per device: ``device(k)`` returns all samples (train first, then
+    test) of device ``k``; ``train_size(k)`` how many of them are for training."""
+
+    @property
+    @abstractmethod
+    def input_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    @abstractmethod
+    def num_classes(self) -> int:
+        """Classes, or 1 for regression targets."""
+
+    @abstractmethod
+    def train_size(self, device: int) -> int: ...
+
+    @abstractmethod
+    def device(self, device: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Pooled:
+    """One split of a pooled data set, checked."""
+
+    x: Any                    # (n, *input_shape), indexable by an int64 index array
+    y: np.ndarray             # int64 labels or float32 targets, (n,)
+    owner: np.ndarray | None  # owner id per sample, or None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    @property
+    def regression(self) -> bool:
+        return bool(np.issubdtype(self.y.dtype, np.floating))
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+def _as_numpy(a: Any) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def load_pooled(fn: Callable[..., Any], name: str, root: str, train: bool, args: dict[str, Any]) -> Pooled:
+    """Call the data set ``fn`` (registered as ``name``) and check its result."""
+    split = "train" if train else "test"
+    where = f"data set {name!r} ({split} split)"
+    try:
+        out = fn(root, train, **args)
+    except DataError:
+        raise
+    except TypeError as e:
+        raise DataError(f"{where}: calling it as f(root, train, **data.args) with data.args={args!r} failed: "
+                        f"{e}") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{where} could not be loaded: {type(e).__name__}: {e}") from None
+    if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
+        raise DataError(f"{where} returned {type(out).__name__}; expected a tuple (x, y) or (x, y, owner)")
+    x, y = out[0], _as_numpy(out[1])
+    shape = getattr(x, "shape", None)
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x)
+        shape = x.shape
+    if shape is None or len(shape) < 2:
+        raise DataError(f"{where}: x must be an array of shape (samples, *input_shape), got "
+                        f"{type(x).__name__} of shape {shape}")
+    if y.ndim != 1 or y.shape[0] != shape[0]:
+        raise DataError(f"{where}: y must be 1-D with one entry per sample ({shape[0]}), got shape {y.shape}")
+    if np.issubdtype(y.dtype, np.integer):
+        y = y.astype(np.int64, copy=False)
+        if y.size and y.min() < 0:
+            raise DataError(f"{where}: class labels must be >= 0, found {int(y.min())}")
+    elif np.issubdtype(y.dtype, np.floating):
+        y = y.astype(np.float32, copy=False)
+        if not np.isfinite(y).all():
+            raise DataError(f"{where}: regression targets y contain NaN or inf")
+    else:
+        raise DataError(f"{where}: y must hold integer class labels or float targets, got dtype {y.dtype}")
+    if isinstance(x, np.ndarray) and not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise DataError(f"{where}: x must be numeric, got dtype {x.dtype}")
+    owner = None
+    if len(out) == 3 and out[2] is not None:
+        owner = _as_numpy(out[2]).reshape(-1)
+        if owner.shape[0] != shape[0]:
+            raise DataError(f"{where}: owner must give one id per sample ({shape[0]}), got {owner.shape[0]}")
+    if shape[0] == 0:
+        raise DataError(f"{where} is empty")
+    return Pooled(x, y, owner)
+
+
+def take(x: Any, idx: np.ndarray) -> torch.Tensor:
+    """Samples ``idx`` of ``x`` as a contiguous float32 tensor."""
+    part = x[torch.from_numpy(idx)] if isinstance(x, torch.Tensor) else x[idx]
+    if isinstance(part, torch.Tensor):
+        return part.detach().to(torch.float32).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))

@@ -1,0 +1,67 @@
+"""Rank 0's checks of the output (and of the checkpoint when resuming) before any work."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config, config_diff
+from ..results import (
+    CheckpointError,
+    checkpoint_path,
+    output_problem,
+    read_checkpoint,
+    read_status,
+)
+from .errors import RunError
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: 0 rounds done and no model, or a checkpoint's."""
+
+    rounds_done: int = 0
+    model: np.ndarray | None = None
+    state: dict[str, np.ndarray] | None = None
+
+
+def preflight(cfg: Config, overwrite: bool, resume: bool) -> Start:
+    """Raise :class:`RunError` if the run cannot start; nothing is changed on disk."""
+    out = Path(cfg.output.path)
+    ck = checkpoint_path(out)
+    if not resume:
+        if ck.exists() and not overwrite:
+            raise RunError(f"{str(out)!r} belongs to an interrupted run (its checkpoint {str(ck)!r} exists): "
+                           "pass --resume to continue it, or --overwrite to start over")
+        problem = output_problem(out, overwrite)
+        if problem:
+            raise RunError(problem)
+        return Start()
+    if not out.exists():
+        raise RunError(f"--resume: {str(out)!r} does not exist, so there is nothing to resume; run without --resume")
+    try:
+        status, rows, _ = read_status(out)
+    except Exception as e:  # noqa: BLE001 - any h5py failure means unreadable
+        raise RunError(f"--resume: results file {str(out)!r} is unreadable ({e}); nothing was changed. "
+                       "Move it away and start a new run") from None
+    if status == "completed":
+        raise RunError(f"--resume: {str(out)!r} already holds a completed run of {rows} rounds; nothing to do. "
+                       "Choose a new output.path to train again")
+    try:
+        ckpt = read_checkpoint(ck)
+    except CheckpointError as e:
+        raise RunError(f"cannot resume {str(out)!r}: {e}. Nothing was changed; pass --overwrite instead of "
+                       "--resume to start over") from None
+    diff = config_diff(ckpt.config_yaml, cfg)
+    if diff:
+        raise RunError(f"cannot resume {str(out)!r}: the config differs from the checkpoint's in keys that change "
+                       f"results: {'; '.join(diff)}. Use the original config (the file's config_yaml attribute) "
+                       "or start a new run with another output.path")
+    if ckpt.rounds_done >= cfg.train.rounds:
+        raise RunError(f"cannot resume {str(out)!r}: the checkpoint already has {ckpt.rounds_done} rounds and "
+                       f"train.rounds={cfg.train.rounds}; raise train.rounds to train longer")
+    if not os.access(out.parent if str(out.parent) else ".", os.W_OK):
+        raise RunError(f"cannot resume {str(out)!r}: its directory is not writable")
+    return Start(ckpt.rounds_done, ckpt.model, ckpt.state)

@@ -1,0 +1,90 @@
+"""The session's collaborators on rank 0: the HDF5 results file and the checkpoint.
+
+Both only write; the session calls them at round boundaries and agrees on
+their errors (an ``OSError`` becomes exit 74 on every rank, with the advice
+below).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..results import ResultsWriter, checkpoint_path, write_checkpoint
+
+
+def io_advice(where: Path, e: OSError, after_round: int | None) -> str:
+    """The message for a failed write: what, where, the cause and the fix."""
+    after = f" after round {after_round}" if after_round is not None else ""
+    return (f"writing results or the checkpoint in {str(where)!r}{after} failed: {e}. Free disk space or fix "
+            "the directory's permissions, then continue with --resume (the last complete checkpoint is kept)")
+
+
+class Checkpointer:
+    """Writes ``<output>.ckpt`` every ``every`` rounds (0: only when a stop is agreed)."""
+
+    def __init__(self, output: str | Path, every: int, config_yaml: str) -> None:
+        self.path = checkpoint_path(output)
+        self.every, self.config_yaml = every, config_yaml
+
+    def due(self, done: int, total: int, stop: bool) -> bool:
+        """Whether to checkpoint after ``done`` of ``total`` rounds (never after the last)."""
+        return done < total and (stop or (self.every > 0 and done % self.every == 0))
+
+    def write(self, model: np.ndarray, done: int, state: Mapping[str, np.ndarray] | None = None) -> None:
+        try:
+            write_checkpoint(self.path, model=model, rounds_done=done, config_yaml=self.config_yaml, state=state)
+        except OSError as e:
+            raise OSError(io_advice(self.path.parent, e, done - 1)) from None
+
+    def remove(self) -> None:
+        """The run completed: its checkpoint is no longer needed."""
+        if self.path.exists():
+            self.path.unlink()
+
+
+class ResultsFile:
+    """The run's HDF5 file: opened (or reopened after a resume), one row per round, the final model."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.writer: ResultsWriter | None = None
+
+    def open(self, *, overwrite: bool, start: int, attrs: Mapping[str, Any], topology: Mapping[str, np.ndarray],
+             quantizer: Mapping[str, np.ndarray], num_links: int, initial: np.ndarray | None) -> None:
+        """Create the file (or reopen it after ``start`` rounds); ``initial`` is
+        stored as ``/model/initial`` when given (the model cannot be recomputed
+        from the seed)."""
+        try:
+            if start:
+                self.writer = ResultsWriter.reopen(self.path, start, attrs)
+                return
+            stale = checkpoint_path(self.path)
+            if overwrite and stale.exists():
+                stale.unlink()
+            self.writer = ResultsWriter(self.path, overwrite=overwrite, attrs=attrs, topology=topology,
+                                        quantizer=quantizer, num_links=num_links)
+            if initial is not None:
+                self.writer.write_model("initial", initial)
+        except OSError as e:
+            raise OSError(io_advice(self.path.parent, e, None)) from None
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        assert self.writer is not None
+        try:
+            self.writer.append_round(record)
+        except OSError as e:
+            raise OSError(io_advice(self.path.parent, e, int(record["round"]))) from None
+
+    def final(self, model: np.ndarray) -> None:
+        assert self.writer is not None
+        try:
+            self.writer.write_model("final", model)
+        except OSError as e:
+            raise OSError(io_advice(self.path.parent, e, None)) from None
+
+    def close(self, status: str, message: str) -> None:
+        if self.writer is not None:
+            self.writer.close(status, message)
+            self.writer = None

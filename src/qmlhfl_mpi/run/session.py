@@ -1,0 +1,362 @@
+"""A training run on a communicator: :class:`Session` builds it, :meth:`Session.run` drives it.
+
+``Session(cfg, comm)`` turns the config into runtime objects once, at the
+edge (tree, rank layout, codecs, data, model, trainer, communicators,
+aggregator); ``run(callbacks)`` trains the global rounds, with the HDF5 file
+and the checkpoint as collaborators and everything optional (console table,
+CSV, TensorBoard, signals, the user's own) as callbacks.  Both are collective
+over ``comm``.
+
+Errors every rank can see coming (bad config, data or plug-in, existing
+output, a bad checkpoint, a failed write, a callback that raised) are agreed
+on collectively, so all ranks raise the same :class:`RunError` with one
+message and a documented exit code.  An unexpected exception inside a round
+(where the other ranks wait in a collective) aborts the job on a
+communicator of more than one rank.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from .. import __version__
+from ..comm.aggregate import HierarchicalAggregator
+from ..comm.collectives import agree, broadcast_vector, max_over_ranks, sum_over_ranks
+from ..comm.communicators import build_layer_comms
+from ..comm.placement import PlacementError, select_device
+from ..config import Config, callback_specs
+from ..config import build as edge
+from ..core.exitcodes import EXIT_ABORT, EXIT_IO, EXIT_USAGE
+from ..core.registry import PluginError, load_reference
+from ..core.theory import round_time
+from ..core.topology import RankLayout, TopologyError, messages_per_round
+from ..data.source import DataError
+from ..learning.train import LocalTrainer
+from ..results import CheckpointError
+from .callbacks import Callback
+from .errors import RunError
+from .logs import CSVLog, TensorBoardLog, csv_path
+from .preflight import Start, preflight
+from .recorder import Checkpointer, ResultsFile
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunSummary", "Session", "threads_per_rank"]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """How a run ended: ``completed``, ``preempted`` (stopped by a signal or a
+    callback after a checkpoint: resume it) or ``diverged``."""
+
+    status: str
+    rounds_done: int
+    final_accuracy: float
+    path: str
+    message: str = ""
+
+
+def threads_per_rank(threads: int) -> int:
+    """``train.threads``, else ``SLURM_CPUS_PER_TASK``, else 1."""
+    if threads:
+        return threads
+    try:
+        return max(1, int(os.environ.get("SLURM_CPUS_PER_TASK", "1")))
+    except ValueError:
+        return 1
+
+
+def _code_of(e: BaseException) -> int:
+    if isinstance(e, RunError):
+        return e.code
+    return EXIT_IO if isinstance(e, OSError) else EXIT_ABORT
+
+
+class Session:
+    """One run of ``cfg`` on ``comm`` (default ``MPI.COMM_WORLD``; any intracommunicator,
+    ``COMM_SELF`` included).  Construction is collective: it builds every runtime
+    object and raises :class:`RunError` on every rank if any rank cannot.
+
+    Attributes callbacks may read: ``comm``, ``rank``, ``size``, ``config``,
+    ``tree``, ``layout``, ``devices`` (this rank's), ``codecs``, ``data``,
+    ``model``, ``trainer``, ``aggregator``, ``num_params``, ``rounds``,
+    ``start_round``, ``round`` (the last finished round, -1 before the first)
+    and ``model_vector`` (the cloud model after it).
+    """
+
+    def __init__(self, cfg: Config, comm: MPI.Intracomm | None = None) -> None:
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.config = cfg
+        self.rounds = cfg.train.rounds
+        self.tree = cfg.build_tree()
+        self.layout: RankLayout = self._agree(lambda: RankLayout.build(self.tree, self.size), (TopologyError,))
+        self.devices = self.layout.devices(self.rank)
+        torch.set_num_threads(threads_per_rank(cfg.train.threads))
+        self.codecs = self._agree(lambda: edge.codecs(cfg), (PluginError, ValueError))
+        self.data = self._agree(lambda: edge.local_data(cfg, self.tree, self.devices, self.rank, self.size),
+                                (DataError, ValueError, OSError))
+        self.device = self._agree(lambda: select_device(self.comm, cfg.train.device, cfg.train.share_gpus),
+                                  (PlacementError,))
+        if self.device.type != "cpu":
+            self.data.to(self.device)
+        self.model = self._agree(lambda: edge.model(cfg, self.data.input_shape, self.data.num_classes),
+                                 (PluginError, ValueError))
+        self.trainer = LocalTrainer(self.model, cfg.train.lr, cfg.train.batch_size, cfg.train.seed, self.device)
+        self.num_params = self.trainer.dim
+        initial = self.trainer.get_vector()
+        if cfg.model.init == "module":  # the factory's own init: rank 0's model for everyone
+            initial = broadcast_vector(self.comm, initial if self.rank == 0 else None, self.num_params)
+        self.initial_vector = initial
+        self.model_vector = initial
+        self.start_round, self.round = 0, -1
+        self._comms = build_layer_comms(self.comm, self.layout)
+        tau = cfg.tau[0]
+
+        def train_fn(v: np.ndarray, dev: int, round_: int, call: int) -> tuple[np.ndarray, float, int]:
+            x, y = self.data.train[dev]
+            out, loss_sum = self.trainer.train(v, x, y, tau, dev, round_, call)
+            return out, loss_sum, tau
+
+        samples = self.data.samples if cfg.topology.weighting == "samples" else None
+        self.aggregator = HierarchicalAggregator(self.layout, self.rank, self._comms, self.codecs, cfg.tau,
+                                                 self.num_params, cfg.train.seed, train_fn, samples)
+        self.modelled_round_time = round_time(self.num_params, cfg.tau, self.codecs, self.tree, edge.latency(cfg))
+        self._ran = False
+
+    # ---- agreement ------------------------------------------------------------
+    def _agree(self, fn: Callable[[], Any], expected: tuple[type[BaseException], ...],
+               code: int = EXIT_USAGE) -> Any:
+        """Run ``fn`` on every rank; if it raises one of ``expected`` anywhere, every
+        rank raises the same :class:`RunError`.  Collective."""
+        result, msg = None, None
+        try:
+            result = fn()
+        except expected as e:
+            msg = f"{_code_of(e) if isinstance(e, (RunError, OSError)) else code}|{e}"
+        self._raise_agreed(msg)
+        return result
+
+    def _raise_agreed(self, msg: str | None, stop: bool = False) -> bool:
+        agreed, any_stop = agree(self.comm, msg, stop)
+        if agreed is not None:
+            code, _, text = agreed.partition("|")
+            raise RunError(text, int(code))
+        return any_stop
+
+    def _hooks(self, callbacks: Sequence[Callback], name: str, *args: Any) -> bool:
+        """Call hook ``name`` of every callback on this rank; agree on errors and stop votes.  Collective."""
+        msg, stop = None, False
+        for cb in callbacks:
+            try:
+                stop = bool(getattr(cb, name)(self, *args)) or stop
+            except Exception as e:  # noqa: BLE001 - a callback's failure must reach every rank
+                if not isinstance(e, (RunError, OSError)):
+                    log.error("callback %s.%s failed on rank %d:\n%s", type(cb).__name__, name, self.rank,
+                              traceback.format_exc())
+                text = str(e) if isinstance(e, (RunError, OSError)) else \
+                    f"callback {type(cb).__name__}.{name} failed on rank {self.rank}: {type(e).__name__}: {e}"
+                msg = msg or f"{_code_of(e)}|{text}"
+        return self._raise_agreed(msg, stop)
+
+    # ---- the run ----------------------------------------------------------------
+    def config_callbacks(self) -> list[Callback]:
+        """The callbacks the config asks for: ``output.csv``, ``output.tensorboard``, ``callbacks``."""
+        out: list[Callback] = []
+        if self.config.output.csv:
+            out.append(CSVLog(csv_path(self.config.output.path)))
+        if self.config.output.tensorboard:
+            out.append(TensorBoardLog(self.config.output.tensorboard))
+        for ref, args in callback_specs(self.config.callbacks):
+            factory = load_reference(ref)
+            try:
+                cb = factory(**args)
+            except TypeError as e:
+                raise PluginError(f"callback {ref!r} with args {args!r}: {e}") from None
+            if not isinstance(cb, Callback):
+                raise PluginError(f"callback {ref!r} gave {type(cb).__name__}, not a qmlhfl_mpi.Callback; "
+                                  "subclass qmlhfl_mpi.Callback")
+            out.append(cb)
+        return out
+
+    def run(self, callbacks: Sequence[Callback] = (), overwrite: bool = False, resume: bool = False) -> RunSummary:
+        """Train every global round; returns the :class:`RunSummary` on every rank.  Collective.
+
+        ``overwrite`` replaces an existing output (and its checkpoint);
+        ``resume`` continues the interrupted run in ``output.path`` from its
+        checkpoint, bit for bit, on any number of ranks.  Raises
+        :class:`RunError` (the same on every rank) when the run cannot start or
+        a write or callback fails.
+        """
+        if self._ran:
+            raise RuntimeError("Session.run() was called already: build a new Session for another run")
+        self._ran = True
+        try:
+            return self._run(list(callbacks), overwrite, resume)
+        except RunError:
+            raise
+        except Exception:
+            if self.size > 1:  # the other ranks may wait in a collective: end the whole job
+                log.critical("rank %d failed, aborting the job:\n%s", self.rank, traceback.format_exc())
+                self.comm.Abort(EXIT_ABORT)
+            raise
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Free the communicators (done by :meth:`run`)."""
+        for lc in self._comms:
+            if lc is not None:
+                lc.free()
+        self._comms = []
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _start(self, overwrite: bool, resume: bool) -> Start:
+        cfg = self.config
+        start: Start = self._agree(lambda: preflight(cfg, overwrite, resume) if self.rank == 0 else Start(),
+                                   (RunError, CheckpointError, OSError))
+        done = int(sum_over_ranks(self.comm, np.array([start.rounds_done]))[0])
+        if not done:
+            return Start()
+        if self.rank == 0 and start.model is not None and start.model.size != self.num_params:
+            problem = (f"the checkpoint's model has {start.model.size} parameters but the configured model "
+                       f"has {self.num_params}")
+        else:
+            problem = None
+        self._raise_agreed(f"{EXIT_USAGE}|{problem}" if problem else None)
+        model = broadcast_vector(self.comm, start.model if self.rank == 0 else None, self.num_params)
+        return Start(done, model, start.state)
+
+    def _attrs(self) -> dict[str, Any]:
+        return {
+            "config_yaml": self.config.to_yaml(), "version": __version__,
+            "mpi_library": MPI.Get_library_version().strip(), "world_size": self.size,
+            "torch_version": torch.__version__, "numpy_version": np.__version__,
+            "num_params": self.num_params, "N": self.tree.N,
+            "threads_per_rank": threads_per_rank(self.config.train.threads),
+        }
+
+    def _open_results(self, results: ResultsFile, overwrite: bool) -> None:
+        cfg, tree, data = self.config, self.tree, self.data
+        class_counts = np.zeros((tree.num_devices, max(data.num_classes, 1)))
+        for k, (_, y) in data.train.items():
+            labels = y.cpu().numpy() if not y.is_floating_point() else np.zeros(len(y), dtype=np.int64)
+            class_counts[k] = np.bincount(labels, minlength=class_counts.shape[1])
+        class_counts = sum_over_ranks(self.comm, class_counts).astype(np.int64)
+        topo = {f"starts_{n}": tree.starts[n] for n in range(tree.N + 1)}
+        topo.update(rank_blocks=self.layout.bounds, samples=data.samples, class_counts=class_counts)
+        quant = {
+            "levels": np.array(cfg.quantizer.levels, dtype=np.int64),
+            "bucket": np.array(cfg.quantizer.bucket, dtype=np.int64),
+            "kind": np.array([c.name for c in self.codecs], dtype=object),
+            "message_bytes": np.array([c.nbytes(self.num_params) for c in self.codecs], dtype=np.int64),
+            "messages_per_round": np.array([messages_per_round(tree, cfg.tau, n) for n in range(1, tree.N + 1)],
+                                           dtype=np.int64),
+            "q": np.array([c.variance(self.num_params) for c in self.codecs], dtype=np.float64),
+        }
+        self._agree(lambda: results.open(overwrite=overwrite, start=self.start_round, attrs=self._attrs(),
+                                         topology=topo, quantizer=quant, num_links=tree.N,
+                                         initial=self.initial_vector if cfg.model.init == "module" else None)
+                    if self.rank == 0 else None,
+                    (OSError,), EXIT_IO)
+
+    def _round(self, t: int, w: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """One global round and its record (the same on every rank).  Collective."""
+        cfg, comm = self.config, self.comm
+        t0 = time.perf_counter()
+        w = self.aggregator.global_round(t, w)
+        t_round = time.perf_counter() - t0
+        st = self.aggregator.stats
+        D = self.tree.num_devices  # per-device entries come from one rank each: the sums are exact
+        totals = sum_over_ranks(comm, np.concatenate([st.loss, st.steps, st.uplink_bytes]))
+        peaks = max_over_ranks(comm, np.array([st.t_compute, st.t_codec, st.t_comm, t_round]))
+        evaluate = (t + 1) % cfg.train.eval_every == 0 or t == self.rounds - 1
+        acc, test_loss, t_eval = float("nan"), float("nan"), 0.0
+        if evaluate:
+            t1 = time.perf_counter()
+            d = self.data
+            ev = self.trainer.evaluate(w, d.test_x, d.test_y, d.test_chunks, d.num_test_chunks)
+            ev = sum_over_ranks(comm, ev).sum(axis=0)  # in chunk order: the same for any rank count
+            t_eval = float(max_over_ranks(comm, np.array([time.perf_counter() - t1]))[0])
+            test_loss = ev[0] / max(ev[2], 1)
+            acc = ev[1] / max(ev[2], 1) if d.num_classes > 1 else float("nan")  # nan: regression
+        record = {
+            "round": t, "test_accuracy": acc, "test_loss": test_loss,
+            "train_loss": totals[:D].sum() / max(totals[D : 2 * D].sum(), 1),
+            "uplink_bytes": totals[2 * D :].astype(np.int64),
+            "time_compute": peaks[0], "time_codec": peaks[1], "time_comm": peaks[2],
+            "time_round": peaks[3], "time_eval": t_eval, "modelled_time": self.modelled_round_time,
+        }
+        return w, record
+
+    def _run(self, callbacks: list[Callback], overwrite: bool, resume: bool) -> RunSummary:
+        cfg, rank = self.config, self.rank
+        start = self._start(overwrite, resume)
+        self.start_round = start.rounds_done
+        w = start.model if start.model is not None else self.initial_vector
+        self.model_vector, self.round = w, self.start_round - 1
+        if self.rank == 0:
+            log.info("tree %s on %d ranks; devices per rank %s; load imbalance %.2f%s", self.tree.describe(),
+                     self.size, np.diff(self.layout.bounds).tolist()[:16], self.layout.load_imbalance(),
+                     f"; resuming after round {self.start_round - 1}" if self.start_round else "")
+        callbacks = self._agree(self.config_callbacks, (PluginError,)) + callbacks
+        results = ResultsFile(cfg.output.path)
+        ckpt = Checkpointer(cfg.output.path, cfg.output.checkpoint_every, cfg.to_yaml())
+        self._open_results(results, overwrite)
+        status, message, done, acc = "completed", "", self.start_round, float("nan")
+        try:
+            self._hooks(callbacks, "on_run_start")
+            for t in range(self.start_round, self.rounds):
+                w, record = self._round(t, w)
+                self.model_vector, self.round, done = w, t, t + 1
+                if np.isfinite(record["test_accuracy"]):
+                    acc = float(record["test_accuracy"])
+                self._agree(lambda: results.append(record) if rank == 0 else None, (OSError,), EXIT_IO)
+                diverged = not (math.isfinite(record["train_loss"]) and np.isfinite(w).all())
+                stop = self._hooks(callbacks, "on_round_end", record)
+                if diverged:
+                    status = "diverged"
+                    message = (f"training diverged in round {t} (train loss {record['train_loss']}, model finite: "
+                               f"{bool(np.isfinite(w).all())}); lower the learning rate, e.g. "
+                               f"--set train.lr={cfg.train.lr / 4:g} (now {cfg.train.lr:g})")
+                    break
+                if ckpt.due(done, self.rounds, stop):
+                    self._agree(lambda: ckpt.write(w, done) if rank == 0 else None, (OSError,), EXIT_IO)
+                if stop and done < self.rounds:
+                    status = "preempted"
+                    message = (f"stopped after round {t} at the request of a signal or callback; checkpoint "
+                               f"{str(ckpt.path)!r} holds {done} rounds. Continue with: qmlhfl-mpi run CONFIG "
+                               "--resume")
+                    break
+            if status == "completed":
+                self._agree(lambda: (results.final(w), ckpt.remove()) if rank == 0 else None, (OSError,), EXIT_IO)
+        except BaseException as e:
+            if status in ("completed", "preempted"):
+                status, message = "failed", f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            if rank == 0:
+                results.close(status, message)
+            if status == "failed":  # best effort, not collective: let callbacks release what they hold
+                for cb in callbacks:
+                    try:
+                        cb.on_run_end(self, RunSummary(status, done, acc, cfg.output.path, message))
+                    except Exception:  # noqa: BLE001 - already failing
+                        log.debug("on_run_end of %s failed after a failed run", type(cb).__name__, exc_info=True)
+        summary = RunSummary(status, done, acc, cfg.output.path, message)
+        self._hooks(callbacks, "on_run_end", summary)
+        return summary

@@ -1,0 +1,45 @@
+"""Stopping cleanly on SIGTERM / SIGUSR1 (the batch system's warning signals): a callback that asks to stop."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .callbacks import Callback, Record
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .session import RunSummary, Session
+
+log = logging.getLogger(__name__)
+
+
+class SignalStop(Callback):
+    """Installs handlers for ``signals`` when created (so a signal during start-up
+    counts too) and asks the run to stop at the next round boundary once one
+    arrived.  The previous handlers come back at the end of the run.  Outside
+    the main thread (where Python cannot install handlers) it does nothing."""
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("SignalStop created outside the main thread: signals will not stop the run")
+            return
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+
+    @property
+    def reason(self) -> str:
+        return ", ".join(signal.Signals(s).name for s in self.received)
+
+    def on_round_end(self, session: "Session", record: Record) -> bool:
+        return bool(self.received)
+
+    def on_run_end(self, session: "Session", summary: "RunSummary") -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()

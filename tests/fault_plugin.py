@@ -1,0 +1,67 @@
+"""Test-only fault injection through the callback API (never part of the library).
+
+Loaded by the fault suite as a config callback, e.g.::
+
+    --set 'callbacks=[{ref: tests/fault_plugin.py:Fault, args: {rank: 1, round: 3, mode: kill}}]'
+
+Modes, all on rank ``rank``:
+
+* ``raise``: raise inside round ``round``'s local training (the other ranks
+  wait in a collective, so the job must be aborted);
+* ``kill``: SIGKILL itself at the same point;
+* ``ckpt``: SIGKILL itself half-way through writing the checkpoint after round
+  ``round`` (the temporary file is cut to half, the rename never happens);
+* ``delay``: sleep ``seconds`` after every round (so a signal lands mid-run).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from qmlhfl_mpi import Callback
+from qmlhfl_mpi.results import checkpoint as checkpoint_module
+
+
+class Fault(Callback):
+    def __init__(self, mode: str = "raise", rank: int = 0, round: int = 0, seconds: float = 0.0) -> None:
+        if mode not in ("raise", "kill", "ckpt", "delay"):
+            raise ValueError(f"Fault mode={mode!r}")
+        self.mode, self.rank, self.round, self.seconds = mode, rank, round, seconds
+
+    def on_run_start(self, session) -> None:
+        if session.rank != self.rank or self.mode not in ("raise", "kill"):
+            return
+        train, target, mode = session.trainer.train, self.round, self.mode
+
+        def faulty(v, x, y, steps, device, round_, call):
+            if round_ == target:
+                if mode == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError(f"injected fault on rank {session.rank} in round {round_}")
+            return train(v, x, y, steps, device, round_, call)
+
+        session.trainer.train = faulty
+
+    def on_round_end(self, session, record) -> None:
+        if self.mode == "delay":
+            time.sleep(self.seconds)
+        if self.mode == "ckpt" and session.rank == self.rank and int(record["round"]) == self.round:
+            real_replace = checkpoint_module.os.replace
+
+            def crash(src, dst):
+                if str(src).endswith(".ckpt.tmp"):
+                    p = Path(src)
+                    with open(p, "r+b") as f:
+                        f.truncate(p.stat().st_size // 2)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real_replace(src, dst)
+
+            checkpoint_module.os.replace = crash
+
+
+def spec(mode: str, **args) -> str:
+    """The ``--set callbacks=...`` value that loads :class:`Fault` (absolute path: any cwd works)."""
+    inner = ", ".join(f"{k}: {v}" for k, v in {"mode": mode, **args}.items())
+    return f"callbacks=[{{ref: '{Path(__file__).resolve()}:Fault', args: {{{inner}}}}}]"
