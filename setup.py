@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "mpich": ["mpich>=4,<6"],
-        "test": ["pytest>=7,<10", "pytest-mpi>=0.6,<1", "pandas>=1.5,<4", "tensorboard>=2.10,<3"],
+        "test": ["pytest>=7,<10", "pytest-mpi>=0.6,<1", "pandas>=1.5,<4", "tensorboard>=2.10,<3", "import-linter>=2.0"],
         "tensorboard": ["tensorboard>=2.10,<3"],
         "lint": ["ruff>=0.6", "mypy>=1.10", "import-linter>=2.0", "types-PyYAML"],
     },

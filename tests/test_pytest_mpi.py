@@ -1,4 +1,5 @@
 """Runs the pytest-mpi suite in tests/mpi under real ``mpiexec`` at several sizes."""
+import shlex
 import sys
 
 import pytest
@@ -7,9 +8,10 @@ from helpers import REPO, run_mpi
 
 @pytest.mark.parametrize("ranks", [2, 3, 4])
 def test_pytest_mpi_suite(ranks, tmp_path):
-    proc, _ = run_mpi(ranks, [sys.executable, "-m", "pytest", "--with-mpi", "-q", "-p", "no:cacheprovider",
-                              "--basetemp", str(tmp_path / "base"), str(REPO / "tests" / "mpi")],
-                      cwd=REPO, timeout=300)
+    # each rank its own --basetemp (pytest cleans its basetemp at start); mpi_tmp_path shares rank 0's
+    cmd = (f"exec {shlex.quote(sys.executable)} -m pytest --with-mpi -q -p no:cacheprovider "
+           f"--basetemp {shlex.quote(str(tmp_path))}/rank$PMI_RANK {shlex.quote(str(REPO / 'tests' / 'mpi'))}")
+    proc, _ = run_mpi(ranks, ["sh", "-c", cmd], cwd=REPO, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert " passed" in out and " failed" not in out

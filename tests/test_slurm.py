@@ -23,6 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from fault_plugin import spec as fault
 from helpers import REPO, clean_env, run_cli, small_config
 
 START = REPO / "tests" / "slurm" / "start_slurm.sh"
@@ -69,9 +70,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 # rounds of the small config take milliseconds on an idle machine: slow them down
-# (a test hook of the engine) so that a signal sent after the first checkpoint
-# always lands before the run ends
-SLOW = {"QMLHFL_ROUND_DELAY": "0.1"}
+# (the test-only fault plug-in, loaded as a config callback) so that a signal
+# sent after the first checkpoint always lands before the run ends
+SLOW = ["--set", fault("delay", seconds=0.1)]
 
 
 def sbatch(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -87,7 +88,7 @@ def submit_until_checkpoint(tmp_path: Path, cfg: Path, name: str, cancel_jobs: l
     the ranks are up and trapping signals.  Returns (job, output, checkpoint, log)."""
     out, ckpt = tmp_path / f"{name}.h5", tmp_path / f"{name}.h5.ckpt"
     job = sbatch(["--ntasks=2", f"--output={tmp_path}/slurm-%j.out", str(RUN), str(cfg), "--quiet",
-                  "--set", f"output.path={out}"], cwd=REPO, env=_env(**SLOW))
+                  "--set", f"output.path={out}", *SLOW], cwd=REPO, env=_env())
     cancel_jobs.append(job)
     log = tmp_path / f"slurm-{job}.out"
     deadline = time.monotonic() + 120
