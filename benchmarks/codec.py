@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from qmlhfl_mpi.quantize import IdentityCodec, QSGDCodec
+from qmlhfl_mpi.core.codecs.identity import IdentityCodec
+from qmlhfl_mpi.core.codecs.qsgd import QSGDCodec
 
 
 def median_seconds(fn, repeat: int) -> float:
@@ -34,16 +35,16 @@ def main() -> None:
     d, rep = args.d, args.repeat
     x = np.random.default_rng(0).standard_normal(d).astype(np.float32)
     mb = x.nbytes / 1e6
-    copy_s = median_seconds(lambda: x.copy(), rep)
+    copy_s = median_seconds(x.copy, rep)
     print(f"d = {d}, input {mb:.1f} MB, median of {rep}")
     print(f"{'codec':<26} {'encode MB/s':>12} {'decode MB/s':>12} {'bytes':>10} {'ratio':>6} {'rel.err':>8}")
     print(f"{'numpy copy (scale)':<26} {mb / copy_s:>12.0f} {'':>12} {x.nbytes:>10} {1.0:>6.2f}")
     codecs = [IdentityCodec()] + [QSGDCodec(s, b) for s in (1, 4, 16, 255) for b in (0, 512)]
     for c in codecs:
         g = np.random.default_rng(1)
-        msg = c.encode(x, g)
-        enc = median_seconds(lambda: c.encode(x, g), rep)
-        dec = median_seconds(lambda: c.decode(msg, d), rep)
+        msg = c.encode_vector(x, g)
+        enc = median_seconds(lambda c=c, g=g: c.encode_vector(x, g), rep)
+        dec = median_seconds(lambda c=c, msg=msg: c.decode(msg, d), rep)
         y = c.decode(msg, d)
         err = float(np.linalg.norm(y - x) / np.linalg.norm(x))
         print(f"{c.name:<26} {mb / enc:>12.0f} {mb / dec:>12.0f} {msg.size:>10} {x.nbytes / msg.size:>6.2f} {err:>8.3f}")

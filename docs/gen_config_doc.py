@@ -26,7 +26,7 @@ FALLBACK_DOC = {
     "data.name": "data set: embedded synthetic, or an image data set read from data.root",
     "data.partition.kind": "how image data are split over devices (ignored for synthetic data)",
     "data.partition.classes_per_device": "shards: classes per device",
-    "model.name": "logreg (softmax regression), mlp (two hidden layers of model.hidden), cnn (1x28x28 images), cifar-cnn (3x32x32)",
+    "model.name": "a built-in model (tables above) or a plug-in reference",
 }
 # Cross-field rules from config.validate() that the field metadata cannot express.
 RULES = {

@@ -24,7 +24,7 @@ from qmlhfl_mpi.core.codecs import make_codec
 class Node:
     layer: int
     index: int
-    children: list["Node"] = field(default_factory=list)
+    children: list[Node] = field(default_factory=list)
     devices: list[int] = field(default_factory=list)
 
 

@@ -6,8 +6,9 @@ import time
 
 import h5py
 import pytest
+
 from fault_plugin import spec as fault
-from helpers import clean_env, run_cli, small_config
+from helpers import run_cli, small_config
 
 FAST = 20  # seconds: start-up of two Python ranks plus the check, with margin on a loaded machine
 

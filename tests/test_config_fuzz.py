@@ -9,8 +9,8 @@ import typing
 
 import pytest
 import yaml
-from helpers import run_cli, small_config
 
+from helpers import run_cli, small_config
 from qmlhfl_mpi.config import ConfigError, apply_overrides, from_dict, schema
 
 BASE = {"topology": {"branching": [2, 3]}, "tau": [2, 2], "quantizer": {"levels": [4, 8]}}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import REPO, run_cli, small_config
 
 DOCS = REPO / "docs"

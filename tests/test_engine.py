@@ -8,12 +8,12 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from helpers import run_cli, small_config
-from reference import Reference, build_tree
 
+from helpers import run_cli, small_config
 from qmlhfl_mpi import config
 from qmlhfl_mpi.config import build
 from qmlhfl_mpi.core.codecs import make_codec
+from reference import Reference, build_tree
 
 
 def run_ok(n, cfg_path, *extra, timeout=300):

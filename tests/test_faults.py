@@ -11,6 +11,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+
 from fault_plugin import spec as fault
 from helpers import clean_env, mpiexec_path, run_cli, small_config
 

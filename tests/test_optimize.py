@@ -64,11 +64,10 @@ def test_matches_exhaustive_search(N, spec, levels, max_tau, lr, deadline, latcf
     d, L, s2, g0 = 5000, 2.0, 0.5, 3.0
     r = optimize_tau(d, link_codecs(levels, 512), tree, lat, deadline, L, lr, max_tau, sigma2=s2, gap0=g0, zeta2=zeta2,
                      n_random=10)
-    best, arg = math.inf, None
+    best = math.inf
     for tau in itertools.product(range(1, max_tau + 1), repeat=N):
         obj = reference(tau, d, levels, 512, tree, lat, deadline, L, lr, s2, g0, zeta2)[0]
-        if obj < best:
-            best, arg = obj, tau
+        best = min(best, obj)
     assert math.isfinite(best)
     assert r.objective == pytest.approx(best, rel=1e-12)
     assert reference(r.tau, d, levels, 512, tree, lat, deadline, L, lr, s2, g0, zeta2)[0] == pytest.approx(best,

@@ -3,6 +3,7 @@ import shlex
 import sys
 
 import pytest
+
 from helpers import REPO, run_mpi
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import clean_env, run_cli, small_config
 
+from helpers import clean_env, run_cli, small_config
 from qmlhfl_mpi import cli
 from qmlhfl_mpi.analysis import report
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
 from fault_plugin import spec as fault
 from helpers import REPO, clean_env, run_cli, small_config
 

@@ -39,7 +39,9 @@ _EXPORTS = {
     "Codec": "qmlhfl_mpi.core.codecs",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["CODECS", "CSVLog", "Callback", "Codec", "Config", "ConfigError", "ConsoleTable", "DATASETS", "MODELS",
+           "PARTITIONERS", "PluginError", "RunError", "RunSummary", "Session", "SignalStop", "TensorBoardLog",
+           "__version__", "load_config"]
 
 
 def __getattr__(name: str) -> Any:

@@ -20,7 +20,7 @@ import argparse
 import logging
 import sys
 import traceback
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from .core.exitcodes import (

@@ -14,8 +14,8 @@ trained model is bit-for-bit the same for any number of ranks.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -10,9 +10,10 @@ import dataclasses
 import math
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -333,7 +334,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(str(e)) from None
     N = tree.N
     if len(cfg.tau) != N:
-        raise ConfigError(f"config key 'tau' = {list(cfg.tau)}: the tree has N={N} layers, so give {N} values tau_1..tau_{N}, each >= 1")
+        raise ConfigError(f"config key 'tau' = {list(cfg.tau)}: the tree has N={N} layers, so give {N} values "
+                          f"tau_1..tau_{N}, each >= 1")
     if len(cfg.quantizer.levels) != N:
         raise ConfigError(
             f"config key 'quantizer.levels' = {list(cfg.quantizer.levels)}: the tree has N={N} links, "

@@ -23,8 +23,8 @@ The search is exact branch and bound over ``tau_1, tau_2, ...`` in order:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

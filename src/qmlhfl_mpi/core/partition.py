@@ -38,8 +38,8 @@ function named as ``module:attr`` or ``file.py:attr`` in
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -166,7 +166,7 @@ def _shards(labels: np.ndarray, num_devices: int, k: int, rng: np.random.Generat
             c = int(np.flatnonzero(over)[0])
             per_class[c] -= 1
             room = np.flatnonzero(per_class < counts)
-            per_class[room[np.argmax((counts[room] / per_class[room]))]] += 1
+            per_class[room[np.argmax(counts[room] / per_class[room])]] += 1
         pieces, shard_class = [], []
         for c, chunk in enumerate(np.split(order, np.cumsum(counts)[:-1])):
             pieces.extend(np.array_split(chunk, per_class[c]))
@@ -290,11 +290,11 @@ def natural(r: PartitionRequest) -> list[np.ndarray]:
     if owners.size != r.labels.size:
         raise ValueError(f"natural split: {owners.size} owner ids for {r.labels.size} training samples")
     ids, inverse = np.unique(owners, return_inverse=True)
-    O, D = ids.size, r.num_devices
-    if O < D:
-        raise ValueError(f"natural split: the data set has {O} owners but the tree has {D} devices; every "
-                         f"device needs at least one owner, so use a tree of at most {O} devices")
-    device_of_owner = (np.arange(O) * D) // O  # contiguous blocks: owner j -> device floor(j D / O)
+    n_owners, D = ids.size, r.num_devices
+    if n_owners < D:
+        raise ValueError(f"natural split: the data set has {n_owners} owners but the tree has {D} devices; every "
+                         f"device needs at least one owner, so use a tree of at most {n_owners} devices")
+    device_of_owner = (np.arange(n_owners) * D) // n_owners  # contiguous blocks: owner j -> device floor(j D / O)
     dev = device_of_owner[inverse]
     order = np.argsort(dev, kind="stable")
     cuts = np.searchsorted(dev[order], np.arange(1, D))

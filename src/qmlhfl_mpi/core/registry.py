@@ -20,9 +20,10 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = ["PluginError", "Registry", "is_reference", "load_reference"]
 

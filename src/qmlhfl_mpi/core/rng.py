@@ -6,7 +6,7 @@ it is for, so results do not depend on which rank computes them.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -25,8 +25,8 @@ plus our cross-layer terms ``sum_{n=1}^{N-1} (T_n-1)(T_{n+1}-T_n)/2``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

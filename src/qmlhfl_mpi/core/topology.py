@@ -8,8 +8,9 @@ covers ``device_range(n, u)``.  Nodes of one layer are numbered left to right.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ class Tree:
 
     # ---- construction -------------------------------------------------
     @classmethod
-    def uniform(cls, branching: Sequence[int]) -> "Tree":
+    def uniform(cls, branching: Sequence[int]) -> Tree:
         """Balanced tree; ``branching[0]`` children of the cloud, ..., ``branching[-1]``
         devices under each layer-1 node.  ``N = len(branching)``."""
         if len(branching) < 1:
@@ -44,7 +45,7 @@ class Tree:
         return cls.from_nested(spec)
 
     @classmethod
-    def from_nested(cls, spec: Any) -> "Tree":
+    def from_nested(cls, spec: Any) -> Tree:
         """Explicit tree as nested lists; an integer ``k`` is a layer-1 node with ``k``
         devices.  ``5`` is FedAvg with 5 devices (N=1), ``[3, 2]`` a cloud with two
         edge servers of 3 and 2 devices (N=2), ``[[3, 2], [4]]`` has N=3."""
@@ -263,7 +264,7 @@ class RankLayout:
     bounds: np.ndarray
 
     @classmethod
-    def build(cls, tree: Tree, num_ranks: int) -> "RankLayout":
+    def build(cls, tree: Tree, num_ranks: int) -> RankLayout:
         return cls(tree, rank_blocks(tree, num_ranks))
 
     @property

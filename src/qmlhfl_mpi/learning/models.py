@@ -23,7 +23,8 @@ length where the module has no matrix weight.  Parameters are visited in
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

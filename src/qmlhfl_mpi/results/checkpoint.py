@@ -11,9 +11,9 @@ round), so the model, the state and the round are all a restart needs.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import h5py
 import numpy as np

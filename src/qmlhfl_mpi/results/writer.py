@@ -20,8 +20,9 @@ Schema (documented for users in docs/results.md)::
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import h5py
 import numpy as np
@@ -61,7 +62,7 @@ class ResultsWriter:
         self.f.flush()
 
     @classmethod
-    def reopen(cls, path: str | Path, rounds_done: int, attrs: Mapping[str, Any]) -> "ResultsWriter":
+    def reopen(cls, path: str | Path, rounds_done: int, attrs: Mapping[str, Any]) -> ResultsWriter:
         """Continue an existing file: drop metric rows after ``rounds_done``, mark it running."""
         self = cls.__new__(cls)
         self.path = Path(path)

@@ -12,7 +12,8 @@ gives exit 74, anything else exit 1.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from .session import RunSummary, Session
@@ -23,13 +24,13 @@ Record = Mapping[str, Any]  # one global round: every metric that goes to the HD
 class Callback:
     """Base class with no-op hooks; override the ones you need."""
 
-    def on_run_start(self, session: "Session") -> None:
+    def on_run_start(self, session: Session) -> None:
         """Before the first round (after a resume: before the first new round)."""
 
-    def on_round_end(self, session: "Session", record: Record) -> bool | None:
+    def on_round_end(self, session: Session, record: Record) -> bool | None:
         """After each global round; ``record`` has every metric of the round.
         Return ``True`` to ask the run to stop after this round."""
         return None
 
-    def on_run_end(self, session: "Session", summary: "RunSummary") -> None:
+    def on_run_end(self, session: Session, summary: RunSummary) -> None:
         """After the last round, with the run's summary (also after a stop or divergence)."""

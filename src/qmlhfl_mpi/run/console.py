@@ -35,12 +35,12 @@ class ConsoleTable(Callback):
         out.write(line + "\n")
         out.flush()
 
-    def on_run_start(self, session: "Session") -> None:
+    def on_run_start(self, session: Session) -> None:
         self._t0, self._start = time.monotonic(), session.start_round
         if session.rank == 0:
             self._write(self.HEADER)
 
-    def on_round_end(self, session: "Session", record: Record) -> None:
+    def on_round_end(self, session: Session, record: Record) -> None:
         if session.rank != 0:
             return
         elapsed = time.monotonic() - self._t0

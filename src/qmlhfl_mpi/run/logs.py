@@ -33,7 +33,7 @@ class CSVLog(Callback):
     def header(self, num_links: int) -> list[str]:
         return [*SCALAR_METRICS, *(f"uplink_bytes_{n}" for n in range(1, num_links + 1))]
 
-    def on_run_start(self, session: "Session") -> None:
+    def on_run_start(self, session: Session) -> None:
         if session.rank != 0:
             return
         header = self.header(session.tree.N)
@@ -50,14 +50,14 @@ class CSVLog(Callback):
         self._writer.writerows(rows)
         self._file.flush()
 
-    def on_round_end(self, session: "Session", record: Record) -> None:
+    def on_round_end(self, session: Session, record: Record) -> None:
         if self._writer is None:
             return
         self._writer.writerow([repr(float(record[k])) if k != "round" else int(record[k]) for k in SCALAR_METRICS]
                               + [int(b) for b in record["uplink_bytes"]])
         self._file.flush()
 
-    def on_run_end(self, session: "Session", summary: "RunSummary") -> None:
+    def on_run_end(self, session: Session, summary: RunSummary) -> None:
         if self._file is not None:
             self._file.close()
             self._file = self._writer = None
@@ -70,7 +70,7 @@ class TensorBoardLog(Callback):
         self.logdir = Path(logdir)
         self._writer: Any = None
 
-    def on_run_start(self, session: "Session") -> None:
+    def on_run_start(self, session: Session) -> None:
         if session.rank != 0:
             return
         try:
@@ -81,7 +81,7 @@ class TensorBoardLog(Callback):
                            "output.tensorboard") from None
         self._writer = SummaryWriter(log_dir=str(self.logdir), purge_step=session.start_round + 1)
 
-    def on_round_end(self, session: "Session", record: Record) -> None:
+    def on_round_end(self, session: Session, record: Record) -> None:
         if self._writer is None:
             return
         step = int(record["round"]) + 1
@@ -95,7 +95,7 @@ class TensorBoardLog(Callback):
             w.add_scalar(f"time/{key}", float(record[key]), step)
         w.flush()
 
-    def on_run_end(self, session: "Session", summary: "RunSummary") -> None:
+    def on_run_end(self, session: Session, summary: RunSummary) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -21,8 +21,9 @@ import math
 import os
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,6 +147,10 @@ class Session:
         self._raise_agreed(msg)
         return result
 
+    def _on_rank0(self, write: Callable[..., None], *args: Any) -> None:
+        """``write(*args)`` on rank 0 (results and checkpoints); a failed write is exit 74 everywhere.  Collective."""
+        self._agree(lambda: write(*args) if self.rank == 0 else None, (OSError,), EXIT_IO)
+
     def _raise_agreed(self, msg: str | None, stop: bool = False) -> bool:
         agreed, any_stop = agree(self.comm, msg, stop)
         if agreed is not None:
@@ -219,7 +224,7 @@ class Session:
                 lc.free()
         self._comms = []
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -325,7 +330,7 @@ class Session:
                 self.model_vector, self.round, done = w, t, t + 1
                 if np.isfinite(record["test_accuracy"]):
                     acc = float(record["test_accuracy"])
-                self._agree(lambda: results.append(record) if rank == 0 else None, (OSError,), EXIT_IO)
+                self._on_rank0(results.append, record)
                 diverged = not (math.isfinite(record["train_loss"]) and np.isfinite(w).all())
                 stop = self._hooks(callbacks, "on_round_end", record)
                 if diverged:
@@ -335,7 +340,7 @@ class Session:
                                f"--set train.lr={cfg.train.lr / 4:g} (now {cfg.train.lr:g})")
                     break
                 if ckpt.due(done, self.rounds, stop):
-                    self._agree(lambda: ckpt.write(w, done) if rank == 0 else None, (OSError,), EXIT_IO)
+                    self._on_rank0(ckpt.write, w, done)
                 if stop and done < self.rounds:
                     status = "preempted"
                     message = (f"stopped after round {t} at the request of a signal or callback; checkpoint "
@@ -343,7 +348,8 @@ class Session:
                                "--resume")
                     break
             if status == "completed":
-                self._agree(lambda: (results.final(w), ckpt.remove()) if rank == 0 else None, (OSError,), EXIT_IO)
+                self._on_rank0(results.final, w)
+                self._on_rank0(ckpt.remove)
         except BaseException as e:
             if status in ("completed", "preempted"):
                 status, message = "failed", f"{type(e).__name__}: {e}"

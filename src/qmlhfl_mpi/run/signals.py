@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .callbacks import Callback, Record
 
@@ -36,10 +37,10 @@ class SignalStop(Callback):
     def reason(self) -> str:
         return ", ".join(signal.Signals(s).name for s in self.received)
 
-    def on_round_end(self, session: "Session", record: Record) -> bool:
+    def on_round_end(self, session: Session, record: Record) -> bool:
         return bool(self.received)
 
-    def on_run_end(self, session: "Session", summary: "RunSummary") -> None:
+    def on_run_end(self, session: Session, summary: RunSummary) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()

@@ -7,7 +7,8 @@ built-ins are references imported on first use, exactly like a plug-in
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..registry import PluginError, Registry
 from .base import Codec, StreamKey

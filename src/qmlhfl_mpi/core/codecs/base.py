@@ -17,7 +17,7 @@ results file ask the codec objects for their sizes and variance factors.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -71,7 +71,7 @@ def variance_factor(d: int, s: int, bucket: int) -> float:
     return min(blen / s**2, math.sqrt(blen) / s)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signed_levels(w: int) -> np.ndarray:
     """Signed level of every ``w``-bit code: ``table[level << 1 | sign]``."""
     codes = np.arange(1 << w, dtype=np.int64)

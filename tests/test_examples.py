@@ -1,0 +1,284 @@
+"""The plug-in examples in examples/: each config runs under real ``mpiexec``
+with 1 and 2 ranks and gives the same results; bad plug-in references fail
+cleanly.  The configs use repo-relative plug-in paths, so every job runs with
+``cwd=REPO``."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from helpers import REPO, run_cli
+
+EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED = 0, 2, 75
+CONFIGS = {name: f"examples/{name}.yaml" for name in ("model", "natural", "callback")}
+
+
+# --------------------------------------------------------------------------- helpers
+def _import_file(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _resolve(ref: str) -> Any:
+    """The object a config names: a ``file.py:attr`` reference (imported here
+    directly, not through the engine) or a built-in registry name."""
+    if ":" not in ref:
+        from qmlhfl_mpi.learning.registry import MODELS
+        return MODELS.resolve(ref)
+    target, _, attr = ref.rpartition(":")
+    return getattr(_import_file(REPO / target), attr)
+
+
+def _config(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / CONFIGS[name]).read_text())
+
+
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+
+
+def _num_devices(cfg: dict[str, Any]) -> int:
+    return math.prod(cfg["topology"]["branching"])
+
+
+def _shape_and_classes(cfg: dict[str, Any]) -> tuple[tuple[int, ...], int]:
+    data = cfg["data"]
+    if data["name"] == "synthetic":
+        return (data["synthetic"]["dim"],), data["synthetic"]["classes"]
+    load = _resolve(data["name"])
+    x, y, _ = load("ignored", True, **data.get("args", {}))
+    _, ty = load("ignored", False, **data.get("args", {}))
+    return tuple(x.shape[1:]), int(max(y.max(), ty.max())) + 1
+
+
+def _read(path: Path) -> dict[str, Any]:
+    with h5py.File(path, "r") as f:
+        return {
+            "status": str(f.attrs["status"]),
+            "num_params": int(f.attrs["num_params"]),
+            "final": f["model/final"][()] if "final" in f["model"] else None,
+            "train_loss": f["metrics/train_loss"][()],
+            "test_accuracy": f["metrics/test_accuracy"][()],
+            "samples": f["topology/samples"][()],
+        }
+
+
+def _clean(proc: Any) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+class Runs:
+    """Runs each (key) job once per module and remembers its process and output."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done: dict[str, tuple[Any, Path]] = {}
+
+    def get(self, key: str, n: int, config: str, *sets: str, out: Path | None = None,
+            resume: bool = False) -> tuple[Any, Path]:
+        if key not in self.done:
+            out = out or self.root / key / "x.h5"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            args = ["run", config, "--quiet", "--set", f"output.path={out}"]
+            for s in sets:
+                args += ["--set", s]
+            if resume:
+                args.append("--resume")
+            proc, _ = run_cli(n, args, cwd=REPO, timeout=180)
+            self.done[key] = (proc, out)
+        return self.done[key]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("examples"))
+
+
+def _callback_sets(runs: Runs, key: str, **override: Any) -> tuple[str, Path]:
+    """``callbacks=[...]`` as in callback.yaml, with the JSON summary in the test's directory."""
+    cbs = _config("callback")["callbacks"]
+    assert len(cbs) == 1 and cbs[0]["ref"] == "examples/callbacks.py:BestAccuracy"
+    summary = runs.root / key / "best.json"
+    cbs = [{"ref": cbs[0]["ref"], "args": {**cbs[0].get("args", {}), "path": str(summary), **override}}]
+    return "callbacks=" + _flow(cbs), summary
+
+
+def _callback_run(runs: Runs, n: int) -> tuple[Any, Path, Path]:
+    sets, summary = _callback_sets(runs, f"callback-{n}")
+    proc, out = runs.get(f"callback-{n}", n, CONFIGS["callback"], sets)
+    return proc, out, summary
+
+
+# --------------------------------------------------------------------------- the three examples
+@pytest.mark.parametrize("name", ["model", "natural"])
+def test_example_same_on_1_and_2_ranks(runs, name):
+    cfg = _config(name)
+    res = {}
+    for n in (1, 2):
+        proc, out = runs.get(f"{name}-{n}", n, CONFIGS[name])
+        assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+        _clean(proc)
+        res[n] = _read(out)
+        assert res[n]["status"] == "completed"
+        assert res[n]["final"] is not None and len(res[n]["train_loss"]) == cfg["train"]["rounds"]
+    assert np.array_equal(res[1]["final"], res[2]["final"])
+    assert np.array_equal(res[1]["train_loss"], res[2]["train_loss"])
+    assert np.isfinite(res[1]["train_loss"]).all()
+
+    shape, classes = _shape_and_classes(cfg)
+    module = _resolve(cfg["model"]["name"])(shape, classes, **cfg["model"].get("args", {}))
+    expected = sum(p.numel() for p in module.parameters())
+    assert res[1]["num_params"] == res[2]["num_params"] == expected == res[1]["final"].size
+
+
+def test_natural_split_follows_the_owners(runs):
+    cfg = _config("natural")
+    assert cfg["data"]["partition"]["kind"] == "natural"
+    load = _resolve(cfg["data"]["name"])
+    args = cfg["data"]["args"]
+    x, y, owner = load("ignored", True, **args)
+    assert x.dtype == np.float32 and y.dtype == np.int64 and owner.dtype == np.int64
+    assert len(load("ignored", False, **args)) == 2  # the test split has no owners
+    # deterministic, and root is not read
+    x2, y2, o2 = load("/nonexistent/root", True, **args)
+    assert np.array_equal(x, x2) and np.array_equal(y, y2) and np.array_equal(owner, o2)
+
+    D = _num_devices(cfg)
+    ids, inverse = np.unique(owner, return_inverse=True)
+    O = ids.size
+    assert O == args["writers"] >= D
+    device_of_owner = np.array([j * D // O for j in range(O)])
+    expected = np.bincount(device_of_owner[inverse], minlength=D)
+    for n in (1, 2):
+        proc, out = runs.get(f"natural-{n}", n, CONFIGS["natural"])
+        assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+        assert np.array_equal(_read(out)["samples"], expected)
+
+
+def _expected_stop(acc: np.ndarray, patience: int, target: float | None) -> int | None:
+    """The round after which BestAccuracy asks to stop, recomputed from the metrics."""
+    best, stale = -math.inf, 0
+    for t, a in enumerate(acc):
+        if not np.isfinite(a):
+            continue
+        if a > best:
+            best, stale = a, 0
+        else:
+            stale += 1
+        if (target is not None and a >= target) or stale >= patience:
+            return t
+    return None
+
+
+def test_callback_example_stops_the_same_on_1_and_2_ranks(runs):
+    cfg = _config("callback")
+    res = {}
+    for n in (1, 2):
+        proc, out, summary = _callback_run(runs, n)
+        assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
+        _clean(proc)
+        assert proc.stderr.count("qmlhfl-mpi: stopped:") == 1
+        res[n] = _read(out)
+        assert res[n]["status"] == "preempted" and res[n]["final"] is None
+        assert Path(f"{out}.ckpt").is_file()
+        line = json.loads(summary.read_text())
+        rows = len(res[n]["train_loss"])
+        assert line["status"] == "preempted" and line["rounds_done"] == rows
+        assert line["best_accuracy"] == float(np.nanmax(res[n]["test_accuracy"]))
+        assert line["stopped_because"]
+        args = cfg["callbacks"][0]["args"]
+        assert _expected_stop(res[n]["test_accuracy"], args["patience"], args.get("target")) == rows - 1
+        assert rows < cfg["train"]["rounds"]
+    assert np.array_equal(res[1]["train_loss"], res[2]["train_loss"])
+    assert np.array_equal(res[1]["test_accuracy"], res[2]["test_accuracy"])
+    shape, classes = _shape_and_classes(cfg)
+    module = _resolve(cfg["model"]["name"])(shape, classes, **cfg["model"].get("args", {}))
+    assert res[1]["num_params"] == res[2]["num_params"] == sum(p.numel() for p in module.parameters())
+
+
+def _uninterrupted(runs: Runs) -> dict[str, Any]:
+    proc, out = runs.get("callback-none", 1, CONFIGS["callback"], "callbacks=[]")
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    res = _read(out)
+    assert res["status"] == "completed" and len(res["train_loss"]) == _config("callback")["train"]["rounds"]
+    return res
+
+
+def test_callback_example_resumes_to_the_uninterrupted_model(runs):
+    """Each stopped run resumed on the other rank count, without the callback,
+    ends bit-identical to a run that never had the callback."""
+    ref = _uninterrupted(runs)
+    for n_stop, n_resume in ((1, 2), (2, 1)):
+        _, out, _ = _callback_run(runs, n_stop)
+        proc, _ = runs.get(f"resume-{n_stop}-{n_resume}", n_resume, CONFIGS["callback"], "callbacks=[]",
+                           out=out, resume=True)
+        assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+        _clean(proc)
+        res = _read(out)
+        assert res["status"] == "completed"
+        assert np.array_equal(res["final"], ref["final"])
+        assert np.array_equal(res["train_loss"], ref["train_loss"])
+        assert not Path(f"{out}.ckpt").exists()
+
+
+def test_callback_target_stops_after_the_first_round_and_resumes(runs):
+    sets, summary = _callback_sets(runs, "target", target=0.0)
+    proc, out = runs.get("target", 2, CONFIGS["callback"], sets)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
+    _clean(proc)
+    res = _read(out)
+    assert res["status"] == "preempted" and len(res["train_loss"]) == 1
+    line = json.loads(summary.read_text())
+    assert line["rounds_done"] == 1 and "target" in line["stopped_because"]
+
+    proc, _ = runs.get("target-resume", 2, CONFIGS["callback"], "callbacks=[]", out=out, resume=True)
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    res = _read(out)
+    ref = _uninterrupted(runs)
+    assert res["status"] == "completed"
+    assert np.array_equal(res["final"], ref["final"])
+    assert np.array_equal(res["train_loss"], ref["train_loss"])
+
+
+# --------------------------------------------------------------------------- bad references
+_NOT_A_MODULE = "def build(input_shape, num_classes, **kw):\n    return 3\n"
+_WRONG_WIDTH = (
+    "import math\nfrom torch import nn\n\n"
+    "def build(input_shape, num_classes, **kw):\n"
+    "    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes + 1))\n"
+)
+BAD = {
+    "no-file": (None, "examples/nope.py:build"),
+    "no-attribute": (None, "examples/custom_model.py:nope"),
+    "not-callable": (None, "examples/custom_model.py:DEFAULT_WIDTH"),
+    "not-a-module": (_NOT_A_MODULE, "{tmp}/bad.py:build"),
+    "wrong-output-shape": (_WRONG_WIDTH, "{tmp}/bad.py:build"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_model_reference_fails_cleanly(tmp_path, case):
+    source, ref = BAD[case]
+    if source is not None:
+        (tmp_path / "bad.py").write_text(source)
+    ref = ref.format(tmp=tmp_path)
+    out = tmp_path / "x.h5"
+    proc, secs = run_cli(2, ["run", CONFIGS["model"], "--quiet", "--set", f"output.path={out}",
+                             "--set", f"model.name={ref}"], cwd=REPO, timeout=60)
+    assert proc.returncode == EXIT_USAGE, proc.stderr[-3000:]
+    assert secs < 20
+    assert ref in proc.stderr
+    _clean(proc)
+    assert proc.stderr.count("qmlhfl-mpi: error:") == 1, proc.stderr
+    assert not out.exists()
