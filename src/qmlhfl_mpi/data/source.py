@@ -85,7 +85,7 @@ def load_pooled(fn: Callable[..., Any], name: str, root: str, train: bool, args:
     except TypeError as e:
         raise DataError(f"{where}: calling it as f(root, train, **data.args) with data.args={args!r} failed: "
                         f"{e}") from None
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - anything the loader raises
         raise DataError(f"{where} could not be loaded: {type(e).__name__}: {e}") from None
     if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
         raise DataError(f"{where} returned {type(out).__name__}; expected a tuple (x, y) or (x, y, owner)")

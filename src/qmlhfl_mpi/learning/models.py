@@ -121,7 +121,7 @@ def _call_factory(name: str, input_shape: tuple[int, ...], num_classes: int, arg
     with torch.random.fork_rng(devices=[]):  # whatever the factory draws, the global RNG is left as it was
         try:
             model = factory(input_shape, num_classes, **args)
-        except (TypeError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - anything the user's factory raises
             raise PluginError(f"model {name!r} with input_shape={input_shape}, num_classes={num_classes}, "
                               f"model.args={args!r}: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):

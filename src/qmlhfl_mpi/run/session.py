@@ -347,7 +347,7 @@ class Session:
                                f"{str(ckpt.path)!r} holds {done} rounds. Continue with: qmlhfl-mpi run CONFIG "
                                "--resume")
                     break
-            if status == "completed":
+            if status != "preempted":  # completed, or diverged: the file keeps the model it ended with
                 self._on_rank0(results.final, w)
                 self._on_rank0(ckpt.remove)
         except BaseException as e:

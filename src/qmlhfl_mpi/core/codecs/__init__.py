@@ -33,7 +33,7 @@ def make_codec(levels: int, bucket: int, kind: str = DEFAULT_KIND, **args: Any) 
         codec = factory(levels=levels, bucket=bucket, **args)
     except PluginError:
         raise
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - anything the user's factory raises
         raise PluginError(f"quantizer.kind {kind!r} with levels={levels}, bucket={bucket}: {e}") from None
     missing = [m for m in ("encode", "decode_add", "nbytes", "variance") if not callable(getattr(codec, m, None))]
     if missing:
