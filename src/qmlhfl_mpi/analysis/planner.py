@@ -27,11 +27,12 @@ from ..core.theory import (
     q_per_link,
     round_time_parts,
 )
-from ..core.topology import messages_per_round
+from ..core.topology import Tree, messages_per_round
+from ..data.local import LocalData
 from ..learning.train import loss_fn
 
 
-def _model_and_data(cfg: Config, max_devices: int = 8):  # noqa: ANN202 - (tree, module, LocalData)
+def _model_and_data(cfg: Config, max_devices: int = 8) -> tuple[Tree, torch.nn.Module, LocalData]:
     tree = cfg.build_tree()
     devices = range(min(tree.num_devices, max_devices))
     data = edge.local_data(cfg, tree, devices, 0, 1)

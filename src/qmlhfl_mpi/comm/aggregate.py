@@ -98,9 +98,10 @@ class HierarchicalAggregator:
         assert out is not None
         return out
 
-    def _work(self, m: int, c: int, v: np.ndarray) -> np.ndarray | None:
+    def _work(self, m: int, c: int, v: np.ndarray | None) -> np.ndarray | None:
         """What child ``c`` (layer ``m``) hands its parent, started from ``v``."""
         if m == 0:
+            assert v is not None  # a device always trains from a model
             t0 = time.perf_counter()
             x, loss_sum, steps = self.train_fn(v, c, self._round, self._next_call(0, c))
             self.stats.t_compute += time.perf_counter() - t0
@@ -108,11 +109,11 @@ class HierarchicalAggregator:
             self.stats.steps[c] += steps
             return x
         reps = self.tau[m]  # tau_{m+1}
-        x: np.ndarray | None = v
+        y: np.ndarray | None = v
         for k in range(reps):
             # the last result only matters to c's leader: the parent broadcasts next
-            x = self._aggregate(m, c, x, broadcast=k < reps - 1)
-        return x
+            y = self._aggregate(m, c, y, broadcast=k < reps - 1)
+        return y
 
     def _aggregate(self, n: int, u: int, v: np.ndarray | None, broadcast: bool) -> np.ndarray | None:
         """One aggregation of node ``u`` (layer ``n``) from its current model ``v``."""
@@ -131,7 +132,8 @@ class HierarchicalAggregator:
         sendbuf = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
         lc = self.comms[n]
         spanning = lc is not None and lc.node == u
-        if spanning and lc.leaders is not None:
+        if spanning and lc is not None and lc.leaders is not None:
+            assert lc.leader_counts is not None  # set for every member of ``leaders``
             t0 = time.perf_counter()
             gathered = gather_messages(lc.leaders, sendbuf, lc.leader_counts, L)
             st.t_comm += time.perf_counter() - t0
@@ -146,7 +148,7 @@ class HierarchicalAggregator:
                 codec.decode_add(gathered[i * L : (i + 1) * L], a, acc)
             new = v + acc
             st.t_codec += time.perf_counter() - t0
-        if broadcast and spanning and lc.subtree is not None:
+        if broadcast and spanning and lc is not None and lc.subtree is not None:
             t0 = time.perf_counter()
             new = broadcast_vector(lc.subtree, new, self.dim)
             st.t_comm += time.perf_counter() - t0

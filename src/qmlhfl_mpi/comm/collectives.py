@@ -29,6 +29,7 @@ def broadcast_vector(comm: MPI.Intracomm, vec: np.ndarray | None, dim: int) -> n
     if comm.Get_rank() != 0:
         vec = np.empty(dim, dtype=np.float32)
     comm.Bcast([vec, MPI.FLOAT], root=0)
+    assert vec is not None
     return vec
 
 

@@ -13,6 +13,7 @@ rank 0 of each.  Nodes that lie inside one rank need no communicator.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from mpi4py import MPI
@@ -50,9 +51,10 @@ def build_layer_comms(comm: MPI.Intracomm, layout: RankLayout) -> list[LayerComm
         sub_color = u if u is not None else MPI.UNDEFINED
         kids = tree.children(n, u) if u is not None else range(0)
         kid_leaders = [layout.leader(n - 1, c) for c in kids]
-        lead_color = u if rank in kid_leaders else MPI.UNDEFINED
-        subtree = comm.Split(sub_color, rank)
-        leaders = comm.Split(lead_color, rank)
+        lead_color = u if u is not None and rank in kid_leaders else MPI.UNDEFINED  # kid_leaders is empty when u is None
+        # Split of an Intracomm returns an Intracomm (the stubs say Comm)
+        subtree = cast(MPI.Intracomm, comm.Split(sub_color, rank))
+        leaders = cast(MPI.Intracomm, comm.Split(lead_color, rank))
         counts = None
         if leaders != MPI.COMM_NULL:
             members = sorted(set(kid_leaders))

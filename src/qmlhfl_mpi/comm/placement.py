@@ -38,6 +38,7 @@ def select_device(comm: MPI.Intracomm, requested: str, share_gpus: bool) -> torc
             device = torch.device(f"cuda:{local_rank % ngpu}")
     mapping = comm.gather((comm.Get_rank(), socket.gethostname(), str(device), problem), root=0)
     if comm.Get_rank() == 0:
+        assert mapping is not None  # gather returns the list on the root
         log.info("device placement: %s", ", ".join(f"rank {r}@{h}: {d}" for r, h, d, _ in mapping))
     if problem is not None:
         raise PlacementError(problem)

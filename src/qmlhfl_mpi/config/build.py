@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from ..core.codecs import Codec, link_codecs
@@ -46,7 +47,11 @@ def _dataset(cfg: Config) -> Any:
 
 
 def _generated(cfg: Config, obj: Any) -> GeneratedDataset:
-    return obj(cfg.train.seed, **dataclasses.asdict(cfg.data.synthetic), **cfg.data.args)
+    """A generated data set gets the run seed, the ``data.synthetic`` section and ``data.args``."""
+    try:
+        return obj(cfg.train.seed, **{**dataclasses.asdict(cfg.data.synthetic), **cfg.data.args})
+    except TypeError as e:
+        raise DataError(f"data set {cfg.data.name!r} with data.args={cfg.data.args!r}: {e}") from None
 
 
 def _is_generated(obj: Any) -> bool:
@@ -77,7 +82,7 @@ def local_data(cfg: Config, tree: Tree, devices: range, rank: int, num_ranks: in
         raise DataError(f"data set {cfg.data.name!r}: the training split has {train.y.dtype} targets and the "
                         f"test split {test.y.dtype}; both must be class labels or both regression targets")
     p = cfg.data.partition
-    labels = train.y if not train.regression else train.y.astype("int64") * 0
+    labels = np.zeros(len(train), dtype=np.int64) if train.regression else train.y  # targets: no label skew
     try:
         parts = partition(labels, tree.num_devices, p.kind, cfg.train.seed, classes_per_device=p.classes_per_device,
                           alpha=p.alpha, size_sigma=p.size_sigma, classes_per_edge=p.classes_per_edge,

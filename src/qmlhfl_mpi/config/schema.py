@@ -239,7 +239,7 @@ def _convert(key: str, v: Any, tp: Any, f: dataclasses.Field) -> Any:
             raise ConfigError(f"config key '{key}' = {v!r}: expected {_describe(f, tp)}")
         return tuple(_check_scalar(f"{key}[{i}]", x, elem, f) for i, x in enumerate(v))
     if dataclasses.is_dataclass(tp):
-        return _build(tp, v, key)
+        return _build(typing.cast(type, tp), v, key)
     return _check_scalar(key, v, tp, f)
 
 
@@ -317,6 +317,7 @@ def load_config(source: str | Path | dict[str, Any] | Config, overrides: Sequenc
         source = yaml.safe_load(source.to_yaml())
     if isinstance(source, dict):
         return from_dict(apply_overrides(source, overrides))
+    assert not isinstance(source, Config)  # a Config became a dict above
     return load(source, overrides)
 
 
@@ -360,8 +361,9 @@ def callback_specs(raw: Any) -> list[tuple[str, dict[str, Any]]]:
     if not isinstance(raw, (list, tuple)):
         raise ConfigError(f"config key 'callbacks' = {raw!r}: expected a list of references such as "
                           "['examples/callback.py:PrintAccuracy'] or of {ref: ..., args: {...}} mappings")
-    out = []
+    out: list[tuple[str, dict[str, Any]]] = []
     for i, item in enumerate(raw):
+        args: Any
         ref, args = (item, {}) if isinstance(item, str) else (None, None)
         if isinstance(item, dict):
             unknown = sorted(set(item) - {"ref", "args"})
@@ -408,7 +410,7 @@ def schema() -> list[tuple[str, Any, dataclasses.Field]]:
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             if dataclasses.is_dataclass(tp):
-                walk(tp, f"{prefix}{f.name}.")
+                walk(typing.cast(type, tp), f"{prefix}{f.name}.")
             else:
                 out.append((f"{prefix}{f.name}", tp, f))
 

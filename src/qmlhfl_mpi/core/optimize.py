@@ -155,10 +155,10 @@ class _Problem:
         axes, prod = self._grids[r]
         axes = axes[:, : int(np.searchsorted(prod, self.k_cap() // math.prod(prefix), side="right"))]
         self.evals += axes.shape[1]
-        T = [np.int64(1)]
+        T0 = [np.int64(1)]
         for n in range(1, N + 1):
-            T.append(T[-1] * (prefix[n - 1] if n <= j else axes[n - 1 - j]))
-        T = [np.broadcast_to(np.asarray(t, dtype=np.int64), axes.shape[1:]) for t in T]
+            T0.append(T0[-1] * (prefix[n - 1] if n <= j else axes[n - 1 - j]))
+        T = [np.broadcast_to(np.asarray(t, dtype=np.int64), axes.shape[1:]) for t in T0]
         K = T[N]
         Tf = [t.astype(np.float64) for t in T]
         qs, al, be, x = self.qs, self.consts.alpha, self.consts.beta, self.L * self.lr
@@ -174,6 +174,7 @@ class _Problem:
                                                    for n in range(1, N + 1))
         rounds = np.floor(self.deadline / rt)
         noise2 = self.sigma2 if self.iid else self.sigma2 + 2.0 * self.zeta2
+        drift: float | np.ndarray
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             if self.iid:
                 drift = x * x * bg * noise2

@@ -167,11 +167,12 @@ def _shards(labels: np.ndarray, num_devices: int, k: int, rng: np.random.Generat
             per_class[c] -= 1
             room = np.flatnonzero(per_class < counts)
             per_class[room[np.argmax(counts[room] / per_class[room])]] += 1
-        pieces, shard_class = [], []
+        pieces = []
+        shard_list: list[int] = []
         for c, chunk in enumerate(np.split(order, np.cumsum(counts)[:-1])):
             pieces.extend(np.array_split(chunk, per_class[c]))
-            shard_class.extend([c] * int(per_class[c]))
-        shard_class = np.asarray(shard_class)
+            shard_list.extend([c] * int(per_class[c]))
+        shard_class = np.asarray(shard_list)
     bins = _assign_distinct(shard_class, num_devices, k, rng)
     return [np.concatenate([pieces[s] for s in row]) for row in bins]
 

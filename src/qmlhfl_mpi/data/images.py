@@ -24,6 +24,7 @@ import gzip
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -277,7 +278,9 @@ def load_image_data(name: str, root: PathLike, train: bool, download: bool = Fal
     return ImageData(labels=labels, num_classes=num_classes, input_shape=shape, _pixels=images, _mean=mean, _std=std)
 
 
-def _loader(name: str):  # noqa: ANN202 - returns a data set function of the registry's interface
+def _loader(name: str) -> Callable[..., tuple[ImageData, np.ndarray]]:
+    """The data-set function (registry interface) of the image data set ``name``."""
+
     def load(root: PathLike, train: bool, download: bool = False) -> tuple[ImageData, np.ndarray]:
         data = load_image_data(name, root, train, download)
         return data, data.labels

@@ -29,7 +29,7 @@ class LocalTrainer:
         self.lr = lr
         self.batch_size = batch_size
         self.seed = seed
-        self.params = [p for p in self.model.parameters()]
+        self.params: list[torch.Tensor] = [p for p in self.model.parameters()]
         self.dim = sum(p.numel() for p in self.params)
         self.flat = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
         off = 0
@@ -71,7 +71,8 @@ class LocalTrainer:
             loss = loss_fn(model(x[bi]), y[bi])
             loss.backward()
             with torch.no_grad():
-                torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)
+                # every parameter has a grad after backward()
+                torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)  # type: ignore[misc]
             loss_sum += float(loss.detach())
         return self.get_vector(), loss_sum
 

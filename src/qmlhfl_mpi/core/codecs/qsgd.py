@@ -122,6 +122,7 @@ class QSGDCodec(Codec):
         out = np.empty(self.nbytes(d), dtype=np.uint8)
         if d == 0:
             return out
+        xb: np.ndarray
         if nb * blen != d:
             xb = np.zeros(nb * blen, dtype=np.float32)
             xb[:d] = x
@@ -138,7 +139,7 @@ class QSGDCodec(Codec):
                 np.nan_to_num(y, copy=False, nan=0.0, posinf=float(s), neginf=0.0)
                 np.minimum(y, np.float32(s), out=y)
         ctype = np.uint8 if self.width <= 8 else np.uint16
-        codes = y.astype(ctype).reshape(-1)[:d]  # floor; at most s + 1 after float rounding
+        codes: np.ndarray = y.astype(ctype).reshape(-1)[:d]  # floor; at most s + 1 after float rounding
         np.minimum(codes, ctype(s), out=codes)
         codes <<= 1
         codes |= np.signbit(xb).reshape(-1)[:d]
