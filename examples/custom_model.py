@@ -17,7 +17,7 @@ therefore irrelevant, and every rank gets the same model.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -142,6 +142,14 @@ def test_example_same_on_1_and_2_ranks(runs, name):
     assert res[1]["num_params"] == res[2]["num_params"] == expected == res[1]["final"].size
 
 
+def _owner_counts(owner: np.ndarray, D: int) -> np.ndarray:
+    """Training samples per device by the natural rule: sorted owner j -> device floor(j D / O)."""
+    ids, inverse = np.unique(owner, return_inverse=True)
+    owners = ids.size
+    device_of_owner = np.array([j * D // owners for j in range(owners)])
+    return np.bincount(device_of_owner[inverse], minlength=D)
+
+
 def test_natural_split_follows_the_owners(runs):
     cfg = _config("natural")
     assert cfg["data"]["partition"]["kind"] == "natural"
@@ -155,15 +163,33 @@ def test_natural_split_follows_the_owners(runs):
     assert np.array_equal(x, x2) and np.array_equal(y, y2) and np.array_equal(owner, o2)
 
     D = _num_devices(cfg)
-    ids, inverse = np.unique(owner, return_inverse=True)
-    O = ids.size
-    assert O == args["writers"] >= D
-    device_of_owner = np.array([j * D // O for j in range(O)])
-    expected = np.bincount(device_of_owner[inverse], minlength=D)
+    assert np.unique(owner).size == args["writers"] >= D
+    expected = _owner_counts(owner, D)
     for n in (1, 2):
         proc, out = runs.get(f"natural-{n}", n, CONFIGS["natural"])
         assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
         assert np.array_equal(_read(out)["samples"], expected)
+
+    # writers not a multiple of the devices: uneven blocks (3, 2, 2, 3, 2, 2 writers for 14 over 6)
+    _, _, owner14 = load("ignored", True, **{**args, "writers": 14})
+    expected = _owner_counts(owner14, D)
+    assert len(set(expected.tolist())) > 1
+    proc, out = runs.get("natural-14", 2, CONFIGS["natural"], "data.args.writers=14")
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    assert np.array_equal(_read(out)["samples"], expected)
+
+
+def test_natural_split_with_fewer_writers_than_devices_fails_cleanly(tmp_path):
+    D = _num_devices(_config("natural"))
+    out = tmp_path / "x.h5"
+    proc, secs = run_cli(2, ["run", CONFIGS["natural"], "--quiet", "--set", f"output.path={out}",
+                             "--set", f"data.args.writers={D - 1}"], cwd=REPO, timeout=60)
+    assert proc.returncode == EXIT_USAGE, proc.stderr[-3000:]
+    assert secs < 20
+    _clean(proc)
+    assert proc.stderr.count("qmlhfl-mpi: error:") == 1, proc.stderr
+    assert f"{D - 1} owners" in proc.stderr and f"{D} devices" in proc.stderr
+    assert not out.exists()
 
 
 def _expected_stop(acc: np.ndarray, patience: int, target: float | None) -> int | None:

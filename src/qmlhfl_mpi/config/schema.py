@@ -360,7 +360,7 @@ def callback_specs(raw: Any) -> list[tuple[str, dict[str, Any]]]:
     """``callbacks`` as ``(reference, args)`` pairs; raises :class:`ConfigError` on a bad entry."""
     if not isinstance(raw, (list, tuple)):
         raise ConfigError(f"config key 'callbacks' = {raw!r}: expected a list of references such as "
-                          "['examples/callback.py:PrintAccuracy'] or of {ref: ..., args: {...}} mappings")
+                          "['examples/callbacks.py:BestAccuracy'] or of {ref: ..., args: {...}} mappings")
     out: list[tuple[str, dict[str, Any]]] = []
     for i, item in enumerate(raw):
         args: Any

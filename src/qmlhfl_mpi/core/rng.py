@@ -17,6 +17,7 @@ BATCH = 3      # minibatches: (seed, BATCH, device, round, call)
 QUANT = 4      # quantizer: (seed, QUANT, layer, node, round, call)
 PARTITION = 5  # data partition: (seed, PARTITION, ...)
 SIZES = 6      # synthetic per-device sizes: (seed, SIZES, device)
+FORWARD = 7    # randomness inside a model's forward (dropout): (seed, FORWARD, device, round, call)
 
 
 def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:

@@ -57,10 +57,24 @@ class LocalTrainer:
         """``steps`` SGD steps from ``v`` on ``(x, y)``; returns (new vector, sum of step losses).
 
         Minibatches come from the stream ``(seed, BATCH, device, round, call)``.
+        Randomness inside the model's forward (dropout) comes from torch's
+        default generator, which is seeded from ``(seed, FORWARD, device,
+        round, call)`` for this call and restored afterwards, so it too does
+        not depend on the rank that trains the device.
         """
         self.set_vector(v)
         idx = torch.from_numpy(self._batches(len(y), steps, rng.stream(self.seed, rng.BATCH, device, round_, call)))
         idx = idx.to(self.device)
+        forward_seed = int(rng.stream(self.seed, rng.FORWARD, device, round_, call).integers(2**63))
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+            torch.random.default_generator.manual_seed(forward_seed)
+            if devices:
+                torch.cuda.manual_seed(forward_seed)
+            loss_sum = self._steps(x, y, idx, steps)
+        return self.get_vector(), loss_sum
+
+    def _steps(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, steps: int) -> float:
         loss_sum = 0.0
         model, params, lr = self.model, self.params, self.lr
         model.train()
@@ -74,7 +88,7 @@ class LocalTrainer:
                 # every parameter has a grad after backward()
                 torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)  # type: ignore[misc]
             loss_sum += float(loss.detach())
-        return self.get_vector(), loss_sum
+        return loss_sum
 
     @torch.no_grad()
     def evaluate(self, v: np.ndarray, x: torch.Tensor, y: torch.Tensor,

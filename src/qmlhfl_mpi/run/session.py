@@ -183,10 +183,13 @@ class Session:
             out.append(TensorBoardLog(self.config.output.tensorboard))
         for ref, args in callback_specs(self.config.callbacks):
             factory = load_reference(ref)
+            if not callable(factory):
+                raise PluginError(f"callback {ref!r}: {factory!r} is not callable; name a Callback subclass or a "
+                                  "function returning a Callback")
             try:
                 cb = factory(**args)
-            except TypeError as e:
-                raise PluginError(f"callback {ref!r} with args {args!r}: {e}") from None
+            except Exception as e:  # noqa: BLE001 - anything the user's constructor raises
+                raise PluginError(f"callback {ref!r} with args {args!r}: {type(e).__name__}: {e}") from None
             if not isinstance(cb, Callback):
                 raise PluginError(f"callback {ref!r} gave {type(cb).__name__}, not a qmlhfl_mpi.Callback; "
                                   "subclass qmlhfl_mpi.Callback")
