@@ -23,6 +23,7 @@ setup(
         "h5py>=3.8,<4",
         "PyYAML>=6,<7",
         "matplotlib>=3.6,<4",
+        "numba>=0.60,<0.70",
     ],
     extras_require={
         "mpich": ["mpich>=4,<6"],

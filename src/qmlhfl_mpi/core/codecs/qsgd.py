@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from .base import Codec
+from .base import Codec, StreamKey
 from .bitpack import pack, unpack
 from .identity import IdentityCodec
+from .kernels import HAVE_NUMBA, qsgd_decode_add, qsgd_encode
+from .stream import key_words, uniforms
 
 MAX_LEVELS = 32767  # 15 level bits + 1 sign bit = 16-bit codes at most
 
@@ -112,48 +114,48 @@ class QSGDCodec(Codec):
         blen = d if nb <= 1 else self.bucket
         return nb, blen
 
-    def encode_vector(self, x: np.ndarray, gen: np.random.Generator | None) -> np.ndarray:
-        """Quantize and pack ``x`` (float32, 1-D); randomness only from ``gen``."""
-        assert gen is not None, "qsgd draws random numbers: pass a generator"
-        x = np.asarray(x, dtype=np.float32).reshape(-1)
-        d = x.size
-        s = self.levels
-        nb, blen = self._blocks(d)
+    def encode(self, child: np.ndarray, parent: np.ndarray, key: StreamKey) -> np.ndarray:
+        """The message for ``child - parent`` in one fused pass (compiled kernel; the numpy
+        reference :func:`encode_reference` where numba is missing).  Randomness from ``key``."""
+        if not HAVE_NUMBA:  # pragma: no cover
+            return encode_reference(self, child, parent, key)
+        child, parent = _as_f32(child), _as_f32(parent)
+        if child.shape != parent.shape:
+            raise ValueError(f"child {child.shape} and parent {parent.shape} differ in shape")
+        d = child.size
         out = np.empty(self.nbytes(d), dtype=np.uint8)
-        if d == 0:
-            return out
-        xb: np.ndarray
-        if nb * blen != d:
-            xb = np.zeros(nb * blen, dtype=np.float32)
-            xb[:d] = x
-            xb = xb.reshape(nb, blen)
-        else:
-            xb = x.reshape(nb, blen)
-        norms = np.sqrt(np.einsum("ij,ij->i", xb, xb, dtype=np.float32))
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            scale = np.where(norms > 0, np.float32(s) / norms, np.float32(0)).astype(np.float32)
-            y = np.abs(xb)
-            y *= scale[:, None]
-            y += gen.random(y.shape, dtype=np.float32)
-            if not np.isfinite(norms).all():  # inf/nan inputs: keep codes in range, decode yields nan
-                np.nan_to_num(y, copy=False, nan=0.0, posinf=float(s), neginf=0.0)
-                np.minimum(y, np.float32(s), out=y)
-        ctype = np.uint8 if self.width <= 8 else np.uint16
-        codes: np.ndarray = y.astype(ctype).reshape(-1)[:d]  # floor; at most s + 1 after float rounding
-        np.minimum(codes, ctype(s), out=codes)
-        codes <<= 1
-        codes |= np.signbit(xb).reshape(-1)[:d]
-        out[: 4 * nb] = norms.astype("<f4").view(np.uint8)
-        out[4 * nb :] = pack(codes, self.width)
+        if d:
+            nb, blen = self._blocks(d)
+            k0, k1 = key_words(key)
+            qsgd_encode(child, parent, self.levels, blen, nb, self.width, k0, k1, out)
         return out
+
+    def decode_add(self, buf: np.ndarray, a: np.float32, acc: np.ndarray) -> None:
+        """``acc += a * decode(buf)`` in one pass over the message (compiled kernel)."""
+        if not HAVE_NUMBA:  # pragma: no cover
+            decode_add_reference(self, buf, a, acc)
+            return
+        d = acc.size
+        buf = self._checked(buf, d)
+        if d:
+            nb, blen = self._blocks(d)
+            qsgd_decode_add(buf, self.levels, blen, nb, self.width, np.float32(a), acc)
+
+    def encode_vector(self, x: np.ndarray, gen: np.random.Generator | None) -> np.ndarray:
+        """The message for ``x`` itself (parent zero), keyed by a number drawn from ``gen``."""
+        assert gen is not None, "qsgd draws random numbers: pass a generator"
+        x = _as_f32(x)
+        return self.encode(x, np.zeros_like(x), (int(gen.integers(2**63)),))
+
+    def _checked(self, buf: np.ndarray, d: int) -> np.ndarray:
+        buf = np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1)
+        if buf.size != self.nbytes(d):
+            raise ValueError(f"{self.name} message of {buf.size} bytes, expected {self.nbytes(d)} for d={d}")
+        return buf
 
     def decode(self, buf: np.ndarray, d: int) -> np.ndarray:
         """Unpack a message of :meth:`nbytes` ``(d)`` bytes into a float32 vector."""
-        buf = np.asarray(buf, dtype=np.uint8).reshape(-1)
-        if buf.size != self.nbytes(d):
-            raise ValueError(
-                f"{self.name} message of {buf.size} bytes, expected {self.nbytes(d)} for d={d}"
-            )
+        buf = self._checked(buf, d)
         nb, blen = self._blocks(d)
         if d == 0:
             return np.zeros(0, dtype=np.float32)
@@ -168,6 +170,59 @@ class QSGDCodec(Codec):
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite norms propagate as NaN
             full.reshape(nb, blen)[...] *= (norms / np.float32(self.levels)).astype(np.float32)[:, None]
         return full[:d]
+
+
+def _as_f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+
+
+def _sumsq8_reference(xb: np.ndarray) -> np.ndarray:
+    """Per row of ``xb``, the sum of squares in eight lanes (element ``j`` into lane ``j % 8``,
+    each lane summed in order), the lanes then added in order: the kernels' order."""
+    nb, blen = xb.shape
+    padded = np.zeros((nb, -(-blen // 8) * 8), dtype=np.float32)
+    padded[:, :blen] = xb
+    sq = padded.reshape(nb, -1, 8)
+    lanes = np.cumsum(sq * sq, axis=1, dtype=np.float32)[:, -1, :]
+    return np.cumsum(lanes, axis=1, dtype=np.float32)[:, -1]
+
+
+def encode_reference(codec: QSGDCodec, child: np.ndarray, parent: np.ndarray, key: StreamKey) -> np.ndarray:
+    """The numpy reference of :meth:`QSGDCodec.encode`: the same float32 operations in the
+    same order (the norm in eight lanes, see :func:`_sumsq8_reference`), vectorised over buckets."""
+    x = _as_f32(child) - _as_f32(parent)
+    d, s = x.size, codec.levels
+    out = np.empty(codec.nbytes(d), dtype=np.uint8)
+    if d == 0:
+        return out
+    nb, blen = codec._blocks(d)
+    flat = np.zeros(nb * blen, dtype=np.float32)
+    flat[:d] = x
+    xb = flat.reshape(nb, blen)
+    k0, k1 = key_words(key)
+    u = uniforms(k0, k1, 0, nb * blen).reshape(nb, blen)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        norms = np.sqrt(_sumsq8_reference(xb))
+        scale = np.where(norms > 0, np.float32(s) / norms, np.float32(0)).astype(np.float32)
+        y = np.abs(xb) * scale[:, None] + u
+        bad = ~np.isfinite(norms)
+        if bad.any():  # inf/nan inputs: keep codes in range, decode yields nan
+            yb = y[bad]
+            yb[np.isnan(yb)] = 0
+            np.minimum(yb, np.float32(s), out=yb)
+            y[bad] = yb
+    codes = np.minimum(y.reshape(-1)[:d].astype(np.uint32), np.uint32(s))
+    codes = (codes << np.uint32(1)) | (x < 0).astype(np.uint32)  # the sign bit: x < 0 (zeros and nan: 0)
+    out[: 4 * nb] = norms.astype("<f4").view(np.uint8)
+    out[4 * nb :] = pack(codes.astype(np.uint16 if codec.width > 8 else np.uint8), codec.width)
+    return out
+
+
+def decode_add_reference(codec: QSGDCodec, buf: np.ndarray, a: np.float32, acc: np.ndarray) -> None:
+    """The numpy reference of :meth:`QSGDCodec.decode_add`."""
+    dec = codec.decode(buf, acc.size)
+    dec *= np.float32(a)
+    acc += dec
 
 
 def qsgd(levels: int, bucket: int = 512, **args: Any) -> Codec:

@@ -1,0 +1,201 @@
+"""Compiled, fused QSGD kernels (numba; the numpy reference is in :mod:`.qsgd`).
+
+:func:`qsgd_encode` reads the child's and the parent's model once and writes
+the packed message: per bucket, one pass for the norm of ``child - parent``
+and one pass (over the same, cache-resident bucket) that draws the
+counter-based uniforms of :mod:`.stream`, rounds, and writes the bucket's
+codes, then packs them; the difference is never stored as a vector.  The
+norm is a sum in eight fixed lanes (:func:`_sumsq8`), which keeps eight
+independent additions in flight and is reproduced exactly by the reference.  :func:`qsgd_decode_add` reads a
+message once and adds ``a * decoded`` into the parent's float32 accumulator.
+Both follow the reference's float32 operations in the same order (no
+fused multiply-add, no reassociation), so messages are byte-identical and
+sums bit-identical to :func:`.qsgd.encode_reference` /
+:func:`.qsgd.decode_add_reference`, which the tests check.
+
+``HAVE_NUMBA`` is False where numba cannot be imported; the codec then uses
+the numpy reference (same results, slower).  Compiled code is cached on
+disk beside this module (numba ``cache=True``), so a process compiles a
+kernel only the first time it ever runs.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .stream import GOLDEN32, INV_2_24, MIX1, MIX2
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; this keeps a broken install usable
+    numba = None  # type: ignore[assignment]
+
+HAVE_NUMBA = numba is not None
+
+__all__ = ["HAVE_NUMBA", "qsgd_decode_add", "qsgd_encode"]
+
+
+def _jit(fn: Callable[..., Any]) -> Any:
+    if numba is None:  # pragma: no cover
+        return None
+    return numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")(fn)
+
+
+def _sumsq8(child: np.ndarray, parent: np.ndarray, lo: int, n: int) -> np.float32:
+    """``sum((child - parent)^2)`` over ``lo .. lo+n-1`` in the fixed order of the reference:
+    eight float32 lanes (element ``j`` of the bucket into lane ``j % 8``), each summed in
+    order, then the lanes added in order."""
+    z = np.float32(0.0)
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
+    full = n - n % 8
+    for j in range(lo, lo + full, 8):
+        t0 = child[j] - parent[j]
+        t1 = child[j + 1] - parent[j + 1]
+        t2 = child[j + 2] - parent[j + 2]
+        t3 = child[j + 3] - parent[j + 3]
+        t4 = child[j + 4] - parent[j + 4]
+        t5 = child[j + 5] - parent[j + 5]
+        t6 = child[j + 6] - parent[j + 6]
+        t7 = child[j + 7] - parent[j + 7]
+        a0 += t0 * t0
+        a1 += t1 * t1
+        a2 += t2 * t2
+        a3 += t3 * t3
+        a4 += t4 * t4
+        a5 += t5 * t5
+        a6 += t6 * t6
+        a7 += t7 * t7
+    r = n - full
+    j = lo + full
+    if r > 0:
+        t = child[j] - parent[j]
+        a0 += t * t
+    if r > 1:
+        t = child[j + 1] - parent[j + 1]
+        a1 += t * t
+    if r > 2:
+        t = child[j + 2] - parent[j + 2]
+        a2 += t * t
+    if r > 3:
+        t = child[j + 3] - parent[j + 3]
+        a3 += t * t
+    if r > 4:
+        t = child[j + 4] - parent[j + 4]
+        a4 += t * t
+    if r > 5:
+        t = child[j + 5] - parent[j + 5]
+        a5 += t * t
+    if r > 6:
+        t = child[j + 6] - parent[j + 6]
+        a6 += t * t
+    ss = a0 + a1
+    ss = ss + a2
+    ss = ss + a3
+    ss = ss + a4
+    ss = ss + a5
+    ss = ss + a6
+    return ss + a7
+
+
+def _encode(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, w: int, k0: int, k1: int,
+            out: np.ndarray) -> None:
+    d = child.size
+    norms = out[: 4 * nb].view(np.float32)
+    codes = np.empty(blen, dtype=np.uint32)
+    sf = np.float32(s)
+    zero = np.float32(0.0)
+    g, m1, m2 = np.uint32(GOLDEN32), np.uint32(MIX1), np.uint32(MIX2)
+    u0, u1 = np.uint32(k0), np.uint32(k1)
+    s16, s15, s8, one = np.uint32(16), np.uint32(15), np.uint32(8), np.uint32(1)
+    inv = np.float32(INV_2_24)
+    bits = np.uint64(0)
+    nbits = 0
+    pos = 4 * nb
+    for b in range(nb):
+        lo = b * blen
+        n = min(blen, d - lo)
+        norm = np.float32(math.sqrt(sumsq8(child, parent, lo, n)))
+        norms[b] = norm
+        finite = math.isfinite(norm)
+        scale = sf / norm if norm > zero else zero
+        base = np.uint32(np.uint32(lo) * g + u0)  # the hash input of coordinate i is i * g + k0 (mod 2^32)
+        for j in range(n):
+            t = child[lo + j] - parent[lo + j]
+            # numba widens small unsigned arithmetic: cast back to 32 bits after every step
+            h = np.uint32(np.uint32(np.uint32(j) * g + base) ^ u1)
+            h = np.uint32(h ^ (h >> s16))
+            h = np.uint32(h * m1)
+            h = np.uint32(h ^ (h >> s15))
+            h = np.uint32(h * m2)
+            h = np.uint32(h ^ (h >> s16))
+            y = abs(t) * scale + np.float32(h >> s8) * inv
+            if not finite:  # inf/nan input: keep the code in range; the stored norm decodes to nan
+                if math.isnan(y):
+                    y = zero
+            lvl = np.uint32(min(y, sf))
+            sign = one if t < zero else np.uint32(0)
+            codes[j] = (lvl << one) | sign
+        for j in range(n):
+            bits |= np.uint64(codes[j]) << np.uint64(nbits)
+            nbits += w
+            if nbits >= 32:
+                out[pos] = np.uint8(bits & np.uint64(0xFF))
+                out[pos + 1] = np.uint8((bits >> np.uint64(8)) & np.uint64(0xFF))
+                out[pos + 2] = np.uint8((bits >> np.uint64(16)) & np.uint64(0xFF))
+                out[pos + 3] = np.uint8((bits >> np.uint64(24)) & np.uint64(0xFF))
+                pos += 4
+                bits >>= np.uint64(32)
+                nbits -= 32
+    while nbits > 0:
+        out[pos] = np.uint8(bits & np.uint64(0xFF))
+        bits >>= np.uint64(8)
+        nbits -= 8
+        pos += 1
+
+
+def _decode_add(buf: np.ndarray, s: int, blen: int, nb: int, w: int, a: np.float32, acc: np.ndarray) -> None:
+    d = acc.size
+    sf = np.float32(s)
+    word = np.empty(1, dtype=np.uint32)
+    as_float = word.view(np.float32)
+    codes = np.empty(blen, dtype=np.uint32)
+    mask = np.uint64((1 << w) - 1)
+    one, two, onef = np.uint32(1), np.float32(2.0), np.float32(1.0)
+    bits = np.uint64(0)
+    nbits = 0
+    pos = 4 * nb
+    for b in range(nb):
+        q = 4 * b
+        word[0] = (np.uint32(buf[q]) | (np.uint32(buf[q + 1]) << np.uint32(8))
+                   | (np.uint32(buf[q + 2]) << np.uint32(16)) | (np.uint32(buf[q + 3]) << np.uint32(24)))
+        f = as_float[0] / sf
+        lo = b * blen
+        n = min(blen, d - lo)
+        for j in range(n):  # unpack the bucket's codes
+            if nbits < w:
+                if pos + 4 <= buf.size:
+                    bits |= ((np.uint64(buf[pos]) | (np.uint64(buf[pos + 1]) << np.uint64(8))
+                              | (np.uint64(buf[pos + 2]) << np.uint64(16))
+                              | (np.uint64(buf[pos + 3]) << np.uint64(24))) << np.uint64(nbits))
+                    nbits += 32
+                    pos += 4
+                else:
+                    while nbits <= 56 and pos < buf.size:
+                        bits |= np.uint64(buf[pos]) << np.uint64(nbits)
+                        nbits += 8
+                        pos += 1
+            codes[j] = np.uint32(bits & mask)
+            bits >>= np.uint64(w)
+            nbits -= w
+        for j in range(n):  # acc += a * (level * norm / s), the sign applied exactly as a factor +-1
+            c = codes[j]
+            v = np.float32(c >> one) * (onef - two * np.float32(c & one))
+            acc[lo + j] += (v * f) * a
+
+
+sumsq8 = _jit(_sumsq8)
+qsgd_encode = _jit(_encode)
+qsgd_decode_add = _jit(_decode_add)
