@@ -1,13 +1,16 @@
-"""Per-round time split (compute / codec / communication) of real mpiexec runs.
+"""Quantized against float32 rounds of real mpiexec runs, and the per-round time split.
 
-    .venv/bin/python benchmarks/round.py [--ranks 1 2 4] [--rounds 10] [--big-rounds 3]
+    .venv/bin/python benchmarks/round.py [--ranks 2] [--rounds 4] [--levels 16] [--smoke]
 
-Runs configs/quickstart.yaml at each rank count, then the same tree with a
-~1.6 M-parameter MLP (model.args.hidden=1250), and, where Debian's Fashion-MNIST is
-installed, the 1.66 M-parameter FedAvg CNN on 8 devices; reads the HDF5 files and prints the
-median over rounds (round 0 excluded when there are more than two) of each
-part, as seconds and as a share of the round. time_* are the max over ranks;
-time_comm includes waiting for slower ranks.
+For the FedAvg CNN (1.66 M parameters) and the MLP-200 (199 k) on Debian's
+Fashion-MNIST (16 devices, 2-class shards), on a flat tree (N = 1, tau_1 = 5)
+and on two layers (4 edge servers of 4 devices, tau = (5, 2)), runs every link
+with float32 (``none``) and with QSGD at ``--levels`` (bucket 512) and prints
+the median round time over rounds (round 0 excluded), its split into compute
+/ codec / communication (max over ranks; communication includes waiting for
+slower ranks) and the quantized/float32 ratio of the round time.  Without
+Fashion-MNIST it uses the embedded synthetic data with the MLP only.
+``--smoke`` runs one tiny case in seconds (the test suite's smoke test).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import h5py
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = "/usr/share/datasets/fashion-mnist"
+TOPOLOGIES = {"flat": ("topology.branching=[16]", "tau=[5]"), "two-layer": ("topology.branching=[4,4]", "tau=[5,2]")}
 
 
 def mpiexec() -> str:
@@ -32,42 +36,53 @@ def mpiexec() -> str:
 
 def run(ranks: int, out: Path, sets: list[str]) -> dict[str, float]:
     cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "qmlhfl_mpi", "run",
-           str(REPO / "configs" / "quickstart.yaml"), "--quiet", "--overwrite", "--set", f"output.path={out}"]
+           str(REPO / "configs" / "quickstart.yaml"), "--quiet", "--overwrite", "--log-level", "WARNING",
+           "--set", f"output.path={out}"]
     for s in sets:
         cmd += ["--set", s]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_"))}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    env["OMP_NUM_THREADS"] = "1"
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     with h5py.File(out) as f:
         m = {k: f["metrics"][k][()] for k in ("time_compute", "time_codec", "time_comm", "time_round")}
         params = int(f.attrs["num_params"])
     skip = 1 if len(m["time_round"]) > 2 else 0
-    med = {k: statistics.median(v[skip:]) for k, v in m.items()}
+    med: dict[str, float] = {k: float(statistics.median(v[skip:])) for k, v in m.items()}
     med["params"] = params
     return med
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--big-rounds", type=int, default=3)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--levels", type=int, default=16)
+    ap.add_argument("--smoke", action="store_true", help="one tiny case, seconds")
     args = ap.parse_args()
-    print(f"{'model':<12} {'params':>9} {'ranks':>5} {'round_s':>8} {'compute_s':>9} {'codec_s':>8} {'comm_s':>8} "
-          f"{'codec%':>7} {'comm%':>6}")
+    real = Path(FMNIST).is_dir() and not args.smoke
+    data = ["data.name=fashion-mnist", f"data.root={FMNIST}", "data.partition.kind=shards",
+            "data.partition.classes_per_device=2", "train.batch_size=32"] if real else []
+    models = {"cnn": ["model.name=cnn", "model.args={}"], "mlp-200": ["model.name=mlp", "model.args={hidden: 200}"]}
+    if not real:
+        models = {"mlp-200": ["model.name=mlp", "model.args={hidden: 200}"]}
+    topologies = dict(list(TOPOLOGIES.items())[:1]) if args.smoke else TOPOLOGIES
+    rounds = 2 if args.smoke else args.rounds
+    print(f"{'model':<8} {'tree':<10} {'links':<7} {'params':>9} {'round_s':>8} {'compute_s':>9} {'codec_s':>8} "
+          f"{'comm_s':>7} {'q/f32':>6}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cases = [("quickstart", [f"train.rounds={args.rounds}"]),
-                 ("mlp-1250", [f"train.rounds={args.big_rounds}", "model.args.hidden=1250", "train.eval_every=100"])]
-        if Path(FMNIST).is_dir():  # the FedAvg CNN (1.66 M parameters) on real images, 8 devices
-            cases.append(("cnn-fmnist", [f"train.rounds={args.big_rounds}", "model.name=cnn", "data.name=fashion-mnist",
-                                         f"data.root={FMNIST}", "topology.branching=[2,2,2]", "train.batch_size=64",
-                                         "train.eval_every=100", "data.partition.kind=shards"]))
-        for label, sets in cases:
-            for n in args.ranks:
-                r = run(n, Path(tmp) / f"{label}-{n}.h5", sets)
-                tot = r["time_round"]
-                print(f"{label:<12} {r['params']:>9} {n:>5} {tot:>8.3f} {r['time_compute']:>9.3f} {r['time_codec']:>8.3f} "
-                      f"{r['time_comm']:>8.3f} {100 * r['time_codec'] / tot:>6.1f}% {100 * r['time_comm'] / tot:>5.1f}%",
-                      flush=True)
+        for label, mset in models.items():
+            for tname, tset in topologies.items():
+                N = 1 if tname == "flat" else 2
+                base = [*data, *mset, *tset, f"train.rounds={rounds}", "train.eval_every=1000", "quantizer.bucket=512"]
+                res = {}
+                for links, levels in (("float32", ["none"] * N), (f"s={args.levels}", [str(args.levels)] * N)):
+                    sets = [*base, f"quantizer.levels=[{','.join(levels)}]"]
+                    r = run(args.ranks, Path(tmp) / f"{label}-{tname}-{links}.h5", sets)
+                    res[links] = r
+                    ratio = r["time_round"] / res["float32"]["time_round"]
+                    print(f"{label:<8} {tname:<10} {links:<7} {r['params']:>9} {r['time_round']:>8.3f} "
+                          f"{r['time_compute']:>9.3f} {r['time_codec']:>8.3f} {r['time_comm']:>7.3f} {ratio:>6.3f}",
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ length where the module has no matrix weight.  Parameters are visited in
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -113,6 +114,15 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _keyword_parameters(fn: Any) -> list[str]:
+    """The parameters after ``(input_shape, num_classes)`` a model function accepts."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
 def _call_factory(name: str, input_shape: tuple[int, ...], num_classes: int, args: dict[str, Any]) -> nn.Module:
     factory = MODELS.resolve(name)
     if not callable(factory):
@@ -122,8 +132,13 @@ def _call_factory(name: str, input_shape: tuple[int, ...], num_classes: int, arg
         try:
             model = factory(input_shape, num_classes, **args)
         except Exception as e:  # noqa: BLE001 - anything the user's factory raises
+            hint = ""
+            if isinstance(e, TypeError):
+                takes = _keyword_parameters(factory)
+                hint = (f"; model {name!r} takes model.args {takes}" if takes else
+                        f"; model {name!r} takes no model.args (--set 'model.args={{}}')")
             raise PluginError(f"model {name!r} with input_shape={input_shape}, num_classes={num_classes}, "
-                              f"model.args={args!r}: {type(e).__name__}: {e}") from None
+                              f"model.args={args!r}: {type(e).__name__}: {e}{hint}") from None
     if not isinstance(model, nn.Module):
         raise PluginError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -1,0 +1,27 @@
+"""The benchmarks run (smoke test only: tiny sizes, seconds; no timing is asserted)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from helpers import REPO, clean_env
+
+
+def bench(*args: str, timeout: float = 180) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_codec_benchmark_prints_every_codec_and_the_floor():
+    out = bench("benchmarks/codec.py", "--d", "5000", "--repeat", "2", "--levels", "4", "16")
+    assert "memory floor" in out
+    for name in ("qsgd(s=4, bucket=512)", "qsgd(s=16, bucket=512)", "none"):
+        assert name in out
+
+
+def test_round_benchmark_smoke():
+    out = bench("benchmarks/round.py", "--smoke")
+    lines = [ln for ln in out.splitlines() if ln.startswith("mlp-200")]
+    assert len(lines) == 2 and lines[0].split()[-1] == "1.000"
