@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from mpi4py import MPI
 
 from ..core import rng
 from ..core.codecs import Codec
 from ..core.topology import RankLayout
-from .collectives import broadcast_vector, gather_messages
+from .collectives import broadcast_vector, post_receives, send_messages, wait
 from .communicators import LayerComms
 
 # (vector, device, round, call) -> (trained vector, sum of step losses, steps)
@@ -119,7 +120,7 @@ class HierarchicalAggregator:
         """One aggregation of node ``u`` (layer ``n``) from its current model ``v``."""
         layout, rank, st = self.layout, self.rank, self.stats
         codec, L = self.codecs[n - 1], self.msg_len[n - 1]
-        parts = []
+        parts: list[np.ndarray] = []
         for c in self._my_children(n, u):
             x = self._work(n - 1, c, v)
             if layout.leader(n - 1, c) == rank:
@@ -129,23 +130,36 @@ class HierarchicalAggregator:
                 parts.append(codec.encode(x, v, key))
                 st.t_codec += time.perf_counter() - t0
                 st.uplink_bytes[n - 1] += L
-        sendbuf = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
         lc = self.comms[n]
         spanning = lc is not None and lc.node == u
+        remote: list[tuple[np.ndarray, MPI.Request]] = []
         if spanning and lc is not None and lc.leaders is not None:
-            assert lc.leader_counts is not None  # set for every member of ``leaders``
-            t0 = time.perf_counter()
-            gathered = gather_messages(lc.leaders, sendbuf, lc.leader_counts, L)
-            st.t_comm += time.perf_counter() - t0
-        else:
-            gathered = sendbuf
+            if lc.leaders.Get_rank() != 0:  # a child's leader that does not lead u: send and go on
+                t0 = time.perf_counter()
+                send_messages(lc.leaders, parts, tag=n)
+                st.t_comm += time.perf_counter() - t0
+            else:  # u's leader: its own children come first in child order, the others' follow
+                assert lc.leader_counts is not None  # set for every member of ``leaders``
+                remote = post_receives(lc.leaders, lc.leader_counts, L, tag=n)
         new = None
         if layout.leader(n, u) == rank:
-            assert gathered is not None and v is not None
-            t0 = time.perf_counter()
+            assert v is not None
+            weights = self.weights(n, u)
             acc = np.zeros(self.dim, dtype=np.float32)
-            for i, a in enumerate(self.weights(n, u)):
-                codec.decode_add(gathered[i * L : (i + 1) * L], a, acc)
+            t0 = time.perf_counter()
+            for i, msg in enumerate(parts):  # decoded while the remote messages arrive
+                codec.decode_add(msg, weights[i], acc)
+                if remote:
+                    MPI.Request.Testall([r for _, r in remote])  # let MPI progress the transfers
+            st.t_codec += time.perf_counter() - t0
+            for i, (msg, req) in enumerate(remote, start=len(parts)):
+                t0 = time.perf_counter()
+                wait(req)
+                t1 = time.perf_counter()
+                codec.decode_add(msg, weights[i], acc)
+                st.t_comm += t1 - t0
+                st.t_codec += time.perf_counter() - t1
+            t0 = time.perf_counter()
             new = v + acc
             st.t_codec += time.perf_counter() - t0
         if broadcast and spanning and lc is not None and lc.subtree is not None:
