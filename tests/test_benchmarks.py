@@ -25,3 +25,8 @@ def test_round_benchmark_smoke():
     out = bench("benchmarks/round.py", "--smoke")
     lines = [ln for ln in out.splitlines() if ln.startswith("mlp-200")]
     assert len(lines) == 2 and lines[0].split()[-1] == "1.000"
+
+
+def test_vectorize_benchmark_smoke():
+    out = bench("benchmarks/vectorize.py", "--smoke")
+    assert "speed-up" in out and out.strip().splitlines()[-1].endswith("x")

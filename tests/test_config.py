@@ -96,3 +96,10 @@ def test_shipped_configs_are_valid():
         cfg = config.load(p)
         assert cfg.N >= 1, p
         yaml.safe_load(cfg.to_yaml())
+
+
+def test_on_and_off_survive_yaml_booleans():
+    for text, want in (("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on")):
+        assert from_dict(apply_overrides(BASE, [f"train.vectorize={text}"])).train.vectorize == want
+    with pytest.raises(ConfigError, match=r"'train.vectorize' = 'sometimes'.*'auto', 'on', 'off'"):
+        from_dict(apply_overrides(BASE, ["train.vectorize=sometimes"]))

@@ -57,7 +57,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_engine_matches_serial_reference(tmp_path, case):
-    path = small_config(tmp_path, train={"rounds": 2}, **CASES[case])
+    # the unbatched path is the reference's arithmetic; vectorize: on agrees to round-off (tests below)
+    path = small_config(tmp_path, train={"rounds": 2, "vectorize": "off"}, **CASES[case])
     raw = yaml.safe_load(path.read_text())
     cfg = config.load(path)
     tree = cfg.build_tree()
@@ -173,3 +174,41 @@ def test_fashion_mnist_run_is_rank_invariant_including_test_metrics(tmp_path):
     assert acc[-1] > 0.3  # 10 classes: well above chance after two rounds
     assert counts.shape == (6, 10) and counts.sum() == 60000
     assert ((counts > 0).sum(axis=1) <= 2).all()  # shards: at most 2 classes per device
+
+
+def test_vectorize_on_is_bit_identical_for_any_rank_count(tmp_path):
+    """Edges of 4 devices split over ranks (3 and 4 ranks), so batches differ with the rank count."""
+    cfg = small_config(tmp_path, topology={"branching": [2, 4]}, tau=[3, 2], train={"rounds": 3, "vectorize": "on"},
+                       quantizer={"levels": [4, 16], "bucket": 8})
+    models, losses = {}, {}
+    for n in (1, 2, 3, 4):
+        out = tmp_path / f"v{n}.h5"
+        run_ok(n, cfg, "--set", f"output.path={out}")
+        with h5py.File(out) as f:
+            models[n], losses[n] = f["model/final"][()], f["metrics/train_loss"][()]
+    for n in (2, 3, 4):
+        assert np.array_equal(models[1], models[n]) and np.array_equal(losses[1], losses[n]), n
+
+
+def test_vectorize_on_agrees_with_off_to_round_off(tmp_path):
+    """Float32 links (no stochastic rounding to amplify round-off): |on - off| <= 1e-5 after 3 rounds."""
+    cfg = small_config(tmp_path, topology={"branching": [2, 3]}, tau=[3, 2], train={"rounds": 3},
+                       quantizer={"levels": [0, 0], "bucket": 8})
+    res = {}
+    for mode in ("on", "off"):
+        out = tmp_path / f"{mode}.h5"
+        run_ok(2, cfg, "--set", f"output.path={out}", "--set", f"train.vectorize={mode}")
+        with h5py.File(out) as f:
+            res[mode] = f["model/final"][()], f["metrics/train_loss"][()]
+    assert np.max(np.abs(res["on"][0] - res["off"][0])) <= 1e-5
+    assert np.allclose(res["on"][1], res["off"][1], rtol=1e-5)
+
+
+def test_vectorize_on_refuses_a_model_with_dropout(tmp_path):
+    plugin = tmp_path / "drop.py"
+    plugin.write_text("from torch import nn\n"
+                      "def build(shape, k):\n"
+                      "    return nn.Sequential(nn.Linear(shape[0], 4), nn.Dropout(0.2), nn.Linear(4, k))\n")
+    cfg = small_config(tmp_path, model={"name": f"{plugin}:build", "args": {}}, train={"vectorize": "on"})
+    proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120)
+    assert proc.returncode == 2 and "train.vectorize: on" in proc.stderr and "dropout" in proc.stderr

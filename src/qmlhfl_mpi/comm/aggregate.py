@@ -28,6 +28,9 @@ from .communicators import LayerComms
 
 # (vector, device, round, call) -> (trained vector, sum of step losses, steps)
 TrainFn = Callable[[np.ndarray, int, int, int], tuple[np.ndarray, float, int]]
+# (vector, devices, round, calls, all devices of their layer-1 node) -> [(trained vector, sum of step losses,
+# steps)] for devices trained together
+TrainManyFn = Callable[[np.ndarray, Sequence[int], int, Sequence[int], range], list[tuple[np.ndarray, float, int]]]
 
 
 @dataclass
@@ -57,13 +60,14 @@ class HierarchicalAggregator:
 
     def __init__(self, layout: RankLayout, rank: int, comms: Sequence[LayerComms | None],
                  codecs: Sequence[Codec], tau: Sequence[int], dim: int, seed: int,
-                 train_fn: TrainFn, samples: np.ndarray | None = None) -> None:
+                 train_fn: TrainFn, samples: np.ndarray | None = None,
+                 train_many_fn: TrainManyFn | None = None) -> None:
         tree = layout.tree
         if len(codecs) != tree.N or len(tau) != tree.N:
             raise ValueError(f"need {tree.N} codecs and tau values, got {len(codecs)} and {len(tau)}")
         self.layout, self.tree, self.rank = layout, tree, rank
         self.comms, self.codecs, self.tau = list(comms), list(codecs), list(tau)
-        self.dim, self.seed, self.train_fn = dim, seed, train_fn
+        self.dim, self.seed, self.train_fn, self.train_many_fn = dim, seed, train_fn, train_many_fn
         self.samples = samples
         self.msg_len = [c.nbytes(dim) for c in codecs]
         self._weights: dict[tuple[int, int], np.ndarray] = {}
@@ -116,13 +120,27 @@ class HierarchicalAggregator:
             y = self._aggregate(m, c, y, broadcast=k < reps - 1)
         return y
 
+    def _train_together(self, u: int, kids: range, v: np.ndarray | None) -> list[np.ndarray]:
+        """The local device children of layer-1 node ``u``, trained in batched calls."""
+        assert v is not None and self.train_many_fn is not None
+        calls = [self._next_call(0, c) for c in kids]
+        t0 = time.perf_counter()
+        results = self.train_many_fn(v, list(kids), self._round, calls, self.tree.device_range(1, u))
+        self.stats.t_compute += time.perf_counter() - t0
+        for c, (_, loss_sum, steps) in zip(kids, results):
+            self.stats.loss[c] += loss_sum
+            self.stats.steps[c] += steps
+        return [x for x, _, _ in results]
+
     def _aggregate(self, n: int, u: int, v: np.ndarray | None, broadcast: bool) -> np.ndarray | None:
         """One aggregation of node ``u`` (layer ``n``) from its current model ``v``."""
         layout, rank, st = self.layout, self.rank, self.stats
         codec, L = self.codecs[n - 1], self.msg_len[n - 1]
         parts: list[np.ndarray] = []
-        for c in self._my_children(n, u):
-            x = self._work(n - 1, c, v)
+        kids = self._my_children(n, u)
+        trained = self._train_together(u, kids, v) if n == 1 and self.train_many_fn is not None else None
+        for c in kids:
+            x = trained[c - kids.start] if trained is not None else self._work(n - 1, c, v)
             if layout.leader(n - 1, c) == rank:
                 assert x is not None and v is not None
                 key = (self.seed, rng.QUANT, n, c, self._round, self._next_call(n, c))

@@ -64,6 +64,9 @@ class TrainConfig:
     eval_every: int = fld(1, lo=1, doc="evaluate the cloud model every k rounds (and after the last)")
     threads: int = fld(0, lo=0, doc="torch threads per rank; 0 = SLURM_CPUS_PER_TASK or 1")
     device: str = fld("cpu", choices=("auto", "cpu", "cuda"), doc="where ranks train; auto = cuda if present")
+    vectorize: str = fld("auto", choices=("auto", "on", "off"),
+                         doc="train a rank's devices of one edge together (torch.func.vmap); auto: models under 60 k "
+                             "parameters without dropout")
     share_gpus: bool = fld(False, doc="allow more ranks per node than GPUs (ranks share GPUs round-robin)")
 
 
@@ -205,6 +208,8 @@ def _check_scalar(key: str, v: Any, tp: type, f: dataclasses.Field) -> Any:
             raise bad
         v = float(v)
     elif tp is str:
+        if isinstance(v, bool) and m.get("choices") and {"on", "off"} <= set(m["choices"]):
+            v = "on" if v else "off"  # YAML 1.1 reads a bare on/off as true/false
         if not isinstance(v, str):
             raise bad
     if m.get("choices") and v not in m["choices"]:

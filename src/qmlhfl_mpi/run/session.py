@@ -42,6 +42,7 @@ from ..core.theory import round_time
 from ..core.topology import RankLayout, TopologyError, messages_per_round
 from ..data.source import DataError
 from ..learning.train import LocalTrainer
+from ..learning.vectorized import VectorTrainer, use_vectorized
 from ..results import CheckpointError
 from .callbacks import Callback
 from .errors import RunError
@@ -128,9 +129,20 @@ class Session:
             out, loss_sum = self.trainer.train(v, x, y, tau, dev, round_, call)
             return out, loss_sum, tau
 
+        self.vectorized = self._agree(lambda: use_vectorized(cfg.train.vectorize, self.model, self.num_params),
+                                      (ValueError,))
+        many_fn = None
+        if self.vectorized:
+            batched = VectorTrainer(self.trainer)
+
+            def many_fn(v: np.ndarray, devs: Sequence[int], round_: int, calls: Sequence[int], group: range
+                        ) -> list[tuple[np.ndarray, float, int]]:
+                res = batched.train_many(v, [self.data.train[d] for d in devs], tau, devs, round_, calls, group)
+                return [(x, loss, tau) for x, loss in res]
+
         samples = self.data.samples if cfg.topology.weighting == "samples" else None
         self.aggregator = HierarchicalAggregator(self.layout, self.rank, self._comms, self.codecs, cfg.tau,
-                                                 self.num_params, cfg.train.seed, train_fn, samples)
+                                                 self.num_params, cfg.train.seed, train_fn, samples, many_fn)
         self.modelled_round_time = round_time(self.num_params, cfg.tau, self.codecs, self.tree, edge.latency(cfg))
         self._ran = False
 
