@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,33 +40,39 @@ def main() -> None:
     print(f"{D} devices, {args.steps} steps, batch {args.batch}; auto batches below {AUTO_MAX_PARAMS} parameters")
     print(f"{'params':>8} {'one-by-one us':>14} {'batched us':>11} {'speed-up':>9}")
     for inputs, hidden in sizes:
-        model = build_model("mlp", (inputs,), 10, args={"hidden": hidden}, seed=0)
-        base = LocalTrainer(model, 0.05, args.batch, seed=0)
-        vec = VectorTrainer(base)
-        g = np.random.default_rng(0)
-        data = [(torch.from_numpy(g.standard_normal((2 * args.batch, inputs)).astype(np.float32)),
-                 torch.from_numpy(g.integers(0, 10, 2 * args.batch))) for _ in range(D)]
-        v = base.get_vector()
-        devices = list(range(D))
+        params, one, batched = measure(inputs, hidden, D, args.steps, args.batch, args.repeat)
+        print(f"{params:>8} {one * 1e6:>14.0f} {batched * 1e6:>11.0f} {one / batched:>8.2f}x", flush=True)
 
-        def one_by_one() -> None:
-            for d, (x, y) in enumerate(data):
-                base.train(v, x, y, args.steps, d, 0, 0)
 
-        def batched() -> None:
-            vec.train_many(v, data, args.steps, devices, 0, [0] * D, range(D))
+def median_per_step(fn: Callable[[], object], repeat: int, steps: int) -> float:
+    fn()
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs) / steps
 
-        times = {}
-        for name, fn in (("one", one_by_one), ("batched", batched)):
-            fn()
-            runs = []
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                fn()
-                runs.append(time.perf_counter() - t0)
-            times[name] = statistics.median(runs) / (D * args.steps)
-        print(f"{num_parameters(model):>8} {times['one'] * 1e6:>14.0f} {times['batched'] * 1e6:>11.0f} "
-              f"{times['one'] / times['batched']:>8.2f}x", flush=True)
+
+def measure(inputs: int, hidden: int, D: int, steps: int, batch: int, repeat: int) -> tuple[int, float, float]:
+    """(parameters, seconds per device-step one by one, batched)."""
+    model = build_model("mlp", (inputs,), 10, args={"hidden": hidden}, seed=0)
+    base = LocalTrainer(model, 0.05, batch, seed=0)
+    vec = VectorTrainer(base)
+    g = np.random.default_rng(0)
+    data = [(torch.from_numpy(g.standard_normal((2 * batch, inputs)).astype(np.float32)),
+             torch.from_numpy(g.integers(0, 10, 2 * batch))) for _ in range(D)]
+    v = base.get_vector()
+
+    def one_by_one() -> None:
+        for d, (x, y) in enumerate(data):
+            base.train(v, x, y, steps, d, 0, 0)
+
+    def batched() -> None:
+        vec.train_many(v, data, steps, list(range(D)), 0, [0] * D, range(D))
+
+    return (num_parameters(model), median_per_step(one_by_one, repeat, D * steps),
+            median_per_step(batched, repeat, D * steps))
 
 
 if __name__ == "__main__":
