@@ -30,3 +30,9 @@ def test_round_benchmark_smoke():
 def test_vectorize_benchmark_smoke():
     out = bench("benchmarks/vectorize.py", "--smoke")
     assert "speed-up" in out and out.strip().splitlines()[-1].endswith("x")
+
+
+def test_scale_benchmark_smoke():
+    out = bench("benchmarks/scale.py", "--smoke")
+    row = out.strip().splitlines()[-1].split()
+    assert row[0] == "100" and row[1] == "2"
