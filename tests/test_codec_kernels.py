@@ -101,3 +101,30 @@ def test_key_words_are_validated():
     assert key_words((0,)) != key_words((1,)) and key_words((1, 2)) != key_words((2, 1))
     with pytest.raises(ValueError, match="0 .. 2\\^64-1"):
         key_words((-1,))
+
+
+@pytest.mark.parametrize("s", LEVELS)
+@pytest.mark.parametrize("bucket", [0, 7, 512])
+def test_fused_encode_add_equals_decode_add_of_encode(s, bucket):
+    """The leader's own children skip the bits: the sum must be the same, bit for bit."""
+    codec = QSGDCodec(s, bucket)
+    for d in LENGTHS:
+        for kind in ("normal", "nonfinite", "zeros"):
+            acc_fused = np.random.default_rng(d + 1).standard_normal(d).astype(np.float32)
+            acc_bits = acc_fused.copy()
+            for m, a in enumerate((0.5, 0.25, 1 / 3)):
+                child, parent = _pair(d, 7 * m + s, kind)
+                codec.encode_add(child, parent, (3, m), np.float32(a), acc_fused)
+                decode_add_reference(codec, encode_reference(codec, child, parent, (3, m)), np.float32(a), acc_bits)
+            assert np.array_equal(acc_fused, acc_bits, equal_nan=True), (s, bucket, d, kind)
+
+
+def test_identity_encode_add_equals_decode_add_of_encode():
+    from qmlhfl_mpi.core.codecs.identity import IdentityCodec
+
+    codec = IdentityCodec()
+    child, parent = _pair(1001, 5)
+    a, b = np.ones(1001, np.float32), np.ones(1001, np.float32)
+    codec.encode_add(child, parent, (0,), np.float32(0.3), a)
+    codec.decode_add(codec.encode(child, parent, (0,)), np.float32(0.3), b)
+    assert np.array_equal(a, b)

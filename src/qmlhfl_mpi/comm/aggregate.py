@@ -136,41 +136,43 @@ class HierarchicalAggregator:
         """One aggregation of node ``u`` (layer ``n``) from its current model ``v``."""
         layout, rank, st = self.layout, self.rank, self.stats
         codec, L = self.codecs[n - 1], self.msg_len[n - 1]
+        lc = self.comms[n]
+        spanning = lc is not None and lc.node == u
+        leaders = lc.leaders if spanning and lc is not None else None
+        leads_u = layout.leader(n, u) == rank
+        remote: list[tuple[np.ndarray, MPI.Request]] = []
+        acc = np.zeros(self.dim, dtype=np.float32) if leads_u else None
+        weights = self.weights(n, u) if leads_u else None
+        if leads_u and leaders is not None:  # posted first: the other ranks' messages arrive while we work
+            assert lc is not None and lc.leader_counts is not None  # set for every member of ``leaders``
+            remote = post_receives(leaders, lc.leader_counts, L, tag=n)
         parts: list[np.ndarray] = []
         kids = self._my_children(n, u)
         trained = self._train_together(u, kids, v) if n == 1 and self.train_many_fn is not None else None
-        for c in kids:
-            x = trained[c - kids.start] if trained is not None else self._work(n - 1, c, v)
-            if layout.leader(n - 1, c) == rank:
-                assert x is not None and v is not None
-                key = (self.seed, rng.QUANT, n, c, self._round, self._next_call(n, c))
-                t0 = time.perf_counter()
-                parts.append(codec.encode(x, v, key))
-                st.t_codec += time.perf_counter() - t0
-                st.uplink_bytes[n - 1] += L
-        lc = self.comms[n]
-        spanning = lc is not None and lc.node == u
-        remote: list[tuple[np.ndarray, MPI.Request]] = []
-        if spanning and lc is not None and lc.leaders is not None:
-            if lc.leaders.Get_rank() != 0:  # a child's leader that does not lead u: send and go on
-                t0 = time.perf_counter()
-                send_messages(lc.leaders, parts, tag=n)
-                st.t_comm += time.perf_counter() - t0
-            else:  # u's leader: its own children come first in child order, the others' follow
-                assert lc.leader_counts is not None  # set for every member of ``leaders``
-                remote = post_receives(lc.leaders, lc.leader_counts, L, tag=n)
-        new = None
-        if layout.leader(n, u) == rank:
-            assert v is not None
-            weights = self.weights(n, u)
-            acc = np.zeros(self.dim, dtype=np.float32)
+        for i, c in enumerate(kids):
+            x = trained[i] if trained is not None else self._work(n - 1, c, v)
+            if layout.leader(n - 1, c) != rank:
+                continue
+            assert x is not None and v is not None
+            key = (self.seed, rng.QUANT, n, c, self._round, self._next_call(n, c))
             t0 = time.perf_counter()
-            for i, msg in enumerate(parts):  # decoded while the remote messages arrive
-                codec.decode_add(msg, weights[i], acc)
+            if acc is not None and weights is not None:  # u's own children come first in child order
+                codec.encode_add(x, v, key, weights[i], acc)  # = decode_add(encode(...)), bit for bit
                 if remote:
                     MPI.Request.Testall([r for _, r in remote])  # let MPI progress the transfers
+            else:
+                parts.append(codec.encode(x, v, key))
             st.t_codec += time.perf_counter() - t0
-            for i, (msg, req) in enumerate(remote, start=len(parts)):
+            st.uplink_bytes[n - 1] += L
+        if leaders is not None and not leads_u:  # a child's leader that does not lead u: send and go on
+            t0 = time.perf_counter()
+            send_messages(leaders, parts, tag=n)
+            st.t_comm += time.perf_counter() - t0
+        new = None
+        if acc is not None and weights is not None:
+            assert v is not None
+            first = len(weights) - len(remote)
+            for i, (msg, req) in enumerate(remote, start=first):  # the others' children, in child order
                 t0 = time.perf_counter()
                 wait(req)
                 t1 = time.perf_counter()

@@ -63,6 +63,12 @@ class Codec(ABC):
         """Message for the difference ``child - parent``; randomness from ``key``."""
         return self.encode_vector(child - parent, rng.generator(key))
 
+    def encode_add(self, child: np.ndarray, parent: np.ndarray, key: StreamKey, a: np.float32,
+                   acc: np.ndarray) -> None:
+        """``decode_add(encode(child, parent, key), a, acc)``: a child whose parent is on the same
+        rank.  A codec may fuse the two (skipping the bits) if the sum stays bit-identical."""
+        self.decode_add(self.encode(child, parent, key), a, acc)
+
     def decode_add(self, buf: np.ndarray, a: np.float32, acc: np.ndarray) -> None:
         """``acc += a * decode(buf)`` in float32 (the parent's weighted sum, in child order)."""
         dec = self.decode(buf, acc.size)

@@ -1,6 +1,7 @@
 """``none``: the difference travels as little-endian float32 (no quantization)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,17 @@ class IdentityCodec(Codec):
 
     def encode_vector(self, x: np.ndarray, gen: np.random.Generator | None = None) -> np.ndarray:
         return np.ascontiguousarray(x, dtype="<f4").view(np.uint8).reshape(-1).copy()
+
+    def encode(self, child: np.ndarray, parent: np.ndarray, key: Sequence[int]) -> np.ndarray:
+        """``child - parent`` as float32 bytes (no randomness: ``key`` is unused)."""
+        return self.encode_vector(np.asarray(child, dtype=np.float32) - np.asarray(parent, dtype=np.float32))
+
+    def encode_add(self, child: np.ndarray, parent: np.ndarray, key: Sequence[int], a: np.float32,
+                   acc: np.ndarray) -> None:
+        """``acc += a * (child - parent)`` in float32, as decode_add(encode(...)) computes it."""
+        dec = np.asarray(child, dtype=np.float32) - np.asarray(parent, dtype=np.float32)
+        dec *= np.float32(a)
+        acc += dec
 
     def decode(self, buf: np.ndarray, d: int) -> np.ndarray:
         if buf.size != 4 * d:

@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps a br
 
 HAVE_NUMBA = numba is not None
 
-__all__ = ["HAVE_NUMBA", "qsgd_decode_add", "qsgd_encode"]
+__all__ = ["HAVE_NUMBA", "qsgd_decode_add", "qsgd_encode", "qsgd_quantize_add"]
 
 
 def _jit(fn: Callable[..., Any]) -> Any:
@@ -197,5 +197,46 @@ def _decode_add(buf: np.ndarray, s: int, blen: int, nb: int, w: int, a: np.float
 
 
 sumsq8 = _jit(_sumsq8)
+def _quantize_add(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, k0: int, k1: int,
+                  a: np.float32, acc: np.ndarray) -> None:
+    """``acc += a * decode(encode(child, parent))`` without the bits in between: the same
+    norm, draws and levels as :func:`_encode`, the same arithmetic as :func:`_decode_add`."""
+    d = child.size
+    sf = np.float32(s)
+    zero = np.float32(0.0)
+    g, m1, m2 = np.uint32(GOLDEN32), np.uint32(MIX1), np.uint32(MIX2)
+    u0, u1 = np.uint32(k0), np.uint32(k1)
+    s16, s15, s8 = np.uint32(16), np.uint32(15), np.uint32(8)
+    inv = np.float32(INV_2_24)
+    one, two, onef = np.uint32(1), np.float32(2.0), np.float32(1.0)
+    codes = np.empty(blen, dtype=np.uint32)
+    for b in range(nb):
+        lo = b * blen
+        n = min(blen, d - lo)
+        norm = np.float32(math.sqrt(sumsq8(child, parent, lo, n)))
+        finite = math.isfinite(norm)
+        scale = sf / norm if norm > zero else zero
+        f = norm / sf
+        base = np.uint32(np.uint32(lo) * g + u0)
+        for j in range(n):  # the codes, exactly as _encode makes them (vectorisable: no store to acc)
+            t = child[lo + j] - parent[lo + j]
+            h = np.uint32(np.uint32(np.uint32(j) * g + base) ^ u1)
+            h = np.uint32(h ^ (h >> s16))
+            h = np.uint32(h * m1)
+            h = np.uint32(h ^ (h >> s15))
+            h = np.uint32(h * m2)
+            h = np.uint32(h ^ (h >> s16))
+            y = abs(t) * scale + np.float32(h >> s8) * inv
+            if not finite and math.isnan(y):
+                y = zero
+            sign = one if t < zero else np.uint32(0)
+            codes[j] = (np.uint32(min(y, sf)) << one) | sign
+        for j in range(n):  # and the sum, exactly as _decode_add makes it
+            c = codes[j]
+            v = np.float32(c >> one) * (onef - two * np.float32(c & one))
+            acc[lo + j] += (v * f) * a
+
+
 qsgd_encode = _jit(_encode)
+qsgd_quantize_add = _jit(_quantize_add)
 qsgd_decode_add = _jit(_decode_add)

@@ -29,7 +29,7 @@ import numpy as np
 from .base import Codec, StreamKey
 from .bitpack import pack, unpack
 from .identity import IdentityCodec
-from .kernels import HAVE_NUMBA, qsgd_decode_add, qsgd_encode
+from .kernels import HAVE_NUMBA, qsgd_decode_add, qsgd_encode, qsgd_quantize_add
 from .stream import key_words, uniforms
 
 MAX_LEVELS = 32767  # 15 level bits + 1 sign bit = 16-bit codes at most
@@ -140,6 +140,21 @@ class QSGDCodec(Codec):
         if d:
             nb, blen = self._blocks(d)
             qsgd_decode_add(buf, self.levels, blen, nb, self.width, np.float32(a), acc)
+
+    def encode_add(self, child: np.ndarray, parent: np.ndarray, key: StreamKey, a: np.float32,
+                   acc: np.ndarray) -> None:
+        """``decode_add(encode(child, parent, key), a, acc)`` in one pass, without packing the bits
+        (the same floats in the same order: bit-identical, tested)."""
+        if not HAVE_NUMBA:  # pragma: no cover
+            decode_add_reference(self, encode_reference(self, child, parent, key), a, acc)
+            return
+        child, parent = _as_f32(child), _as_f32(parent)
+        if child.size != acc.size or parent.size != acc.size:
+            raise ValueError(f"child {child.size}, parent {parent.size} and accumulator {acc.size} differ in length")
+        if acc.size:
+            nb, blen = self._blocks(acc.size)
+            k0, k1 = key_words(key)
+            qsgd_quantize_add(child, parent, self.levels, blen, nb, k0, k1, np.float32(a), acc)
 
     def encode_vector(self, x: np.ndarray, gen: np.random.Generator | None) -> np.ndarray:
         """The message for ``x`` itself (parent zero), keyed by a number drawn from ``gen``."""
