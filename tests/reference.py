@@ -6,7 +6,7 @@ their public interface), the data generator and the model definition (its
 inputs).  Random streams follow the
 documented keys (docs/reproducibility in docs/results.md):
   minibatches  SeedSequence([seed, 3, device, round, call])
-  quantizer    SeedSequence([seed, 4, layer, child index, round, call])
+  quantizer    key (seed, 4, layer, child index, round, call), drawn by the codec
 """
 from __future__ import annotations
 
