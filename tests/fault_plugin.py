@@ -33,16 +33,20 @@ class Fault(Callback):
     def on_run_start(self, session) -> None:
         if session.rank != self.rank or self.mode not in ("raise", "kill"):
             return
-        train, target, mode = session.trainer.train, self.round, self.mode
+        agg, target, mode = session.aggregator, self.round, self.mode
 
-        def faulty(v, x, y, steps, device, round_, call):
+        def fault(round_):
             if round_ == target:
                 if mode == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected fault on rank {session.rank} in round {round_}")
-            return train(v, x, y, steps, device, round_, call)
 
-        session.trainer.train = faulty
+        # both training paths (one device at a time, and batched devices) go through the aggregator's hooks
+        train_one, train_many = agg.train_fn, agg.train_many_fn
+        agg.train_fn = lambda v, dev, round_, call: (fault(round_), train_one(v, dev, round_, call))[1]
+        if train_many is not None:
+            agg.train_many_fn = lambda v, devs, round_, calls, group: (
+                fault(round_), train_many(v, devs, round_, calls, group))[1]
 
     def on_round_end(self, session, record) -> None:
         if self.mode == "delay":
