@@ -59,7 +59,7 @@ def test_devices_with_fewer_samples_than_the_batch_are_batched_apart(trainer):
 
 def test_auto_follows_size_and_dropout():
     small = build_model("mlp", (12,), 3, args={"hidden": 7})
-    big = build_model("mlp", (784,), 10, args={"hidden": 64})
+    big = build_model("mlp", (784,), 10, args={"hidden": 100})  # 89,610 parameters
     assert sum(p.numel() for p in big.parameters()) > AUTO_MAX_PARAMS
     assert use_vectorized("auto", small, 200) and not use_vectorized("auto", big, AUTO_MAX_PARAMS + 1)
     assert use_vectorized("on", big, 10**6) and not use_vectorized("off", small, 10)
