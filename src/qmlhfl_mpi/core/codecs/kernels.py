@@ -38,10 +38,10 @@ HAVE_NUMBA = numba is not None
 __all__ = ["HAVE_NUMBA", "qsgd_decode_add", "qsgd_encode", "qsgd_quantize_add"]
 
 
-def _jit(fn: Callable[..., Any]) -> Any:
+def _jit(fn: Callable[..., Any], inline: str = "never") -> Any:
     if numba is None:  # pragma: no cover
         return None
-    return numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")(fn)
+    return numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline=inline)(fn)
 
 
 def _sumsq8(child: np.ndarray, parent: np.ndarray, lo: int, n: int) -> np.float32:
@@ -100,6 +100,32 @@ def _sumsq8(child: np.ndarray, parent: np.ndarray, lo: int, n: int) -> np.float3
     return ss + a7
 
 
+def _bucket_codes(child: np.ndarray, parent: np.ndarray, lo: int, n: int, scale: np.float32, finite: bool,
+                  sf: np.float32, k0: int, k1: int, codes: np.ndarray) -> None:
+    """The codes ``level << 1 | sign`` of coordinates ``lo .. lo+n-1`` into ``codes[:n]``: the
+    counter-based draw of :mod:`.stream`, ``level = min(floor(|x| scale + u), s)``, sign ``x < 0``."""
+    zero = np.float32(0.0)
+    g, m1, m2 = np.uint32(GOLDEN32), np.uint32(MIX1), np.uint32(MIX2)
+    u1 = np.uint32(k1)
+    s16, s15, s8, one = np.uint32(16), np.uint32(15), np.uint32(8), np.uint32(1)
+    inv = np.float32(INV_2_24)
+    base = np.uint32(np.uint32(lo) * g + np.uint32(k0))  # the hash input of coordinate i is i * g + k0 (mod 2^32)
+    for j in range(n):
+        t = child[lo + j] - parent[lo + j]
+        # numba widens small unsigned arithmetic: cast back to 32 bits after every step
+        h = np.uint32(np.uint32(np.uint32(j) * g + base) ^ u1)
+        h = np.uint32(h ^ (h >> s16))
+        h = np.uint32(h * m1)
+        h = np.uint32(h ^ (h >> s15))
+        h = np.uint32(h * m2)
+        h = np.uint32(h ^ (h >> s16))
+        y = abs(t) * scale + np.float32(h >> s8) * inv
+        if not finite and math.isnan(y):  # inf/nan input: keep the code in range; the norm decodes to nan
+            y = zero
+        sign = one if t < zero else np.uint32(0)
+        codes[j] = (np.uint32(min(y, sf)) << one) | sign
+
+
 def _encode(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, w: int, k0: int, k1: int,
             out: np.ndarray) -> None:
     d = child.size
@@ -107,10 +133,6 @@ def _encode(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, w
     codes = np.empty(blen, dtype=np.uint32)
     sf = np.float32(s)
     zero = np.float32(0.0)
-    g, m1, m2 = np.uint32(GOLDEN32), np.uint32(MIX1), np.uint32(MIX2)
-    u0, u1 = np.uint32(k0), np.uint32(k1)
-    s16, s15, s8, one = np.uint32(16), np.uint32(15), np.uint32(8), np.uint32(1)
-    inv = np.float32(INV_2_24)
     bits = np.uint64(0)
     nbits = 0
     pos = 4 * nb
@@ -121,23 +143,7 @@ def _encode(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, w
         norms[b] = norm
         finite = math.isfinite(norm)
         scale = sf / norm if norm > zero else zero
-        base = np.uint32(np.uint32(lo) * g + u0)  # the hash input of coordinate i is i * g + k0 (mod 2^32)
-        for j in range(n):
-            t = child[lo + j] - parent[lo + j]
-            # numba widens small unsigned arithmetic: cast back to 32 bits after every step
-            h = np.uint32(np.uint32(np.uint32(j) * g + base) ^ u1)
-            h = np.uint32(h ^ (h >> s16))
-            h = np.uint32(h * m1)
-            h = np.uint32(h ^ (h >> s15))
-            h = np.uint32(h * m2)
-            h = np.uint32(h ^ (h >> s16))
-            y = abs(t) * scale + np.float32(h >> s8) * inv
-            if not finite:  # inf/nan input: keep the code in range; the stored norm decodes to nan
-                if math.isnan(y):
-                    y = zero
-            lvl = np.uint32(min(y, sf))
-            sign = one if t < zero else np.uint32(0)
-            codes[j] = (lvl << one) | sign
+        bucket_codes(child, parent, lo, n, scale, finite, sf, k0, k1, codes)
         for j in range(n):
             bits |= np.uint64(codes[j]) << np.uint64(nbits)
             nbits += w
@@ -197,41 +203,24 @@ def _decode_add(buf: np.ndarray, s: int, blen: int, nb: int, w: int, a: np.float
 
 
 sumsq8 = _jit(_sumsq8)
+bucket_codes = _jit(_bucket_codes, inline="always")  # a helper of two kernels, inlined into each
 def _quantize_add(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, k0: int, k1: int,
                   a: np.float32, acc: np.ndarray) -> None:
     """``acc += a * decode(encode(child, parent))`` without the bits in between: the same
-    norm, draws and levels as :func:`_encode`, the same arithmetic as :func:`_decode_add`."""
+    norm and codes as :func:`_encode`, the same arithmetic as :func:`_decode_add`."""
     d = child.size
     sf = np.float32(s)
     zero = np.float32(0.0)
-    g, m1, m2 = np.uint32(GOLDEN32), np.uint32(MIX1), np.uint32(MIX2)
-    u0, u1 = np.uint32(k0), np.uint32(k1)
-    s16, s15, s8 = np.uint32(16), np.uint32(15), np.uint32(8)
-    inv = np.float32(INV_2_24)
     one, two, onef = np.uint32(1), np.float32(2.0), np.float32(1.0)
     codes = np.empty(blen, dtype=np.uint32)
     for b in range(nb):
         lo = b * blen
         n = min(blen, d - lo)
         norm = np.float32(math.sqrt(sumsq8(child, parent, lo, n)))
-        finite = math.isfinite(norm)
         scale = sf / norm if norm > zero else zero
+        bucket_codes(child, parent, lo, n, scale, math.isfinite(norm), sf, k0, k1, codes)
         f = norm / sf
-        base = np.uint32(np.uint32(lo) * g + u0)
-        for j in range(n):  # the codes, exactly as _encode makes them (vectorisable: no store to acc)
-            t = child[lo + j] - parent[lo + j]
-            h = np.uint32(np.uint32(np.uint32(j) * g + base) ^ u1)
-            h = np.uint32(h ^ (h >> s16))
-            h = np.uint32(h * m1)
-            h = np.uint32(h ^ (h >> s15))
-            h = np.uint32(h * m2)
-            h = np.uint32(h ^ (h >> s16))
-            y = abs(t) * scale + np.float32(h >> s8) * inv
-            if not finite and math.isnan(y):
-                y = zero
-            sign = one if t < zero else np.uint32(0)
-            codes[j] = (np.uint32(min(y, sf)) << one) | sign
-        for j in range(n):  # and the sum, exactly as _decode_add makes it
+        for j in range(n):  # the sum, exactly as _decode_add makes it
             c = codes[j]
             v = np.float32(c >> one) * (onef - two * np.float32(c & one))
             acc[lo + j] += (v * f) * a
