@@ -6,8 +6,8 @@ The public API (docs/api.md)::
     cfg = qmlhfl_mpi.load_config("configs/quickstart.yaml", ["train.rounds=5"])
     summary = qmlhfl_mpi.Session(cfg).run([qmlhfl_mpi.ConsoleTable()])   # collective
 
-``Session(cfg, comm=None)`` builds a run on a communicator (default
-``MPI.COMM_WORLD``); ``Callback`` is the base class of callbacks; ``MODELS``,
+``Session(cfg, comm=None)`` builds a run on a communicator (default: the
+world communicator); ``Callback`` is the base class of callbacks; ``MODELS``,
 ``DATASETS``, ``PARTITIONERS`` and ``CODECS`` are the registries of the
 extension points.  Names are imported on first use, so ``import qmlhfl_mpi``
 initialises neither MPI nor torch.

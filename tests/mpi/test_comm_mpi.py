@@ -13,8 +13,10 @@ from qmlhfl_mpi.comm.aggregate import HierarchicalAggregator
 from qmlhfl_mpi.comm.collectives import (
     agree_on_error,
     broadcast_vector,
-    gather_messages,
+    post_receives,
+    send_messages,
     sum_over_ranks,
+    wait,
 )
 from qmlhfl_mpi.comm.communicators import build_layer_comms
 from qmlhfl_mpi.core import rng
@@ -70,17 +72,20 @@ def test_agree_on_error_reaches_every_rank(bad_rank):
 
 
 @pytest.mark.mpi
-def test_gather_messages_in_member_order_and_broadcast():
+def test_messages_arrive_at_rank_0_in_member_order_and_broadcast():
     comm = MPI.COMM_WORLD
     counts = np.arange(1, comm.size + 1, dtype=np.int64)  # rank r sends r+1 messages
     L = 5
-    mine = np.full(counts[comm.rank] * L, comm.rank, dtype=np.uint8)
-    got = gather_messages(comm, mine, counts, L)
+    mine = [np.full(L, 10 * comm.rank + i, dtype=np.uint8) for i in range(counts[comm.rank])]
     if comm.rank == 0:
-        expected = np.concatenate([np.full(c * L, r, dtype=np.uint8) for r, c in enumerate(counts)])
-        assert np.array_equal(got, expected)
+        remote = post_receives(comm, counts, L, tag=3)
+        for _, req in remote:
+            wait(req)
+        got = [m.tolist() for m in mine] + [buf.tolist() for buf, _ in remote]
+        expected = [[10 * r + i] * L for r, c in enumerate(counts) for i in range(c)]
+        assert got == expected
     else:
-        assert got is None
+        send_messages(comm, mine, tag=3)
     vec = np.arange(7, dtype=np.float32) if comm.rank == 0 else None
     out = broadcast_vector(comm, vec, 7)
     assert np.array_equal(out, np.arange(7, dtype=np.float32))

@@ -6,7 +6,7 @@ Implements DESIGN section 1's recursion over the communicators of
     aggregate(u, v) = v + sum_c a(c) * Q_n(work(c, v) - v)
 
 Every child's difference is encoded by the rank that leads the child, the
-packed messages go up with ``Gatherv`` (or stay on the rank when the node
+packed messages go up point to point (or stay on the rank when the node
 lies inside it), and the parent's leader decodes them in child order.  The
 same encode/decode path serves local and remote children, which is why the
 trained model is bit-for-bit the same for any number of ranks.

@@ -1,4 +1,4 @@
-"""Buffer collectives of the engine (``Gatherv``, ``Bcast``, ``Allreduce`` on numpy arrays),
+"""Buffer collectives of the engine (``Ibcast``, ``Allreduce`` on numpy arrays),
 the point-to-point message flow of an aggregation, and a wait that does not spin for long.
 
 Everything takes an explicit communicator; the collectives are collective over it.
@@ -50,22 +50,6 @@ def send_messages(comm: MPI.Intracomm, parts: Sequence[np.ndarray], tag: int) ->
     reqs = [comm.Isend([p, MPI.BYTE], dest=0, tag=tag) for p in parts]
     for req in reqs:
         wait(req)
-
-
-def gather_messages(comm: MPI.Intracomm, sendbuf: np.ndarray, counts: np.ndarray, msg_len: int) -> np.ndarray | None:
-    """``Gatherv`` the members' packed messages to rank 0 of ``comm``.  Collective.
-
-    Member ``i`` sends ``counts[i]`` messages of ``msg_len`` bytes; rank 0
-    receives them concatenated in member order (= child order).
-    """
-    nbytes = counts * msg_len
-    if comm.Get_rank() == 0:
-        recv = np.empty(int(nbytes.sum()), dtype=np.uint8)
-        displs = np.concatenate([[0], np.cumsum(nbytes)[:-1]])
-        comm.Gatherv(sendbuf, [recv, nbytes, displs, MPI.BYTE], root=0)
-        return recv
-    comm.Gatherv(sendbuf, None, root=0)
-    return None
 
 
 def broadcast_vector(comm: MPI.Intracomm, vec: np.ndarray | None, dim: int) -> np.ndarray:

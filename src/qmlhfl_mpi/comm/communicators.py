@@ -5,7 +5,7 @@ several ranks (its *spanning node*).  For that node it may hold:
 
 - ``subtree``: all ranks hosting devices of the node (downlink ``Bcast``);
 - ``leaders``: the ranks leading at least one child of the node (uplink
-  ``Gatherv`` of packed messages).
+  point-to-point messages of packed bytes to the node's leader).
 
 Both are split with ``key = rank`` so the node's leader (the lowest rank) is
 rank 0 of each.  Nodes that lie inside one rank need no communicator.

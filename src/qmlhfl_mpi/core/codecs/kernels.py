@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -38,7 +38,7 @@ HAVE_NUMBA = numba is not None
 __all__ = ["HAVE_NUMBA", "qsgd_decode_add", "qsgd_encode", "qsgd_quantize_add"]
 
 
-def _jit(fn: Callable[..., Any], inline: str = "never") -> Any:
+def _jit(fn: Callable[..., Any], inline: Literal["never", "always"] = "never") -> Any:
     if numba is None:  # pragma: no cover
         return None
     return numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline=inline)(fn)
