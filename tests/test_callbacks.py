@@ -138,3 +138,18 @@ def test_config_callbacks_are_loaded_from_file_references(tmp_path):
     raw["callbacks"] = [{"ref": f"{plugin}:Stop", "args": {"when": 1}}]
     with pytest.raises(RunError, match="TypeError: .*unexpected keyword argument 'when'"):
         Session(load_config(raw), self_comm()).run()
+
+
+def test_signal_stop_restores_handlers_unless_told_not_to(tmp_path):
+    import signal
+
+    from qmlhfl_mpi import SignalStop
+
+    before = signal.getsignal(signal.SIGUSR1)
+    keep = SignalStop(restore=False)
+    Session(config(tmp_path), self_comm()).run([keep])
+    assert signal.getsignal(signal.SIGUSR1) == keep._handle  # still caught after the run (the CLI's choice)
+    signal.signal(signal.SIGUSR1, before)
+    back = SignalStop()
+    Session(config(tmp_path / "b"), self_comm()).run([back])
+    assert signal.getsignal(signal.SIGUSR1) == before

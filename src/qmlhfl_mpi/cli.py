@@ -6,7 +6,7 @@ collective; expected problems (bad config, data, output) end every rank with
 exit code 2 and one message.
 
 ``run`` is a thin layer over the Python API: ``load_config`` then
-``Session(cfg, COMM_WORLD).run([SignalStop(), ConsoleTable()])``.
+``Session(cfg, COMM_WORLD).run([SignalStop(restore=False), ConsoleTable()])``.
 
 Exit codes: 0 done; 1 aborted after an unexpected error on some rank (or a
 callback failed); 2 bad config, data, plug-in, output or checkpoint (nothing
@@ -101,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # first of all, so a signal during start-up also ends in a clean stop
     from .run.signals import SignalStop
 
-    stopper = SignalStop()
+    stopper = SignalStop(restore=False)  # until the process exits: a late signal must not kill a rank
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
