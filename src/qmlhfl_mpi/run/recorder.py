@@ -6,7 +6,8 @@ below).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,19 @@ class ResultsFile:
         self.path = Path(path)
         self.writer: ResultsWriter | None = None
 
+    @contextmanager
+    def _advice(self, after_round: int | None) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            raise OSError(io_advice(self.path.parent, e, after_round)) from None
+
     def open(self, *, overwrite: bool, start: int, attrs: Mapping[str, Any], topology: Mapping[str, np.ndarray],
              quantizer: Mapping[str, np.ndarray], num_links: int, initial: np.ndarray | None) -> None:
         """Create the file (or reopen it after ``start`` rounds); ``initial`` is
         stored as ``/model/initial`` when given (the model cannot be recomputed
         from the seed)."""
-        try:
+        with self._advice(None):
             if start:
                 self.writer = ResultsWriter.reopen(self.path, start, attrs)
                 return
@@ -68,22 +76,16 @@ class ResultsFile:
                                         quantizer=quantizer, num_links=num_links)
             if initial is not None:
                 self.writer.write_model("initial", initial)
-        except OSError as e:
-            raise OSError(io_advice(self.path.parent, e, None)) from None
 
     def append(self, record: Mapping[str, Any]) -> None:
         assert self.writer is not None
-        try:
+        with self._advice(int(record["round"])):
             self.writer.append_round(record)
-        except OSError as e:
-            raise OSError(io_advice(self.path.parent, e, int(record["round"]))) from None
 
     def final(self, model: np.ndarray) -> None:
         assert self.writer is not None
-        try:
+        with self._advice(None):
             self.writer.write_model("final", model)
-        except OSError as e:
-            raise OSError(io_advice(self.path.parent, e, None)) from None
 
     def close(self, status: str, message: str) -> None:
         if self.writer is not None:

@@ -126,6 +126,17 @@ def _bucket_codes(child: np.ndarray, parent: np.ndarray, lo: int, n: int, scale:
         codes[j] = (np.uint32(min(y, sf)) << one) | sign
 
 
+def _add_codes(codes: np.ndarray, n: int, f: np.float32, a: np.float32, acc: np.ndarray, lo: int) -> None:
+    """``acc[lo + j] += a * (level_j * f)`` for the codes ``codes[:n]`` of one bucket
+    (``f = norm / s``; the sign applied exactly, as a factor +-1).  Shared by both consumers
+    of codes, so the fused path and the decoder add the same floats."""
+    one, two, onef = np.uint32(1), np.float32(2.0), np.float32(1.0)
+    for j in range(n):
+        c = codes[j]
+        v = np.float32(c >> one) * (onef - two * np.float32(c & one))
+        acc[lo + j] += (v * f) * a
+
+
 def _encode(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, w: int, k0: int, k1: int,
             out: np.ndarray) -> None:
     d = child.size
@@ -169,7 +180,6 @@ def _decode_add(buf: np.ndarray, s: int, blen: int, nb: int, w: int, a: np.float
     as_float = word.view(np.float32)
     codes = np.empty(blen, dtype=np.uint32)
     mask = np.uint64((1 << w) - 1)
-    one, two, onef = np.uint32(1), np.float32(2.0), np.float32(1.0)
     bits = np.uint64(0)
     nbits = 0
     pos = 4 * nb
@@ -196,14 +206,12 @@ def _decode_add(buf: np.ndarray, s: int, blen: int, nb: int, w: int, a: np.float
             codes[j] = np.uint32(bits & mask)
             bits >>= np.uint64(w)
             nbits -= w
-        for j in range(n):  # acc += a * (level * norm / s), the sign applied exactly as a factor +-1
-            c = codes[j]
-            v = np.float32(c >> one) * (onef - two * np.float32(c & one))
-            acc[lo + j] += (v * f) * a
+        add_codes(codes, n, f, a, acc, lo)
 
 
 sumsq8 = _jit(_sumsq8)
-bucket_codes = _jit(_bucket_codes, inline="always")  # a helper of two kernels, inlined into each
+bucket_codes = _jit(_bucket_codes, inline="always")  # helpers of two kernels each, inlined into them
+add_codes = _jit(_add_codes, inline="always")
 def _quantize_add(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, k0: int, k1: int,
                   a: np.float32, acc: np.ndarray) -> None:
     """``acc += a * decode(encode(child, parent))`` without the bits in between: the same
@@ -211,7 +219,6 @@ def _quantize_add(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: 
     d = child.size
     sf = np.float32(s)
     zero = np.float32(0.0)
-    one, two, onef = np.uint32(1), np.float32(2.0), np.float32(1.0)
     codes = np.empty(blen, dtype=np.uint32)
     for b in range(nb):
         lo = b * blen
@@ -220,10 +227,7 @@ def _quantize_add(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: 
         scale = sf / norm if norm > zero else zero
         bucket_codes(child, parent, lo, n, scale, math.isfinite(norm), sf, k0, k1, codes)
         f = norm / sf
-        for j in range(n):  # the sum, exactly as _decode_add makes it
-            c = codes[j]
-            v = np.float32(c >> one) * (onef - two * np.float32(c & one))
-            acc[lo + j] += (v * f) * a
+        add_codes(codes, n, f, a, acc, lo)  # the sum, exactly as _decode_add makes it
 
 
 qsgd_encode = _jit(_encode)
