@@ -7,6 +7,12 @@ inputs).  Random streams follow the
 documented keys (docs/reproducibility in docs/results.md):
   minibatches  SeedSequence([seed, 3, device, round, call])
   quantizer    key (seed, 4, layer, child index, round, call), drawn by the codec
+  sampling     SeedSequence([seed, 8, layer, node, round, aggregation call]).choice
+  availability SeedSequence([seed, 9, layer, node, round, aggregation call]).random(children) < p
+  downlink     key (seed, 10, layer, node, round, aggregation call), drawn by a qsgd codec
+The options (sampling, availability, server optimisers, error feedback,
+downlink quantization, the client optimiser) follow DESIGN section 7 and
+docs/algorithms.md, written again here as plain loops.
 """
 from __future__ import annotations
 
@@ -18,6 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from qmlhfl_mpi.core.codecs import make_codec
+
+try:
+    from reference_client import sgd_run
+except ImportError:  # pragma: no cover - the module lives beside this one in tests/
+    sgd_run = None
 
 
 @dataclass
@@ -66,14 +77,32 @@ def gen(*key):
 
 
 class Reference:
-    def __init__(self, root: Node, tau, levels, bucket, lr, batch, seed, model, train_data, samples=None):
+    def __init__(self, root: Node, tau, levels, bucket, lr, batch, seed, model, train_data, samples=None,
+                 kinds=None, fraction=None, availability=None, weighting="renormalize", server=None,
+                 error_feedback=None, downlink=None, client=None, lr_at=None, tensor_sizes=None, fractions=None):
         self.root, self.tau, self.lr, self.batch, self.seed = root, tau, lr, batch, seed
-        self.codecs = [make_codec(s, bucket) for s in levels]
+        N = len(levels)
+        kinds = kinds or ["qsgd"] * N
+        fractions = fractions or [0.01] * N
+        self.codecs = [make_codec(s, bucket, k, tensor_sizes=tensor_sizes, fraction=f)
+                       for s, k, f in zip(levels, kinds, fractions)]
         self.model = model
         self.params = list(model.parameters())
         self.data = train_data
         self.samples = samples
         self.calls = {}
+        self.fraction = fraction or [1.0] * N
+        self.availability = availability or [1.0] * N
+        self.weighting = weighting
+        # server[n-1] = (kind, dict of parameters) with kind in avg, momentum, adam, yogi
+        self.server = server or [("avg", {})] * N
+        self.server_state = {}
+        self.error_feedback = error_feedback or [False] * N
+        self.residual = {}
+        self.downlink = [make_codec(s, bucket, "qsgd", tensor_sizes=tensor_sizes) if s else None
+                         for s in (downlink or [0] * N)]
+        self.client = client or {}
+        self.lr_at = lr_at or (lambda t: self.lr)
 
     def vector(self) -> np.ndarray:
         return torch.cat([p.detach().reshape(-1) for p in self.params]).numpy().copy()
@@ -99,13 +128,17 @@ class Reference:
         g = gen(self.seed, 3, device, t, call)
         need = self.tau[0] * b
         order = np.concatenate([g.permutation(n) for _ in range(math.ceil(need / n))])[:need].reshape(self.tau[0], b)
+        lr = self.lr_at(t)
+        if self.client:
+            sgd_run(self.model, self.params, x, y, order, lr, **self.client)
+            return self.vector()
         for s in range(self.tau[0]):
             idx = torch.from_numpy(order[s])
             loss = F.cross_entropy(self.model(x[idx]), y[idx])
             grads = torch.autograd.grad(loss, self.params)
             with torch.no_grad():
                 for p, gr in zip(self.params, grads):
-                    p.add_(gr, alpha=-self.lr)
+                    p.add_(gr, alpha=-lr)
         return self.vector()
 
     def size(self, node):
@@ -116,20 +149,78 @@ class Reference:
     def work(self, c, v, t):
         if c.layer == 0:
             return self.local_sgd(c.devices[0], v, t)
-        for _ in range(self.tau[c.layer]):
-            v = self.aggregate(c, v, t)
+        reps = self.tau[c.layer]
+        for k in range(reps):
+            v = self.aggregate(c, v, t, down=k < reps - 1)
         return v
 
-    def aggregate(self, u, v, t):
+    def chosen(self, u, t, call):
+        """Positions of the children of u that take part, and their weights."""
+        n, C = u.layer, len(u.children)
+        f, p = self.fraction[n - 1], self.availability[n - 1]
+        picked = list(range(C))
+        m = C
+        if f < 1:
+            m = max(1, math.floor(f * C + 0.5))
+            picked = sorted(int(j) for j in gen(self.seed, 8, n, u.index, t, call).choice(C, size=m, replace=False))
+        if p < 1:
+            up = gen(self.seed, 9, n, u.index, t, call).random(C) < p
+            picked = [j for j in picked if up[j]]
+        sizes = [float(self.size(c)) for c in u.children]
+        if self.weighting == "unbiased" and (f < 1 or p < 1):
+            pi = m / C * p
+            w = [sizes[j] / sum(sizes) / pi for j in picked]
+        else:
+            total = sum(sizes[j] for j in picked)
+            w = [sizes[j] / total for j in picked]
+        return picked, [np.float32(x) for x in w]
+
+    def server_step(self, n, u, v, g):
+        kind, par = self.server[n - 1]
+        one = np.float32(1)
+        if kind == "avg":
+            return v + g
+        st = self.server_state.setdefault((n, u.index), {"m": np.zeros_like(v), "s": np.zeros_like(v)})
+        if kind == "momentum":
+            st["m"] = st["m"] * np.float32(par.get("momentum", 0.9)) + g
+            return v + np.float32(par.get("lr", 1.0)) * st["m"]
+        b1, b2 = (np.float32(b) for b in par.get("betas", (0.9, 0.99)))
+        lr, eps = np.float32(par.get("lr", 0.01)), np.float32(par.get("eps", 1e-3))
+        st["m"] = st["m"] * b1 + (one - b1) * g
+        g2 = g * g
+        if kind == "adam":
+            st["s"] = st["s"] * b2 + (one - b2) * g2
+        else:  # yogi
+            st["s"] = st["s"] - (one - b2) * g2 * np.sign(st["s"] - g2)
+        return v + lr * st["m"] / (np.sqrt(st["s"]) + eps)
+
+    def aggregate(self, u, v, t, down=True):
         n = u.layer
+        call = self.count(("agg", n, u.index))
+        picked, weights = self.chosen(u, t, call)
+        if not picked:
+            return v
         acc = np.zeros_like(v)
-        for c in u.children:
+        codec = self.codecs[n - 1]
+        for j, a in zip(picked, weights):
+            c = u.children[j]
             x = self.work(c, v, t)
             k = self.count(("up", n, c.index))
-            codec = self.codecs[n - 1]
-            msg = codec.encode(x, v, (self.seed, 4, n, c.index, t, k))
-            codec.decode_add(msg, np.float32(self.size(c) / self.size(u)), acc)
-        return v + acc
+            key = (self.seed, 4, n, c.index, t, k)
+            if self.error_feedback[n - 1]:
+                z = (x - v) + self.residual.get((n, c.index), np.zeros_like(v))
+                msg = codec.encode(z, np.zeros_like(v), key)
+                self.residual[(n, c.index)] = z - codec.decode(msg, v.size)
+            else:
+                msg = codec.encode(x, v, key)
+            codec.decode_add(msg, a, acc)
+        new = self.server_step(n, u, v, acc)
+        dl = self.downlink[n - 1]
+        if down and dl is not None:
+            msg = dl.encode(new, v, (self.seed, 10, n, u.index, t, call))
+            new = v.copy()
+            dl.decode_add(msg, np.float32(1), new)
+        return new
 
     def run(self, rounds):
         w = self.vector()

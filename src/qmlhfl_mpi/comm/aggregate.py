@@ -3,13 +3,22 @@
 Implements DESIGN section 1's recursion over the communicators of
 :mod:`.communicators` and the codecs of :mod:`qmlhfl_mpi.core.codecs`::
 
-    aggregate(u, v) = v + sum_c a(c) * Q_n(work(c, v) - v)
+    aggregate(u, v) = opt_u(v, sum_{c in P} a(c) * Q_n(work(c, v) - v + e_c))
 
-Every child's difference is encoded by the rank that leads the child, the
+with the participants ``P`` of :mod:`qmlhfl_mpi.core.participation` (all
+children by default), the server optimiser ``opt_u`` of
+:mod:`qmlhfl_mpi.core.server_opt` (``v + g`` by default) and the error-feedback
+residual ``e_c`` of the sender (zero unless ``quantizer.error_feedback``).
+When the node's model then goes down to its subtree and the link has a
+downlink codec, the subtree (the node included) adopts ``v + Q(new - v)``.
+
+Every child's message is encoded by the rank that leads the child, the
 packed messages go up point to point (or stay on the rank when the node
 lies inside it), and the parent's leader decodes them in child order.  The
-same encode/decode path serves local and remote children, which is why the
-trained model is bit-for-bit the same for any number of ranks.
+same encode/decode path serves local and remote children, and every random
+choice (which children take part, the quantizers' draws) comes from keys
+every rank computes alike, which is why the trained model is bit-for-bit the
+same for any number of ranks.
 """
 from __future__ import annotations
 
@@ -22,8 +31,11 @@ from mpi4py import MPI
 
 from ..core import rng
 from ..core.codecs import Codec
+from ..core.links import LinkOptions
+from ..core.participation import Participation
+from ..core.server_opt import Average, ServerOptimizer
 from ..core.topology import RankLayout
-from .collectives import broadcast_vector, post_receives, send_messages, wait
+from .collectives import broadcast_bytes, broadcast_vector, post_receives, send_messages, wait
 from .communicators import LayerComms
 
 # (vector, device, round, call) -> (trained vector, sum of step losses, steps)
@@ -44,6 +56,8 @@ class RoundStats:
     loss: np.ndarray = field(default_factory=lambda: np.zeros(0))   # sum of step losses per device
     steps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # SGD steps per device
     uplink_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    messages: np.ndarray = field(default_factory=lambda: np.zeros(0))        # uplink messages per link
+    downlink_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per link, see _downlink
     t_compute: float = 0.0
     t_codec: float = 0.0
     t_comm: float = 0.0
@@ -52,6 +66,8 @@ class RoundStats:
         self.loss = np.zeros(self.num_devices)
         self.steps = np.zeros(self.num_devices)
         self.uplink_bytes = np.zeros(self.num_links, dtype=np.int64)
+        self.messages = np.zeros(self.num_links, dtype=np.int64)
+        self.downlink_bytes = np.zeros(self.num_links, dtype=np.int64)
 
 
 class HierarchicalAggregator:
@@ -61,26 +77,46 @@ class HierarchicalAggregator:
     def __init__(self, layout: RankLayout, rank: int, comms: Sequence[LayerComms | None],
                  codecs: Sequence[Codec], tau: Sequence[int], dim: int, seed: int,
                  train_fn: TrainFn, samples: np.ndarray | None = None,
-                 train_many_fn: TrainManyFn | None = None) -> None:
+                 train_many_fn: TrainManyFn | None = None, options: LinkOptions | None = None) -> None:
         tree = layout.tree
         if len(codecs) != tree.N or len(tau) != tree.N:
             raise ValueError(f"need {tree.N} codecs and tau values, got {len(codecs)} and {len(tau)}")
+        opts = options or LinkOptions()
         self.layout, self.tree, self.rank = layout, tree, rank
         self.comms, self.codecs, self.tau = list(comms), list(codecs), list(tau)
         self.dim, self.seed, self.train_fn, self.train_many_fn = dim, seed, train_fn, train_many_fn
         self.samples = samples
         self.msg_len = [c.nbytes(dim) for c in codecs]
+        self.participation = opts.participation or Participation.full(tree.N)
+        self.server: list[ServerOptimizer] = list(opts.server) or [Average() for _ in range(tree.N)]
+        self.error_feedback = list(opts.error_feedback) or [False] * tree.N
+        self.downlink: list[Codec | None] = list(opts.downlink) or [None] * tree.N
+        for name, vals in (("server optimizers", self.server), ("error_feedback", self.error_feedback),
+                           ("downlink", self.downlink)):
+            if len(vals) != tree.N:
+                raise ValueError(f"need {tree.N} {name}, got {len(vals)}")
+        self.down_len = [4 * dim if c is None else c.nbytes(dim) for c in self.downlink]
         self._weights: dict[tuple[int, int], np.ndarray] = {}
         self._calls: dict[tuple[int, int], int] = {}
+        self._agg_calls: dict[tuple[int, int], int] = {}
         self._round = 0
+        self._zero: np.ndarray | None = None
+        # per-node state kept on the node's (or the sender's) leader; see state()/load_state()
+        self.server_state: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self.residuals: dict[tuple[int, int], np.ndarray] = {}
         self.stats = RoundStats(tree.N, tree.num_devices)
 
     # ---- helpers -----------------------------------------------------------
-    def weights(self, n: int, u: int) -> np.ndarray:
-        key = (n, u)
-        if key not in self._weights:
-            self._weights[key] = self.tree.weights(n, u, self.samples).astype(np.float32)
-        return self._weights[key]
+    def weights(self, n: int, u: int, chosen: np.ndarray | None = None) -> np.ndarray:
+        """Float32 weights of the children of ``u`` at positions ``chosen`` (all by default)."""
+        if chosen is None or self.participation.layer_is_full(n):
+            key = (n, u)
+            if key not in self._weights:
+                self._weights[key] = self.tree.weights(n, u, self.samples).astype(np.float32)
+            return self._weights[key]
+        if len(chosen) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self.participation.weights(n, self.tree.child_sizes(n, u, self.samples), chosen)
 
     def _next_call(self, n: int, u: int) -> int:
         k = self._calls.get((n, u), 0)
@@ -92,12 +128,50 @@ class HierarchicalAggregator:
         mine = self.layout.nodes_of(self.rank, n - 1)
         return range(max(kids.start, mine.start), min(kids.stop, mine.stop))
 
+    def _participants(self, n: int, u: int) -> np.ndarray:
+        """Positions of the children of ``u`` taking part in its next aggregation (every rank alike)."""
+        k = self._agg_calls.get((n, u), 0)
+        self._agg_calls[(n, u)] = k + 1
+        C = len(self.tree.children(n, u))
+        if self.participation.layer_is_full(n):
+            return np.arange(C, dtype=np.int64)
+        return self.participation.participants(self.seed, n, u, self._round, k, C)
+
+    # ---- per-node state (server optimisers, error feedback) -----------------
+    def state(self) -> dict[str, np.ndarray]:
+        """The per-node state this rank keeps, by name (``server.n.u.name``, ``residual.n.c``)."""
+        out = {f"server.{n}.{u}.{k}": a for (n, u), st in self.server_state.items() for k, a in st.items()}
+        out.update({f"residual.{n}.{c}": e for (n, c), e in self.residuals.items()})
+        return out
+
+    def owner(self, name: str) -> int:
+        """The rank that keeps the state entry ``name`` (of :meth:`state`) in this layout."""
+        kind, n, u = name.split(".")[:3]
+        return self.layout.leader(int(n), int(u)) if kind == "server" else self.layout.leader(int(n) - 1, int(u))
+
+    def load_state(self, entries: dict[str, np.ndarray]) -> None:
+        """Take over the entries of :meth:`state` that this rank keeps (after a resume)."""
+        for name, arr in entries.items():
+            if self.owner(name) != self.rank:
+                continue
+            parts = name.split(".")
+            vec = np.array(arr, dtype=np.float32).reshape(-1)
+            if vec.size != self.dim:
+                raise ValueError(f"checkpoint state {name!r} has {vec.size} values, the model {self.dim}")
+            if parts[0] == "server":
+                self.server_state.setdefault((int(parts[1]), int(parts[2])), {})[parts[3]] = vec
+            elif parts[0] == "residual":
+                self.residuals[(int(parts[1]), int(parts[2]))] = vec
+            else:
+                raise ValueError(f"checkpoint state {name!r} is of no known kind (server., residual.)")
+
     # ---- the recursion ------------------------------------------------------
     def global_round(self, t: int, w: np.ndarray) -> np.ndarray:
         """One cloud aggregation ``w_{t+1} = aggregate(cloud, w_t)``; every rank
         returns the new cloud model.  Collective."""
         self._round = t
         self._calls.clear()
+        self._agg_calls.clear()
         self.stats = RoundStats(self.tree.N, self.tree.num_devices)
         out = self._aggregate(self.tree.N, 0, np.asarray(w, dtype=np.float32), broadcast=True)
         assert out is not None
@@ -120,8 +194,8 @@ class HierarchicalAggregator:
             y = self._aggregate(m, c, y, broadcast=k < reps - 1)
         return y
 
-    def _train_together(self, u: int, kids: range, v: np.ndarray | None) -> list[np.ndarray]:
-        """The local device children of layer-1 node ``u``, trained in batched calls."""
+    def _train_together(self, u: int, kids: Sequence[int], v: np.ndarray | None) -> list[np.ndarray]:
+        """The local device children ``kids`` of layer-1 node ``u``, trained in batched calls."""
         assert v is not None and self.train_many_fn is not None
         calls = [self._next_call(0, c) for c in kids]
         t0 = time.perf_counter()
@@ -132,58 +206,131 @@ class HierarchicalAggregator:
             self.stats.steps[c] += steps
         return [x for x, _, _ in results]
 
+    def _encode(self, n: int, c: int, x: np.ndarray, v: np.ndarray, a: np.float32 | None,
+                acc: np.ndarray | None) -> np.ndarray | None:
+        """Child ``c``'s message to its parent (``acc += a * decoded`` instead when ``acc`` is given)."""
+        codec = self.codecs[n - 1]
+        key = (self.seed, rng.QUANT, n, c, self._round, self._next_call(n, c))
+        if self.error_feedback[n - 1]:  # m = Q(x - v + e), e <- x - v + e - decode(m)
+            e = self.residuals.get((n, c))
+            z = x - v
+            if e is not None:
+                z += e
+            if self._zero is None:
+                self._zero = np.zeros(self.dim, dtype=np.float32)
+            msg = codec.encode(z, self._zero, key)
+            z -= codec.decode(msg, self.dim)
+            self.residuals[(n, c)] = z
+            if acc is not None:
+                assert a is not None
+                codec.decode_add(msg, a, acc)
+                return None
+            return msg
+        if acc is not None:
+            assert a is not None
+            codec.encode_add(x, v, key, a, acc)  # = decode_add(encode(...)), bit for bit
+            return None
+        return codec.encode(x, v, key)
+
+    def _update(self, n: int, u: int, v: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """The node's optimiser applied to the decoded update ``g``."""
+        opt = self.server[n - 1]
+        if isinstance(opt, Average):
+            return v + g
+        st = self.server_state.get((n, u))
+        if st is None:
+            st = self.server_state[(n, u)] = opt.init_state(self.dim)
+        return opt.apply(v, g, st)
+
+    def _downlink(self, n: int, u: int, v: np.ndarray, new: np.ndarray | None, spanning: bool,
+                  lc: LayerComms | None, leads_u: bool) -> np.ndarray:
+        """Send node ``u``'s new model down to its subtree; every member returns the same vector.
+
+        Counted on link ``n``: one message of :attr:`down_len` bytes per child of ``u``."""
+        st, codec = self.stats, self.downlink[n - 1]
+        if leads_u:
+            st.downlink_bytes[n - 1] += self.down_len[n - 1] * len(self.tree.children(n, u))
+        if codec is None:
+            if spanning and lc is not None and lc.subtree is not None:
+                t0 = time.perf_counter()
+                new = broadcast_vector(lc.subtree, new, self.dim)
+                st.t_comm += time.perf_counter() - t0
+            assert new is not None
+            return new
+        t0 = time.perf_counter()
+        msg = None
+        if leads_u:
+            assert new is not None
+            msg = codec.encode(new, v, (self.seed, rng.DOWN, n, u, self._round, self._agg_calls[(n, u)] - 1))
+        st.t_codec += time.perf_counter() - t0
+        if spanning and lc is not None and lc.subtree is not None:
+            t0 = time.perf_counter()
+            msg = broadcast_bytes(lc.subtree, msg, self.down_len[n - 1])
+            st.t_comm += time.perf_counter() - t0
+        assert msg is not None
+        t0 = time.perf_counter()
+        out = v.copy()
+        codec.decode_add(msg, np.float32(1), out)
+        st.t_codec += time.perf_counter() - t0
+        return out
+
     def _aggregate(self, n: int, u: int, v: np.ndarray | None, broadcast: bool) -> np.ndarray | None:
         """One aggregation of node ``u`` (layer ``n``) from its current model ``v``."""
         layout, rank, st = self.layout, self.rank, self.stats
-        codec, L = self.codecs[n - 1], self.msg_len[n - 1]
+        L = self.msg_len[n - 1]
         lc = self.comms[n]
         spanning = lc is not None and lc.node == u
         leaders = lc.leaders if spanning and lc is not None else None
         leads_u = layout.leader(n, u) == rank
+        chosen = self._participants(n, u)
+        first_kid = self.tree.children(n, u).start
+        if len(chosen) == 0:  # nobody takes part: the node keeps its model, nothing moves
+            return v
         remote: list[tuple[np.ndarray, MPI.Request]] = []
         acc = np.zeros(self.dim, dtype=np.float32) if leads_u else None
-        weights = self.weights(n, u) if leads_u else None
+        weights = dict(zip((first_kid + chosen).tolist(), self.weights(n, u, chosen))) if leads_u else {}
         if leads_u and leaders is not None:  # posted first: the other ranks' messages arrive while we work
             assert lc is not None and lc.leader_counts is not None  # set for every member of ``leaders``
-            remote = post_receives(leaders, lc.leader_counts, L, tag=n)
+            counts = lc.leader_counts if len(chosen) == len(lc.kid_leaders) else lc.counts_for(chosen)
+            remote = post_receives(leaders, counts, L, tag=n)
         parts: list[np.ndarray] = []
-        kids = self._my_children(n, u)
+        mine = self._my_children(n, u)
+        kids = [c for c in (first_kid + chosen).tolist() if mine.start <= c < mine.stop]
         trained = self._train_together(u, kids, v) if n == 1 and self.train_many_fn is not None else None
         for i, c in enumerate(kids):
             x = trained[i] if trained is not None else self._work(n - 1, c, v)
             if layout.leader(n - 1, c) != rank:
                 continue
             assert x is not None and v is not None
-            key = (self.seed, rng.QUANT, n, c, self._round, self._next_call(n, c))
             t0 = time.perf_counter()
-            if acc is not None and weights is not None:  # u's own children come first in child order
-                codec.encode_add(x, v, key, weights[i], acc)  # = decode_add(encode(...)), bit for bit
-                if remote:
-                    MPI.Request.Testall([r for _, r in remote])  # let MPI progress the transfers
-            else:
-                parts.append(codec.encode(x, v, key))
+            msg = self._encode(n, c, x, v, weights.get(c), acc)  # u's own children come first in child order
+            if msg is not None:
+                parts.append(msg)
+            elif remote:
+                MPI.Request.Testall([r for _, r in remote])  # let MPI progress the transfers
             st.t_codec += time.perf_counter() - t0
             st.uplink_bytes[n - 1] += L
+            st.messages[n - 1] += 1
         if leaders is not None and not leads_u:  # a child's leader that does not lead u: send and go on
             t0 = time.perf_counter()
             send_messages(leaders, parts, tag=n)
             st.t_comm += time.perf_counter() - t0
         new = None
-        if acc is not None and weights is not None:
+        if acc is not None:
             assert v is not None
-            first = len(weights) - len(remote)
-            for i, (msg, req) in enumerate(remote, start=first):  # the others' children, in child order
+            codec = self.codecs[n - 1]
+            senders = [c for c in (first_kid + chosen).tolist() if layout.leader(n - 1, c) != rank]
+            for c, (msg, req) in zip(senders, remote):  # the others' children, in child order
                 t0 = time.perf_counter()
                 wait(req)
                 t1 = time.perf_counter()
-                codec.decode_add(msg, weights[i], acc)
+                codec.decode_add(msg, weights[c], acc)
                 st.t_comm += t1 - t0
                 st.t_codec += time.perf_counter() - t1
             t0 = time.perf_counter()
-            new = v + acc
+            new = self._update(n, u, v, acc)
             st.t_codec += time.perf_counter() - t0
-        if broadcast and spanning and lc is not None and lc.subtree is not None:
-            t0 = time.perf_counter()
-            new = broadcast_vector(lc.subtree, new, self.dim)
-            st.t_comm += time.perf_counter() - t0
+        if broadcast:
+            assert v is not None
+            new = self._downlink(n, u, v, new, spanning, lc, leads_u)
         return new

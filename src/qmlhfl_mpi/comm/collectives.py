@@ -61,6 +61,16 @@ def broadcast_vector(comm: MPI.Intracomm, vec: np.ndarray | None, dim: int) -> n
     return vec
 
 
+def broadcast_bytes(comm: MPI.Intracomm, buf: np.ndarray | None, nbytes: int) -> np.ndarray:
+    """Broadcast a ``uint8`` message of ``nbytes`` bytes from rank 0 of ``comm`` (``Ibcast`` and
+    :func:`wait`).  Collective."""
+    if comm.Get_rank() != 0:
+        buf = np.empty(nbytes, dtype=np.uint8)
+    assert buf is not None
+    wait(comm.Ibcast([buf, MPI.BYTE], root=0))
+    return buf
+
+
 def agree_on_error(comm: MPI.Intracomm, message: str | None) -> str | None:
     """Collective: if any rank has an error message, every rank returns the
     message of the lowest such rank; else ``None``.  Lets all ranks stop

@@ -29,6 +29,16 @@ class LayerComms:
     subtree: MPI.Intracomm | None
     leaders: MPI.Intracomm | None
     leader_counts: np.ndarray | None  # children led by each member of ``leaders``
+    kid_leaders: tuple[int, ...] = ()  # rank (of the full communicator) leading each child of ``node``
+    members: tuple[int, ...] = ()      # ranks of the members of ``leaders``, in its rank order
+
+    def counts_for(self, kids: np.ndarray) -> np.ndarray:
+        """Messages each member of ``leaders`` sends when only the children at positions ``kids`` send."""
+        index = {r: i for i, r in enumerate(self.members)}
+        out = np.zeros(len(self.members), dtype=np.int64)
+        for k in kids:
+            out[index[self.kid_leaders[int(k)]]] += 1
+        return out
 
     def free(self) -> None:
         for c in (self.subtree, self.leaders):
@@ -56,6 +66,7 @@ def build_layer_comms(comm: MPI.Intracomm, layout: RankLayout) -> list[LayerComm
         subtree = cast(MPI.Intracomm, comm.Split(sub_color, rank))
         leaders = cast(MPI.Intracomm, comm.Split(lead_color, rank))
         counts = None
+        members: list[int] = []
         if leaders != MPI.COMM_NULL:
             members = sorted(set(kid_leaders))
             counts = np.array([kid_leaders.count(r) for r in members], dtype=np.int64)
@@ -64,5 +75,7 @@ def build_layer_comms(comm: MPI.Intracomm, layout: RankLayout) -> list[LayerComm
             subtree=None if subtree == MPI.COMM_NULL else subtree,
             leaders=None if leaders == MPI.COMM_NULL else leaders,
             leader_counts=counts,
+            kid_leaders=tuple(kid_leaders),
+            members=tuple(members),
         ))
     return out

@@ -13,8 +13,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..core.codecs import Codec, link_codecs
+from ..core.codecs import Codec, link_codecs, make_codec
+from ..core.links import LinkOptions
+from ..core.participation import Participation
 from ..core.partition import partition
+from ..core.schedule import LRSchedule
+from ..core.server_opt import ServerOptimizer, make_server_optimizer
 from ..core.theory import LatencyModel
 from ..core.topology import Tree
 from ..data.local import (
@@ -26,15 +30,78 @@ from ..data.local import (
 from ..data.registry import DATASETS
 from ..data.source import DataError, GeneratedDataset, Pooled, load_pooled
 from ..learning.models import build_model
-from .schema import Config
+from ..learning.train import ClientOptimizer
+from .schema import Config, server_betas
 
-__all__ = ["codecs", "data_spec", "latency", "local_data", "model", "model_dim"]
+__all__ = ["client_optimizer", "codecs", "data_spec", "downlink_codecs", "latency", "link_options", "local_data",
+           "lr_schedule", "model", "model_dim", "participation", "server_optimizers", "tensor_sizes"]
 
 
-def codecs(cfg: Config) -> list[Codec]:
-    """One codec per link from ``quantizer.kind``, ``levels`` and ``bucket``."""
+def tensor_sizes(cfg: Config) -> tuple[int, ...] | None:
+    """The model's parameter tensor sizes when ``quantizer.bucket`` is ``tensor`` (else ``None``):
+    the model is built for them."""
+    if cfg.quantizer.bucket != "tensor":
+        return None
+    shape, classes = data_spec(cfg)
+    return tuple(p.numel() for p in model(cfg, shape, classes).parameters())
+
+
+def codecs(cfg: Config, sizes: tuple[int, ...] | None = None) -> list[Codec]:
+    """One codec per link from ``quantizer.kind``, ``levels``, ``bucket`` and ``topk_fraction``;
+    ``sizes`` are the model's tensor sizes (found from the config when needed and not given)."""
     q = cfg.quantizer
-    return link_codecs(q.levels, q.bucket, q.kind)
+    if sizes is None:
+        sizes = tensor_sizes(cfg)
+    return link_codecs(q.levels, q.bucket, q.kind, q.topk_fraction, sizes)
+
+
+def downlink_codecs(cfg: Config, sizes: tuple[int, ...] | None = None) -> list[Codec | None]:
+    """Per link, the qsgd codec of ``quantizer.downlink`` (``None``: float32)."""
+    q = cfg.quantizer
+    if sizes is None and any(q.downlink):
+        sizes = tensor_sizes(cfg)
+    return [make_codec(s, q.bucket, "qsgd", tensor_sizes=sizes) if s else None
+            for s in (q.downlink or (0,) * cfg.N)]
+
+
+def participation(cfg: Config) -> Participation:
+    p, N = cfg.participation, cfg.N
+    return Participation(p.fraction or (1.0,) * N, p.availability or (1.0,) * N, p.weighting)
+
+
+def server_optimizers(cfg: Config) -> list[ServerOptimizer]:
+    """One optimiser per layer from ``server.*`` (each optimiser's defaults for keys left empty)."""
+    s, N = cfg.server, cfg.N
+    betas = server_betas(s.betas, N)
+    out = []
+    for n in range(N):
+        params: dict[str, Any] = {"betas": betas[n]}
+        for key in ("lr", "momentum", "eps"):
+            vals = getattr(s, key)
+            if vals:
+                params[key] = vals[n]
+        out.append(make_server_optimizer(s.optimizer[n] if s.optimizer else "avg", **params))
+    return out
+
+
+def link_options(cfg: Config, sizes: tuple[int, ...] | None = None) -> LinkOptions:
+    """Participation, server optimisers, error feedback and downlink codecs of the aggregator."""
+    return LinkOptions(participation(cfg), server_optimizers(cfg), cfg.quantizer.error_feedback or (False,) * cfg.N,
+                       downlink_codecs(cfg, sizes))
+
+
+def client_optimizer(cfg: Config) -> ClientOptimizer:
+    t = cfg.train
+    return ClientOptimizer(momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay, prox_mu=t.prox_mu)
+
+
+def lr_schedule(cfg: Config) -> LRSchedule | None:
+    """The learning rate per round, or ``None`` for a constant ``train.lr``."""
+    t = cfg.train
+    if t.lr_schedule == "constant":
+        return None
+    return LRSchedule(kind=t.lr_schedule, lr=t.lr, step_rounds=t.lr_step_rounds, gamma=t.lr_gamma, lr_min=t.lr_min,
+                      rounds=t.rounds)
 
 
 def latency(cfg: Config) -> LatencyModel:

@@ -18,8 +18,11 @@ from typing import Any
 import yaml
 
 from ..core.codecs import CODECS
+from ..core.participation import WEIGHTINGS
 from ..core.partition import PARTITIONERS
 from ..core.registry import PluginError, Registry
+from ..core.schedule import SCHEDULES
+from ..core.server_opt import SERVER_OPTIMIZERS
 from ..core.topology import TopologyError, Tree
 from ..data.registry import DATASETS
 from ..learning.registry import MODELS
@@ -51,13 +54,56 @@ class TopologyConfig:
 @dataclass(frozen=True)
 class QuantizerConfig:
     levels: tuple[int, ...] = fld((), lo=0, hi=32767, doc="s_1..s_N per link; 0 or 'none' = float32")
-    bucket: int = fld(512, lo=0, doc="values per norm; 0 = one global norm")
+    bucket: Any = fld(512, doc="values per norm (an integer >= 0; 0 = one global norm), or 'tensor': one norm per "
+                               "parameter tensor")
     kind: tuple[str, ...] = fld((), registry=CODECS, doc="codec of each link (N values); empty = qsgd on every link")
+    topk_fraction: tuple[float, ...] = fld((), lo=0, hi=1, lo_open=True,
+                                           doc="share of coordinates a topk link keeps, per link; empty = 0.01")
+    error_feedback: tuple[bool, ...] = fld((), doc="per link: the sender adds its last residual x - Q(x) to its next "
+                                                   "message (EF); empty = off")
+    downlink: tuple[int, ...] = fld((), lo=0, hi=32767,
+                                    doc="per link: qsgd levels of the parent's broadcast Q(v_new - v_prev) to its "
+                                        "subtree; 0 or 'none' = float32 (empty = none everywhere)")
+
+
+@dataclass(frozen=True)
+class ParticipationConfig:
+    fraction: tuple[float, ...] = fld((), lo=0, hi=1, lo_open=True,
+                                      doc="f_1..f_N: share of a node's children drawn at each of its aggregations; "
+                                          "empty = 1 (all)")
+    availability: tuple[float, ...] = fld((), lo=0, hi=1, lo_open=True,
+                                          doc="p_1..p_N: probability that a child of a layer-n node is up in an "
+                                              "aggregation; empty = 1")
+    weighting: str = fld("renormalize", choices=WEIGHTINGS,
+                         doc="weights of the participants: D(c) / sum of theirs, or unbiased D(c)/D(u)/inclusion "
+                             "probability")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    optimizer: tuple[str, ...] = fld((), registry=SERVER_OPTIMIZERS,
+                                     doc="per layer 1..N, how a node applies its decoded update; empty = avg "
+                                         "everywhere")
+    lr: tuple[float, ...] = fld((), lo=0, lo_open=True,
+                                doc="server learning rate per layer; empty = each optimizer's default (momentum "
+                                    "1, adam and yogi 0.01)")
+    momentum: tuple[float, ...] = fld((), lo=0, hi=0.999999, doc="FedAvgM beta per layer; empty = 0.9")
+    betas: Any = fld([], doc="adam/yogi [b1, b2] for every layer, or one pair per layer; empty = [0.9, 0.99]")
+    eps: tuple[float, ...] = fld((), lo=0, lo_open=True, doc="adam/yogi eps per layer; empty = 1e-3")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = fld(0.05, lo=0, lo_open=True, doc="SGD learning rate mu")
+    lr_schedule: str = fld("constant", choices=SCHEDULES, doc="learning rate per global round t: constant, step "
+                           "(lr * lr_gamma^(t // lr_step_rounds)) or cosine (from lr to lr_min over the rounds)")
+    lr_step_rounds: int = fld(10, lo=1, doc="step schedule: rounds between two decays")
+    lr_gamma: float = fld(0.1, lo=0, hi=1, lo_open=True, doc="step schedule: decay factor")
+    lr_min: float = fld(0.0, lo=0, doc="cosine schedule: final learning rate")
+    momentum: float = fld(0.0, lo=0, hi=0.999999, doc="local SGD momentum (buffers reset at each local run)")
+    nesterov: bool = fld(False, doc="Nesterov momentum (needs momentum > 0)")
+    weight_decay: float = fld(0.0, lo=0, doc="L2 penalty added to the gradient")
+    prox_mu: float = fld(0.0, lo=0, doc="FedProx: gradient + prox_mu (w - w0), w0 the start of the local run")
     batch_size: int = fld(32, lo=1, doc="minibatch size B")
     rounds: int = fld(20, lo=1, doc="global rounds T")
     seed: int = fld(0, lo=0, hi=2**63 - 1, doc="run seed")
@@ -130,6 +176,8 @@ class Config:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     tau: tuple[int, ...] = fld((), lo=1, doc="tau_1..tau_N")
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -238,7 +286,7 @@ def _convert(key: str, v: Any, tp: Any, f: dataclasses.Field) -> Any:
         return _convert(key, v, tp, f)
     if origin is tuple:
         elem = args[0]
-        if key.endswith("quantizer.levels"):
+        if key.endswith(("quantizer.levels", "quantizer.downlink")):
             v = [0 if isinstance(x, str) and x.lower() == "none" else x for x in (v if isinstance(v, list) else [v])]
         if not isinstance(v, (list, tuple)):
             raise ConfigError(f"config key '{key}' = {v!r}: expected {_describe(f, tp)}")
@@ -351,6 +399,7 @@ def validate(cfg: Config) -> None:
         vals = getattr(cfg.latency, key)
         if vals and len(vals) != N:
             raise ConfigError(f"config key 'latency.{key}' = {list(vals)}: give {N} values (links 1..{N}) or leave it empty")
+    _validate_links(cfg, N)
     if cfg.quantizer.kind and len(cfg.quantizer.kind) != N:
         raise ConfigError(f"config key 'quantizer.kind' = {list(cfg.quantizer.kind)}: give {N} codecs (links 1..{N}) "
                           f"or leave it empty for qsgd on every link; valid: {CODECS.choices_text()}")
@@ -359,6 +408,58 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {value!r}: expected a mapping of argument names to values, "
                               "e.g. {hidden: 200}")
     callback_specs(cfg.callbacks)
+
+
+def _validate_links(cfg: Config, N: int) -> None:
+    """The per-link and per-layer lists: N values or empty; bucket; betas; combinations."""
+    lists = {"quantizer.topk_fraction": cfg.quantizer.topk_fraction,
+             "quantizer.error_feedback": cfg.quantizer.error_feedback, "quantizer.downlink": cfg.quantizer.downlink,
+             "participation.fraction": cfg.participation.fraction,
+             "participation.availability": cfg.participation.availability,
+             "server.optimizer": cfg.server.optimizer, "server.lr": cfg.server.lr,
+             "server.momentum": cfg.server.momentum, "server.eps": cfg.server.eps}
+    for key, vals in lists.items():
+        if vals and len(vals) != N:
+            raise ConfigError(f"config key '{key}' = {list(vals)}: the tree has N={N} layers, so give {N} values "
+                              f"(one per link/layer 1..{N}) or leave it empty")
+    b = cfg.quantizer.bucket
+    if not (b == "tensor" or (isinstance(b, int) and not isinstance(b, bool) and b >= 0)):
+        raise ConfigError(f"config key 'quantizer.bucket' = {b!r}: expected an integer >= 0 (values per norm; 0 = one "
+                          "global norm) or 'tensor' (one norm per parameter tensor)")
+    server_betas(cfg.server.betas, N)
+    t = cfg.train
+    if t.lr_schedule == "cosine" and t.lr_min > t.lr:
+        raise ConfigError(f"config key 'train.lr_min' = {t.lr_min:g}: the cosine schedule goes from train.lr = "
+                          f"{t.lr:g} down to lr_min, so give 0 <= lr_min <= {t.lr:g}")
+    if t.nesterov and t.momentum == 0:
+        raise ConfigError("config key 'train.nesterov' = true needs train.momentum > 0 (e.g. --set train.momentum=0.9)")
+    levels = cfg.quantizer.levels
+    kinds = cfg.quantizer.kind or ("qsgd",) * N
+    for n, ef in enumerate(cfg.quantizer.error_feedback):
+        if ef and (kinds[n] == "none" or (kinds[n] in ("qsgd", "round") and levels[n] == 0)):
+            raise ConfigError(f"config key 'quantizer.error_feedback[{n}]' = true on link {n + 1}, which sends "
+                              f"float32 (kind {kinds[n]!r}, levels {levels[n]}): there is no error to feed back; "
+                              "set it to false or quantize the link")
+
+
+def server_betas(raw: Any, N: int) -> list[tuple[float, float]]:
+    """``server.betas`` as one ``(b1, b2)`` pair per layer; raises :class:`ConfigError`."""
+    bad = ConfigError(f"config key 'server.betas' = {raw!r}: expected [b1, b2] with 0 <= b < 1 for every layer, or "
+                      f"{N} such pairs (one per layer), or nothing for [0.9, 0.99]")
+    if raw is None or (isinstance(raw, (list, tuple)) and len(raw) == 0):
+        return [(0.9, 0.99)] * N
+    if not isinstance(raw, (list, tuple)):
+        raise bad
+    pairs = [raw] * N if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw) else list(raw)
+    if len(pairs) != N:
+        raise bad
+    out = []
+    for p in pairs:
+        if (not isinstance(p, (list, tuple)) or len(p) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in p)):
+            raise bad
+        out.append((float(p[0]), float(p[1])))
+    return out
 
 
 def callback_specs(raw: Any) -> list[tuple[str, dict[str, Any]]]:

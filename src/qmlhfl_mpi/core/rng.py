@@ -18,6 +18,9 @@ QUANT = 4      # quantizer: (seed, QUANT, layer, node, round, call)
 PARTITION = 5  # data partition: (seed, PARTITION, ...)
 SIZES = 6      # synthetic per-device sizes: (seed, SIZES, device)
 FORWARD = 7    # randomness inside a model's forward (dropout): (seed, FORWARD, device, round, call)
+SAMPLE = 8     # children drawn for an aggregation: (seed, SAMPLE, layer, node, round, call)
+AVAIL = 9      # children up in an aggregation: (seed, AVAIL, layer, node, round, call)
+DOWN = 10      # downlink quantizer: (seed, DOWN, layer, node, round, call)
 
 
 def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:

@@ -121,17 +121,21 @@ class Tree:
         ``D(c)/D(u)`` (device counts, the paper's) or, with per-device
         ``samples``, ``S(c)/S(u)``.  float64, summing to one.
         """
-        kids = self.children(n, u)
-        if samples is None:
-            counts = np.diff(self.starts[n - 1][kids.start : kids.stop + 1]).astype(np.float64)
-        else:
-            cum = np.concatenate([[0], np.cumsum(np.asarray(samples, dtype=np.float64))])
-            b = self.starts[n - 1][kids.start : kids.stop + 1]
-            counts = cum[b[1:]] - cum[b[:-1]]
+        counts = self.child_sizes(n, u, samples)
         total = counts.sum()
         if total <= 0:
             raise TopologyError(f"node {u} of layer {n} has no training samples: cannot weight its children")
         return counts / total
+
+    def child_sizes(self, n: int, u: int, samples: np.ndarray | None = None) -> np.ndarray:
+        """Sizes ``D(c)`` of the children of node ``u`` (layer ``n``): devices, or training
+        samples with per-device ``samples``; float64."""
+        kids = self.children(n, u)
+        b = self.starts[n - 1][kids.start : kids.stop + 1]
+        if samples is None:
+            return np.diff(b).astype(np.float64)
+        cum = np.concatenate([[0], np.cumsum(np.asarray(samples, dtype=np.float64))])
+        return cum[b[1:]] - cum[b[:-1]]
 
     def describe(self) -> str:
         sizes = [self.num_nodes(n) for n in range(self.N, -1, -1)]

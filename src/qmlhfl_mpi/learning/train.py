@@ -3,32 +3,104 @@
 The model's parameters are views into one flat ``float32`` buffer, so the
 boundary to the aggregation code is a single numpy vector with no copies of
 individual tensors.
+
+The client optimiser (:class:`ClientOptimizer`) follows ``torch.optim.SGD``
+(dampening 0) plus the FedProx proximal term.  With ``w`` the parameters,
+``w0`` the start vector of this local run, ``lr`` the run's learning rate
+(:class:`~qmlhfl_mpi.core.schedule.LRSchedule` at the global round, or the fixed
+``lr``), each step computes, in float32 and in this order, one torch
+elementwise op per line (coefficients are Python floats that torch rounds to
+float32 inside the kernel; a term whose coefficient is 0 is skipped, not
+added as zero):
+
+  1. ``g = grad + weight_decay * w``         ``add(grad, w, alpha=weight_decay)``
+  2. ``d = w - w0``;  ``g = g + prox_mu * d``  ``sub(w, w0)``, ``add_(g, d, alpha=prox_mu)``
+  3. momentum > 0: first step of the run ``buf = g`` (a copy), later steps
+     ``buf = momentum * buf`` then ``buf = buf + g`` (``mul_``, ``add_``);
+     then ``g = g + momentum * buf`` (nesterov, ``add_(g, buf, alpha=momentum)``) or ``g = buf``
+  4. ``w = w - lr * g``                      ``add_(w, g, alpha=-lr)``
+
+Steps 1, 3 and 4 are exactly the ops of ``torch.optim.SGD`` (its foreach and
+single-tensor paths agree on CPU), so without ``prox_mu`` a run equals it bit
+for bit.  The ops are ``torch._foreach_*`` over the parameter tensors, a fixed
+sequence independent of the rank, so every rank computes the same bits for a
+device.  With all options off the step is today's plain
+``_foreach_add_(w, grad, alpha=-lr)`` and nothing else.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..core import rng
+from ..core.schedule import LRSchedule
+
+
+@dataclass(frozen=True)
+class ClientOptimizer:
+    """Options of the local (client) optimiser; all off is plain SGD.
+
+    ``momentum`` in [0, 1) (heavy ball, dampening 0); ``nesterov`` needs ``momentum > 0``;
+    ``weight_decay`` >= 0 (L2, added to the gradient as in ``torch.optim.SGD``); ``prox_mu`` >= 0
+    (FedProx: ``prox_mu * (w - w0)`` added to the gradient, ``w0`` the start vector of the local
+    run).  Momentum buffers live for one local run only: they start at the first step's gradient
+    and are dropped when the run returns its vector (FedAvg with local momentum; nothing
+    optimiser-side is aggregated or carried from round to round).
+    """
+
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    prox_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("momentum", "weight_decay", "prox_mu"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} = {value!r}: must be a finite number")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum = {self.momentum!r}: must be in [0, 1)")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov = {self.nesterov!r}: must be true or false")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov = True needs momentum > 0 (momentum = 0)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay = {self.weight_decay!r}: must be >= 0")
+        if self.prox_mu < 0:
+            raise ValueError(f"prox_mu = {self.prox_mu!r}: must be >= 0")
+
+    @property
+    def is_plain(self) -> bool:
+        """No momentum, weight decay or proximal term: the plain SGD step."""
+        return self.momentum == 0 and not self.nesterov and self.weight_decay == 0 and self.prox_mu == 0
+
+
+PLAIN = ClientOptimizer()
 
 
 class LocalTrainer:
-    """Plain SGD (learning rate ``lr``, batch size ``batch_size``) on one rank's model.
+    """SGD (batch size ``batch_size``) with the options ``opt`` on one rank's model.
 
-    One instance serves all devices a rank hosts: :meth:`train` loads the start
-    vector, takes the steps and returns the new vector.
+    The learning rate of a local run in global round ``t`` is ``schedule.at(t)`` when a
+    ``schedule`` is given (it replaces ``lr``), else ``lr``.  One instance serves all devices a
+    rank hosts: :meth:`train` loads the start vector, takes the steps and returns the new vector.
     """
 
     def __init__(self, model: torch.nn.Module, lr: float, batch_size: int, seed: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", opt: ClientOptimizer | None = None,
+                 schedule: LRSchedule | None = None) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.lr = lr
         self.batch_size = batch_size
         self.seed = seed
+        self.opt = PLAIN if opt is None else opt
+        self.schedule = schedule
         self.params: list[torch.Tensor] = [p for p in self.model.parameters()]
         self.dim = sum(p.numel() for p in self.params)
         self.flat = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
@@ -38,6 +110,20 @@ class LocalTrainer:
             self.flat[off : off + n].copy_(p.data.reshape(-1))
             p.data = self.flat[off : off + n].view_as(p)
             off += n
+        # the optimiser's state, allocated on first use as flat buffers with per-parameter views
+        self._w0: list[torch.Tensor] | None = None   # start vector of the run (prox_mu)
+        self._buf: list[torch.Tensor] | None = None  # momentum buffers
+
+    def lr_at(self, round_: int) -> float:
+        """The learning rate of a local run in global round ``round_``."""
+        return self.lr if self.schedule is None else self.schedule.at(round_)
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, off = [], 0
+        for p in self.params:
+            out.append(flat[off : off + p.numel()].view_as(p))
+            off += p.numel()
+        return out
 
     def get_vector(self) -> np.ndarray:
         return self.flat.cpu().numpy().copy()
@@ -54,7 +140,8 @@ class LocalTrainer:
 
     def train(self, v: np.ndarray, x: torch.Tensor, y: torch.Tensor, steps: int,
               device: int, round_: int, call: int) -> tuple[np.ndarray, float]:
-        """``steps`` SGD steps from ``v`` on ``(x, y)``; returns (new vector, sum of step losses).
+        """``steps`` SGD steps from ``v`` on ``(x, y)`` at the learning rate of round ``round_``;
+        returns (new vector, sum of step losses).
 
         Minibatches come from the stream ``(seed, BATCH, device, round, call)``.
         Randomness inside the model's forward (dropout) comes from torch's
@@ -71,12 +158,17 @@ class LocalTrainer:
             torch.random.default_generator.manual_seed(forward_seed)
             if devices:
                 torch.cuda.manual_seed(forward_seed)
-            loss_sum = self._steps(x, y, idx, steps)
+            lr = self.lr_at(round_)
+            if self.opt.is_plain:
+                loss_sum = self._steps(x, y, idx, steps, lr)
+            else:
+                loss_sum = self._steps_opt(x, y, idx, steps, lr)
         return self.get_vector(), loss_sum
 
-    def _steps(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, steps: int) -> float:
+    def _steps(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, steps: int, lr: float) -> float:
+        """Plain SGD: ``w -= lr * grad``, one ``_foreach_add_`` per step."""
         loss_sum = 0.0
-        model, params, lr = self.model, self.params, self.lr
+        model, params = self.model, self.params
         model.train()
         for s in range(steps):
             bi = idx[s]
@@ -87,6 +179,50 @@ class LocalTrainer:
             with torch.no_grad():
                 # every parameter has a grad after backward()
                 torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)  # type: ignore[misc]
+            loss_sum += float(loss.detach())
+        return loss_sum
+
+    def _steps_opt(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, steps: int, lr: float) -> float:
+        """SGD with momentum / nesterov / weight decay / proximal term: the ops of the module
+        docstring, in its order."""
+        opt = self.opt
+        model, params = self.model, self.params
+        wd, mu, m = opt.weight_decay, opt.prox_mu, opt.momentum
+        w0 = bufs = None
+        if mu != 0:
+            if self._w0 is None:
+                self._w0 = self._views(torch.empty_like(self.flat))
+            w0 = self._w0
+            torch._foreach_copy_(w0, params)
+        if m != 0:
+            if self._buf is None:
+                self._buf = self._views(torch.empty_like(self.flat))
+            bufs = self._buf
+        loss_sum = 0.0
+        model.train()
+        for s in range(steps):
+            bi = idx[s]
+            for p in params:
+                p.grad = None
+            loss = loss_fn(model(x[bi]), y[bi])
+            loss.backward()
+            with torch.no_grad():
+                g: list[torch.Tensor] | tuple[torch.Tensor, ...] = [p.grad for p in params]  # type: ignore[misc]
+                if wd != 0:
+                    g = torch._foreach_add(g, params, alpha=wd)
+                if w0 is not None:
+                    torch._foreach_add_(g, torch._foreach_sub(params, w0), alpha=mu)
+                if bufs is not None:
+                    if s == 0:
+                        torch._foreach_copy_(bufs, g)
+                    else:
+                        torch._foreach_mul_(bufs, m)
+                        torch._foreach_add_(bufs, g)
+                    if opt.nesterov:
+                        torch._foreach_add_(g, bufs, alpha=m)
+                    else:
+                        g = bufs
+                torch._foreach_add_(params, g, alpha=-lr)
             loss_sum += float(loss.detach())
         return loss_sum
 
@@ -102,7 +238,10 @@ class LocalTrainer:
         for cid, lo, hi in chunks:
             loss_sum, correct = 0.0, 0
             for i in range(lo, hi, batch):
-                pred, target = self.model(x[i : min(hi, i + batch)]), y[i : min(hi, i + batch)]
+                # a fresh copy: the kernels' rounding may depend on where a slice starts in memory,
+                # and a chunk's offset in this rank's test block depends on the rank count
+                xb = x[i : min(hi, i + batch)].clone(memory_format=torch.contiguous_format)
+                pred, target = self.model(xb), y[i : min(hi, i + batch)]
                 loss_sum += float(loss_fn(pred, target, reduction="sum"))
                 if not target.is_floating_point():
                     correct += int((pred.argmax(1) == target).sum())

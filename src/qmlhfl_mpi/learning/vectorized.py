@@ -25,6 +25,13 @@ Which models qualify: any module without data-dependent control flow or
 in-place state (the registry's models all do); models with dropout do not
 (their randomness is keyed per device call on the unbatched path), and
 ``vectorize: on`` refuses them with a message.
+
+The client optimiser (:class:`~qmlhfl_mpi.learning.train.ClientOptimizer`) and the
+learning-rate schedule are the trainer's: the same update rule and op order
+as the unbatched path (see :mod:`qmlhfl_mpi.learning.train`) on stacked
+``(G, ...)`` tensors, with per-slot momentum buffers and the common start
+vector as ``w0``.  With all options off the step is today's
+``params - lr * grads``.
 """
 from __future__ import annotations
 
@@ -63,7 +70,8 @@ def use_vectorized(mode: str, model: nn.Module, num_params: int) -> bool:
 
 
 class VectorTrainer:
-    """Batched local SGD sharing the model, data layout and streams of a :class:`LocalTrainer`."""
+    """Batched local SGD sharing the model, data layout, streams, optimiser options and learning-rate
+    schedule of a :class:`LocalTrainer`."""
 
     def __init__(self, base: LocalTrainer) -> None:
         self.base = base
@@ -99,6 +107,7 @@ class VectorTrainer:
             else:
                 chunks.setdefault((dev - group.start) // CHUNK, []).append(k)
         start = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(base.device)
+        lr = base.lr_at(round_)
         for c, members in chunks.items():
             first = group.start + c * CHUNK
             size = min(CHUNK, group.stop - first)
@@ -108,14 +117,15 @@ class VectorTrainer:
                 ix = torch.from_numpy(base._batches(len(y), steps, rng.stream(base.seed, rng.BATCH, devices[k],
                                                                                 round_, calls[k])))
                 slots[devices[k] - first] = (x[ix.to(x.device)], y[ix.to(y.device)])
-            results = self._train_slots(start, slots, steps)
+            results = self._train_slots(start, slots, steps, lr)
             for k in members:
                 out[k] = results[devices[k] - first]
         return [r for r in out if r is not None]
 
     def _train_slots(self, start: torch.Tensor, slots: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
-                     steps: int) -> list[tuple[np.ndarray, float]]:
-        """One batched run; ``slots[g]`` holds the ``(steps, b, ...)`` minibatches of slot ``g`` or ``None``."""
+                     steps: int, lr: float) -> list[tuple[np.ndarray, float]]:
+        """One batched run at learning rate ``lr``; ``slots[g]`` holds the ``(steps, b, ...)`` minibatches
+        of slot ``g`` or ``None``."""
         base, G = self.base, len(slots)
         real = next(s for s in slots if s is not None)
         dummy = (torch.zeros_like(real[0]), torch.zeros_like(real[1]))
@@ -128,11 +138,45 @@ class VectorTrainer:
             off += size
         sums = [0.0] * G
         base.model.train()
+        if base.opt.is_plain:
+            for s in range(steps):
+                grads, losses = self._step(params, xs[:, s], ys[:, s])
+                with torch.no_grad():
+                    params = {n: params[n] - lr * grads[n] for n in self.names}
+                for k, value in enumerate(losses.detach().cpu().tolist()):
+                    sums[k] += value
+        else:
+            self._steps_opt(params, xs, ys, steps, lr, sums)
+        flat = torch.cat([params[n].reshape(G, -1) for n in self.names], dim=1).detach().cpu().numpy()
+        return [(flat[k].copy(), sums[k]) for k in range(G)]
+
+    def _steps_opt(self, params: dict[str, torch.Tensor], xs: torch.Tensor, ys: torch.Tensor, steps: int, lr: float,
+                   sums: list[float]) -> None:
+        """The optimiser's steps on the stacked ``params`` (updated in place), adding each slot's step
+        losses to ``sums``: the ops of :meth:`LocalTrainer._steps_opt`, in its order, per slot."""
+        opt = self.base.opt
+        wd, mu, m = opt.weight_decay, opt.prox_mu, opt.momentum
+        w = [params[n] for n in self.names]
+        w0 = [t.clone() for t in w] if mu != 0 else None  # every slot starts from the same vector
+        bufs: list[torch.Tensor] | None = None
         for s in range(steps):
             grads, losses = self._step(params, xs[:, s], ys[:, s])
             with torch.no_grad():
-                params = {n: params[n] - base.lr * grads[n] for n in self.names}
+                g: list[torch.Tensor] | tuple[torch.Tensor, ...] = [grads[n] for n in self.names]
+                if wd != 0:
+                    g = torch._foreach_add(g, w, alpha=wd)
+                if w0 is not None:
+                    torch._foreach_add_(g, torch._foreach_sub(w, w0), alpha=mu)
+                if m != 0:
+                    if bufs is None:
+                        bufs = [t.clone() for t in g]
+                    else:
+                        torch._foreach_mul_(bufs, m)
+                        torch._foreach_add_(bufs, g)
+                    if opt.nesterov:
+                        torch._foreach_add_(g, bufs, alpha=m)
+                    else:
+                        g = bufs
+                torch._foreach_add_(w, g, alpha=-lr)
             for k, value in enumerate(losses.detach().cpu().tolist()):
                 sums[k] += value
-        flat = torch.cat([params[n].reshape(G, -1) for n in self.names], dim=1).detach().cpu().numpy()
-        return [(flat[k].copy(), sums[k]) for k in range(G)]

@@ -12,8 +12,8 @@ Schema (documented for users in docs/results.md)::
     /topology/class_counts training samples per device and class (devices x classes)
     /quantizer/levels, bucket, kind, message_bytes, messages_per_round, q   (per link)
     /metrics/round, test_accuracy, test_loss, train_loss,
-             uplink_bytes (rounds x N), time_compute, time_codec, time_comm,
-             time_eval, time_round, modelled_time
+             uplink_bytes, messages, downlink_bytes (each rounds x N),
+             time_compute, time_codec, time_comm, time_eval, time_round, modelled_time
     /model/initial         flat float32 cloud model before the first round (model.init: module only)
     /model/final           flat float32 cloud model after the last round
 """
@@ -29,6 +29,7 @@ import numpy as np
 
 SCALAR_METRICS = ("round", "test_accuracy", "test_loss", "train_loss", "time_compute",
                   "time_codec", "time_comm", "time_eval", "time_round", "modelled_time")
+LINK_METRICS = ("uplink_bytes", "messages", "downlink_bytes")  # int64, one column per link
 
 
 class ResultsWriter:
@@ -56,8 +57,9 @@ class ResultsWriter:
         for k in SCALAR_METRICS:
             dt = np.int64 if k == "round" else np.float64
             m.create_dataset(k, shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,))
-        m.create_dataset("uplink_bytes", shape=(0, num_links), maxshape=(None, num_links),
-                         dtype=np.int64, chunks=(256, num_links))
+        for k in LINK_METRICS:
+            m.create_dataset(k, shape=(0, num_links), maxshape=(None, num_links), dtype=np.int64,
+                             chunks=(256, num_links))
         self.f.create_group("model")
         self.f.flush()
 
@@ -71,6 +73,11 @@ class ResultsWriter:
         for k in m:
             if m[k].shape[0] > rounds_done:
                 m[k].resize((rounds_done,) + m[k].shape[1:])
+        links = m["uplink_bytes"].shape[1]
+        for k in LINK_METRICS:  # a file from before version 0.3.0 lacks some: -1 marks the unknown rows
+            if k not in m:
+                m.create_dataset(k, data=np.full((rounds_done, links), -1, dtype=np.int64),
+                                 maxshape=(None, links), chunks=(256, links))
         resumed = list(self.f.attrs.get("resumed_at_rounds", [])) + [rounds_done]
         self.f.attrs["resumed_at_rounds"] = np.array(resumed, dtype=np.int64)
         for k, v in attrs.items():
@@ -87,9 +94,10 @@ class ResultsWriter:
         for k in SCALAR_METRICS:
             m[k].resize((i + 1,))
             m[k][i] = row[k]
-        ub = m["uplink_bytes"]
-        ub.resize((i + 1, ub.shape[1]))
-        ub[i] = np.asarray(row["uplink_bytes"], dtype=np.int64)
+        for k in LINK_METRICS:
+            ds = m[k]
+            ds.resize((i + 1, ds.shape[1]))
+            ds[i] = np.asarray(row[k], dtype=np.int64)
         self.f.flush()
 
     def write_model(self, name: str, vec: np.ndarray) -> None:

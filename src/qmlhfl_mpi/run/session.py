@@ -37,6 +37,7 @@ from ..comm.placement import PlacementError, select_device
 from ..config import Config, callback_specs
 from ..config import build as edge
 from ..core.exitcodes import EXIT_ABORT, EXIT_IO, EXIT_USAGE
+from ..core.participation import expected_messages
 from ..core.registry import PluginError, load_reference
 from ..core.theory import round_time
 from ..core.topology import RankLayout, TopologyError, messages_per_round
@@ -104,7 +105,6 @@ class Session:
         self.layout: RankLayout = self._agree(lambda: RankLayout.build(self.tree, self.size), (TopologyError,))
         self.devices = self.layout.devices(self.rank)
         torch.set_num_threads(threads_per_rank(cfg.train.threads))
-        self.codecs = self._agree(lambda: edge.codecs(cfg), (PluginError, ValueError))
         self.data = self._agree(lambda: edge.local_data(cfg, self.tree, self.devices, self.rank, self.size),
                                 (DataError, ValueError, OSError))
         self.device = self._agree(lambda: select_device(self.comm, cfg.train.device, cfg.train.share_gpus),
@@ -113,7 +113,11 @@ class Session:
             self.data.to(self.device)
         self.model = self._agree(lambda: edge.model(cfg, self.data.input_shape, self.data.num_classes),
                                  (PluginError, ValueError))
-        self.trainer = LocalTrainer(self.model, cfg.train.lr, cfg.train.batch_size, cfg.train.seed, self.device)
+        sizes = tuple(p.numel() for p in self.model.parameters())
+        self.codecs = self._agree(lambda: edge.codecs(cfg, sizes), (PluginError, ValueError))
+        self.link_options = self._agree(lambda: edge.link_options(cfg, sizes), (PluginError, ValueError))
+        self.trainer = LocalTrainer(self.model, cfg.train.lr, cfg.train.batch_size, cfg.train.seed, self.device,
+                                    opt=edge.client_optimizer(cfg), schedule=edge.lr_schedule(cfg))
         self.num_params = self.trainer.dim
         initial = self.trainer.get_vector()
         if cfg.model.init == "module":  # the factory's own init: rank 0's model for everyone
@@ -142,7 +146,8 @@ class Session:
 
         samples = self.data.samples if cfg.topology.weighting == "samples" else None
         self.aggregator = HierarchicalAggregator(self.layout, self.rank, self._comms, self.codecs, cfg.tau,
-                                                 self.num_params, cfg.train.seed, train_fn, samples, many_fn)
+                                                 self.num_params, cfg.train.seed, train_fn, samples, many_fn,
+                                                 self.link_options)
         self.modelled_round_time = round_time(self.num_params, cfg.tau, self.codecs, self.tree, edge.latency(cfg))
         self._ran = False
 
@@ -259,7 +264,31 @@ class Session:
             problem = None
         self._raise_agreed(f"{EXIT_USAGE}|{problem}" if problem else None)
         model = broadcast_vector(self.comm, start.model if self.rank == 0 else None, self.num_params)
+        self._agree(lambda: self.aggregator.load_state(self._scatter_state(start.state or {})), (ValueError,))
         return Start(done, model, start.state)
+
+    def _scatter_state(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rank 0's checkpointed per-node state, each entry to the rank that keeps it now.  Collective."""
+        per_rank: list[dict[str, np.ndarray]] | None = None
+        if self.rank == 0:
+            per_rank = [{} for _ in range(self.size)]
+            for name, arr in state.items():
+                try:
+                    owner = self.aggregator.owner(name)
+                except (ValueError, IndexError):
+                    owner = 0  # a name of no known kind: load_state on rank 0 refuses it
+                per_rank[owner][name] = arr
+        return dict(self.comm.scatter(per_rank, root=0))
+
+    def _gathered_state(self) -> dict[str, np.ndarray] | None:
+        """Every rank's per-node state (server optimisers, residuals) on rank 0.  Collective."""
+        parts = self.comm.gather(self.aggregator.state(), root=0)
+        if parts is None:
+            return None
+        out: dict[str, np.ndarray] = {}
+        for p in parts:
+            out.update(p)
+        return out
 
     def _attrs(self) -> dict[str, Any]:
         return {
@@ -281,7 +310,13 @@ class Session:
         topo.update(rank_blocks=self.layout.bounds, samples=data.samples, class_counts=class_counts)
         quant = {
             "levels": np.array(cfg.quantizer.levels, dtype=np.int64),
-            "bucket": np.array(cfg.quantizer.bucket, dtype=np.int64),
+            "bucket": np.array(-1 if cfg.quantizer.bucket == "tensor" else cfg.quantizer.bucket, dtype=np.int64),
+            "error_feedback": np.array(self.aggregator.error_feedback, dtype=bool),
+            "downlink": np.array([c.name if c is not None else "none" for c in self.aggregator.downlink], dtype=object),
+            "downlink_bytes": np.array(self.aggregator.down_len, dtype=np.int64),
+            "biased": np.array([bool(getattr(c, "biased", False)) for c in self.codecs], dtype=bool),
+            "expected_messages_per_round": np.array([expected_messages(tree, cfg.tau, n, self.aggregator.participation)
+                                                     for n in range(1, tree.N + 1)], dtype=np.float64),
             "kind": np.array([c.name for c in self.codecs], dtype=object),
             "message_bytes": np.array([c.nbytes(self.num_params) for c in self.codecs], dtype=np.int64),
             "messages_per_round": np.array([messages_per_round(tree, cfg.tau, n) for n in range(1, tree.N + 1)],
@@ -301,8 +336,9 @@ class Session:
         w = self.aggregator.global_round(t, w)
         t_round = time.perf_counter() - t0
         st = self.aggregator.stats
-        D = self.tree.num_devices  # per-device entries come from one rank each: the sums are exact
-        totals = sum_over_ranks(comm, np.concatenate([st.loss, st.steps, st.uplink_bytes]))
+        D, N = self.tree.num_devices, self.tree.N  # per-device entries come from one rank each: sums are exact
+        totals = sum_over_ranks(comm, np.concatenate([st.loss, st.steps, st.uplink_bytes, st.messages,
+                                                      st.downlink_bytes]))
         peaks = max_over_ranks(comm, np.array([st.t_compute, st.t_codec, st.t_comm, t_round]))
         evaluate = (t + 1) % cfg.train.eval_every == 0 or t == self.rounds - 1
         acc, test_loss, t_eval = float("nan"), float("nan"), 0.0
@@ -317,7 +353,9 @@ class Session:
         record = {
             "round": t, "test_accuracy": acc, "test_loss": test_loss,
             "train_loss": totals[:D].sum() / max(totals[D : 2 * D].sum(), 1),
-            "uplink_bytes": totals[2 * D :].astype(np.int64),
+            "uplink_bytes": totals[2 * D : 2 * D + N].astype(np.int64),
+            "messages": totals[2 * D + N : 2 * D + 2 * N].astype(np.int64),
+            "downlink_bytes": totals[2 * D + 2 * N :].astype(np.int64),
             "time_compute": peaks[0], "time_codec": peaks[1], "time_comm": peaks[2],
             "time_round": peaks[3], "time_eval": t_eval, "modelled_time": self.modelled_round_time,
         }
@@ -355,7 +393,7 @@ class Session:
                                f"--set train.lr={cfg.train.lr / 4:g} (now {cfg.train.lr:g})")
                     break
                 if ckpt.due(done, self.rounds, stop):
-                    self._on_rank0(ckpt.write, w, done)
+                    self._on_rank0(ckpt.write, w, done, self._gathered_state())
                 if stop and done < self.rounds:
                     status = "preempted"
                     message = (f"stopped after round {t} at the request of a signal or callback; checkpoint "

@@ -7,6 +7,7 @@ built-ins are references imported on first use, exactly like a plug-in
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,18 +20,43 @@ CODECS = Registry("codec", "quantizer.kind")
 CODECS.register("qsgd", "qmlhfl_mpi.core.codecs.qsgd:qsgd",
                 "stochastic unbiased QSGD with quantizer.levels levels per bucket norm (0 levels = float32)")
 CODECS.register("none", "qmlhfl_mpi.core.codecs.identity:identity", "float32, no quantization")
+CODECS.register("topk", "qmlhfl_mpi.core.codecs.topk:topk",
+                "biased: the k = ceil(quantizer.topk_fraction * d) largest-magnitude coordinates, "
+                "values float32 and indices bit-packed")
+CODECS.register("sign", "qmlhfl_mpi.core.codecs.sign:sign",
+                "biased: scaled sign, one bit per coordinate and one float32 scale (mean |x|) per bucket")
+CODECS.register("round", "qmlhfl_mpi.core.codecs.rounding:round_nearest",
+                "biased: deterministic nearest-level rounding with quantizer.levels levels per bucket norm "
+                "(qsgd's wire format)")
 
 DEFAULT_KIND = "qsgd"
+DEFAULT_TOPK_FRACTION = 0.01
 
 
-def make_codec(levels: int, bucket: int, kind: str = DEFAULT_KIND, **args: Any) -> Codec:
-    """The codec ``kind`` (a registered name or a plug-in reference) with its parameters."""
+def _offered(factory: Any, offers: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``offers`` that ``factory``'s signature names (all with ``**kwargs``)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature (a builtin): offer nothing extra
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(offers)
+    return {k: v for k, v in offers.items() if k in params}
+
+
+def make_codec(levels: int, bucket: int | str, kind: str = DEFAULT_KIND, **offers: Any) -> Codec:
+    """The codec ``kind`` (a registered name or a plug-in reference) with its parameters.
+
+    ``offers`` are link settings a codec may take (``fraction``: ``quantizer.topk_fraction``;
+    ``tensor_sizes``: the model's parameter tensors, for ``bucket: tensor``); each is passed
+    only to factories whose signature names it (or takes ``**kwargs``).
+    """
     factory = CODECS.resolve(kind)
     if not callable(factory):
         raise PluginError(f"quantizer.kind {kind!r}: {factory!r} is not callable; a codec plug-in is a factory "
                           "f(levels, bucket, **args) returning a Codec")
     try:
-        codec = factory(levels=levels, bucket=bucket, **args)
+        codec = factory(levels=levels, bucket=bucket, **_offered(factory, offers))
     except PluginError:
         raise
     except Exception as e:  # noqa: BLE001 - anything the user's factory raises
@@ -42,8 +68,14 @@ def make_codec(levels: int, bucket: int, kind: str = DEFAULT_KIND, **args: Any) 
     return codec
 
 
-def link_codecs(levels: Sequence[int], bucket: int, kinds: Sequence[str] = ()) -> list[Codec]:
-    """One codec per link: ``kinds[n]`` (default ``qsgd``) with ``levels[n]`` and the shared ``bucket``."""
-    if kinds and len(kinds) != len(levels):
-        raise ValueError(f"kinds={list(kinds)} and levels={list(levels)}: give one of each per link")
-    return [make_codec(s, bucket, kinds[i] if kinds else DEFAULT_KIND) for i, s in enumerate(levels)]
+def link_codecs(levels: Sequence[int], bucket: int | str, kinds: Sequence[str] = (),
+                fractions: Sequence[float] = (), tensor_sizes: Sequence[int] | None = None) -> list[Codec]:
+    """One codec per link: ``kinds[n]`` (default ``qsgd``) with ``levels[n]``, the shared ``bucket``,
+    ``fractions[n]`` (``quantizer.topk_fraction``, default 0.01) and the model's ``tensor_sizes``."""
+    for name, vals in (("kinds", kinds), ("fractions", fractions)):
+        if vals and len(vals) != len(levels):
+            raise ValueError(f"{name}={list(vals)} and levels={list(levels)}: give one of each per link")
+    sizes = tuple(int(n) for n in tensor_sizes) if tensor_sizes is not None else None
+    return [make_codec(s, bucket, kinds[i] if kinds else DEFAULT_KIND,
+                       fraction=fractions[i] if fractions else DEFAULT_TOPK_FRACTION, tensor_sizes=sizes)
+            for i, s in enumerate(levels)]

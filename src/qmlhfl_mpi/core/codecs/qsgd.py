@@ -16,13 +16,17 @@ decodes to ``norm_k * (-1)**sign_i * level_i / s``.  The level is
 ``floor(s |x_i| / norm_k + u_i)`` with ``u_i ~ U[0, 1)``, which is
 ``floor(s |x_i| / norm_k)`` or that plus one with the probabilities that make
 the result unbiased.
+
+With ``bucket: tensor`` (one norm per parameter tensor) the message is the
+concatenation of the ``bucket = 0`` messages of the tensors' slices, the
+whole vector's random stream kept: see :mod:`.tensor`.
 """
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -31,6 +35,7 @@ from .bitpack import pack, unpack
 from .identity import IdentityCodec
 from .kernels import HAVE_NUMBA, qsgd_decode_add, qsgd_encode, qsgd_quantize_add
 from .stream import key_words, uniforms
+from .tensor import TENSOR, TensorBucketCodec, parse_bucket
 
 MAX_LEVELS = 32767  # 15 level bits + 1 sign bit = 16-bit codes at most
 
@@ -117,8 +122,14 @@ class QSGDCodec(Codec):
     def encode(self, child: np.ndarray, parent: np.ndarray, key: StreamKey) -> np.ndarray:
         """The message for ``child - parent`` in one fused pass (compiled kernel; the numpy
         reference :func:`encode_reference` where numba is missing).  Randomness from ``key``."""
+        k0, k1 = key_words(key)
+        return self.encode_words(child, parent, k0, k1)
+
+    def encode_words(self, child: np.ndarray, parent: np.ndarray, k0: int, k1: int) -> np.ndarray:
+        """:meth:`encode` under the stream words ``(k0, k1)`` of a key (see :mod:`.stream`);
+        ``bucket: tensor`` encodes each tensor's slice under shifted words (:mod:`.tensor`)."""
         if not HAVE_NUMBA:  # pragma: no cover
-            return encode_reference(self, child, parent, key)
+            return _encode_reference_words(self, child, parent, k0, k1)
         child, parent = _as_f32(child), _as_f32(parent)
         if child.shape != parent.shape:
             raise ValueError(f"child {child.shape} and parent {parent.shape} differ in shape")
@@ -126,7 +137,6 @@ class QSGDCodec(Codec):
         out = np.empty(self.nbytes(d), dtype=np.uint8)
         if d:
             nb, blen = self._blocks(d)
-            k0, k1 = key_words(key)
             qsgd_encode(child, parent, self.levels, blen, nb, self.width, k0, k1, out)
         return out
 
@@ -145,15 +155,20 @@ class QSGDCodec(Codec):
                    acc: np.ndarray) -> None:
         """``decode_add(encode(child, parent, key), a, acc)`` in one pass, without packing the bits
         (the same floats in the same order: bit-identical, tested)."""
+        k0, k1 = key_words(key)
+        self.encode_add_words(child, parent, k0, k1, a, acc)
+
+    def encode_add_words(self, child: np.ndarray, parent: np.ndarray, k0: int, k1: int, a: np.float32,
+                         acc: np.ndarray) -> None:
+        """:meth:`encode_add` under the stream words ``(k0, k1)`` (see :meth:`encode_words`)."""
         if not HAVE_NUMBA:  # pragma: no cover
-            decode_add_reference(self, encode_reference(self, child, parent, key), a, acc)
+            decode_add_reference(self, _encode_reference_words(self, child, parent, k0, k1), a, acc)
             return
         child, parent = _as_f32(child), _as_f32(parent)
         if child.size != acc.size or parent.size != acc.size:
             raise ValueError(f"child {child.size}, parent {parent.size} and accumulator {acc.size} differ in length")
         if acc.size:
             nb, blen = self._blocks(acc.size)
-            k0, k1 = key_words(key)
             qsgd_quantize_add(child, parent, self.levels, blen, nb, k0, k1, np.float32(a), acc)
 
     def encode_vector(self, x: np.ndarray, gen: np.random.Generator | None) -> np.ndarray:
@@ -205,6 +220,12 @@ def _sumsq8_reference(xb: np.ndarray) -> np.ndarray:
 def encode_reference(codec: QSGDCodec, child: np.ndarray, parent: np.ndarray, key: StreamKey) -> np.ndarray:
     """The numpy reference of :meth:`QSGDCodec.encode`: the same float32 operations in the
     same order (the norm in eight lanes, see :func:`_sumsq8_reference`), vectorised over buckets."""
+    k0, k1 = key_words(key)
+    return _encode_reference_words(codec, child, parent, k0, k1)
+
+
+def _encode_reference_words(codec: QSGDCodec, child: np.ndarray, parent: np.ndarray, k0: int, k1: int) -> np.ndarray:
+    """:func:`encode_reference` under the stream words ``(k0, k1)``."""
     x = _as_f32(child) - _as_f32(parent)
     d, s = x.size, codec.levels
     out = np.empty(codec.nbytes(d), dtype=np.uint8)
@@ -214,7 +235,6 @@ def encode_reference(codec: QSGDCodec, child: np.ndarray, parent: np.ndarray, ke
     flat = np.zeros(nb * blen, dtype=np.float32)
     flat[:d] = x
     xb = flat.reshape(nb, blen)
-    k0, k1 = key_words(key)
     u = uniforms(k0, k1, 0, nb * blen).reshape(nb, blen)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         norms = np.sqrt(_sumsq8_reference(xb))
@@ -240,12 +260,17 @@ def decode_add_reference(codec: QSGDCodec, buf: np.ndarray, a: np.float32, acc: 
     acc += dec
 
 
-def qsgd(levels: int, bucket: int = 512, **args: Any) -> Codec:
-    """Factory of the ``qsgd`` codec; ``levels == 0`` means no quantization (float32)."""
-    if args:
-        raise TypeError(f"codec 'qsgd' takes no arguments besides levels and bucket, got {sorted(args)}")
-    if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 0:
-        raise ValueError(f"bucket={bucket!r} must be an integer >= 0 (0 means one global norm)")
+def qsgd(levels: int, bucket: int | str = 512, tensor_sizes: Sequence[int] | None = None) -> Codec:
+    """Factory of the ``qsgd`` codec; ``levels == 0`` means no quantization (float32).
+
+    ``bucket`` is an integer >= 0 (values per norm; 0: one global norm), or ``'tensor'``: one
+    norm per parameter tensor, ``tensor_sizes`` the model's tensor sizes in order (ignored for
+    an integer bucket); see :class:`~.tensor.TensorBucketCodec`.  Any other argument is a
+    ``TypeError`` (no ``**kwargs``: the engine offers a factory only the arguments it names).
+    """
+    blen, sizes = parse_bucket(bucket, tensor_sizes, "qsgd")
     if levels == 0 and not isinstance(levels, bool):
         return IdentityCodec()
-    return QSGDCodec(levels=levels, bucket=bucket)
+    if sizes is None:
+        return QSGDCodec(levels=levels, bucket=blen)
+    return TensorBucketCodec(QSGDCodec(levels=levels, bucket=0), sizes, f"qsgd(s={levels}, bucket={TENSOR})")
