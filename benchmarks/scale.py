@@ -1,12 +1,13 @@
 """Scale: 10^3 .. 10^5 synthetic devices on 2 ranks -- start-up, seconds per round, peak memory per rank.
 
-    .venv/bin/python benchmarks/scale.py [--devices 1000 10000 100000] [--ranks 2] [--rounds 2] [--smoke]
+    .venv/bin/python benchmarks/scale.py [--devices 1000 10000 100000] [--fraction 0.01] [--ranks 2] [--rounds 3]
+                                         [--smoke]
 
 The quickstart model (MLP 60-64-64-10) on the embedded Synthetic(1, 1) data
 (median 200 samples a device), a three-layer tree (10 regions x 10 edges x
-D/100 devices), tau = (1, 1, 1), QSGD s = (4, 16, 64), full participation
-(every device trains in every round: client sampling, ``participation.fraction``,
-is not available yet), ``train.vectorize: auto``.  Prints the start-up time
+D/100 devices), tau = (1, 1, 1), QSGD s = (4, 16, 64), a share ``--fraction``
+of every edge's devices drawn in each round (``participation.fraction`` on
+link 1; 1 = full participation), ``train.vectorize: auto``.  Prints the start-up time
 (wall time before the first round: Python, MPI, data generation, model),
 the median seconds per round, and each rank's peak RSS after set-up and at
 the end.  Memory per rank grows with the devices the rank hosts (their data)
@@ -30,10 +31,11 @@ import h5py
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(devices: int, ranks: int, rounds: int, tmp: Path) -> dict[str, float]:
+def run(devices: int, ranks: int, rounds: int, fraction: float, tmp: Path) -> dict[str, float]:
     out, mem = tmp / f"scale-{devices}.h5", tmp / f"mem-{devices}.json"
     leaf = max(1, devices // 100)
     sets = [f"output.path={out}", f"topology.branching=[10,10,{leaf}]", "tau=[1,1,1]", f"train.rounds={rounds}",
+            f"participation.fraction=[{fraction}, 1, 1]",
             "train.eval_every=1000", f"callbacks=[{{ref: '{REPO / 'benchmarks' / 'memory_probe.py'}:PeakMemory', "
             f"args: {{path: '{mem}'}}}}]"]
     cmd = [str(Path(sys.executable).with_name("mpiexec")), "-n", str(ranks), sys.executable, "-m", "qmlhfl_mpi",
@@ -57,16 +59,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--fraction", type=float, default=0.01, help="participation.fraction on link 1 (1 = everyone)")
     ap.add_argument("--smoke", action="store_true", help="100 devices, one round")
     args = ap.parse_args()
     sizes, rounds = ([100], 1) if args.smoke else (args.devices, args.rounds)
-    print(f"{'devices':>8} {'ranks':>5} {'startup_s':>9} {'round_s':>8} {'hosted per rank':>16} "
+    print(f"{'devices':>8} {'ranks':>5} {'fraction':>8} {'startup_s':>9} {'round_s':>8} {'hosted per rank':>16} "
           f"{'peak RSS after set-up, MB':>26} {'peak RSS at end, MB':>20}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for D in sizes:
-            r = run(D, args.ranks, rounds, Path(tmp))
-            print(f"{r['devices']:>8} {args.ranks:>5} {r['startup_s']:>9.1f} {r['round_s']:>8.2f} "
+            r = run(D, args.ranks, rounds, args.fraction, Path(tmp))
+            print(f"{r['devices']:>8} {args.ranks:>5} {args.fraction:>8g} {r['startup_s']:>9.1f} {r['round_s']:>8.2f} "
                   f"{str(r['hosted']):>16} {str(r['rss_setup']):>26} {str(r['rss_end']):>20}", flush=True)
 
 

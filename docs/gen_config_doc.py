@@ -36,11 +36,26 @@ RULES = {
     "quantizer.levels": "required: N values",
     "latency.uplink_rate": "N values or empty",
     "latency.uplink_latency": "N values or empty",
+    "quantizer.kind": "N values or empty",
+    "quantizer.topk_fraction": "N values or empty",
+    "quantizer.error_feedback": "N values or empty; not on a float32 link",
+    "quantizer.downlink": "N values or empty",
+    "participation.fraction": "N values or empty",
+    "participation.availability": "N values or empty",
+    "server.optimizer": "N values or empty",
+    "server.lr": "N values or empty",
+    "server.momentum": "N values or empty",
+    "server.eps": "N values or empty",
+    "server.betas": "[b1, b2] or N such pairs, 0 <= b < 1",
+    "quantizer.bucket": "integer >= 0, or `tensor`",
+    "train.nesterov": "needs train.momentum > 0",
+    "train.lr_min": "<= train.lr (cosine)",
 }
 _SCALAR = {int: "int", float: "float", bool: "bool", str: "str"}
 # Keys typed ``Any`` in the schema (validated by config.validate()).
 ANY_TYPES = {"topology.tree": "int or nested list", "model.args": "mapping", "data.args": "mapping",
-             "callbacks": "list of references or {ref, args}"}
+             "callbacks": "list of references or {ref, args}", "quantizer.bucket": "int or 'tensor'",
+             "server.betas": "pair or list of pairs"}
 REG_BEGIN = "<!-- registries:begin -->"
 REG_END = "<!-- registries:end -->"
 
@@ -120,11 +135,12 @@ def registries() -> str:
     """One table per registry: the built-in choices and what they are."""
     from qmlhfl_mpi.core.codecs import CODECS
     from qmlhfl_mpi.core.partition import PARTITIONERS
+    from qmlhfl_mpi.core.server_opt import SERVER_OPTIMIZERS
     from qmlhfl_mpi.data.registry import DATASETS
     from qmlhfl_mpi.learning.registry import MODELS
 
     out = []
-    for reg in (MODELS, DATASETS, PARTITIONERS, CODECS):
+    for reg in (MODELS, DATASETS, PARTITIONERS, CODECS, SERVER_OPTIMIZERS):
         out += [f"`{reg.key}` ({reg.kind}s):", "", "| name | what it is |", "|---|---|"]
         out += [f"| `{e.name}` | {e.doc} |" for e in reg.entries()]
         out.append("")

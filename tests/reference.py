@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -161,7 +162,7 @@ class Reference:
         picked = list(range(C))
         m = C
         if f < 1:
-            m = max(1, math.floor(f * C + 0.5))
+            m = max(1, math.floor(Fraction(repr(f)) * C + Fraction(1, 2)))
             picked = sorted(int(j) for j in gen(self.seed, 8, n, u.index, t, call).choice(C, size=m, replace=False))
         if p < 1:
             up = gen(self.seed, 9, n, u.index, t, call).random(C) < p

@@ -36,3 +36,11 @@ def test_scale_benchmark_smoke():
     out = bench("benchmarks/scale.py", "--smoke")
     row = out.strip().splitlines()[-1].split()
     assert row[0] == "100" and row[1] == "2"
+
+
+def test_algorithms_benchmark_smoke():
+    out = bench("benchmarks/algorithms.py", "--smoke")
+    rows = [ln.split() for ln in out.strip().splitlines()[1:]]
+    assert len(rows) == 2 and all(r[0] == "quickstart" for r in rows)
+    up = [float(r[-2]) for r in rows]
+    assert up[1] < up[0]  # top-k 1% on link 1 sends fewer bytes than qsgd s=4

@@ -20,7 +20,7 @@ def test_minimal_config_and_defaults():
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown config key.*'train.learning_rate'.*valid keys there: lr, batch_size"):
+    with pytest.raises(ConfigError, match=r"unknown config key.*'train.learning_rate'.*valid keys there: lr, lr_schedule"):
         from_dict({**BASE, "train": {"learning_rate": 0.1}})
     with pytest.raises(ConfigError, match=r"'tua'.*valid keys there: topology, tau"):
         from_dict({**BASE, "tua": [1]})

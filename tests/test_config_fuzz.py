@@ -29,6 +29,8 @@ def bad_values(key, tp, field):
     base, elem = _base_type(tp)
     m = field.metadata
     out = []
+    if key == "quantizer.bucket":  # an integer >= 0 or 'tensor'
+        return [("type", "tensors"), ("range", -1), ("type", 1.5)]
     if base is typing.Any:  # the explicit tree
         return [("type", "a string"), ("range", 0), ("range", [[1], 2])]
     if base == "tuple":

@@ -179,3 +179,22 @@ def test_bytes_equal_messages_times_exact_lengths(tmp_path):
     for n in range(2):  # the mean over 30 rounds is near the expected count (a 4-sigma binomial-type band)
         mean = msgs[:, n].mean()
         assert abs(mean - expected[n]) < 4 * math.sqrt(expected[n] / len(msgs)) + 0.5, (n, mean, expected[n])
+
+
+def test_vectorized_training_with_options_is_rank_invariant_and_close_to_unbatched(tmp_path):
+    sections = dict(topology={"tree": [[5, 3], [4]]}, tau=[3, 2, 1],
+                    quantizer={"levels": [8, 8, 16], "bucket": 16, "error_feedback": [True, False, False]},
+                    participation={"fraction": [0.7, 1.0, 1.0]}, server={"optimizer": ["avg", "momentum", "avg"]},
+                    train={"rounds": 3, "vectorize": "on", "momentum": 0.9, "weight_decay": 1e-3,
+                           "lr_schedule": "cosine"})
+    cfg = small_config(tmp_path, **sections)
+    models = {}
+    for n in (1, 3):
+        out = tmp_path / f"v{n}.h5"
+        run_ok(n, cfg, "--set", f"output.path={out}")
+        models[n] = final_model(out)
+    assert np.array_equal(models[1], models[3])
+    out = tmp_path / "off.h5"
+    run_ok(2, cfg, "--set", f"output.path={out}", "--set", "train.vectorize=off")
+    # batched products round differently: float32 round-off, amplified a little over 3 rounds
+    np.testing.assert_allclose(models[1], final_model(out), rtol=0, atol=1e-4)

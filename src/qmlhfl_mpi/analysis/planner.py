@@ -20,6 +20,7 @@ from ..config import Config
 from ..config import build as edge
 from ..core.exitcodes import EXIT_LR_VIOLATED
 from ..core.optimize import optimize_tau
+from ..core.participation import expected_messages
 from ..core.theory import (
     condition_terms,
     error_factor,
@@ -73,6 +74,23 @@ def _smoothness(cfg: Config, given: float | None) -> tuple[float, str]:
     return L, f"ESTIMATE: largest Hessian eigenvalue at the initial model over {len(batches)} devices' data"
 
 
+def _outside_bound(cfg: Config) -> list[str]:
+    """The configured options the convergence bound does not model."""
+    out = []
+    p, t, q = cfg.participation, cfg.train, cfg.quantizer
+    if any(f < 1 for f in p.fraction) or any(a < 1 for a in p.availability):
+        out.append("sampling/availability")
+    if t.momentum or t.weight_decay or t.prox_mu or t.lr_schedule != "constant":
+        out.append("client optimiser options")
+    if any(o != "avg" for o in cfg.server.optimizer):
+        out.append(f"server.optimizer {list(cfg.server.optimizer)}")
+    if any(q.error_feedback):
+        out.append("error feedback")
+    if any(q.downlink):
+        out.append("downlink quantization")
+    return out
+
+
 def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     """Print the check report through ``write``; returns the exit code."""
     cfg = config_mod.load(args.config, args.set)
@@ -84,15 +102,29 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     write(f"config {args.config}: N={tree.N}, {tree.num_devices} devices, {dim} parameters, tau={list(cfg.tau)}")
     write(f"{'link':>4} {'codec':>24} {'q_n':>10} {'bytes/msg':>10} {'msgs/round':>10} {'bytes/round':>12} "
           f"{'model_s/round':>13}")
+    part = edge.participation(cfg)
     for n, codec in enumerate(codecs, start=1):
         nb = codec.nbytes(dim)
-        msgs = messages_per_round(tree, cfg.tau, n)
+        msgs = expected_messages(tree, cfg.tau, n, part)
         q = f"{qs[n - 1]:.4g}" if not codec.biased else "biased"
-        write(f"{n:>4} {codec.name:>24} {q:>10} {nb:>10} {msgs:>10} {nb * msgs:>12} {parts.comm[n - 1]:>13.4g}")
+        write(f"{n:>4} {codec.name:>24} {q:>10} {nb:>10} {msgs:>10.4g} {nb * msgs:>12.6g} {parts.comm[n - 1]:>13.4g}")
+    if not part.is_full:
+        write(f"participation: fractions {list(part.fraction)}, availability {list(part.availability)} "
+              f"({part.weighting}); msgs/round and bytes/round are expected values (full participation: "
+              f"{[messages_per_round(tree, cfg.tau, n) for n in range(1, tree.N + 1)]}); children send in "
+              "parallel, so the modelled time per aggregation does not change")
+    down = [c for c in edge.downlink_codecs(cfg) if c is not None]
+    if down:
+        write(f"downlink: {', '.join(c.name for c in down)}; the "
+              "deadline model counts uplink messages only")
     biased = [n for n, c in enumerate(codecs, start=1) if c.biased]
     if biased:
         write(f"links {biased} use biased codecs: the convergence bound below does not cover them "
               "(their q_n is not a variance bound)")
+    outside = _outside_bound(cfg)
+    if outside:
+        write(f"outside the bound's assumptions (full participation, plain local SGD, averaging servers, "
+              f"unbiased uplinks, exact downlinks): {', '.join(outside)}; the bound below ignores them")
     write(f"SGD steps per device per round: {math.prod(cfg.tau)}; modelled round time {parts.total:.4g} s "
           f"(compute {parts.compute:.4g} s)")
     L, how = _smoothness(cfg, args.L)
@@ -123,6 +155,13 @@ def cmd_optimize(args: argparse.Namespace, write: Callable[[str], None]) -> int:
                        lr, max_tau=args.max_tau, sigma2=args.sigma2, gap0=args.gap0, zeta2=args.zeta2,
                        n_random=args.random, seed=cfg.train.seed)
     write(f"L = {L:.4g} ({how}); lr = {lr:g}; deadline {args.deadline:g} s; tau_n in 1..{args.max_tau}")
+    biased = [n for n, c in enumerate(edge.codecs(cfg), start=1) if c.biased]
+    if biased:
+        write(f"links {biased} use biased codecs: the bound treats their factor as a variance, which it is not; "
+              "take the optimum as a heuristic")
+    outside = _outside_bound(cfg)
+    if outside:
+        write(f"the bound does not model {', '.join(outside)}: the optimum is the one for the plain algorithm")
     write(f"optimum tau = {list(res.tau)}: objective (bound) {res.objective:.6g}, T = {res.T} rounds of "
           f"{res.round_time:.4g} s, {res.steps} SGD steps per device, admissible lr < {res.max_lr:.4g} "
           f"({res.nodes} configurations scored)")

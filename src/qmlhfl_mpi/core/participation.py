@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -37,12 +38,14 @@ WEIGHTINGS = ("renormalize", "unbiased")
 
 
 def sample_size(fraction: float, children: int) -> int:
-    """``max(1, round_half_up(fraction * children))`` (at most ``children``)."""
+    """``max(1, round_half_up(fraction * children))`` (at most ``children``), computed exactly
+    on the fraction's shortest decimal form (as ``topk`` counts its ``k``)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"participation fraction {fraction!r} out of range: expected 0 < f <= 1")
     if children <= 0:
         return 0
-    return min(children, max(1, math.floor(fraction * children + 0.5)))
+    exact = Fraction(repr(float(fraction)))  # the decimal as written: 0.29 * 50 is 14.5, rounded up to 15
+    return min(children, max(1, math.floor(exact * children + Fraction(1, 2))))
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,10 @@ class Participation:
             C = len(sizes)
             pi = sample_size(self.fraction[n - 1], C) / C * self.availability[n - 1]
             return (sizes[chosen] / total / pi).astype(np.float32)
-        return (sizes[chosen] / sizes[chosen].sum()).astype(np.float32)
+        part = sizes[chosen].sum()
+        if part <= 0:  # the participants hold no samples: they add nothing (the node keeps its model)
+            return np.zeros(len(chosen), dtype=np.float32)
+        return (sizes[chosen] / part).astype(np.float32)
 
     def expected_messages(self, n: int, children: int) -> float:
         """Expected number of layer-``n`` children that send per aggregation of a node with ``children``."""

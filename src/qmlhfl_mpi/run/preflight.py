@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from ..config import Config, config_diff
 from ..results import (
@@ -59,6 +60,11 @@ def preflight(cfg: Config, overwrite: bool, resume: bool) -> Start:
         raise RunError(f"cannot resume {str(out)!r}: the config differs from the checkpoint's in keys that change "
                        f"results: {'; '.join(diff)}. Use the original config (the file's config_yaml attribute) "
                        "or start a new run with another output.path")
+    old_rounds = (yaml.safe_load(ckpt.config_yaml) or {}).get("train", {}).get("rounds")
+    if cfg.train.lr_schedule == "cosine" and old_rounds is not None and old_rounds != cfg.train.rounds:
+        raise RunError(f"cannot resume {str(out)!r} with train.rounds={cfg.train.rounds}: the cosine learning-rate "
+                       f"schedule spans the run's train.rounds={old_rounds}, so the remaining rounds would train "
+                       f"at other rates. Resume with --set train.rounds={old_rounds}")
     if ckpt.rounds_done >= cfg.train.rounds:
         raise RunError(f"cannot resume {str(out)!r}: the checkpoint already has {ckpt.rounds_done} rounds and "
                        f"train.rounds={cfg.train.rounds}; raise train.rounds to train longer")
