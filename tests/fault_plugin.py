@@ -11,7 +11,11 @@ Modes, all on rank ``rank``:
 * ``kill``: SIGKILL itself at the same point;
 * ``ckpt``: SIGKILL itself half-way through writing the checkpoint after round
   ``round`` (the temporary file is cut to half, the rename never happens);
-* ``delay``: sleep ``seconds`` after every round (so a signal lands mid-run).
+* ``delay``: sleep ``seconds`` after every round (so a signal lands mid-run);
+* ``stop``: SIGSTOP itself inside round ``round``'s local training (a hung rank);
+* ``fill``: at the end of round ``round`` (after its row is written, before its
+  checkpoint), fill the file system of ``path`` with ``path``/filler until
+  only ``leave`` bytes are free (a disk that fills up during the run).
 """
 from __future__ import annotations
 
@@ -25,13 +29,15 @@ from qmlhfl_mpi.results import checkpoint as checkpoint_module
 
 
 class Fault(Callback):
-    def __init__(self, mode: str = "raise", rank: int = 0, round: int = 0, seconds: float = 0.0) -> None:
-        if mode not in ("raise", "kill", "ckpt", "delay"):
+    def __init__(self, mode: str = "raise", rank: int = 0, round: int = 0, seconds: float = 0.0,
+                 path: str = "", leave: int = 0) -> None:
+        if mode not in ("raise", "kill", "ckpt", "delay", "stop", "fill"):
             raise ValueError(f"Fault mode={mode!r}")
         self.mode, self.rank, self.round, self.seconds = mode, rank, round, seconds
+        self.path, self.leave = path, leave
 
     def on_run_start(self, session) -> None:
-        if session.rank != self.rank or self.mode not in ("raise", "kill"):
+        if session.rank != self.rank or self.mode not in ("raise", "kill", "stop"):
             return
         agg, target, mode = session.aggregator, self.round, self.mode
 
@@ -39,6 +45,9 @@ class Fault(Callback):
             if round_ == target:
                 if mode == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
+                if mode == "stop":
+                    os.kill(os.getpid(), signal.SIGSTOP)
+                    return
                 raise RuntimeError(f"injected fault on rank {session.rank} in round {round_}")
 
         # both training paths (one device at a time, and batched devices) go through the aggregator's hooks
@@ -51,6 +60,8 @@ class Fault(Callback):
     def on_round_end(self, session, record) -> None:
         if self.mode == "delay":
             time.sleep(self.seconds)
+        if self.mode == "fill" and session.rank == self.rank and int(record["round"]) == self.round:
+            fill(Path(self.path), self.leave)
         if self.mode == "ckpt" and session.rank == self.rank and int(record["round"]) == self.round:
             real_replace = checkpoint_module.os.replace
 
@@ -63,6 +74,15 @@ class Fault(Callback):
                 return real_replace(src, dst)
 
             checkpoint_module.os.replace = crash
+
+
+def fill(directory: Path, leave: int) -> Path:
+    """Write ``directory``/filler until about ``leave`` bytes are free in its file system."""
+    filler = directory / "filler"
+    free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+    with open(filler, "ab") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
 
 
 def spec(mode: str, **args) -> str:

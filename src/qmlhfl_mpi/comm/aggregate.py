@@ -144,6 +144,17 @@ class HierarchicalAggregator:
         out.update({f"residual.{n}.{c}": e for (n, c), e in self.residuals.items()})
         return out
 
+    def state_vectors(self) -> int:
+        """How many float32 vectors of the model's length the per-node state may hold (all ranks together)."""
+        tree = self.tree
+        out = 0
+        for n in range(1, tree.N + 1):
+            if not isinstance(self.server[n - 1], Average):
+                out += tree.num_nodes(n) * len(self.server[n - 1].state_names)
+            if self.error_feedback[n - 1]:
+                out += tree.num_nodes(n - 1)
+        return out
+
     def owner(self, name: str) -> int:
         """The rank that keeps the state entry ``name`` (of :meth:`state`) in this layout."""
         kind, n, u = name.split(".")[:3]

@@ -20,16 +20,28 @@ Schema (documented for users in docs/results.md)::
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from .space import as_os_error
+
 SCALAR_METRICS = ("round", "test_accuracy", "test_loss", "train_loss", "time_compute",
                   "time_codec", "time_comm", "time_eval", "time_round", "modelled_time")
 LINK_METRICS = ("uplink_bytes", "messages", "downlink_bytes")  # int64, one column per link
+
+
+@contextmanager
+def _io(path: Path, what: str) -> Iterator[None]:
+    """h5py's I/O failures (``RuntimeError`` as often as ``OSError``) as one ``OSError``."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        raise as_os_error(e, f"{what} {str(path)!r}") from None
 
 
 class ResultsWriter:
@@ -38,6 +50,11 @@ class ResultsWriter:
 
     def __init__(self, path: str | Path, *, overwrite: bool, attrs: Mapping[str, Any],
                  topology: Mapping[str, np.ndarray], quantizer: Mapping[str, np.ndarray], num_links: int) -> None:
+        with _io(Path(path), "creating"):
+            self._create(Path(path), overwrite, attrs, topology, quantizer, num_links)
+
+    def _create(self, path: Path, overwrite: bool, attrs: Mapping[str, Any], topology: Mapping[str, np.ndarray],
+                quantizer: Mapping[str, np.ndarray], num_links: int) -> None:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         self.path = p
@@ -68,6 +85,11 @@ class ResultsWriter:
         """Continue an existing file: drop metric rows after ``rounds_done``, mark it running."""
         self = cls.__new__(cls)
         self.path = Path(path)
+        with _io(self.path, "reopening"):
+            self._reopen(rounds_done, attrs)
+        return self
+
+    def _reopen(self, rounds_done: int, attrs: Mapping[str, Any]) -> None:
         self.f = h5py.File(self.path, "r+")
         m = self.f["metrics"]
         for k in m:
@@ -85,10 +107,13 @@ class ResultsWriter:
         self.f.attrs["status"] = "running"
         self.f.attrs["status_message"] = ""
         self.f.flush()
-        return self
 
     def append_round(self, row: Mapping[str, Any]) -> None:
         """Append one global round; ``row`` has every metric name of the schema."""
+        with _io(self.path, "appending a round to"):
+            self._append(row)
+
+    def _append(self, row: Mapping[str, Any]) -> None:
         m = self.f["metrics"]
         i = m["round"].shape[0]
         for k in SCALAR_METRICS:
@@ -101,6 +126,10 @@ class ResultsWriter:
         self.f.flush()
 
     def write_model(self, name: str, vec: np.ndarray) -> None:
+        with _io(self.path, f"writing /model/{name} to"):
+            self._write_model(name, vec)
+
+    def _write_model(self, name: str, vec: np.ndarray) -> None:
         g = self.f["model"]
         if name in g:
             del g[name]
@@ -108,10 +137,16 @@ class ResultsWriter:
         self.f.flush()
 
     def close(self, status: str, message: str = "") -> None:
-        if self.f:
-            self.f.attrs["status"] = status
-            self.f.attrs["status_message"] = message
-            self.f.close()
+        """Record the status and close; raises ``OSError`` if that fails (the file is closed anyway)."""
+        if not self.f:
+            return
+        try:
+            with _io(self.path, "closing"):
+                self.f.attrs["status"] = status
+                self.f.attrs["status_message"] = message
+        finally:
+            with _io(self.path, "closing"):
+                self.f.close()
 
 
 def read_status(path: str | Path) -> tuple[str, int, str]:

@@ -6,6 +6,7 @@ below).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,22 @@ from typing import Any
 import numpy as np
 
 from ..results import ResultsWriter, checkpoint_path, write_checkpoint
+from ..results.space import Reserve, require_space
+
+APPEND_BYTES = 64 * 1024  # room one round's row may take (HDF5 allocates a chunk of 256 rows at a time)
+
+
+def checkpoint_bytes(num_params: int, state_vectors: int, config_yaml: str) -> int:
+    """Upper estimate of a checkpoint's size: the model and the state vectors in float32, the config, HDF5's
+    metadata."""
+    return 4 * num_params * (1 + state_vectors) + len(config_yaml.encode()) + 32 * 1024 + 512 * state_vectors
+
+
+def reserve_path(output: str | Path) -> Path:
+    return Path(f"{output}.reserve")
+
+
+log = logging.getLogger(__name__)
 
 
 def io_advice(where: Path, e: OSError, after_round: int | None) -> str:
@@ -24,7 +41,8 @@ def io_advice(where: Path, e: OSError, after_round: int | None) -> str:
 
 
 class Checkpointer:
-    """Writes ``<output>.ckpt`` every ``every`` rounds (0: only when a stop is agreed)."""
+    """Writes ``<output>.ckpt`` every ``every`` rounds (0: only when a stop is agreed); checks the space
+    first (the new checkpoint is written beside the previous one, which stays until the rename)."""
 
     def __init__(self, output: str | Path, every: int, config_yaml: str) -> None:
         self.path = checkpoint_path(output)
@@ -36,6 +54,8 @@ class Checkpointer:
 
     def write(self, model: np.ndarray, done: int, state: Mapping[str, np.ndarray] | None = None) -> None:
         try:
+            require_space(self.path.parent, checkpoint_bytes(model.size, len(state or {}), self.config_yaml),
+                          f"the checkpoint {str(self.path)!r}")
             write_checkpoint(self.path, model=model, rounds_done=done, config_yaml=self.config_yaml, state=state)
         except OSError as e:
             raise OSError(io_advice(self.path.parent, e, done - 1)) from None
@@ -52,6 +72,7 @@ class ResultsFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.writer: ResultsWriter | None = None
+        self.reserve = Reserve(reserve_path(path))
 
     @contextmanager
     def _advice(self, after_round: int | None) -> Iterator[None]:
@@ -66,6 +87,7 @@ class ResultsFile:
         stored as ``/model/initial`` when given (the model cannot be recomputed
         from the seed)."""
         with self._advice(None):
+            self.reserve.take()
             if start:
                 self.writer = ResultsWriter.reopen(self.path, start, attrs)
                 return
@@ -80,14 +102,23 @@ class ResultsFile:
     def append(self, record: Mapping[str, Any]) -> None:
         assert self.writer is not None
         with self._advice(int(record["round"])):
+            require_space(self.path.parent, APPEND_BYTES, f"appending round {int(record['round'])} to "
+                                                          f"{str(self.path)!r}")
             self.writer.append_round(record)
 
     def final(self, model: np.ndarray) -> None:
         assert self.writer is not None
         with self._advice(None):
+            require_space(self.path.parent, 4 * model.size + 16 * 1024, f"the final model in {str(self.path)!r}")
             self.writer.write_model("final", model)
 
     def close(self, status: str, message: str) -> None:
+        """Record ``status`` and close.  The space reserve is deleted first, so that this works after a
+        full disk; a failure here is logged, never raised (the run's own error is the one to report)."""
+        self.reserve.release()
         if self.writer is not None:
-            self.writer.close(status, message)
+            try:
+                self.writer.close(status, message)
+            except OSError as e:
+                log.error("could not record status %r in %s: %s", status, self.path, e)
             self.writer = None

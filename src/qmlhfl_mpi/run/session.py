@@ -23,6 +23,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,11 +46,13 @@ from ..data.source import DataError
 from ..learning.train import LocalTrainer
 from ..learning.vectorized import VectorTrainer, use_vectorized
 from ..results import CheckpointError
+from ..results.space import RESERVE_BYTES, require_space
 from .callbacks import Callback
 from .errors import RunError
+from .lock import OutputLock
 from .logs import CSVLog, TensorBoardLog, csv_path
 from .preflight import Start, preflight
-from .recorder import Checkpointer, ResultsFile
+from .recorder import APPEND_BYTES, Checkpointer, ResultsFile, checkpoint_bytes
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,7 @@ class Session:
                                                  self.link_options)
         self.modelled_round_time = round_time(self.num_params, cfg.tau, self.codecs, self.tree, edge.latency(cfg))
         self._ran = False
+        self._lock = OutputLock(cfg.output.path)
 
     # ---- agreement ------------------------------------------------------------
     def _agree(self, fn: Callable[[], Any], expected: tuple[type[BaseException], ...],
@@ -235,6 +239,7 @@ class Session:
                 self.comm.Abort(EXIT_ABORT)
             raise
         finally:
+            self._lock.release()
             self.close()
 
     def close(self) -> None:
@@ -250,9 +255,30 @@ class Session:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _start(self, overwrite: bool, resume: bool) -> Start:
+    def _first_checks(self, overwrite: bool, resume: bool) -> Start:
+        """On rank 0: take the output's lock, check the output (and checkpoint) and the free space."""
         cfg = self.config
-        start: Start = self._agree(lambda: preflight(cfg, overwrite, resume) if self.rank == 0 else Start(),
+        self._lock.acquire(take_over_stale=resume or overwrite)
+        try:
+            start = preflight(cfg, overwrite, resume)
+            D, C = self.tree.num_devices, max(self.data.num_classes, 1)
+            needed = (RESERVE_BYTES + checkpoint_bytes(self.num_params, self.aggregator.state_vectors(),
+                                                       cfg.to_yaml())
+                      + 4 * self.num_params + 2 * APPEND_BYTES + (0 if start.rounds_done else 8 * D * (C + 4)))
+            out = Path(cfg.output.path)
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                require_space(out.parent, needed, "this run's results file, checkpoint and final model")
+            except OSError as e:
+                raise OSError(f"cannot start the run in {str(out.parent)!r}: {e.strerror or e}. Free disk space "
+                              "there or choose another output.path; nothing was written") from None
+        except BaseException:
+            self._lock.release()
+            raise
+        return start
+
+    def _start(self, overwrite: bool, resume: bool) -> Start:
+        start: Start = self._agree(lambda: self._first_checks(overwrite, resume) if self.rank == 0 else Start(),
                                    (RunError, CheckpointError, OSError))
         done = int(sum_over_ranks(self.comm, np.array([start.rounds_done]))[0])
         if not done:
