@@ -12,7 +12,8 @@ Modes, all on rank ``rank``:
 * ``ckpt``: SIGKILL itself half-way through writing the checkpoint after round
   ``round`` (the temporary file is cut to half, the rename never happens);
 * ``delay``: sleep ``seconds`` after every round (so a signal lands mid-run);
-* ``stop``: SIGSTOP itself inside round ``round``'s local training (a hung rank);
+* ``stop``: SIGSTOP itself inside round ``round``'s local training (a hung rank),
+  after writing the time to ``path``/stopped_at when ``path`` is given;
 * ``fill``: at the end of round ``round`` (after its row is written, before its
   checkpoint), fill the file system of ``path`` with ``path``/filler until
   only ``leave`` bytes are free (a disk that fills up during the run).
@@ -40,12 +41,15 @@ class Fault(Callback):
         if session.rank != self.rank or self.mode not in ("raise", "kill", "stop"):
             return
         agg, target, mode = session.aggregator, self.round, self.mode
+        stamp = str(Path(self.path) / "stopped_at") if self.path else ""
 
         def fault(round_):
             if round_ == target:
                 if mode == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 if mode == "stop":
+                    if stamp:
+                        Path(stamp).write_text(repr(time.time()))
                     os.kill(os.getpid(), signal.SIGSTOP)
                     return
                 raise RuntimeError(f"injected fault on rank {session.rank} in round {round_}")

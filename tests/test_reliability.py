@@ -147,3 +147,25 @@ def test_live_or_foreign_locks_are_never_taken_over(tmp_path, monkeypatch):
     lock.acquire(take_over_stale=True)
     assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     lock.release()
+
+
+def test_a_stopped_rank_ends_the_job_within_the_round_timeout_naming_it_and_resume_is_exact(tmp_path,
+                                                                                               uninterrupted):
+    cfg = small_config(tmp_path, **SECTIONS)
+    proc, secs = run_cli(3, ["run", str(cfg), "--quiet", "--set", "train.round_timeout=3", "--set",
+                             fault("stop", rank=1, round=4, path=str(tmp_path))], timeout=120)
+    ended = time.time()
+    assert proc.returncode == 76, proc.stderr
+    stopped = float((tmp_path / "stopped_at").read_text())
+    assert ended - stopped < 3 + 10, (ended - stopped, proc.stderr)  # the timeout, the 2 s grace, the abort
+    assert "rank 1 did not respond" in proc.stderr and "round 4" in proc.stderr, proc.stderr
+    assert proc.stderr.count("train.round_timeout = 3 s") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    with h5py.File(tmp_path / "out.h5") as f:
+        assert f.attrs["status"] == "failed" and "rank 1 did not respond" in f.attrs["status_message"]
+        assert f["metrics/round"][()].tolist() == [0, 1, 2, 3]
+    with h5py.File(tmp_path / "out.h5.ckpt") as f:  # plain averaging: the model is the whole state
+        assert int(f.attrs["rounds_done"]) == 4
+    assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).returncode == 1  # none left
+    proc2, _ = run_cli(2, ["run", str(cfg), "--quiet", "--resume"], timeout=120)
+    assert proc2.returncode == 0, proc2.stderr
+    assert np.array_equal(final(tmp_path / "out.h5"), uninterrupted)

@@ -37,6 +37,7 @@ from ..core.server_opt import Average, ServerOptimizer
 from ..core.topology import RankLayout
 from .collectives import broadcast_bytes, broadcast_vector, post_receives, send_messages, wait
 from .communicators import LayerComms
+from .watchdog import Watchdog
 
 # (vector, device, round, call) -> (trained vector, sum of step losses, steps)
 TrainFn = Callable[[np.ndarray, int, int, int], tuple[np.ndarray, float, int]]
@@ -105,6 +106,7 @@ class HierarchicalAggregator:
         self.server_state: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self.residuals: dict[tuple[int, int], np.ndarray] = {}
         self.stats = RoundStats(tree.N, tree.num_devices)
+        self.guard: Watchdog | None = None  # the round deadline enforced in every wait (train.round_timeout)
 
     # ---- helpers -----------------------------------------------------------
     def weights(self, n: int, u: int, chosen: np.ndarray | None = None) -> np.ndarray:
@@ -264,7 +266,7 @@ class HierarchicalAggregator:
         if codec is None:
             if spanning and lc is not None and lc.subtree is not None:
                 t0 = time.perf_counter()
-                new = broadcast_vector(lc.subtree, new, self.dim)
+                new = broadcast_vector(lc.subtree, new, self.dim, self.guard)
                 st.t_comm += time.perf_counter() - t0
             assert new is not None
             return new
@@ -276,7 +278,7 @@ class HierarchicalAggregator:
         st.t_codec += time.perf_counter() - t0
         if spanning and lc is not None and lc.subtree is not None:
             t0 = time.perf_counter()
-            msg = broadcast_bytes(lc.subtree, msg, self.down_len[n - 1])
+            msg = broadcast_bytes(lc.subtree, msg, self.down_len[n - 1], self.guard)
             st.t_comm += time.perf_counter() - t0
         assert msg is not None
         t0 = time.perf_counter()
@@ -324,7 +326,7 @@ class HierarchicalAggregator:
             st.messages[n - 1] += 1
         if leaders is not None and not leads_u:  # a child's leader that does not lead u: send and go on
             t0 = time.perf_counter()
-            send_messages(leaders, parts, tag=n)
+            send_messages(leaders, parts, tag=n, guard=self.guard)
             st.t_comm += time.perf_counter() - t0
         new = None
         if acc is not None:
@@ -333,7 +335,7 @@ class HierarchicalAggregator:
             senders = [c for c in (first_kid + chosen).tolist() if layout.leader(n - 1, c) != rank]
             for c, (msg, req) in zip(senders, remote):  # the others' children, in child order
                 t0 = time.perf_counter()
-                wait(req)
+                wait(req, self.guard)
                 t1 = time.perf_counter()
                 codec.decode_add(msg, weights[c], acc)
                 st.t_comm += t1 - t0

@@ -18,16 +18,21 @@ from collections.abc import Sequence
 import numpy as np
 from mpi4py import MPI
 
+from .watchdog import Watchdog
+
 SPIN_S = 1e-3       # spin this long before sleeping between tests
 MAX_SLEEP_S = 1e-3  # longest sleep between two tests
 
 
-def wait(req: MPI.Request) -> None:
-    """Complete ``req`` like ``req.Wait()``, without spinning for more than ~1 ms."""
+def wait(req: MPI.Request, guard: Watchdog | None = None) -> None:
+    """Complete ``req`` like ``req.Wait()``, without spinning for more than ~1 ms; with a
+    ``guard``, enforce its round deadline meanwhile (:class:`.watchdog.RoundTimeout`)."""
     if req.Test():
         return
     t0 = time.perf_counter()
     while not req.Test():
+        if guard is not None:
+            guard.poll()
         waited = time.perf_counter() - t0
         if waited > SPIN_S:
             time.sleep(min(MAX_SLEEP_S, waited / 10))
@@ -45,29 +50,32 @@ def post_receives(comm: MPI.Intracomm, counts: Sequence[int] | np.ndarray, msg_l
     return out
 
 
-def send_messages(comm: MPI.Intracomm, parts: Sequence[np.ndarray], tag: int) -> None:
+def send_messages(comm: MPI.Intracomm, parts: Sequence[np.ndarray], tag: int, guard: Watchdog | None = None
+                  ) -> None:
     """On a member other than rank 0: send ``parts`` (in order) to rank 0 and wait (:func:`wait`)."""
     reqs = [comm.Isend([p, MPI.BYTE], dest=0, tag=tag) for p in parts]
     for req in reqs:
-        wait(req)
+        wait(req, guard)
 
 
-def broadcast_vector(comm: MPI.Intracomm, vec: np.ndarray | None, dim: int) -> np.ndarray:
+def broadcast_vector(comm: MPI.Intracomm, vec: np.ndarray | None, dim: int, guard: Watchdog | None = None
+                     ) -> np.ndarray:
     """Broadcast a float32 vector from rank 0 of ``comm`` (``Ibcast`` and :func:`wait`).  Collective."""
     if comm.Get_rank() != 0:
         vec = np.empty(dim, dtype=np.float32)
-    wait(comm.Ibcast([vec, MPI.FLOAT], root=0))
+    wait(comm.Ibcast([vec, MPI.FLOAT], root=0), guard)
     assert vec is not None
     return vec
 
 
-def broadcast_bytes(comm: MPI.Intracomm, buf: np.ndarray | None, nbytes: int) -> np.ndarray:
+def broadcast_bytes(comm: MPI.Intracomm, buf: np.ndarray | None, nbytes: int, guard: Watchdog | None = None
+                    ) -> np.ndarray:
     """Broadcast a ``uint8`` message of ``nbytes`` bytes from rank 0 of ``comm`` (``Ibcast`` and
     :func:`wait`).  Collective."""
     if comm.Get_rank() != 0:
         buf = np.empty(nbytes, dtype=np.uint8)
     assert buf is not None
-    wait(comm.Ibcast([buf, MPI.BYTE], root=0))
+    wait(comm.Ibcast([buf, MPI.BYTE], root=0), guard)
     return buf
 
 
@@ -78,21 +86,28 @@ def agree_on_error(comm: MPI.Intracomm, message: str | None) -> str | None:
     return agree(comm, message)[0]
 
 
-def sum_over_ranks(comm: MPI.Intracomm, values: np.ndarray) -> np.ndarray:
+def _allreduce(comm: MPI.Intracomm, values: np.ndarray, op: MPI.Op, guard: Watchdog | None) -> np.ndarray:
+    send = np.ascontiguousarray(values, dtype=np.float64)
+    out = np.empty_like(send)
+    if guard is None:
+        comm.Allreduce(send, out, op=op)
+    else:
+        wait(comm.Iallreduce(send, out, op=op), guard)
+    return out
+
+
+def sum_over_ranks(comm: MPI.Intracomm, values: np.ndarray, guard: Watchdog | None = None) -> np.ndarray:
     """Elementwise float64 sum over ranks.  Collective."""
-    out = np.empty_like(values, dtype=np.float64)
-    comm.Allreduce(np.ascontiguousarray(values, dtype=np.float64), out, op=MPI.SUM)
-    return out
+    return _allreduce(comm, values, MPI.SUM, guard)
 
 
-def max_over_ranks(comm: MPI.Intracomm, values: np.ndarray) -> np.ndarray:
+def max_over_ranks(comm: MPI.Intracomm, values: np.ndarray, guard: Watchdog | None = None) -> np.ndarray:
     """Elementwise float64 max over ranks.  Collective."""
-    out = np.empty_like(values, dtype=np.float64)
-    comm.Allreduce(np.ascontiguousarray(values, dtype=np.float64), out, op=MPI.MAX)
-    return out
+    return _allreduce(comm, values, MPI.MAX, guard)
 
 
-def agree(comm: MPI.Intracomm, message: str | None, stop: bool = False) -> tuple[str | None, bool]:
+def agree(comm: MPI.Intracomm, message: str | None, stop: bool = False, guard: Watchdog | None = None
+          ) -> tuple[str | None, bool]:
     """Collective: :func:`agree_on_error` and whether any rank asked to stop, in one step.
 
     Returns ``(message of the lowest rank that has one, or None; any rank's stop)``.
@@ -100,7 +115,10 @@ def agree(comm: MPI.Intracomm, message: str | None, stop: bool = False) -> tuple
     size = comm.Get_size()
     flag = np.array([comm.Get_rank() if message is not None else size, -int(bool(stop))], dtype=np.int64)
     red = np.empty(2, dtype=np.int64)
-    comm.Allreduce(flag, red, op=MPI.MIN)
+    if guard is None:
+        comm.Allreduce(flag, red, op=MPI.MIN)
+    else:
+        wait(comm.Iallreduce(flag, red, op=MPI.MIN), guard)
     src, any_stop = int(red[0]), bool(red[1] < 0)
     if src == size:
         return None, any_stop

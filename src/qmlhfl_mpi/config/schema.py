@@ -113,6 +113,9 @@ class TrainConfig:
     vectorize: str = fld("auto", choices=("auto", "on", "off"),
                          doc="train a rank's devices of one edge together (torch.func.vmap); auto: models under 60 k "
                              "parameters without dropout")
+    round_timeout: float = fld(0.0, lo=0, doc="seconds a global round may take before the job stops, naming the "
+                               "ranks that do not respond (a stopped or hung rank); 0 = off. On SLURM, e.g. 10x "
+                               "the normal round time")
     share_gpus: bool = fld(False, doc="allow more ranks per node than GPUs (ranks share GPUs round-robin)")
 
 
@@ -486,7 +489,7 @@ def callback_specs(raw: Any) -> list[tuple[str, dict[str, Any]]]:
 # keys that may change between a checkpoint and its resumption: they do not
 # change the trained model or the recorded metrics
 RESUME_FREE_KEYS = ("output.path", "output.checkpoint_every", "output.csv", "output.tensorboard", "train.rounds",
-                    "train.threads", "train.share_gpus", "callbacks")
+                    "train.threads", "train.share_gpus", "train.round_timeout", "callbacks")
 
 
 def flatten(x: Any, prefix: str = "") -> dict[str, Any]:

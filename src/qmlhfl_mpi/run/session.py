@@ -35,9 +35,10 @@ from ..comm.aggregate import HierarchicalAggregator
 from ..comm.collectives import agree, broadcast_vector, max_over_ranks, sum_over_ranks
 from ..comm.communicators import build_layer_comms
 from ..comm.placement import PlacementError, select_device
+from ..comm.watchdog import RoundTimeout, Watchdog
 from ..config import Config, callback_specs
 from ..config import build as edge
-from ..core.exitcodes import EXIT_ABORT, EXIT_IO, EXIT_USAGE
+from ..core.exitcodes import EXIT_ABORT, EXIT_IO, EXIT_TIMEOUT, EXIT_USAGE
 from ..core.participation import expected_messages
 from ..core.registry import PluginError, load_reference
 from ..core.theory import round_time
@@ -101,6 +102,7 @@ class Session:
 
     def __init__(self, cfg: Config, comm: MPI.Intracomm | None = None) -> None:
         self.comm = MPI.COMM_WORLD if comm is None else comm
+        self._guard: Watchdog | None = None  # the round deadline while a round runs (see _round)
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.config = cfg
         self.rounds = cfg.train.rounds
@@ -154,6 +156,9 @@ class Session:
         self.modelled_round_time = round_time(self.num_params, cfg.tau, self.codecs, self.tree, edge.latency(cfg))
         self._ran = False
         self._lock = OutputLock(cfg.output.path)
+        # the round deadline (train.round_timeout), active from a round's start to its boundary agreement
+        self.watchdog = Watchdog(self.comm, cfg.train.round_timeout) if cfg.train.round_timeout > 0 else None
+        self.aggregator.guard = self.watchdog
 
     # ---- agreement ------------------------------------------------------------
     def _agree(self, fn: Callable[[], Any], expected: tuple[type[BaseException], ...],
@@ -173,7 +178,7 @@ class Session:
         self._agree(lambda: write(*args) if self.rank == 0 else None, (OSError,), EXIT_IO)
 
     def _raise_agreed(self, msg: str | None, stop: bool = False) -> bool:
-        agreed, any_stop = agree(self.comm, msg, stop)
+        agreed, any_stop = agree(self.comm, msg, stop, self._guard)
         if agreed is not None:
             code, _, text = agreed.partition("|")
             raise RunError(text, int(code))
@@ -248,6 +253,9 @@ class Session:
             if lc is not None:
                 lc.free()
         self._comms = []
+        if self.watchdog is not None:
+            self.watchdog.free()
+            self.watchdog = None
 
     def __enter__(self) -> Session:
         return self
@@ -357,23 +365,26 @@ class Session:
 
     def _round(self, t: int, w: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """One global round and its record (the same on every rank).  Collective."""
-        cfg, comm = self.config, self.comm
+        cfg, comm, guard = self.config, self.comm, self.watchdog
+        if guard is not None:
+            guard.start(t, first=t == self.start_round)
+            self._guard = guard
         t0 = time.perf_counter()
         w = self.aggregator.global_round(t, w)
         t_round = time.perf_counter() - t0
         st = self.aggregator.stats
         D, N = self.tree.num_devices, self.tree.N  # per-device entries come from one rank each: sums are exact
         totals = sum_over_ranks(comm, np.concatenate([st.loss, st.steps, st.uplink_bytes, st.messages,
-                                                      st.downlink_bytes]))
-        peaks = max_over_ranks(comm, np.array([st.t_compute, st.t_codec, st.t_comm, t_round]))
+                                                      st.downlink_bytes]), guard)
+        peaks = max_over_ranks(comm, np.array([st.t_compute, st.t_codec, st.t_comm, t_round]), guard)
         evaluate = (t + 1) % cfg.train.eval_every == 0 or t == self.rounds - 1
         acc, test_loss, t_eval = float("nan"), float("nan"), 0.0
         if evaluate:
             t1 = time.perf_counter()
             d = self.data
             ev = self.trainer.evaluate(w, d.test_x, d.test_y, d.test_chunks, d.num_test_chunks)
-            ev = sum_over_ranks(comm, ev).sum(axis=0)  # in chunk order: the same for any rank count
-            t_eval = float(max_over_ranks(comm, np.array([time.perf_counter() - t1]))[0])
+            ev = sum_over_ranks(comm, ev, guard).sum(axis=0)  # in chunk order: the same for any rank count
+            t_eval = float(max_over_ranks(comm, np.array([time.perf_counter() - t1]), guard)[0])
             test_loss = ev[0] / max(ev[2], 1)
             acc = ev[1] / max(ev[2], 1) if d.num_classes > 1 else float("nan")  # nan: regression
         record = {
@@ -386,6 +397,37 @@ class Session:
             "time_round": peaks[3], "time_eval": t_eval, "modelled_time": self.modelled_round_time,
         }
         return w, record
+
+    def _end_guard(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        self._guard = None
+
+    def _timed_out(self, e: RoundTimeout, results: ResultsFile, ckpt: Checkpointer, w: np.ndarray, done: int
+                   ) -> None:
+        """A round exceeded ``train.round_timeout``: keep what can be kept, say what happened, end the job
+        (``MPI_Abort`` with :data:`EXIT_TIMEOUT`, which also ends the ranks that stopped).  Not collective."""
+        self._end_guard()
+        speaker = self.rank == 0 or 0 in e.silent
+        kept = ""
+        if self.rank == 0:
+            if self.aggregator.state_vectors() == 0 and done > self.start_round:
+                try:  # the cloud model after the last finished round is the whole state: checkpoint it
+                    ckpt.write(w, done, {})
+                    kept = f" Checkpoint {str(ckpt.path)!r} holds {done} rounds."
+                except OSError as err:
+                    kept = f" Writing the checkpoint failed too: {err}."
+            else:
+                kept = (" The per-node state of other ranks cannot be collected now: the last regular checkpoint "
+                        f"{str(ckpt.path)!r} is kept." if self.aggregator.state_vectors() else "")
+            results.close("failed", e.message + kept)
+            self._lock.release()
+        if speaker:
+            log.critical("%s%s", e.message, kept)
+            logging.shutdown()
+        else:  # rank 0 speaks and ends the job; abort from here only if it never does
+            time.sleep(30)
+        self.comm.Abort(EXIT_TIMEOUT)
 
     def _run(self, callbacks: list[Callback], overwrite: bool, resume: bool) -> RunSummary:
         cfg, rank = self.config, self.rank
@@ -412,6 +454,7 @@ class Session:
                 self._on_rank0(results.append, record)
                 diverged = not (math.isfinite(record["train_loss"]) and np.isfinite(w).all())
                 stop = self._hooks(callbacks, "on_round_end", record)
+                self._end_guard()
                 if diverged:
                     status = "diverged"
                     message = (f"training diverged in round {t} (train loss {record['train_loss']}, model finite: "
@@ -429,6 +472,9 @@ class Session:
             if status != "preempted":  # completed, or diverged: the file keeps the model it ended with
                 self._on_rank0(results.final, w)
                 self._on_rank0(ckpt.remove)
+        except RoundTimeout as e:
+            status, message = "failed", e.message
+            self._timed_out(e, results, ckpt, w, done)  # does not return
         except BaseException as e:
             if status in ("completed", "preempted"):
                 status, message = "failed", f"{type(e).__name__}: {e}"
