@@ -54,7 +54,8 @@ def test_csv_log_has_every_round_and_matches_the_hdf5_file_also_across_a_resume(
     for key in ("train_loss", "test_loss", "test_accuracy", "time_round", "modelled_time"):
         assert np.array_equal(np.array([float(r[key]) for r in rows]), m[key]), key  # repr() keeps every bit
     for n in (1, 2):
-        assert [int(r[f"uplink_bytes_{n}"]) for r in rows] == m["uplink_bytes"][:, n - 1].tolist()
+        for key in ("uplink_bytes", "messages", "downlink_bytes"):
+            assert [int(r[f"{key}_{n}"]) for r in rows] == m[key][:, n - 1].tolist(), (key, n)
 
 
 def test_tensorboard_scalars_are_written_and_read_back(tmp_path):

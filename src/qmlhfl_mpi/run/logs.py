@@ -6,15 +6,33 @@ CSV keeps its rows of the rounds already done and drops any later ones.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.exitcodes import EXIT_IO
 from ..results import SCALAR_METRICS
+from ..results.space import require_space
 from .callbacks import Callback, Record
 from .errors import RunError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .session import RunSummary, Session
+
+
+LOG_ROW_BYTES = 16 * 1024  # room checked before each row (the file system may fill while a run writes)
+
+
+@contextmanager
+def _log_io(path: Path, what: str) -> Iterator[None]:
+    """An ``OSError`` of a log write, as exit 74 with the path, the cause and the fix."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"writing the {what} {str(path)!r} failed: {e.strerror or e}. Free disk space or fix the "
+                       "directory's permissions, then continue with --resume (the results file and the last "
+                       "complete checkpoint are kept), or turn the log off", EXIT_IO) from None
 
 
 def csv_path(output: str | Path) -> Path:
@@ -23,7 +41,8 @@ def csv_path(output: str | Path) -> Path:
 
 
 class CSVLog(Callback):
-    """One row per round: every scalar metric, then ``uplink_bytes_1..N``."""
+    """One row per round: every scalar metric, then ``uplink_bytes_1..N``, ``messages_1..N`` and
+    ``downlink_bytes_1..N``."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -31,7 +50,8 @@ class CSVLog(Callback):
         self._writer: Any = None
 
     def header(self, num_links: int) -> list[str]:
-        return [*SCALAR_METRICS, *(f"uplink_bytes_{n}" for n in range(1, num_links + 1))]
+        return [*SCALAR_METRICS, *(f"{k}_{n}" for k in ("uplink_bytes", "messages", "downlink_bytes")
+                                   for n in range(1, num_links + 1))]
 
     def on_run_start(self, session: Session) -> None:
         if session.rank != 0:
@@ -43,19 +63,24 @@ class CSVLog(Callback):
                 old = list(csv.reader(f))
             if old and old[0] == header:
                 rows = [r for r in old[1:] if r and int(r[0]) < session.start_round]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", newline="")
-        self._writer = csv.writer(self._file)
-        self._writer.writerow(header)
-        self._writer.writerows(rows)
-        self._file.flush()
+        with _log_io(self.path, "CSV log"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            require_space(self.path.parent, LOG_ROW_BYTES * (1 + len(rows)), f"the CSV log {str(self.path)!r}")
+            self._file = open(self.path, "w", newline="")
+            self._writer = csv.writer(self._file)
+            self._writer.writerow(header)
+            self._writer.writerows(rows)
+            self._file.flush()
 
     def on_round_end(self, session: Session, record: Record) -> None:
         if self._writer is None:
             return
-        self._writer.writerow([repr(float(record[k])) if k != "round" else int(record[k]) for k in SCALAR_METRICS]
-                              + [int(b) for b in record["uplink_bytes"]])
-        self._file.flush()
+        with _log_io(self.path, "CSV log"):
+            require_space(self.path.parent, LOG_ROW_BYTES, f"the CSV log {str(self.path)!r}")
+            self._writer.writerow([repr(float(record[k])) if k != "round" else int(record[k]) for k in SCALAR_METRICS]
+                                  + [int(b) for k in ("uplink_bytes", "messages", "downlink_bytes")
+                                     for b in record[k]])
+            self._file.flush()
 
     def on_run_end(self, session: Session, summary: RunSummary) -> None:
         if self._file is not None:
@@ -86,6 +111,8 @@ class TensorBoardLog(Callback):
             return
         step = int(record["round"]) + 1
         w = self._writer
+        with _log_io(self.logdir, "TensorBoard log in"):  # its writer thread reports nothing: check the room here
+            require_space(self.logdir, LOG_ROW_BYTES, f"the TensorBoard log in {str(self.logdir)!r}")
         for key in ("test_accuracy", "test_loss"):
             w.add_scalar(f"test/{key[5:]}", float(record[key]), step)
         w.add_scalar("train/loss", float(record["train_loss"]), step)
