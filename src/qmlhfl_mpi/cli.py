@@ -6,13 +6,13 @@ collective; expected problems (bad config, data, output) end every rank with
 exit code 2 and one message.
 
 ``run`` is a thin layer over the Python API: ``load_config`` then
-``Session(cfg, COMM_WORLD).run([SignalStop(restore=False), ConsoleTable()])``.
+``Session(cfg, COMM_WORLD).run([SignalStop(CLI_STOP_SIGNALS, restore=False), ConsoleTable()])``.
 
 Exit codes: 0 done; 1 aborted after an unexpected error on some rank (or a
 callback failed); 2 bad config, data, plug-in, output or checkpoint (nothing
 changed); 3 diverged (results so far kept); 74 a write failed; 75 stopped by
-SIGTERM/SIGUSR1 or a callback after writing a checkpoint (continue with
-``--resume``).
+SIGTERM/SIGUSR1/SIGINT (Ctrl-C) or a callback after writing a checkpoint
+(continue with ``--resume``).
 """
 from __future__ import annotations
 
@@ -99,9 +99,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     # first of all, so a signal during start-up also ends in a clean stop
-    from .run.signals import SignalStop
+    from .run.signals import CLI_STOP_SIGNALS, SignalStop
 
-    stopper = SignalStop(restore=False)  # until the process exits: a late signal must not kill a rank
+    # SIGINT too: Ctrl-C at mpiexec reaches every rank and must stop cleanly, not raise KeyboardInterrupt;
+    # kept until the process exits: a late signal must not kill a rank
+    stopper = SignalStop(CLI_STOP_SIGNALS, restore=False)
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -136,7 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             say("stopped" if e.code == EXIT_PREEMPTED else "error", str(e))
             return e.code
         if summary.status == "preempted":
-            say("stopped", f"{summary.message} (exit code {EXIT_PREEMPTED})")
+            why = f"{stopper.reason} received; " if stopper.received else ""
+            say("stopped", f"{why}{summary.message} (exit code {EXIT_PREEMPTED})")
             return EXIT_PREEMPTED
         if summary.status == "diverged":
             say("error", summary.message)

@@ -3,7 +3,7 @@
 HPC compute nodes usually have no internet, so nothing is downloaded unless
 ``download=True`` is asked for.  Two on-disk layouts are understood:
 
-* torchvision's layout, read through ``torchvision.datasets``::
+* torchvision's layout::
 
       ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte
       ROOT/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte
@@ -15,23 +15,33 @@ HPC compute nodes usually have no internet, so nothing is downloaded unless
   (``train-images-idx3-ubyte.gz`` ...).  These files are parsed here with
   numpy + gzip, in memory; nothing is unpacked to disk.
 
+All files are parsed here, never by torchvision (which is used only to
+download, with ``download=True``, and for CIFAR-10's published checksums):
+IDX files with numpy + gzip; CIFAR-10's pickled batches with
+:mod:`~qmlhfl_mpi.data.safe_pickle`, which runs no code from the file (a
+checksum match is no security boundary: ``data.root`` may point anywhere).
+A truncated, corrupt or malformed file is a :class:`DataError` that names the
+file and what was expected.
+
 The pixels of a split are held once as ``uint8``; :meth:`ImageData.images`
 converts only the requested samples to normalised ``float32``.
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
-import pickle
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 import torch
 
+from . import safe_pickle
 from .source import DataError
 
 log = logging.getLogger(__name__)
@@ -51,6 +61,10 @@ _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST = ("test_batch",)
 _CIFAR_META = "batches.meta"
+_CIFAR_PIXELS = 3 * 32 * 32
+_CIFAR_CLASSES = 10
+_CHUNK = 1 << 22  # bytes read at a time from an IDX file
+_REFETCH = "re-download or re-copy it"
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,27 +122,58 @@ def _idx_names(train: bool) -> tuple[str, str]:
     return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
 
 
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+def _read_upto(f: _Readable, n: int) -> bytes:
+    """Up to ``n`` bytes of ``f``, fewer only at the end of the file (read in chunks: never
+    allocates more than the file holds, whatever a header claims)."""
+    parts, got = [], 0
+    while got < n:
+        chunk = f.read(min(n - got, _CHUNK))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Parse a (possibly gzipped) unsigned-byte IDX file into a uint8 array."""
+    """Parse a (possibly gzipped) unsigned-byte IDX file into a uint8 array.
+
+    The header is read first, then exactly the bytes it announces (plus one, to
+    catch trailing data); a cut or corrupt gzip stream, a wrong magic number or
+    a length that does not match the header is a :class:`DataError` naming the
+    file and what was expected.
+    """
+    gz = path.suffix == ".gz"
+    kind = f"{'gzip-compressed ' if gz else ''}unsigned-byte IDX file with {ndim} dimension(s)"
+    what = "images" if ndim == 3 else "labels"
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                buf = f.read()
-        else:
-            buf = path.read_bytes()
-    except (OSError, EOFError) as exc:
-        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
-    if len(buf) < 4 + 4 * ndim or buf[0] != 0 or buf[1] != 0 or buf[2] != 0x08 or buf[3] != ndim:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            header = _read_upto(f, 4 + 4 * ndim)
+            magic = bytes([0, 0, 0x08, ndim])
+            if header[:4] != magic or len(header) < 4 + 4 * ndim:
+                found = header[:4].hex(" ") if len(header) >= 4 else f"a file of {len(header)} byte(s)"
+                raise DataError(
+                    f"{path} is not an {kind} ({what}): expected the magic number {magic.hex(' ')} and "
+                    f"{ndim} dimension(s) in the header, found {found}{' and a cut header' if header[:4] == magic else ''}"
+                    f"; check that this is the right file, else {_REFETCH}"
+                )
+            dims = tuple(int(d) for d in np.frombuffer(header, dtype=">u4", count=ndim, offset=4))
+            expected = int(np.prod(dims, dtype=object))
+            body = _read_upto(f, expected + 1)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(
-            f"{path} is not an unsigned-byte IDX file with {ndim} dimension(s) "
-            f"(expected magic 00 00 08 {ndim:02x}, got {buf[:4].hex(' ') if len(buf) >= 4 else 'a truncated file'})"
-        )
-    dims = tuple(int(d) for d in np.frombuffer(buf, dtype=">u4", count=ndim, offset=4))
-    offset = 4 + 4 * ndim
-    expected = int(np.prod(dims)) if dims else 0
-    if len(buf) - offset != expected:
-        raise DataError(f"{path}: header says shape {dims} ({expected} bytes) but {len(buf) - offset} bytes follow")
-    return np.frombuffer(buf, dtype=np.uint8, offset=offset).reshape(dims)
+            f"cannot read {path} as a {kind} ({what}): {type(exc).__name__}: {exc}; expected a complete "
+            f"{'gzip stream' if gz else 'file'}: the file is truncated or corrupt, {_REFETCH}"
+        ) from None
+    if len(body) != expected:
+        found = f"only {len(body)}" if len(body) < expected else "more than that"
+        raise DataError(f"{path}: its header announces {what} of shape {dims}, i.e. {expected} bytes of data, but "
+                        f"{found} follow: the file is truncated or corrupt, {_REFETCH}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 def _find_idx_pair(directory: Path, train: bool) -> tuple[Path, Path] | None:
@@ -165,26 +210,26 @@ def _load_idx_dataset(name: str, root: Path, train: bool, download: bool) -> tup
     cls = _SPECS[name][0]
     split = "train" if train else "test"
     raw = root / cls / "raw"
-    tv_files = [raw / f for t in (True, False) for f in _idx_names(t)]
-    if all(p.is_file() for p in tv_files) or (download and _find_idx_pair(raw, train) is None
-                                              and _find_idx_pair(root, train) is None):
-        import torchvision  # lazy: only needed for this layout
+    found = [(d, pair) for d in (raw, root) if (pair := _find_idx_pair(d, train)) is not None]
+    if not found and download:
+        import torchvision  # lazy: only to download
 
-        try:
-            ds = getattr(torchvision.datasets, cls)(str(root), train=train, download=download)
+        try:  # downloads (checking torchvision's md5 sums) into ROOT/<cls>/raw and unpacks the IDX files there
+            getattr(torchvision.datasets, cls)(str(root), train=train, download=True)
         except Exception as exc:  # noqa: BLE001 - torchvision raises RuntimeError/URLError/OSError
-            raise DataError(f"{name} ({split} split): torchvision could not load/download it: {exc}; "
+            raise DataError(f"{name} ({split} split): torchvision could not download it: {exc}; "
                             f"{_idx_expectation(name, root, train)}") from exc
-        log.info("loaded %s %s split via torchvision from %s", name, split, raw)
-        return ds.data.numpy(), ds.targets.numpy()
-    for directory in (raw, root):
-        pair = _find_idx_pair(directory, train)
-        if pair is not None:
-            images, labels = _read_idx(pair[0], 3), _read_idx(pair[1], 1)
-            if images.shape[0] != labels.shape[0]:
-                raise DataError(f"{pair[0]} holds {images.shape[0]} images but {pair[1]} holds {labels.shape[0]} labels")
-            log.info("loaded %s %s split from IDX files %s, %s", name, split, pair[0], pair[1])
-            return images, labels
+        found = [(raw, pair)] if (pair := _find_idx_pair(raw, train)) is not None else []
+    if found:
+        directory, (image_file, label_file) = found[0]
+        images, labels = _read_idx(image_file, 3), _read_idx(label_file, 1)
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(f"{image_file} holds {images.shape[0]} images but {label_file} holds "
+                            f"{labels.shape[0]} labels; expected one label per image: one of the two files belongs "
+                            f"to another data set or split, {_REFETCH}")
+        how = " found via torchvision's layout" if directory == raw else ""
+        log.info("loaded %s %s split from IDX files %s, %s%s", name, split, image_file, label_file, how)
+        return images, labels
     present = sorted(p.name for d in (raw, root) if d.is_dir() for p in d.iterdir() if "ubyte" in p.name)
     what = f"incomplete: only {present} present" if present else "not found"
     raise DataError(f"{name} ({split} split) {what} under {root}; {_idx_expectation(name, root, train)}")
@@ -202,52 +247,100 @@ def _cifar_expectation(root: Path) -> str:
     )
 
 
-def _read_cifar_pickles(base: Path, files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Load CIFAR-10 batches directly (used when the md5 check of torchvision fails)."""
-    data, labels = [], []
-    for fname in files:
-        try:
-            with open(base / fname, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            arr = np.asarray(entry["data"], dtype=np.uint8)
-            lab = entry["labels"] if "labels" in entry else entry["fine_labels"]
-        except Exception as exc:  # noqa: BLE001 - unpickling can fail in many ways
-            raise DataError(f"{base / fname} is not a CIFAR-10 python batch: {exc!r}") from exc
-        if arr.ndim != 2 or arr.shape[1] != 3 * 32 * 32 or arr.shape[0] != len(lab):
-            raise DataError(f"{base / fname}: expected 'data' of shape (n, 3072) and n labels, "
-                            f"got {arr.shape} and {len(lab)} labels")
-        data.append(arr)
-        labels.append(np.asarray(lab, dtype=np.int64))
-    images = np.concatenate(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # HWC like torchvision
-    return np.ascontiguousarray(images), np.concatenate(labels)
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape} and dtype {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+def _cifar_batch(path: Path, blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(n, 3072)`` uint8 pixels and ``n`` int64 labels of the CIFAR-10 batch ``blob`` read from ``path``.
+
+    Unpickled with :mod:`~qmlhfl_mpi.data.safe_pickle` (no code from the file
+    runs); every departure from the format is a :class:`DataError` naming the file.
+    """
+    expect = (f"expected a CIFAR-10 python batch: a dict with 'data' (a uint8 array of shape (n, {_CIFAR_PIXELS})) "
+              f"and 'labels' (n integers in 0..{_CIFAR_CLASSES - 1})")
+    entry = safe_pickle.loads(blob, path)
+    if not isinstance(entry, dict):
+        raise DataError(f"{path} holds {_describe(entry)}; {expect}; {_REFETCH}")
+    fields = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    label_key = next((k for k in ("labels", "fine_labels") if k in fields), None)
+    if "data" not in fields or label_key is None:
+        lacks = [k for k, ok in (("data", "data" in fields), ("labels", label_key is not None)) if not ok]
+        raise DataError(f"{path} lacks {lacks} (its keys: {sorted(map(str, fields))}); {expect}; {_REFETCH}")
+    data, lab = fields["data"], fields[label_key]
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != _CIFAR_PIXELS:
+        raise DataError(f"{path}: 'data' is {_describe(data)}; {expect}; {_REFETCH}")
+    if data.dtype != np.uint8:
+        if data.dtype.kind not in "iu":
+            raise DataError(f"{path}: 'data' is {_describe(data)}; {expect}; {_REFETCH}")
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise DataError(f"{path}: 'data' is {_describe(data)} with values outside 0..255 (min {data.min()}, "
+                            f"max {data.max()}); {expect}; {_REFETCH}")
+        data = data.astype(np.uint8)
+    if isinstance(lab, (list, tuple)):
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in lab):
+            bad = next(v for v in lab if not isinstance(v, (int, np.integer)) or isinstance(v, bool))
+            raise DataError(f"{path}: {label_key!r} holds {bad!r} ({type(bad).__name__}); {expect}; {_REFETCH}")
+        lab = np.array([int(v) for v in lab], dtype=object)
+    if not isinstance(lab, np.ndarray) or lab.ndim != 1 or (lab.size and lab.dtype.kind not in "iuO"):
+        raise DataError(f"{path}: {label_key!r} is {_describe(lab)}; {expect}; {_REFETCH}")
+    if lab.shape[0] != data.shape[0]:
+        raise DataError(f"{path}: 'data' holds {data.shape[0]} images but {label_key!r} {lab.shape[0]} labels; "
+                        f"{expect}; {_REFETCH}")
+    if lab.size and (lab.min() < 0 or lab.max() >= _CIFAR_CLASSES):
+        raise DataError(f"{path}: {label_key!r} has labels outside 0..{_CIFAR_CLASSES - 1} "
+                        f"(min {lab.min()}, max {lab.max()}); {expect}; {_REFETCH}")
+    return data, lab.astype(np.int64)
 
 
 def _load_cifar10(root: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
-    import torchvision  # lazy
+    import torchvision  # lazy: for the download and the published checksums
 
+    tv = torchvision.datasets.CIFAR10
     split = "train" if train else "test"
     base = root / _CIFAR_DIR
     needed = (_CIFAR_TRAIN if train else _CIFAR_TEST) + (_CIFAR_META,)
-    missing = [f for f in needed if not (base / f).is_file()]
-    if missing and not download:
+
+    def missing() -> list[str]:
+        return [f for f in needed if not (base / f).is_file()]
+
+    if missing() and not download:
         what = "incomplete" if base.is_dir() else "not found"
-        raise DataError(f"cifar10 ({split} split) {what} under {root}: missing {missing} in {base}; "
+        raise DataError(f"cifar10 ({split} split) {what} under {root}: missing {missing()} in {base}; "
                         f"{_cifar_expectation(root)}")
-    try:
-        ds = torchvision.datasets.CIFAR10(str(root), train=train, download=download)
-    except RuntimeError as exc:
-        if missing:
-            raise DataError(f"cifar10 ({split} split): torchvision could not load it: {exc}; "
-                            f"{_cifar_expectation(root)}") from exc
-        log.warning("cifar10: files in %s fail torchvision's md5 check (not the official release?); "
-                    "loading the pickled batches directly", base)
-        images, labels = _read_cifar_pickles(base, needed[:-1])
-    except Exception as exc:  # noqa: BLE001 - download errors (URLError, OSError)
-        raise DataError(f"cifar10 ({split} split): download failed: {exc}; {_cifar_expectation(root)}") from exc
+    if missing():
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:  # the archive's md5 is checked by torchvision; its batches are read below like any others
+            download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
+        except Exception as exc:  # noqa: BLE001 - download errors (URLError, OSError, RuntimeError)
+            raise DataError(f"cifar10 ({split} split): download failed: {exc}; {_cifar_expectation(root)}") from exc
+        if missing():
+            raise DataError(f"cifar10 ({split} split): the download did not provide {missing()} in {base}; "
+                            f"{_cifar_expectation(root)}")
+    official = {name: md5 for name, md5 in (*tv.train_list, *tv.test_list)}
+    data, labels, unofficial = [], [], []
+    for fname in needed[:-1]:  # batches.meta (class names) is not needed
+        path = base / fname
+        try:
+            blob = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read the CIFAR-10 batch {path}: {exc}") from None
+        if hashlib.md5(blob, usedforsecurity=False).hexdigest() != official.get(fname):
+            unofficial.append(fname)
+        pixels, lab = _cifar_batch(path, blob)
+        data.append(pixels)
+        labels.append(lab)
+    if unofficial:
+        log.warning("cifar10: %s in %s fail torchvision's md5 check (not the official release?); read them "
+                    "anyway (with the restricted unpickler)", unofficial, base)
     else:
-        images, labels = np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
-        log.info("loaded cifar10 %s split via torchvision from %s", split, base)
-    return images, labels
+        log.info("loaded cifar10 %s split from %s (the official release: checksums verified via torchvision; "
+                 "read with the restricted unpickler)", split, base)
+    images = np.concatenate(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # HWC like torchvision
+    return np.ascontiguousarray(images), np.concatenate(labels)
 
 
 # --------------------------------------------------------------------------- #
@@ -255,7 +348,8 @@ def load_image_data(name: str, root: PathLike, train: bool, download: bool = Fal
     """Load split ``train``/test of ``name`` (one of :data:`IMAGE_DATASETS`) from ``root``.
 
     Raises :class:`DataError` naming the expected files when the root is
-    missing or incomplete; downloads through torchvision only if ``download``.
+    missing, incomplete, truncated or malformed; downloads through torchvision
+    only if ``download``.
     """
     if name not in _SPECS:
         raise ValueError(f"data.name={name!r}: unknown image data set; valid names are {IMAGE_DATASETS}")

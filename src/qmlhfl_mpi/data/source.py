@@ -68,14 +68,60 @@ class Pooled:
         return int(self.y.shape[0])
 
 
-def _as_numpy(a: Any) -> np.ndarray:
+def _as_numpy(a: Any, where: str, what: str) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         return a.detach().cpu().numpy()
-    return np.asarray(a)
+    try:
+        return np.asarray(a)
+    except (ValueError, TypeError) as e:  # ragged lists, objects numpy cannot convert
+        raise DataError(f"{where}: {what} cannot be converted to an array ({e}); expected a numpy array, a torch "
+                        "tensor or a (nested) list of numbers of one length per row") from None
+
+
+def _numeric(kind: str) -> bool:
+    return kind in "iuf"
+
+
+def _check_x(x: Any, where: str) -> tuple[Any, tuple[int, ...]]:
+    """``x`` (lists made arrays) and its shape; :class:`DataError` unless it is an array of numbers
+    ``(samples, *input_shape)`` indexable by an index array."""
+    if isinstance(x, (list, tuple)):
+        x = _as_numpy(x, where, "x")
+    expect = "expected an array of numbers of shape (samples, *input_shape), e.g. float32 (n, features)"
+    raw_shape = getattr(x, "shape", None)
+    try:
+        shape = tuple(int(d) for d in raw_shape) if raw_shape is not None else None
+    except (TypeError, ValueError):
+        shape = None
+    if shape is None or len(shape) < 2:
+        raise DataError(f"{where}: x must be an array of shape (samples, *input_shape), got "
+                        f"{type(x).__name__} of shape {raw_shape}; {expect}")
+    if any(d < 1 for d in shape[1:]):
+        raise DataError(f"{where}: x has shape {shape}: every input dimension must be >= 1; {expect}")
+    if isinstance(x, torch.Tensor):
+        if x.is_complex() or x.dtype == torch.bool:
+            raise DataError(f"{where}: x must be numeric (integer or float), got {x.dtype}; {expect}")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise DataError(f"{where}: x contains NaN or inf; {expect}, all finite")
+    elif isinstance(x, np.ndarray):
+        if not _numeric(x.dtype.kind):
+            raise DataError(f"{where}: x must be numeric, got dtype {x.dtype}; {expect}")
+        if x.dtype.kind == "f" and not isinstance(x, np.memmap) and not np.isfinite(x).all():  # memmap: lazy
+            raise DataError(f"{where}: x contains NaN or inf; {expect}, all finite")
+    elif not callable(getattr(x, "__getitem__", None)):
+        raise DataError(f"{where}: x is a {type(x).__name__}, which cannot be indexed by sample; {expect}")
+    return x, shape
 
 
 def load_pooled(fn: Callable[..., Any], name: str, root: str, train: bool, args: dict[str, Any]) -> Pooled:
-    """Call the data set ``fn`` (registered as ``name``) and check its result."""
+    """Call the data set ``fn`` (registered as ``name``) and check its result.
+
+    Checked: a tuple ``(x, y)`` or ``(x, y, owner)``; ``x`` an array of numbers
+    ``(n, *input_shape)`` (finite if float; numpy, torch or an object with
+    ``shape`` and ``__getitem__``); ``y`` 1-D with ``n`` integer labels >= 0 or
+    finite float targets; ``owner`` 1-D with ``n`` integer or string ids.
+    Anything else is a :class:`DataError` naming the data set and what was expected.
+    """
     split = "train" if train else "test"
     where = f"data set {name!r} ({split} split)"
     try:
@@ -89,14 +135,8 @@ def load_pooled(fn: Callable[..., Any], name: str, root: str, train: bool, args:
         raise DataError(f"{where} could not be loaded: {type(e).__name__}: {e}") from None
     if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
         raise DataError(f"{where} returned {type(out).__name__}; expected a tuple (x, y) or (x, y, owner)")
-    x, y = out[0], _as_numpy(out[1])
-    shape = getattr(x, "shape", None)
-    if isinstance(x, (list, tuple)):
-        x = np.asarray(x)
-        shape = x.shape
-    if shape is None or len(shape) < 2:
-        raise DataError(f"{where}: x must be an array of shape (samples, *input_shape), got "
-                        f"{type(x).__name__} of shape {shape}")
+    x, shape = _check_x(out[0], where)
+    y = _as_numpy(out[1], where, "y")
     if y.ndim != 1 or y.shape[0] != shape[0]:
         raise DataError(f"{where}: y must be 1-D with one entry per sample ({shape[0]}), got shape {y.shape}")
     if np.issubdtype(y.dtype, np.integer):
@@ -109,13 +149,14 @@ def load_pooled(fn: Callable[..., Any], name: str, root: str, train: bool, args:
             raise DataError(f"{where}: regression targets y contain NaN or inf")
     else:
         raise DataError(f"{where}: y must hold integer class labels or float targets, got dtype {y.dtype}")
-    if isinstance(x, np.ndarray) and not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise DataError(f"{where}: x must be numeric, got dtype {x.dtype}")
     owner = None
     if len(out) == 3 and out[2] is not None:
-        owner = _as_numpy(out[2]).reshape(-1)
-        if owner.shape[0] != shape[0]:
-            raise DataError(f"{where}: owner must give one id per sample ({shape[0]}), got {owner.shape[0]}")
+        owner = _as_numpy(out[2], where, "owner")
+        if owner.ndim != 1 or owner.shape[0] != shape[0]:
+            raise DataError(f"{where}: owner must be 1-D with one id per sample ({shape[0]}), got shape "
+                            f"{owner.shape}")
+        if owner.dtype.kind not in "iuUS":
+            raise DataError(f"{where}: owner ids must be integers or strings, got dtype {owner.dtype}")
     if shape[0] == 0:
         raise DataError(f"{where} is empty")
     return Pooled(x, y, owner)

@@ -1,26 +1,46 @@
-"""Checkpoints: atomic, beside the results, everything a restart needs.
+"""Checkpoints: atomic, beside the results, everything a restart needs, with a digest.
 
 The checkpoint of a run lives in ``<output>.ckpt`` (HDF5): attributes
-``rounds_done``, ``config_yaml`` and ``format``, the dataset ``model`` (the
-cloud model after ``rounds_done`` rounds) and the group ``state`` (further
-named arrays of stateful parts).  It is written to a temporary file, synced
-and renamed over the previous one, so a crash during the write leaves the
-previous checkpoint intact.  Every random stream is keyed by (seed, entity,
-round), so the model, the state and the round are all a restart needs.
+``rounds_done``, ``config_yaml``, ``format`` and ``sha256``, the dataset
+``model`` (the cloud model after ``rounds_done`` rounds) and the group
+``state`` (further named arrays of stateful parts).  It is written to a
+temporary file, synced and renamed over the previous one, so a crash during
+the write leaves the previous checkpoint intact.  Every random stream is keyed
+by (seed, entity, round), so the model, the state and the round are all a
+restart needs.
+
+``sha256`` is the hex SHA-256 of :func:`checkpoint_digest` over exactly what
+a restart uses; :func:`read_checkpoint` recomputes it and refuses a file whose
+content no longer matches (a flipped bit on disk, a partial copy, an edit).
+Checkpoints of the previous format (``qmlhfl_mpi checkpoint 1``, no digest)
+are still read, with a warning that they are unverified.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
+log = logging.getLogger(__name__)
+
+FORMAT = "qmlhfl_mpi checkpoint 2"
+"""The ``format`` attribute of the checkpoints written now (with a ``sha256`` attribute)."""
+FORMAT_UNVERIFIED = "qmlhfl_mpi checkpoint 1"
+"""The previous format: the same content without a digest (still read, with a warning)."""
+
+_FIX = "restore the file from a copy, or pass --overwrite to start the run over"
+
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or inconsistent."""
+    """A checkpoint that is missing, unreadable, damaged or inconsistent."""
 
 
 def checkpoint_path(output: str | Path) -> Path:
@@ -28,28 +48,84 @@ def checkpoint_path(output: str | Path) -> Path:
     return Path(f"{output}.ckpt")
 
 
+def _canonical(a: Any) -> np.ndarray:
+    """``a`` as a C-contiguous little-endian array (the byte order the digest is defined in)."""
+    arr = np.asarray(a)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(arr)
+
+
+def checkpoint_digest(model: np.ndarray, rounds_done: int, config_yaml: str,
+                      state: Mapping[str, np.ndarray] | None = None, *, fmt: str = FORMAT) -> str:
+    """Hex SHA-256 over everything a restart uses, each field length-prefixed.
+
+    In order: the format string; ``rounds_done`` as a little-endian int64; the
+    UTF-8 bytes of ``config_yaml``; the model; then, for every state entry in
+    sorted name order, its UTF-8 name and its array.  An array contributes its
+    dtype (``numpy`` ``dtype.str`` after conversion to little-endian), its shape
+    and its raw C-order bytes.  Every variable-length piece is preceded by its
+    length as a little-endian uint64, so no two different checkpoints hash the
+    same bytes.
+    """
+    h = hashlib.sha256()
+
+    def piece(b: bytes) -> None:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    def array(a: Any) -> None:
+        arr = _canonical(a)
+        piece(arr.dtype.str.encode())
+        piece(b"".join(int(n).to_bytes(8, "little") for n in arr.shape))
+        piece(arr.tobytes())
+
+    piece(fmt.encode())
+    h.update(int(rounds_done).to_bytes(8, "little", signed=True))
+    piece(config_yaml.encode("utf-8"))
+    array(np.asarray(model, dtype=np.float32))
+    entries = state or {}
+    h.update(len(entries).to_bytes(8, "little"))
+    for name in sorted(entries):
+        piece(name.encode("utf-8"))
+        array(entries[name])
+    return h.hexdigest()
+
+
 def write_checkpoint(path: str | Path, *, model: np.ndarray, rounds_done: int, config_yaml: str,
                      state: Mapping[str, np.ndarray] | None = None) -> None:
     """Atomically replace the checkpoint at ``path`` (temp file, fsync, rename).
 
     ``state`` holds further named arrays (per-node optimiser state, ...) under
-    ``/state``; they come back in :attr:`Checkpoint.state`.
+    ``/state``; they come back in :attr:`Checkpoint.state`.  The ``sha256``
+    attribute is the :func:`checkpoint_digest` of what is written.
     """
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    model32 = np.asarray(model, dtype=np.float32)
+    arrays = {str(k): np.asarray(v) for k, v in (state or {}).items()}
+    image = io.BytesIO()  # built in memory: HDF5 never writes to a disk that may fill (see space.py)
+    with h5py.File(image, "w") as f:
         f.attrs["rounds_done"] = int(rounds_done)
         f.attrs["config_yaml"] = config_yaml
-        f.attrs["format"] = "qmlhfl_mpi checkpoint 1"
-        f.create_dataset("model", data=np.asarray(model, dtype=np.float32))
+        f.attrs["format"] = FORMAT
+        f.attrs["sha256"] = checkpoint_digest(model32, rounds_done, config_yaml, arrays)
+        f.create_dataset("model", data=model32)
         g = f.create_group("state")
-        for k, v in (state or {}).items():
+        for k, v in arrays.items():
             g.create_dataset(k, data=v)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
+    data = memoryview(image.getbuffer())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:  # plain writes fail cleanly (ENOSPC as OSError); the previous checkpoint is untouched until the rename
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
         os.fsync(fd)
-    finally:
+    except OSError:
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     os.replace(tmp, p)
     dfd = os.open(p.parent if str(p.parent) else ".", os.O_RDONLY)
     try:
@@ -60,29 +136,56 @@ def write_checkpoint(path: str | Path, *, model: np.ndarray, rounds_done: int, c
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """What a restart needs: the model after ``rounds_done`` rounds, the config and the per-node state."""
+
     model: np.ndarray
     rounds_done: int
     config_yaml: str
     state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and check a checkpoint; :class:`CheckpointError` says what is wrong."""
+    """Read and verify a checkpoint; :class:`CheckpointError` says what is wrong and what to do.
+
+    A checkpoint of the current format must carry a ``sha256`` attribute that
+    matches its content; one of the old format (no digest) is read with a
+    logged warning.
+    """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"no checkpoint at {str(p)!r}")
     try:
         with h5py.File(p, "r") as f:
-            if f.attrs.get("format") != "qmlhfl_mpi checkpoint 1" or "model" not in f:
-                raise CheckpointError(f"{str(p)!r} is not a qmlhfl_mpi checkpoint (format attribute or model missing)")
+            fmt = _text(f.attrs["format"]) if "format" in f.attrs else None
+            if fmt not in (FORMAT, FORMAT_UNVERIFIED) or "model" not in f:
+                raise CheckpointError(f"{str(p)!r} is not a qmlhfl_mpi checkpoint (format attribute {fmt!r} or "
+                                      f"model missing): it is damaged or another file; {_FIX}")
+            stored = _text(f.attrs["sha256"]) if "sha256" in f.attrs else None
             model = f["model"][()]
             rounds = int(f.attrs["rounds_done"])
-            cfg = f.attrs["config_yaml"]
-            state = {k: f["state"][k][()] for k in f["state"]} if "state" in f else {}
+            cfg = _text(f.attrs["config_yaml"])
+            state = {k: np.asarray(f["state"][k][()]) for k in f["state"]} if "state" in f else {}
     except CheckpointError:
         raise
-    except Exception as e:  # h5py raises OSError/KeyError/ValueError on damaged files
-        raise CheckpointError(f"checkpoint {str(p)!r} is unreadable (truncated or corrupt?): {e}") from None
+    except Exception as e:  # h5py raises OSError/KeyError/ValueError (UnicodeDecodeError) on damaged files
+        raise CheckpointError(f"checkpoint {str(p)!r} is damaged or unreadable (truncated or corrupt?): {e}; "
+                              f"{_FIX}") from None
+    if fmt == FORMAT_UNVERIFIED and stored is None:
+        log.warning("checkpoint %r has the old format %r without a SHA-256 digest: its content cannot be verified; "
+                    "resuming from it unchecked", str(p), fmt)
+    elif stored is None:
+        raise CheckpointError(f"checkpoint {str(p)!r} is damaged: its format {fmt!r} needs a sha256 attribute, which "
+                              f"is missing; {_FIX}")
+    else:
+        found = checkpoint_digest(model, rounds, cfg, state, fmt=fmt)
+        if found != stored:  # a digest beside the old format string: the format attribute is damaged
+            raise CheckpointError(f"checkpoint {str(p)!r} is damaged: its content does not match its SHA-256 digest "
+                                  f"(expected {stored[:16]}..., found {found[:16]}...); {_FIX}")
     if model.dtype != np.float32 or model.ndim != 1 or rounds < 1:
-        raise CheckpointError(f"checkpoint {str(p)!r} is inconsistent: model {model.dtype}{model.shape}, rounds_done={rounds}")
-    return Checkpoint(model, rounds, cfg.decode() if isinstance(cfg, bytes) else str(cfg), state)
+        raise CheckpointError(f"checkpoint {str(p)!r} is inconsistent: model {model.dtype}{model.shape}, "
+                              f"rounds_done={rounds}; {_FIX}")
+    return Checkpoint(model, rounds, cfg, state)

@@ -61,8 +61,8 @@ class CSVLog(Callback):
         if session.start_round and self.path.exists():
             with open(self.path, newline="") as f:
                 old = list(csv.reader(f))
-            if old and old[0] == header:
-                rows = [r for r in old[1:] if r and int(r[0]) < session.start_round]
+            if old and old[0] == header:  # rows of the rounds kept (a damaged row is dropped)
+                rows = [r for r in old[1:] if r and r[0].isdigit() and int(r[0]) < session.start_round]
         with _log_io(self.path, "CSV log"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             require_space(self.path.parent, LOG_ROW_BYTES * (1 + len(rows)), f"the CSV log {str(self.path)!r}")

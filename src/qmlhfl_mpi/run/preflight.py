@@ -53,8 +53,7 @@ def preflight(cfg: Config, overwrite: bool, resume: bool) -> Start:
     try:
         ckpt = read_checkpoint(ck)
     except CheckpointError as e:
-        raise RunError(f"cannot resume {str(out)!r}: {e}. Nothing was changed; pass --overwrite instead of "
-                       "--resume to start over") from None
+        raise RunError(f"cannot resume {str(out)!r}: {e}. Nothing was changed") from None
     diff = config_diff(ckpt.config_yaml, cfg)
     if diff:
         raise RunError(f"cannot resume {str(out)!r}: the config differs from the checkpoint's in keys that change "

@@ -266,9 +266,12 @@ class Session:
     def _first_checks(self, overwrite: bool, resume: bool) -> Start:
         """On rank 0: take the output's lock, check the output (and checkpoint) and the free space."""
         cfg = self.config
-        self._lock.acquire(take_over_stale=resume or overwrite)
+        if self._lock.path.exists():  # a holder to name (or a stale lock to explain) comes first
+            self._lock.acquire(take_over_stale=resume or overwrite)
         try:
-            start = preflight(cfg, overwrite, resume)
+            start = preflight(cfg, overwrite, resume)  # also says what is wrong with the output's location
+            if not self._lock.held:
+                self._lock.acquire(take_over_stale=resume or overwrite)
             D, C = self.tree.num_devices, max(self.data.num_classes, 1)
             needed = (RESERVE_BYTES + checkpoint_bytes(self.num_params, self.aggregator.state_vectors(),
                                                        cfg.to_yaml())
