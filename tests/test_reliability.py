@@ -169,3 +169,28 @@ def test_a_stopped_rank_ends_the_job_within_the_round_timeout_naming_it_and_resu
     proc2, _ = run_cli(2, ["run", str(cfg), "--quiet", "--resume"], timeout=120)
     assert proc2.returncode == 0, proc2.stderr
     assert np.array_equal(final(tmp_path / "out.h5"), uninterrupted)
+
+
+def test_resume_refuses_a_cosine_schedule_with_other_rounds_and_keeps_everything(tmp_path):
+    import copy
+
+    from mpi4py import MPI
+
+    from helpers import SMALL
+    from qmlhfl_mpi import Callback, Session, load_config
+
+    class StopAfter(Callback):
+        def on_round_end(self, session, record):
+            return record["round"] == 1
+
+    raw = copy.deepcopy(SMALL)
+    raw["train"].update(rounds=5, lr_schedule="cosine")
+    raw["output"] = {"path": str(tmp_path / "out.h5")}
+    assert Session(load_config(raw), MPI.COMM_SELF).run([StopAfter()]).status == "preempted"
+    before = (tmp_path / "out.h5").read_bytes()
+    with pytest.raises(RunError, match=r"cosine learning-rate schedule spans the run's train.rounds=5.*"
+                                       r"--set train.rounds=5") as err:
+        Session(load_config(raw, ["train.rounds=8"]), MPI.COMM_SELF).run(resume=True)
+    assert err.value.code == 2
+    assert (tmp_path / "out.h5").read_bytes() == before and (tmp_path / "out.h5.ckpt").exists()
+    assert Session(load_config(raw), MPI.COMM_SELF).run(resume=True).status == "completed"

@@ -94,17 +94,20 @@ class TensorBoardLog(Callback):
     def __init__(self, logdir: str | Path) -> None:
         self.logdir = Path(logdir)
         self._writer: Any = None
-
-    def on_run_start(self, session: Session) -> None:
-        if session.rank != 0:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        try:  # checked when the callback is made, before the run writes anything
+            import tensorboard  # noqa: F401
         except ImportError as e:
             raise RunError(f"output.tensorboard={str(self.logdir)!r} needs the tensorboard package ({e}); install "
                            "it with: pip install 'qmlhfl_mpi[tensorboard]' (or pip install tensorboard), or unset "
                            "output.tensorboard") from None
-        self._writer = SummaryWriter(log_dir=str(self.logdir), purge_step=session.start_round + 1)
+
+    def on_run_start(self, session: Session) -> None:
+        if session.rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        with _log_io(self.logdir, "TensorBoard log in"):
+            self._writer = SummaryWriter(log_dir=str(self.logdir), purge_step=session.start_round + 1)
 
     def on_round_end(self, session: Session, record: Record) -> None:
         if self._writer is None:
