@@ -87,10 +87,12 @@ def test_table_csv_legends_and_plots(runs, tmp_path, capsys, monkeypatch):
         # the printed line shows the same numbers, bytes in MB
         line = next(ln for ln in lines if ln.startswith(row["run"] + " "))
         assert line.endswith("  " + label)
-        cells = line.split()
-        assert cells[1:6] == ["completed", "3", f"{acc[-1]:.4f}", f"{np.nanmax(acc):.4f}", row["best_round"]]
-        assert cells[6:9] == [f"{b / 1e6:.3f}" for b in (*per_link, per_link.sum())]
-        assert cells[9] == f"{wall:.1f}"
+        cells = line.split()  # grouped by seed (the default): n = 1 run per group, no ± shown
+        assert row["n"] == "1" and row["final_acc_std"] == "" and row["seeds"] == "7"
+        assert cells[1:7] == ["1", "completed", "3", f"{acc[-1]:.4f}", f"{np.nanmax(acc):.4f}", row["best_round"]]
+        assert cells[7] == f"{m['test_loss'][-1]:.4f}" and float(row["final_loss"]) == m["test_loss"][-1]
+        assert cells[8:11] == [f"{b / 1e6:.3f}" for b in (*per_link, per_link.sum())]
+        assert cells[11] == f"{wall:.1f}"
     # the float32 link 1 carries more bytes than the 3-level one
     assert int(rows[1]["uplink_bytes_L1"]) > int(rows[0]["uplink_bytes_L1"])
 
@@ -131,12 +133,16 @@ def test_run_stopped_before_its_first_round(runs, tmp_path, capsys):
         attrs = {"config_yaml": f.attrs["config_yaml"], "N": 2}
     w = ResultsWriter(tmp_path / "empty.h5", overwrite=False, attrs=attrs, topology={}, quantizer={}, num_links=2)
     w.close("failed", "RuntimeError: boom")
-    rc = cli.main(["report", str(tmp_path / "empty.h5"), str(runs["coarse"]), "--out", str(tmp_path)])
+    rc = cli.main(["report", str(tmp_path / "empty.h5"), str(runs["coarse"]), "--out", str(tmp_path), "--no-group"])
     printed = capsys.readouterr().out
     assert rc == 0
     empty = next(ln for ln in printed.splitlines() if ln.startswith("empty "))
     assert empty.split()[1:5] == ["failed", "0", "nan", "nan"]
     assert (tmp_path / "report_acc_vs_round.png").stat().st_size > 0
+    # grouped (the default): the same config, so one group of 2 with both statuses
+    rc = cli.main(["report", str(tmp_path / "empty.h5"), str(runs["coarse"]), "--out", str(tmp_path)])
+    group = capsys.readouterr().out.splitlines()[2].split()
+    assert rc == 0 and group[1:4] == ["2", "failed:1,completed:1", "1.5±2.121"], group
 
 
 def test_labels_from_differing_keys_ignore_output_path():

@@ -1,4 +1,4 @@
-"""`qmlhfl-mpi` command line: run | check | optimize | report.
+"""`qmlhfl-mpi` command line: run | check | optimize | report | sweep.
 
 The only module that touches ``MPI.COMM_WORLD``.  An unexpected exception on
 any rank aborts the whole job (``Abort``) so no rank is left waiting in a
@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     from .analysis import report
     rp = sub.add_parser("report", help="tables and plots from one or many HDF5 result files")
     report.add_arguments(rp)
+    from .analysis import sweep
+    sw = sub.add_parser("sweep", help="run a config once per seed (local mpiexec), then report; or write a "
+                                      "sweep file for jobs/sweep.sbatch")
+    sweep.add_arguments(sw)
     return p
 
 
@@ -176,4 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .analysis import report
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return report.main(args)
+    if args.command == "sweep":
+        from .analysis import sweep
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return sweep.main(args)
     raise AssertionError(args.command)

@@ -33,8 +33,8 @@ from ..learning.models import build_model
 from ..learning.train import ClientOptimizer
 from .schema import Config, server_betas
 
-__all__ = ["client_optimizer", "codecs", "data_spec", "downlink_codecs", "latency", "link_options", "local_data",
-           "lr_schedule", "model", "model_dim", "participation", "server_optimizers", "tensor_sizes"]
+__all__ = ["client_optimizer", "codecs", "data_seed", "data_spec", "downlink_codecs", "latency", "link_options",
+           "local_data", "lr_schedule", "model", "model_dim", "participation", "server_optimizers", "tensor_sizes"]
 
 
 def tensor_sizes(cfg: Config) -> tuple[int, ...] | None:
@@ -113,10 +113,17 @@ def _dataset(cfg: Config) -> Any:
     return DATASETS.resolve(cfg.data.name)
 
 
+def data_seed(cfg: Config) -> int:
+    """The seed of the data split and of generated data: ``data.partition.seed``, else ``train.seed``."""
+    seed = cfg.data.partition.seed
+    return cfg.train.seed if seed is None else seed
+
+
 def _generated(cfg: Config, obj: Any) -> GeneratedDataset:
-    """A generated data set gets the run seed, the ``data.synthetic`` section and ``data.args``."""
+    """A generated data set gets the data seed (:func:`data_seed`), the ``data.synthetic`` section and
+    ``data.args``."""
     try:
-        return obj(cfg.train.seed, **{**dataclasses.asdict(cfg.data.synthetic), **cfg.data.args})
+        return obj(data_seed(cfg), **{**dataclasses.asdict(cfg.data.synthetic), **cfg.data.args})
     except TypeError as e:
         raise DataError(f"data set {cfg.data.name!r} with data.args={cfg.data.args!r}: {e}") from None
 
@@ -151,7 +158,7 @@ def local_data(cfg: Config, tree: Tree, devices: range, rank: int, num_ranks: in
     p = cfg.data.partition
     labels = np.zeros(len(train), dtype=np.int64) if train.regression else train.y  # targets: no label skew
     try:
-        parts = partition(labels, tree.num_devices, p.kind, cfg.train.seed, classes_per_device=p.classes_per_device,
+        parts = partition(labels, tree.num_devices, p.kind, data_seed(cfg), classes_per_device=p.classes_per_device,
                           alpha=p.alpha, size_sigma=p.size_sigma, classes_per_edge=p.classes_per_edge,
                           groups=[tree.device_range(1, u) for u in range(tree.num_nodes(1))], owners=train.owner)
     except ValueError as e:

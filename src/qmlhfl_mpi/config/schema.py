@@ -138,6 +138,9 @@ class PartitionConfig:
     alpha: float = fld(0.5, lo=0, lo_open=True, doc="Dirichlet concentration")
     size_sigma: float = fld(0.0, lo=0, doc="iid: lognormal sigma of device sizes")
     classes_per_edge: int = fld(4, lo=1, doc="edge-shards: classes in each edge's pool")
+    seed: int | None = fld(None, lo=0, hi=2**63 - 1,
+                           doc="seed of the data split and of the generated synthetic/lstsq data; null = "
+                               "train.seed. Fix it to vary only the training noise with train.seed")
 
 
 @dataclass(frozen=True)
