@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--sigma2", type=float, default=1.0, help="stochastic-gradient variance in the bound")
     op.add_argument("--gap0", type=float, default=1.0, help="initial optimality gap in the bound")
     op.add_argument("--zeta2", type=float, default=0.0, help="heterogeneity constant in the bound")
+    op.add_argument("--zeta2-layers", type=float, nargs="+", default=None, metavar="Z",
+                    help="per-layer heterogeneity zeta_1^2 .. zeta_N^2: use the per-layer bound "
+                         "(docs/theory.md section 15; `check` prints estimates) instead of --zeta2")
     op.add_argument("--random", type=int, default=1000, help="random feasible configurations to compare with")
     op.add_argument("--write", default=None, help="save the config with the optimal tau to this YAML file")
     op.add_argument("--overwrite", action="store_true", help="replace an existing --write file")
@@ -159,6 +162,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         comm.Abort(EXIT_ABORT)
         return EXIT_ABORT
+    finally:
+        # The run is over.  Python's finalisation resets Python-level handlers to the default action
+        # before mpi4py's MPI_Finalize runs, so a late SIGTERM/SIGUSR1 (scancel, the batch script
+        # forwarding one) would kill the rank there; ignored signals stay ignored.
+        import signal
+
+        for sig in CLI_STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
