@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import config as config_mod
@@ -24,6 +25,8 @@ from ..core.participation import expected_messages
 from ..core.theory import (
     condition_terms,
     error_factor,
+    layer_condition_terms,
+    layer_drift_coefficients,
     max_lr,
     q_per_link,
     round_time_parts,
@@ -72,6 +75,65 @@ def _smoothness(cfg: Config, given: float | None) -> tuple[float, str]:
     batches = [(x[:512], y[:512]) for x, y in data.train.values()]
     L = estimate_smoothness(model, batches, seed=cfg.train.seed)
     return L, f"ESTIMATE: largest Hessian eigenvalue at the initial model over {len(batches)} devices' data"
+
+
+def estimate_heterogeneity(cfg: Config, max_nodes: int = 8, max_children: int = 8, max_devices: int = 8,
+                           max_samples: int = 256) -> list[float]:
+    """ESTIMATES of ``zeta_n^2`` (docs/theory.md section 15) at the initial model.
+
+    For each layer ``n`` the ``P_u``-weighted mean over (at most ``max_nodes``)
+    layer-``n`` nodes ``u`` of ``sum_c a(c) ||grad f_c(w0) - grad f_u(w0)||^2``
+    over (at most ``max_children``) children ``c``; ``grad f_c`` is the
+    sample-weighted mean of the full-batch gradients of (at most ``max_devices``)
+    of its devices on at most ``max_samples`` samples each, and ``grad f_u`` the
+    ``a(c)``-weighted mean of the children's.  Weights are sample counts.
+    """
+    tree = cfg.build_tree()
+    picks: list[list[tuple[int, list[int]]]] = []  # per layer: (node, children) chosen
+    needed: set[int] = set()
+
+    def devs(layer: int, node: int) -> list[int]:
+        return list(tree.device_range(layer, node))[:max_devices]
+
+    for n in range(1, tree.N + 1):
+        chosen = []
+        for u in range(min(tree.num_nodes(n), max_nodes)):
+            kids = list(tree.children(n, u))[:max_children]
+            chosen.append((u, kids))
+            for c in kids:
+                needed.update(devs(n - 1, c))
+        picks.append(chosen)
+    order = sorted(needed)
+    # local_data iterates over its ``devices`` argument; a sorted list of ids works like a range
+    data = edge.local_data(cfg, tree, order, 0, 1)  # type: ignore[arg-type]
+    model = edge.model(cfg, data.input_shape, data.num_classes)
+    params = [p for p in model.parameters()]
+    samples = np.asarray(data.samples, dtype=np.float64)
+    grads: dict[int, torch.Tensor] = {}
+    for d in order:
+        x, y = data.train[d]
+        loss = loss_fn(model(x[:max_samples]), y[:max_samples])
+        grads[d] = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).detach().double()
+
+    def node_grad(layer: int, node: int) -> tuple[torch.Tensor, float]:
+        ds = devs(layer, node)
+        w = torch.tensor([samples[d] for d in ds], dtype=torch.float64)
+        g = sum(wi * grads[d] for wi, d in zip(w, ds)) / w.sum()
+        span = tree.device_range(layer, node)
+        return torch.as_tensor(g), float(samples[span.start:span.stop].sum())
+
+    out = []
+    for n, chosen in enumerate(picks, start=1):
+        num = den = 0.0
+        for _u, kids in chosen:
+            gs, ws = zip(*(node_grad(n - 1, c) for c in kids))
+            a = torch.tensor(ws, dtype=torch.float64) / sum(ws)
+            gu = sum(ai * g for ai, g in zip(a, gs))
+            div = float(sum(ai * float(((g - gu) ** 2).sum()) for ai, g in zip(a, gs)))
+            num += sum(ws) * div
+            den += sum(ws)
+        out.append(num / den if den > 0 else 0.0)
+    return out
 
 
 def _outside_bound(cfg: Config) -> list[str]:
@@ -137,6 +199,19 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
           f"{sum(terms.quant_drift):.4g}; injected quantization noise {sum(terms.quant_noise):.4g} (docs/theory.md)")
     write(f"learning-rate condition 1 - L^2 mu^2 B > 0 with B = {terms.B:.4g}: admissible lr < {bound:.4g}")
     write(f"configured train.lr = {cfg.train.lr:g}: {'satisfies the condition' if ok else 'VIOLATES the condition'}")
+    zeta = estimate_heterogeneity(cfg)
+    coef = layer_drift_coefficients(cfg.tau, qs, tree)
+    parts_h = [c * z for c, z in zip(coef, zeta)]
+    total_h = sum(parts_h)
+    shares = ", ".join(f"layer {n} {100 * v / total_h:.1f}%" if total_h > 0 else f"layer {n} -"
+                       for n, v in enumerate(parts_h, start=1))
+    write(f"zeta_n^2 = {', '.join(f'{z:.4g}' for z in zeta)} (ESTIMATE: per-layer heterogeneity at the initial "
+          f"model, at most 8 nodes per layer and 256 samples per device; docs/theory.md section 15)")
+    lt = layer_condition_terms(cfg.tau, qs, tree)
+    write(f"per-layer bound: B_Gamma' = {lt.B_gamma:.4g} (gradient {lt.K0:.4g}, quantization noise Q = {lt.Q:.4g}), "
+          f"B' = {lt.B:.4g}: admissible lr < {1.0 / (L * math.sqrt(lt.B)):.4g}")
+    write(f"per-layer drift coefficients c_n = {', '.join(f'{c:.4g}' for c in coef)}; share of the "
+          f"heterogeneity drift 2 sum c_n zeta_n^2: {shares} (optimize --zeta2-layers uses these constants)")
     if not ok and args.strict:
         return EXIT_LR_VIOLATED
     return 0
@@ -153,8 +228,11 @@ def cmd_optimize(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     lr = cfg.train.lr if args.lr is None else args.lr
     res = optimize_tau(dim, edge.codecs(cfg), tree, edge.latency(cfg), args.deadline, L,
                        lr, max_tau=args.max_tau, sigma2=args.sigma2, gap0=args.gap0, zeta2=args.zeta2,
-                       n_random=args.random, seed=cfg.train.seed)
+                       n_random=args.random, seed=cfg.train.seed,
+                       zeta2_layers=getattr(args, "zeta2_layers", None))
     write(f"L = {L:.4g} ({how}); lr = {lr:g}; deadline {args.deadline:g} s; tau_n in 1..{args.max_tau}")
+    if getattr(args, "zeta2_layers", None) is not None:
+        write(f"per-layer bound (docs/theory.md section 15) with zeta_n^2 = {list(args.zeta2_layers)}")
     biased = [n for n, c in enumerate(edge.codecs(cfg), start=1) if c.biased]
     if biased:
         write(f"links {biased} use biased codecs: the bound treats their factor as a variance, which it is not; "

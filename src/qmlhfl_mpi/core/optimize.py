@@ -6,7 +6,9 @@ Given a wall-clock deadline ``T_d`` and the latency model of
 ``1 <= tau_n <= max_tau``, ``T >= 1`` and the configured learning rate
 satisfies the learning-rate condition ``1 - L^2 lr^2 B(tau) > 0``.  The
 objective is the convergence bound after those ``T`` rounds
-(:func:`theory.convergence_bound`), to be minimised.
+(:func:`theory.convergence_bound`), to be minimised; with per-layer
+heterogeneity constants ``zeta2_layers`` it is the per-layer bound
+(:func:`theory.convergence_bound_layers`, docs/theory.md section 15).
 
 The search is exact branch and bound over ``tau_1, tau_2, ...`` in order:
 
@@ -30,10 +32,15 @@ import numpy as np
 
 from .codecs import Codec
 from .theory import (
+    BoundTerms,
     LatencyModel,
+    LayerBoundTerms,
     TreeConstants,
     _bound,
+    _bound_layers,
+    _layer_terms,
     _terms,
+    _zeta_layers,
     message_bits,
     q_per_link,
     tree_constants,
@@ -89,7 +96,8 @@ class _Problem:
 
     def __init__(self, model_dim: int, codecs: Sequence[Codec], tree: Tree,
                  latency: LatencyModel, deadline: float, L: float, lr: float, max_tau: int,
-                 sigma2: float, gap0: float, zeta2: float, samples: np.ndarray | None, iid: bool) -> None:
+                 sigma2: float, gap0: float, zeta2: float, samples: np.ndarray | None, iid: bool,
+                 zeta2_layers: Sequence[float] | None = None) -> None:
         if not isinstance(tree, Tree):
             raise ValueError(f"tree={tree!r}: expected a topology.Tree")
         N = tree.N
@@ -117,6 +125,11 @@ class _Problem:
             raise ValueError("latency model gives rounds of zero seconds: set step_time or link costs > 0")
         self.deadline, self.L, self.lr = float(deadline), float(L), float(lr)
         self.sigma2, self.gap0, self.zeta2, self.iid = float(sigma2), float(gap0), float(zeta2), iid
+        self.layers: tuple[float, ...] | None = None
+        if zeta2_layers is not None:
+            if zeta2 != 0:
+                raise ValueError(f"zeta2={zeta2!r} and zeta2_layers={list(zeta2_layers)!r}: give one of them")
+            self.layers = _zeta_layers(zeta2_layers, N, iid)
         self.evals = 0
         self._grids: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -133,9 +146,13 @@ class _Problem:
         tau = tuple(int(t) for t in tau)
         rt = self.round_time(tau)
         T = math.floor(self.deadline / rt) if rt > 0 else 0
-        terms = _terms(tau, self.qs, self.consts, self.iid)
-        b = _bound(max(T, 1), self.lr, self.L, terms, self.consts.s2, math.prod(tau), self.sigma2,
-                   self.gap0, self.zeta2, self.iid)
+        b: BoundTerms | LayerBoundTerms
+        if self.layers is None:
+            b = _bound(max(T, 1), self.lr, self.L, _terms(tau, self.qs, self.consts, self.iid), self.consts.s2,
+                       math.prod(tau), self.sigma2, self.gap0, self.zeta2, self.iid)
+        else:
+            b = _bound_layers(max(T, 1), self.lr, self.L, _layer_terms(tau, self.qs, self.consts, self.iid),
+                              self.consts.s2, math.prod(tau), self.sigma2, self.gap0, self.layers, self.iid)
         if not b.condition > 0:
             return math.inf, math.inf, T, rt
         penalty = b.sampling + b.quant_noise + b.drift
@@ -165,24 +182,44 @@ class _Problem:
         pi = [1.0]
         for n in range(1, N + 1):
             pi.append(pi[-1] * (1.0 + qs[n - 1] * al[n - 1]))
-        bg = sum(pi[m] * (Tf[m + 1] * (Tf[m + 1] - 1) - Tf[m] * (Tf[m] - 1)) / 2.0 for m in range(N))
         ce = sum(qs[m - 1] * be[m - 1] * Tf[m] * pi[m - 1] for m in range(1, N + 1))
+        het: float | np.ndarray = 0.0
+        if self.layers is None:
+            bg = sum(pi[m] * (Tf[m + 1] * (Tf[m + 1] - 1) - Tf[m] * (Tf[m] - 1)) / 2.0 for m in range(N))
+            noise2 = self.sigma2 if self.iid else self.sigma2 + 2.0 * self.zeta2
+            het_noise = noise2
+        else:  # same arithmetic as theory._layer_terms / _bound_layers
+            Kf = Tf[N]
+            k0 = Kf * (Kf - 1) / 2.0
+            Q = sum((1.0 if m == N - 1 else 2.0) * qs[m - 1] * al[m - 1] * Tf[m] * pi[m - 1] * (Kf - Tf[m])
+                    for m in range(1, N)) + 0.0 * Kf
+            with np.errstate(divide="ignore", invalid="ignore"):
+                lam = np.where(Q > 0, np.sqrt(Q / np.where(k0 > 0, k0, 1.0)), 0.0)
+            bg = k0 + Q + 2.0 * np.sqrt(k0 * Q)
+            extra = Q + np.sqrt(Q * k0)
+            het = sum(2.0 * ((1.0 + lam) * (Tf[n] - 1) * (2 * Kf - Tf[n]) / 2.0 + extra) * self.layers[n - 1]
+                      for n in range(1, N + 1))
+            noise2 = self.sigma2
+            het_noise = self.sigma2 + 2.0 * sum(self.layers)
         a = 1.0 + ce
         kappa = 1.0 if self.iid else 3.0
         B = ((a + np.sqrt(a * a + 4.0 * kappa * bg)) / 2.0) ** 2
         rt = K.astype(np.float64) * self.step + sum((K // T[n]).astype(np.float64) * self.cost[n - 1]
                                                    for n in range(1, N + 1))
         rounds = np.floor(self.deadline / rt)
-        noise2 = self.sigma2 if self.iid else self.sigma2 + 2.0 * self.zeta2
         drift: float | np.ndarray
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             if self.iid:
                 drift = x * x * bg * noise2
             else:
                 theta = 2.0 * x * x * bg
-                drift = np.where(theta < 1, x * x * bg * (1.0 + 2.0 * x * ce) / (1.0 - theta) * noise2, np.inf)
+                if self.layers is None:
+                    drift = np.where(theta < 1, x * x * bg * (1.0 + 2.0 * x * ce) / (1.0 - theta) * noise2, np.inf)
+                else:
+                    drift = np.where(theta < 1, x * x * (1.0 + 2.0 * x * ce) / (1.0 - theta) * (bg * noise2 + het),
+                                     np.inf)
             obj = (2.0 * self.gap0 / (self.lr * np.maximum(rounds, 1.0) * K) + x * self.sigma2 * self.consts.s2
-                   + x * ce * noise2 + drift)
+                   + x * ce * het_noise + drift)
         ok = (1.0 - x * x * B > 0) & (rounds >= 1) & (obj <= best * (1.0 + 1e-9))
         idx = np.flatnonzero(ok)
         idx = idx[np.argsort(obj[idx], kind="stable")]
@@ -196,7 +233,7 @@ class _Problem:
         """Largest K = prod(tau) any feasible tau can have."""
         kappa = 1.0 if self.iid else 3.0
         x2 = (self.L * self.lr) ** 2
-        # kappa * B_Gamma * x^2 < 1 and B_Gamma >= K(K-1)/2
+        # kappa * B_Gamma * x^2 < 1 and B_Gamma >= K(K-1)/2 (also B_Gamma' of the per-layer bound)
         k_lr = int((1.0 + math.sqrt(1.0 + 8.0 / (kappa * x2))) / 2.0) + 1
         cap = min(k_lr, self.max_tau ** self.N)
         if self.step > 0:
@@ -318,25 +355,28 @@ def _draw(p: _Problem, count: int, rng: np.random.Generator) -> list[tuple[int, 
 def optimize_tau(model_dim: int, codecs: Sequence[Codec], tree: Tree, latency: LatencyModel,
                  deadline: float, L: float, lr: float, max_tau: int = 50, sigma2: float = 1.0,
                  gap0: float = 1.0, zeta2: float = 0.0, *, samples: np.ndarray | None = None,
-                 iid: bool = False, n_random: int = 1000, seed: int = 0) -> OptimResult:
+                 iid: bool = False, n_random: int = 1000, seed: int = 0,
+                 zeta2_layers: Sequence[float] | None = None) -> OptimResult:
     """Integer ``tau_1..tau_N`` in ``[1, max_tau]`` minimising the convergence bound
     after ``T = floor(deadline / round_time)`` rounds, subject to ``T >= 1`` and the
     learning-rate condition at ``lr``; exact (branch and bound).
 
     ``sigma2``, ``gap0``, ``zeta2`` are the bound's constants (gradient-noise
-    variance, initial optimality gap, heterogeneity).  ``n_random`` feasible
+    variance, initial optimality gap, heterogeneity).  ``zeta2_layers`` (one
+    value per layer, ``zeta2`` then 0) switches to the per-layer bound of
+    docs/theory.md section 15; ``B`` and ``max_lr`` are then its condition's.  ``n_random`` feasible
     configurations drawn by :func:`random_feasible` with ``seed`` are scored for
     comparison.  Raises ``ValueError`` when not even ``tau = 1`` is feasible.
     """
     if isinstance(n_random, bool) or not isinstance(n_random, (int, np.integer)) or n_random < 0:
         raise ValueError(f"n_random={n_random!r} out of range: expected an integer >= 0")
     p = _Problem(model_dim, codecs, tree, latency, deadline, L, lr, max_tau, sigma2, gap0, zeta2,
-                 samples, iid)
+                 samples, iid, zeta2_layers)
     _check_start(p)
     tau, obj = _search(p)
     nodes = p.evals
     rand = [p.evaluate(t)[0] for t in _draw(p, int(n_random), np.random.default_rng(seed))]
     _, _, T, rt = p.evaluate(tau)
-    terms = _terms(tau, p.qs, p.consts, iid)
-    return OptimResult(tau=tau, objective=obj, T=T, round_time=rt, steps=T * math.prod(tau), B=terms.B,
-                       max_lr=1.0 / (p.L * math.sqrt(terms.B)), nodes=nodes, random_objectives=tuple(rand))
+    B = (_terms(tau, p.qs, p.consts, iid) if p.layers is None else _layer_terms(tau, p.qs, p.consts, iid)).B
+    return OptimResult(tau=tau, objective=obj, T=T, round_time=rt, steps=T * math.prod(tau), B=B,
+                       max_lr=1.0 / (p.L * math.sqrt(B)), nodes=nodes, random_objectives=tuple(rand))

@@ -21,6 +21,16 @@ aggregation weight ``a(c)`` of a layer-(n-1) node ``c`` in its parent and
 With ``Pi = 1`` the drift coefficient ``K(K-1)/2`` splits exactly into the
 paper's visible terms ``tau_1(tau_1-1)/2 + sum_{n>=2} tau_n(tau_n-1)/2 T_{n-1}^2``
 plus our cross-layer terms ``sum_{n=1}^{N-1} (T_n-1)(T_{n+1}-T_n)/2``.
+
+Per-layer heterogeneity (``convergence_bound_layers``, docs/theory.md section 15):
+with ``zeta_n^2`` the divergence of a layer-n node's children from the node,
+``K0 = K(K-1)/2``, ``Q = sum_{m=1}^{N-1} w_m q_m alpha_m T_m Pi_{m-1} (K - T_m)``
+(``w_{N-1} = 1``, else 2), ``lambda = sqrt(Q / K0)``,
+``B_n = (T_n - 1)(2K - T_n)/2`` and ``Z = sum_n zeta_n^2``:
+
+* ``B_Gamma' = (sqrt(K0) + sqrt(Q))^2`` replaces ``B_Gamma`` in the condition;
+* the heterogeneity drift is ``2 sum_n c_n zeta_n^2`` with
+  ``c_n = (1 + lambda) B_n + (1 + 1/lambda) Q`` (``layer_drift_coefficients``).
 """
 from __future__ import annotations
 
@@ -38,6 +48,8 @@ __all__ = [
     "condition_terms", "lr_condition_B", "lr_condition", "max_lr", "BoundTerms",
     "convergence_bound_terms", "convergence_bound", "LatencyModel", "RoundTimeParts",
     "message_bits", "round_time_parts", "round_time",
+    "LayerConditionTerms", "layer_condition_terms", "layer_drift_coefficients", "LayerBoundTerms",
+    "convergence_bound_layers_terms", "convergence_bound_layers",
 ]
 
 
@@ -307,6 +319,176 @@ def convergence_bound(T: int, mu: float, L: float, tau: Sequence[int], qs: Seque
     """
     return convergence_bound_terms(T, mu, L, tau, qs, tree, sigma2, gap0, zeta2,
                                    samples=samples, iid=iid).total
+
+
+# ---- per-layer heterogeneity (docs/theory.md section 15) ----------------------------
+@dataclass(frozen=True)
+class LayerConditionTerms:
+    """Pieces of the per-layer bound (docs/theory.md section 15).
+
+    ``K0 = K(K-1)/2`` is the gradient part of the drift, ``Q`` the martingale
+    (quantization-noise) part, ``layer[n-1] = B_n = (T_n - 1)(2K - T_n)/2`` the
+    coefficient of ``zeta_n^2`` in the gradient part; ``C_eps`` as in
+    :class:`ConditionTerms`.
+    """
+
+    K0: float
+    Q: float
+    layer: tuple[float, ...]
+    quant_noise: tuple[float, ...]   # q_m beta_m T_m Pi_{m-1}, m = 1..N (as before)
+    kappa: float
+
+    @property
+    def lam(self) -> float:
+        """The Young's-inequality weight ``lambda = sqrt(Q / K0)`` (0 without quantization)."""
+        return math.sqrt(self.Q / self.K0) if self.Q > 0 else 0.0
+
+    @property
+    def B_gamma(self) -> float:
+        """``(sqrt(K0) + sqrt(Q))^2 = (1 + lambda) K0 + (1 + 1/lambda) Q``."""
+        return self.K0 + self.Q + 2.0 * math.sqrt(self.K0 * self.Q)
+
+    @property
+    def coefficients(self) -> tuple[float, ...]:
+        """``c_n = (1 + lambda) B_n + (1 + 1/lambda) Q``: heterogeneity drift is ``2 sum c_n zeta_n^2``."""
+        extra = self.Q + math.sqrt(self.Q * self.K0)  # (1 + 1/lambda) Q
+        return tuple((1.0 + self.lam) * b + extra for b in self.layer)
+
+    @property
+    def C_eps(self) -> float:
+        return sum(self.quant_noise)
+
+    @property
+    def A(self) -> float:
+        return 1.0 + self.C_eps
+
+    @property
+    def B(self) -> float:
+        a, c = self.A, self.kappa * self.B_gamma
+        return ((a + math.sqrt(a * a + 4.0 * c)) / 2.0) ** 2
+
+
+def _layer_terms(tau: tuple[int, ...], qs: Sequence[float], c: TreeConstants, iid: bool) -> LayerConditionTerms:
+    N = len(tau)
+    T = _prefix_products(tau)
+    K = T[N]
+    pi = [1.0]
+    for n in range(1, N + 1):
+        pi.append(pi[-1] * (1.0 + qs[n - 1] * c.alpha[n - 1]))
+    Q = sum((1.0 if m == N - 1 else 2.0) * qs[m - 1] * c.alpha[m - 1] * T[m] * pi[m - 1] * (K - T[m])
+            for m in range(1, N))
+    layer = tuple((T[n] - 1) * (2 * K - T[n]) / 2.0 for n in range(1, N + 1))
+    quant_noise = tuple(qs[m - 1] * c.beta[m - 1] * T[m] * pi[m - 1] for m in range(1, N + 1))
+    return LayerConditionTerms(K * (K - 1) / 2.0, float(Q), layer, quant_noise, 1.0 if iid else 3.0)
+
+
+def layer_condition_terms(tau: Sequence[int], qs: Sequence[float], tree: Tree | TreeConstants, *,
+                          samples: np.ndarray | None = None, iid: bool = False) -> LayerConditionTerms:
+    """Terms of the per-layer bound's learning-rate condition
+    ``1 - A L mu - kappa B_Gamma' (L mu)^2 > 0`` (``B_Gamma' = (sqrt(K0) + sqrt(Q))^2``)."""
+    c = _consts(tree, samples)
+    t = _int_list("tau", tau, c.N, 1)
+    if len(qs) != c.N:
+        raise ValueError(f"qs={list(qs)!r} has {len(qs)} entries: the tree has N={c.N} links, give {c.N}")
+    q = [_positive(f"qs[{i}]", v, allow_zero=True) for i, v in enumerate(qs)]
+    return _layer_terms(t, q, c, iid)
+
+
+def layer_drift_coefficients(tau: Sequence[int], qs: Sequence[float], tree: Tree | TreeConstants, *,
+                             samples: np.ndarray | None = None) -> tuple[float, ...]:
+    """Per-layer heterogeneity drift coefficients ``c_n``: the bound's drift term
+    contains ``2 sum_n c_n zeta_n^2`` (times ``L^2 mu^2 (1 + 2 L mu C_eps)/(1 - theta)``).
+
+    Without quantization ``c_n = B_n = (T_n - 1)(2K - T_n)/2``: only the steps
+    since the last layer-``n`` aggregation carry ``zeta_n``, and ``c_N = K(K-1)/2``.
+    """
+    return layer_condition_terms(tau, qs, tree, samples=samples).coefficients
+
+
+@dataclass(frozen=True)
+class LayerBoundTerms:
+    """Additive terms of the per-layer bound; ``drift = drift_sigma + sum(drift_layers)``."""
+
+    optimisation: float            # 2 gap0 / (mu T K)
+    sampling: float                # L mu sigma^2 S2
+    quant_noise: float             # L mu C_eps (sigma^2 + 2 sum zeta_n^2)
+    drift_sigma: float             # F B_Gamma' sigma^2, F = L^2 mu^2 (1 + 2 L mu C_eps)/(1 - theta)
+    drift_layers: tuple[float, ...]  # F 2 c_n zeta_n^2, n = 1..N
+    condition: float               # 1 - L^2 mu^2 B (> 0 for a valid bound)
+
+    @property
+    def drift(self) -> float:
+        return self.drift_sigma + sum(self.drift_layers)
+
+    @property
+    def total(self) -> float:
+        if not self.condition > 0:
+            return math.inf
+        return self.optimisation + self.sampling + self.quant_noise + self.drift
+
+
+def _bound_layers(T: int, mu: float, L: float, terms: LayerConditionTerms, s2: float, K: int, sigma2: float,
+                  gap0: float, zeta2: Sequence[float], iid: bool) -> LayerBoundTerms:
+    x = L * mu
+    cond = 1.0 - x * x * terms.B
+    opt = 2.0 * gap0 / (mu * T * K)
+    sampling = x * sigma2 * s2
+    bg = terms.B_gamma
+    qn = x * terms.C_eps * (sigma2 + 2.0 * sum(zeta2))
+    if iid:
+        return LayerBoundTerms(opt, sampling, qn, x * x * bg * sigma2, tuple(0.0 for _ in zeta2), cond)
+    theta = 2.0 * x * x * bg
+    if not theta < 1:
+        return LayerBoundTerms(opt, sampling, qn, math.inf, tuple(math.inf for _ in zeta2), cond)
+    f = x * x * (1.0 + 2.0 * x * terms.C_eps) / (1.0 - theta)
+    layers = tuple(f * 2.0 * cn * z for cn, z in zip(terms.coefficients, zeta2))
+    return LayerBoundTerms(opt, sampling, qn, f * bg * sigma2, layers, cond)
+
+
+def _zeta_layers(zeta2_per_layer: Sequence[float], N: int, iid: bool) -> tuple[float, ...]:
+    z = tuple(_positive(f"zeta2_per_layer[{i}]", v, allow_zero=True) for i, v in enumerate(zeta2_per_layer))
+    if len(z) != N:
+        raise ValueError(f"zeta2_per_layer={list(z)!r} has {len(z)} entries: the tree has N={N} links, give {N}")
+    if iid and any(z):
+        raise ValueError(f"zeta2_per_layer={list(z)!r} with iid=True: identical data means every zeta_n^2 = 0")
+    return z
+
+
+def convergence_bound_layers_terms(T: int, mu: float, L: float, tau: Sequence[int], qs: Sequence[float],
+                                   tree: Tree | TreeConstants, sigma2: float, gap0: float,
+                                   zeta2_per_layer: Sequence[float], *, samples: np.ndarray | None = None,
+                                   iid: bool = False) -> LayerBoundTerms:
+    """The per-layer bound's terms; see :func:`convergence_bound_layers`."""
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
+        raise ValueError(f"T={T!r} out of range: expected an integer number of global rounds >= 1")
+    mu, L = _positive("mu", mu), _positive("L", L)
+    sigma2 = _positive("sigma2", sigma2, allow_zero=True)
+    gap0 = _positive("gap0", gap0, allow_zero=True)
+    c = _consts(tree, samples)
+    z = _zeta_layers(zeta2_per_layer, c.N, iid)
+    terms = layer_condition_terms(tau, qs, c, iid=iid)
+    return _bound_layers(int(T), mu, L, terms, c.s2, math.prod(tau), sigma2, gap0, z, iid)
+
+
+def convergence_bound_layers(T: int, mu: float, L: float, tau: Sequence[int], qs: Sequence[float],
+                             tree: Tree | TreeConstants, sigma2: float, gap0: float,
+                             zeta2_per_layer: Sequence[float], *, samples: np.ndarray | None = None,
+                             iid: bool = False) -> float:
+    """Bound with per-layer heterogeneity (docs/theory.md section 15); ``math.inf``
+    when ``mu`` violates its condition ``1 - A L mu - kappa B_Gamma' (L mu)^2 > 0``.
+
+    ``zeta2_per_layer[n-1]`` bounds ``sum_u P_u sum_c a(c) ||grad f_c(w) - grad f_u(w)||^2``
+    over the layer-``n`` nodes ``u`` and their children ``c`` (so ``sum_n zeta_n^2``
+    is the old ``zeta2``).  Heterogeneous::
+
+        2 gap0/(mu T K) + L mu sigma2 S2 + L mu C_eps (sigma2 + 2 sum_n zeta_n^2)
+            + L^2 mu^2 (1 + 2 L mu C_eps) / (1 - 2 L^2 mu^2 B_Gamma') [B_Gamma' sigma2 + 2 sum_n c_n zeta_n^2]
+
+    It equals :func:`convergence_bound` with ``zeta2 = zeta_N^2`` when every
+    ``q_n = 0`` and ``zeta_1 = ... = zeta_{N-1} = 0``.
+    """
+    return convergence_bound_layers_terms(T, mu, L, tau, qs, tree, sigma2, gap0, zeta2_per_layer,
+                                          samples=samples, iid=iid).total
 
 
 # ---- deadline (latency) model ------------------------------------------------------
