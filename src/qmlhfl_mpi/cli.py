@@ -21,6 +21,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .core.exitcodes import (
@@ -30,6 +31,9 @@ from .core.exitcodes import (
     EXIT_PREEMPTED,
     EXIT_USAGE,
 )
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class _RankFilter(logging.Filter):
@@ -93,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--random", type=int, default=1000, help="random feasible configurations to compare with")
     op.add_argument("--write", default=None, help="save the config with the optimal tau to this YAML file")
     op.add_argument("--overwrite", action="store_true", help="replace an existing --write file")
+    op.add_argument("--calibrate", action="store_true",
+                    help="fit the bound's scale c (L_eff = c L) to short pilot runs at the configured lr, then "
+                         "optimise with the calibrated bound (docs/theory.md section 16)")
+    op.add_argument("--pilot-rounds", type=int, default=3, help="global rounds per pilot run (default 3, >= 2)")
+    op.add_argument("--pilot-tau", action="append", default=None, metavar="T1,..,TN",
+                    help="a pilot tau (repeat for more); default: flat-heavy, configured and frequent-aggregation "
+                         "splits of the configured prod(tau)")
 
     from .analysis import report
     rp = sub.add_parser("report", help="tables and plots from one or many HDF5 result files")
@@ -172,6 +183,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(sig, signal.SIG_IGN)
 
 
+def _pilot_runner(cfg: Config) -> str:
+    """Run one calibration pilot in this process (``MPI.COMM_SELF``); its results file path."""
+    from mpi4py import MPI
+
+    from .run.session import Session
+
+    summary = Session(cfg, MPI.COMM_SELF).run(overwrite=True)
+    if summary.status == "preempted":
+        raise ValueError(f"pilot run with tau={list(cfg.tau)} was stopped ({summary.message}): rerun optimize")
+    return summary.path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
@@ -182,8 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .data.source import DataError
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
-            cmd = planner.cmd_check if args.command == "check" else planner.cmd_optimize
-            return cmd(args, lambda line: print(line, flush=True))
+            if args.command == "check":
+                return planner.cmd_check(args, lambda line: print(line, flush=True))
+            return planner.cmd_optimize(args, lambda line: print(line, flush=True), run_pilot=_pilot_runner)
         except (ConfigError, DataError, ValueError) as e:
             print(f"qmlhfl-mpi: error: {e}", file=sys.stderr)
             return 2
