@@ -13,7 +13,9 @@ from qmlhfl_mpi.comm.aggregate import HierarchicalAggregator
 from qmlhfl_mpi.comm.collectives import (
     agree_on_error,
     broadcast_vector,
+    gather_named_vectors,
     post_receives,
+    scatter_named_vectors,
     send_messages,
     sum_over_ranks,
     wait,
@@ -128,3 +130,26 @@ def test_distributed_round_equals_single_rank(name):
     assert np.array_equal(w_all, w_one)
     # the fake trainer reports one step per call; stats cover the last round
     assert steps_all == steps_one == tree.num_devices * np.prod(tau[1:])
+
+
+@pytest.mark.mpi
+def test_named_vectors_gather_to_rank_0_and_scatter_back():
+    comm = MPI.COMM_WORLD
+    rank, size, dim = comm.Get_rank(), comm.Get_size(), 7
+    mine = {f"residual.1.{rank * 10 + j}": np.full(dim, rank + j / 10, dtype=np.float32) for j in range(rank % 3)}
+    got = gather_named_vectors(comm, mine, dim)
+    expect = {f"residual.1.{r * 10 + j}": np.full(dim, r + j / 10, dtype=np.float32)
+              for r in range(size) for j in range(r % 3)}
+    if rank == 0:
+        assert got is not None and sorted(got) == sorted(expect)
+        assert all(np.array_equal(got[k], expect[k]) for k in expect)
+        per_rank = [{k: v for k, v in expect.items() if int(k.split(".")[2]) // 10 == (r + 1) % size}
+                    for r in range(size)]  # rank r gets the entries of rank r + 1
+    else:
+        assert got is None
+        per_rank = None
+    back = scatter_named_vectors(comm, per_rank, dim)
+    src = (rank + 1) % size
+    assert sorted(back) == sorted(f"residual.1.{src * 10 + j}" for j in range(src % 3))
+    assert all(np.array_equal(v, np.full(dim, src + int(k.split(".")[2]) % 10 / 10, dtype=np.float32))
+               for k, v in back.items())

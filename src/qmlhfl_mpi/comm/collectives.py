@@ -79,6 +79,45 @@ def broadcast_bytes(comm: MPI.Intracomm, buf: np.ndarray | None, nbytes: int, gu
     return buf
 
 
+def gather_named_vectors(comm: MPI.Intracomm, entries: dict[str, np.ndarray], dim: int
+                         ) -> dict[str, np.ndarray] | None:
+    """Every rank's named float32 vectors of length ``dim`` on rank 0 (``None`` elsewhere): the
+    names as small objects, the values with one ``Gatherv``.  Collective."""
+    names = sorted(entries)
+    send = (np.concatenate([np.asarray(entries[k], dtype=np.float32).reshape(-1) for k in names])
+            if names else np.zeros(0, dtype=np.float32))
+    all_names = comm.gather(names, root=0)
+    if comm.Get_rank() != 0:
+        comm.Gatherv(send, None, root=0)
+        return None
+    assert all_names is not None
+    counts = np.array([len(n) * dim for n in all_names], dtype=np.int64)
+    recv = np.empty(int(counts.sum()), dtype=np.float32)
+    comm.Gatherv(send, [recv, counts, MPI.FLOAT], root=0)
+    flat = [k for n in all_names for k in n]
+    return {k: recv[i * dim : (i + 1) * dim].copy() for i, k in enumerate(flat)}
+
+
+def scatter_named_vectors(comm: MPI.Intracomm, per_rank: Sequence[dict[str, np.ndarray]] | None, dim: int
+                          ) -> dict[str, np.ndarray]:
+    """Rank 0's ``per_rank[r]`` (named float32 vectors of length ``dim``) to rank ``r``: the names as
+    small objects, the values with one ``Scatterv``.  Collective."""
+    send = None
+    if comm.Get_rank() == 0:
+        assert per_rank is not None and len(per_rank) == comm.Get_size()
+        names_of = [sorted(d) for d in per_rank]
+        counts = np.array([len(n) * dim for n in names_of], dtype=np.int64)
+        parts = [np.asarray(per_rank[r][k], dtype=np.float32).reshape(-1) for r, n in enumerate(names_of) for k in n]
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        send = [flat, counts, MPI.FLOAT]
+    else:
+        names_of = None
+    names = comm.scatter(names_of, root=0)
+    recv = np.empty(len(names) * dim, dtype=np.float32)
+    comm.Scatterv(send, recv, root=0)
+    return {k: recv[i * dim : (i + 1) * dim].copy() for i, k in enumerate(names)}
+
+
 def agree_on_error(comm: MPI.Intracomm, message: str | None) -> str | None:
     """Collective: if any rank has an error message, every rank returns the
     message of the lowest such rank; else ``None``.  Lets all ranks stop

@@ -32,7 +32,14 @@ from mpi4py import MPI
 
 from .. import __version__
 from ..comm.aggregate import HierarchicalAggregator
-from ..comm.collectives import agree, broadcast_vector, max_over_ranks, sum_over_ranks
+from ..comm.collectives import (
+    agree,
+    broadcast_vector,
+    gather_named_vectors,
+    max_over_ranks,
+    scatter_named_vectors,
+    sum_over_ranks,
+)
 from ..comm.communicators import build_layer_comms
 from ..comm.placement import PlacementError, select_device
 from ..comm.watchdog import RoundTimeout, Watchdog
@@ -301,31 +308,35 @@ class Session:
             problem = None
         self._raise_agreed(f"{EXIT_USAGE}|{problem}" if problem else None)
         model = broadcast_vector(self.comm, start.model if self.rank == 0 else None, self.num_params)
-        self._agree(lambda: self.aggregator.load_state(self._scatter_state(start.state or {})), (ValueError,))
+        self.aggregator.load_state(self._scatter_state(start.state or {}))
         return Start(done, model, start.state)
+
+    def _state_problem(self, state: dict[str, np.ndarray]) -> str | None:
+        """On rank 0: what is wrong with a checkpoint's per-node state for this run, if anything."""
+        for name, arr in state.items():
+            try:
+                self.aggregator.owner(name)
+            except (ValueError, IndexError):
+                return f"the checkpoint's state {name!r} is of no known kind (server.<n>.<u>.<name>, residual.<n>.<c>)"
+            if np.asarray(arr).size != self.num_params:
+                return (f"the checkpoint's state {name!r} has {np.asarray(arr).size} values but the model "
+                        f"{self.num_params}")
+        return None
 
     def _scatter_state(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Rank 0's checkpointed per-node state, each entry to the rank that keeps it now.  Collective."""
+        problem = self._state_problem(state) if self.rank == 0 else None
+        self._raise_agreed(f"{EXIT_USAGE}|{problem}" if problem else None)
         per_rank: list[dict[str, np.ndarray]] | None = None
         if self.rank == 0:
             per_rank = [{} for _ in range(self.size)]
             for name, arr in state.items():
-                try:
-                    owner = self.aggregator.owner(name)
-                except (ValueError, IndexError):
-                    owner = 0  # a name of no known kind: load_state on rank 0 refuses it
-                per_rank[owner][name] = arr
-        return dict(self.comm.scatter(per_rank, root=0))
+                per_rank[self.aggregator.owner(name)][name] = np.asarray(arr).reshape(-1)
+        return scatter_named_vectors(self.comm, per_rank, self.num_params)
 
     def _gathered_state(self) -> dict[str, np.ndarray] | None:
         """Every rank's per-node state (server optimisers, residuals) on rank 0.  Collective."""
-        parts = self.comm.gather(self.aggregator.state(), root=0)
-        if parts is None:
-            return None
-        out: dict[str, np.ndarray] = {}
-        for p in parts:
-            out.update(p)
-        return out
+        return gather_named_vectors(self.comm, self.aggregator.state(), self.num_params)
 
     def _attrs(self) -> dict[str, Any]:
         return {
