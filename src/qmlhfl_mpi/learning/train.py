@@ -187,7 +187,7 @@ class LocalTrainer:
         docstring, in its order."""
         opt = self.opt
         model, params = self.model, self.params
-        wd, mu, m = opt.weight_decay, opt.prox_mu, opt.momentum
+        mu, m = opt.prox_mu, opt.momentum
         w0 = bufs = None
         if mu != 0:
             if self._w0 is None:
@@ -207,22 +207,7 @@ class LocalTrainer:
             loss = loss_fn(model(x[bi]), y[bi])
             loss.backward()
             with torch.no_grad():
-                g: list[torch.Tensor] | tuple[torch.Tensor, ...] = [p.grad for p in params]  # type: ignore[misc]
-                if wd != 0:
-                    g = torch._foreach_add(g, params, alpha=wd)
-                if w0 is not None:
-                    torch._foreach_add_(g, torch._foreach_sub(params, w0), alpha=mu)
-                if bufs is not None:
-                    if s == 0:
-                        torch._foreach_copy_(bufs, g)
-                    else:
-                        torch._foreach_mul_(bufs, m)
-                        torch._foreach_add_(bufs, g)
-                    if opt.nesterov:
-                        torch._foreach_add_(g, bufs, alpha=m)
-                    else:
-                        g = bufs
-                torch._foreach_add_(params, g, alpha=-lr)
+                client_step(opt, params, [p.grad for p in params], w0, bufs, s == 0, lr)  # type: ignore[misc]
             loss_sum += float(loss.detach())
         return loss_sum
 
@@ -247,6 +232,35 @@ class LocalTrainer:
                     correct += int((pred.argmax(1) == target).sum())
             out[cid] = (loss_sum, correct, hi - lo)
         return out
+
+
+def client_step(opt: ClientOptimizer, params: list[torch.Tensor], grads: list[torch.Tensor],
+                w0: list[torch.Tensor] | None, bufs: list[torch.Tensor] | None, first: bool, lr: float
+                ) -> list[torch.Tensor] | None:
+    """One step of ``opt`` on ``params`` in place (the rule and float32 order of the module docstring),
+    shared by the one-device and the batched trainers.  ``w0``: the run's start (when ``prox_mu``);
+    ``bufs``: the momentum buffers, ``None`` until the first step allocates them (or given, and then
+    overwritten on the ``first`` step).  Returns the buffers.  ``grads`` may be modified."""
+    wd, mu, m = opt.weight_decay, opt.prox_mu, opt.momentum
+    g: list[torch.Tensor] | tuple[torch.Tensor, ...] = grads
+    if wd != 0:
+        g = torch._foreach_add(g, params, alpha=wd)
+    if w0 is not None:
+        torch._foreach_add_(g, torch._foreach_sub(params, w0), alpha=mu)
+    if m != 0:
+        if bufs is None:
+            bufs = [t.clone() for t in g]
+        elif first:
+            torch._foreach_copy_(bufs, g)
+        else:
+            torch._foreach_mul_(bufs, m)
+            torch._foreach_add_(bufs, g)
+        if opt.nesterov:
+            torch._foreach_add_(g, bufs, alpha=m)
+        else:
+            g = bufs
+    torch._foreach_add_(params, g, alpha=-lr)
+    return bufs
 
 
 def loss_fn(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

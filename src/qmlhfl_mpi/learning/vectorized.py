@@ -43,7 +43,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..core import rng
-from .train import LocalTrainer, loss_fn
+from .train import LocalTrainer, client_step, loss_fn
 
 AUTO_MAX_PARAMS = 60_000  # below this, vectorize: auto batches (break-even measured near 90 k)
 CHUNK = 64                # devices per batched call; part of the layout (see train_many)
@@ -155,28 +155,13 @@ class VectorTrainer:
         """The optimiser's steps on the stacked ``params`` (updated in place), adding each slot's step
         losses to ``sums``: the ops of :meth:`LocalTrainer._steps_opt`, in its order, per slot."""
         opt = self.base.opt
-        wd, mu, m = opt.weight_decay, opt.prox_mu, opt.momentum
+        mu = opt.prox_mu
         w = [params[n] for n in self.names]
         w0 = [t.clone() for t in w] if mu != 0 else None  # every slot starts from the same vector
         bufs: list[torch.Tensor] | None = None
         for s in range(steps):
             grads, losses = self._step(params, xs[:, s], ys[:, s])
             with torch.no_grad():
-                g: list[torch.Tensor] | tuple[torch.Tensor, ...] = [grads[n] for n in self.names]
-                if wd != 0:
-                    g = torch._foreach_add(g, w, alpha=wd)
-                if w0 is not None:
-                    torch._foreach_add_(g, torch._foreach_sub(w, w0), alpha=mu)
-                if m != 0:
-                    if bufs is None:
-                        bufs = [t.clone() for t in g]
-                    else:
-                        torch._foreach_mul_(bufs, m)
-                        torch._foreach_add_(bufs, g)
-                    if opt.nesterov:
-                        torch._foreach_add_(g, bufs, alpha=m)
-                    else:
-                        g = bufs
-                torch._foreach_add_(w, g, alpha=-lr)
+                bufs = client_step(opt, w, [grads[n] for n in self.names], w0, bufs, s == 0, lr)
             for k, value in enumerate(losses.detach().cpu().tolist()):
                 sums[k] += value
