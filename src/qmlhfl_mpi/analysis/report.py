@@ -52,7 +52,7 @@ import re
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,18 @@ class Run:
     def modelled_x(self) -> np.ndarray:
         return self.modelled
 
+    def last_accuracy(self, k: int) -> float:
+        """The mean test accuracy over the last ``k`` evaluated rounds (fewer if fewer were; NaN if none):
+        steadier than the final accuracy of one noisy curve."""
+        acc = self.accuracy[self.evaluated]
+        return float(acc[-k:].mean()) if acc.size else math.nan
+
+    def accuracy_at_time(self, t: float) -> float:
+        """The test accuracy of the last evaluated round whose cumulative modelled time is at most ``t``
+        seconds (a deadline); NaN if no evaluated round fits or the file has no modelled times."""
+        ok = np.flatnonzero(self.evaluated & np.isfinite(self.modelled) & (self.modelled <= t * (1 + 1e-12)))
+        return float(self.accuracy[ok[-1]]) if ok.size else math.nan
+
     def reached(self, target: float) -> tuple[int, float, float] | None:
         """(rounds done, wall seconds, modelled seconds) when the test accuracy first reached ``target``."""
         hit = np.flatnonzero(self.evaluated & (np.nan_to_num(self.accuracy, nan=-1.0) >= target))
@@ -238,10 +250,24 @@ def assign_labels(runs: Sequence[Run], keys: Sequence[str] | None = None) -> lis
 
 
 # ---- table -------------------------------------------------------------------
-def table_rows(runs: Sequence[Run], target: float | None = None) -> tuple[list[str], list[list[Any]]]:
+Extra = Sequence[tuple[str, Callable[[Run], float]]]  # (column, per-run value): --last, --at-time
+
+
+def extra_columns(last: int | None = None, at_time: float | None = None) -> list[tuple[str, Callable[[Run], float]]]:
+    """The optional per-run columns: ``last{K}_mean_acc`` (:meth:`Run.last_accuracy`) and ``at_{T}s_acc``
+    (:meth:`Run.accuracy_at_time`)."""
+    cols: list[tuple[str, Callable[[Run], float]]] = []
+    if last is not None:
+        cols.append((f"last{last}_mean_acc", lambda r: r.last_accuracy(last)))
+    if at_time is not None:
+        cols.append((f"at_{at_time:g}s_acc", lambda r: r.accuracy_at_time(at_time)))
+    return cols
+
+
+def table_rows(runs: Sequence[Run], target: float | None = None, extra: Extra = ()) -> tuple[list[str], list[list[Any]]]:
     """Header and raw rows (exact values: bytes as integers, seconds as floats)."""
     n_links = max((r.num_links for r in runs), default=0)
-    header = ["run", "status", "rounds", "final_acc", "best_acc", "best_round", "final_loss"]
+    header = ["run", "status", "rounds", "final_acc", *(c for c, _ in extra), "best_acc", "best_round", "final_loss"]
     header += [f"uplink_bytes_L{n}" for n in range(1, n_links + 1)] + ["uplink_bytes_total", "wall_s", "modelled_s"]
     if target is not None:
         header += ["rounds_to_target", "wall_s_to_target", "modelled_s_to_target"]
@@ -250,7 +276,8 @@ def table_rows(runs: Sequence[Run], target: float | None = None) -> tuple[list[s
     for r in runs:
         best, best_round = r.best
         totals = r.link_totals
-        row: list[Any] = [r.name, r.status, r.rounds_done, r.final_accuracy, best, best_round, r.final_loss]
+        row: list[Any] = [r.name, r.status, r.rounds_done, r.final_accuracy, *(f(r) for _, f in extra), best,
+                          best_round, r.final_loss]
         row += [int(totals[n]) if n < r.num_links else "" for n in range(n_links)]
         row += [int(totals.sum()), r.wall_time, r.modelled_time]
         if target is not None:
@@ -369,12 +396,13 @@ def _median(values: Sequence[float]) -> Any:
 CSV_ONLY = ("seeds", "partition_seeds", "files")  # group columns the text table leaves out
 
 
-def group_rows(groups: Sequence[Group], target: float | None = None) -> tuple[list[str], list[list[Any]]]:
+def group_rows(groups: Sequence[Group], target: float | None = None,
+               extra: Extra = ()) -> tuple[list[str], list[list[Any]]]:
     """Header and raw rows, one per group: the mean and the sample std (``<column>_std``; ``""`` for
     ``n = 1``) of every per-run number of :func:`table_rows`; with ``target``, the median, min and max
     of the rounds to it over the runs that reached it, how many did, and the medians of their seconds."""
     n_links = max((r.num_links for g in groups for r in g.runs), default=0)
-    stats = ["rounds", "final_acc", "best_acc", "best_round", "final_loss"]
+    stats = ["rounds", "final_acc", *(c for c, _ in extra), "best_acc", "best_round", "final_loss"]
     stats += [f"uplink_bytes_L{n}" for n in range(1, n_links + 1)] + ["uplink_bytes_total", "wall_s", "modelled_s"]
     header = ["run", "n", "status"] + [h for c in stats for h in (c, f"{c}_std")]
     if target is not None:
@@ -389,6 +417,7 @@ def group_rows(groups: Sequence[Group], target: float | None = None) -> tuple[li
             totals = r.link_totals
             v: dict[str, Any] = {"rounds": r.rounds_done, "final_acc": r.final_accuracy, "best_acc": best,
                                  "best_round": best_round, "final_loss": r.final_loss}
+            v.update({c: f(r) for c, f in extra})
             v.update({f"uplink_bytes_L{n + 1}": int(totals[n]) if n < r.num_links else None for n in range(n_links)})
             v.update(uplink_bytes_total=int(totals.sum()), wall_s=r.wall_time, modelled_s=r.modelled_time)
             per_run.append(v)
@@ -550,6 +579,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=float, default=None, metavar="ACC",
                    help="add the rounds, wall and modelled seconds at which the test accuracy first reached ACC "
                         "(e.g. 0.8)")
+    p.add_argument("--last", type=int, default=None, metavar="K",
+                   help="add last<K>_mean_acc: the mean test accuracy over the last K evaluated rounds")
+    p.add_argument("--at-time", type=float, default=None, metavar="T",
+                   help="add at_<T>s_acc: the test accuracy at a deadline of T seconds of modelled time (the last "
+                        "evaluated round that fits)")
     p.add_argument("--title", default=None, help="title of the plots")
     p.add_argument("--label-keys", default=None, metavar="KEY,...",
                    help="label runs by these dotted config keys (default: the keys whose values differ)")
@@ -563,6 +597,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.target is not None and not 0 <= args.target <= 1:
             raise ReportError(f"--target {args.target}: expected an accuracy from 0 to 1, e.g. --target 0.8")
+        if args.last is not None and args.last < 1:
+            raise ReportError(f"--last {args.last}: expected at least 1 evaluated round, e.g. --last 5")
+        if args.at_time is not None and not (math.isfinite(args.at_time) and args.at_time > 0):
+            raise ReportError(f"--at-time {args.at_time}: expected a positive number of modelled seconds, "
+                              "e.g. --at-time 60")
         runs = [load_run(f) for f in args.files]
         keys = [k.strip() for k in args.label_keys.split(",") if k.strip()] if args.label_keys else None
         groups = [] if args.no_group else group_runs(runs)
@@ -573,7 +612,9 @@ def main(args: argparse.Namespace) -> int:
     except ReportError as e:
         print(f"qmlhfl-mpi report: error: {e}", file=sys.stderr)
         return 2
-    header, rows = table_rows(runs, args.target) if args.no_group else group_rows(groups, args.target)
+    extra = extra_columns(args.last, args.at_time)
+    header, rows = (table_rows(runs, args.target, extra) if args.no_group
+                    else group_rows(groups, args.target, extra))
     print(format_table(header, rows))
     if args.csv:
         try:

@@ -19,6 +19,18 @@ sweep file (``CONFIG --set ... --set train.seed=S --set output.path=...``) for
 ``jobs/sweep.sbatch`` (one array task per line) and prints the ``sbatch`` line
 that runs them; the ranks then come from ``sbatch --ntasks``.
 
+``qmlhfl-mpi sweep --file FILE`` runs the lines of a sweep file instead (the
+form ``jobs/sweep.sbatch`` reads: ``CONFIG [--set KEY=VALUE ...]`` per line,
+``#`` comments), each with the output path its config and overrides give, then
+reports over all their files (grouped by seeds); a comment line
+``# report: ARGS`` adds ``ARGS`` to that report call (e.g. ``--target 0.8
+--label-keys tau --out docs/img --prefix depth``), so a study is one command.
+``--jobs J`` runs up to ``J`` runs at once (with ``--ranks 1`` on a J-core
+machine: results do not depend on the rank count), each run's output then
+going to ``<output>.log``; ``--continue`` skips the runs whose results file is
+complete and resumes (``run --resume``) the ones left incomplete, so a long
+sweep can be run in pieces.
+
 The runs continue after a failed one; the exit status is 0 if every run and
 the report succeeded, else the first failed run's exit status (``qmlhfl-mpi
 run``'s codes), else the report's.
@@ -31,11 +43,14 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from ..config import ConfigError, load_config
+from ..results.reader import read_run
 from . import report
 
 FIXED_KEYS = ("train.seed", "data.partition.seed", "output.path")  # set by the sweep for every run
@@ -54,10 +69,11 @@ class SweepRun:
     output: Path
     run_args: tuple[str, ...]   # CONFIG and the options after ``qmlhfl-mpi run``, without --quiet/--overwrite
 
-    def command(self, mpiexec: str, ranks: int, overwrite: bool) -> list[str]:
+    def command(self, mpiexec: str, ranks: int, overwrite: bool, resume: bool = False) -> list[str]:
         """The local command line: ``mpiexec -n ranks python -m qmlhfl_mpi run ...``."""
+        mode = ["--resume"] if resume else ["--overwrite"] if overwrite else []
         return [mpiexec, "-n", str(ranks), sys.executable, "-m", "qmlhfl_mpi", "run", *self.run_args, "--quiet",
-                *(["--overwrite"] if overwrite else [])]
+                *mode]
 
 
 def _check_seeds(option: str, seeds: Sequence[int]) -> None:
@@ -105,6 +121,69 @@ def plan(config: str, seeds: Sequence[int], partition_seeds: Sequence[int] | Non
     return runs
 
 
+def read_sweep_file(path: str | Path) -> tuple[list[SweepRun], list[str]]:
+    """The runs of a sweep file (one ``CONFIG [--set KEY=VALUE ...]`` per non-blank, non-``#`` line, words
+    split on blanks as ``jobs/sweep.sbatch`` splits them) and the words of its ``# report:`` lines.  Every
+    line's config is loaded with its overrides, so a bad line fails here, before any run starts (raises
+    :class:`SweepError` or :class:`~qmlhfl_mpi.config.ConfigError`, naming the line)."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SweepError(f"--file {str(path)!r}: cannot read the sweep file ({e})") from None
+    runs: list[SweepRun] = []
+    report_words: list[str] = []
+    seen: dict[Path, int] = {}
+    for no, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("#"):
+            head, _, rest = line[1:].strip().partition(":")
+            if head.strip() == "report":
+                report_words += shlex.split(rest)
+            continue
+        if not line:
+            continue
+        words = line.split()
+        where = f"{path}:{no}"
+        config, opts, sets = words[0], words[1:], []
+        i = 0
+        while i < len(opts):
+            if opts[i] == "--set" and i + 1 < len(opts):
+                sets.append(opts[i + 1])
+                i += 2
+            elif opts[i].startswith("--set="):
+                sets.append(opts[i][len("--set="):])
+                i += 1
+            else:
+                raise SweepError(f"{where}: {opts[i]!r}: a sweep line is CONFIG followed by --set KEY=VALUE "
+                                 "options only (the sweep adds --quiet, --overwrite or --resume itself)")
+        if not Path(config).is_file():
+            raise SweepError(f"{where}: config {config!r} not found (paths are relative to the directory the "
+                             "sweep is started from)")
+        try:
+            cfg = load_config(config, sets)
+        except ConfigError as e:
+            raise SweepError(f"{where}: {e}") from None
+        out = Path(cfg.output.path)
+        if out in seen:
+            raise SweepError(f"{where}: output.path {str(out)!r} is also the output of line {seen[out]}; give "
+                             "every line its own --set output.path=...")
+        seen[out] = no
+        pseed = cfg.data.partition.seed
+        runs.append(SweepRun(cfg.train.seed, pseed, out, (config, *[w for s_ in sets for w in ("--set", s_)])))
+    if not runs:
+        raise SweepError(f"--file {str(path)!r} holds no runs: write one 'CONFIG [--set KEY=VALUE ...]' per line")
+    return runs, report_words
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` holds a run that completed (``status`` attribute ``completed``); an unreadable or
+    missing file is not."""
+    try:
+        return read_run(path)["status"] == "completed"
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 def find_mpiexec(given: str | None) -> str:
     """``--mpiexec``, else ``$QMLHFL_MPIEXEC``, else the ``mpiexec`` next to this Python, else the one on PATH."""
     if given:
@@ -146,17 +225,25 @@ def report_argv(runs: Sequence[SweepRun], out_dir: str, name: str, target: float
 
 # ---- command -----------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("--seeds", nargs="+", type=int, required=True, metavar="S",
-                   help="train.seed of the runs, e.g. --seeds 0 1 2 (one run each)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config file (or give --file)")
+    p.add_argument("--file", default=None, metavar="SWEEP_FILE",
+                   help="run the lines of a sweep file (CONFIG [--set KEY=VALUE ...] per line, as jobs/sweep.sbatch "
+                        "reads them) instead of one config over seeds; '# report: ARGS' lines add ARGS to the report")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="S",
+                   help="train.seed of the runs, e.g. --seeds 0 1 2 (one run each; needed with CONFIG)")
     p.add_argument("--partition-seeds", nargs="+", type=int, default=None, metavar="P",
                    help="data.partition.seed of the runs (the data split and generated data): every --seeds "
                         "value with every P; default: none set, the data follow train.seed")
     p.add_argument("--ranks", "-n", type=int, default=1, metavar="N", help="MPI ranks per run (default 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in every run, e.g. --set train.lr=0.1 (repeatable)")
-    p.add_argument("--out-dir", required=True, metavar="DIR",
-                   help="directory of the results files NAME-seedS.h5 and of the report")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="directory of the results files NAME-seedS.h5 and of the report (needed with CONFIG; with "
+                        "--file, the report's directory, default: that of the first line's results file)")
+    p.add_argument("--jobs", "-j", type=int, default=1, metavar="J",
+                   help="runs at once (default 1); each run's output then goes to <results file>.log")
+    p.add_argument("--continue", dest="cont", action="store_true",
+                   help="skip the runs whose results file is complete, resume (run --resume) the incomplete ones")
     p.add_argument("--name", default=None, help="file name stem of the runs and the report (default: the config's)")
     p.add_argument("--mpiexec", default=None, metavar="PATH",
                    help="MPI launcher (default: $QMLHFL_MPIEXEC, the one next to this Python, or mpiexec on PATH)")
@@ -187,17 +274,103 @@ def _emit(path: Path, lines: list[str], overwrite: bool, out_dir: str, name: str
           f"--prefix {shlex.quote(name)}", flush=True)
 
 
+def _validate(args: argparse.Namespace) -> tuple[list[SweepRun], str, str, list[str]]:
+    """The runs, the report's name and directory, and the extra report words (raises on bad arguments)."""
+    if args.ranks < 1:
+        raise SweepError(f"--ranks {args.ranks}: expected at least 1 MPI rank, e.g. --ranks 2")
+    if args.jobs < 1:
+        raise SweepError(f"--jobs {args.jobs}: expected at least 1 run at a time, e.g. --jobs 2")
+    if args.target is not None and not 0 <= args.target <= 1:
+        raise SweepError(f"--target {args.target}: expected an accuracy from 0 to 1, e.g. --target 0.8")
+    if args.cont and args.overwrite:
+        raise SweepError("--continue keeps the finished results and --overwrite replaces them: give one of them")
+    if args.file is not None:
+        if args.config is not None or args.seeds is not None or args.partition_seeds is not None or args.set:
+            raise SweepError("--file runs the lines of a sweep file as they are: give no CONFIG, --seeds, "
+                             "--partition-seeds or --set with it (write them into the file's lines)")
+        if args.emit_sweep_file:
+            raise SweepError("--file and --emit-sweep-file: the sweep file exists already; submit it with "
+                             "sbatch --array=0-<lines-1> jobs/sweep.sbatch FILE")
+        runs, words = read_sweep_file(args.file)
+        _report_parser().parse_args(["check.h5", *words])  # a bad '# report:' line fails before any run
+        name = args.name or Path(args.file).stem
+        out_dir = args.out_dir or str(runs[0].output.parent)
+        return runs, name, out_dir, words
+    if args.config is None:
+        raise SweepError("give a CONFIG with --seeds (e.g. sweep configs/quickstart.yaml --seeds 0 1 2 --out-dir "
+                         "results/seeds), or a sweep file with --file")
+    if args.seeds is None:
+        raise SweepError("--seeds: give the train.seed of the runs, e.g. --seeds 0 1 2")
+    if args.out_dir is None:
+        raise SweepError("--out-dir: give the directory of the results files, e.g. --out-dir results/seeds")
+    runs = plan(args.config, args.seeds, args.partition_seeds, args.set, args.out_dir, args.name)
+    return runs, args.name or Path(args.config).stem, args.out_dir, []
+
+
+class _ReportArgs(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise SweepError(f"the sweep file's '# report:' line: {message} (it takes 'qmlhfl-mpi report' options, "
+                         "e.g. '# report: --target 0.8 --label-keys tau')")
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    rp = _ReportArgs(prog="qmlhfl-mpi report")
+    report.add_arguments(rp)
+    return rp
+
+
+def _launch(cmd: list[str], log: Path | None) -> subprocess.Popen[bytes]:
+    if log is None:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as fh:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def _run_all(todo: list[tuple[int, SweepRun, list[str]]], total: int, jobs: int) -> int:
+    """Runs the commands, at most ``jobs`` at once; returns the first failed run's exit status (0: none)."""
+    first_failure = 0
+    waiting = list(todo)
+    running: dict[subprocess.Popen[bytes], tuple[int, SweepRun]] = {}
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            i, r, cmd = waiting.pop(0)
+            log = Path(str(r.output) + ".log") if jobs > 1 else None
+            print(f"sweep: run {i}/{total}: {shlex.join(cmd)}" + (f" > {log}" if log else ""), flush=True)
+            try:
+                running[_launch(cmd, log)] = (i, r)
+            except OSError as e:
+                print(f"qmlhfl-mpi sweep: error: cannot start {cmd[0]!r}: {e}; give the launcher with --mpiexec "
+                      "PATH", file=sys.stderr)
+                for proc in running:
+                    proc.wait()
+                return 2
+        proc = _wait_any(list(running))
+        rc = proc.wait()
+        i, r = running.pop(proc)
+        if rc != 0:
+            print(f"qmlhfl-mpi sweep: run {i}/{total} ({r.output}) exited with {rc}", file=sys.stderr, flush=True)
+            first_failure = first_failure or rc
+        elif jobs > 1:
+            print(f"sweep: run {i}/{total} done: {r.output}", flush=True)
+    return first_failure
+
+
+def _wait_any(procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """The first of ``procs`` to finish (polls every 0.2 s: the runs take seconds to hours)."""
+    while True:
+        for proc in procs:
+            if proc.poll() is not None:
+                return proc
+        time.sleep(0.2)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run (or print, or emit) the sweep, then report; see the module docstring for the exit status."""
     try:
-        if args.ranks < 1:
-            raise SweepError(f"--ranks {args.ranks}: expected at least 1 MPI rank, e.g. --ranks 2")
-        if args.target is not None and not 0 <= args.target <= 1:
-            raise SweepError(f"--target {args.target}: expected an accuracy from 0 to 1, e.g. --target 0.8")
-        runs = plan(args.config, args.seeds, args.partition_seeds, args.set, args.out_dir, args.name)
-        name = args.name or Path(args.config).stem
+        runs, name, out_dir, extra = _validate(args)
         if args.emit_sweep_file:
-            _emit(Path(args.emit_sweep_file), sweep_file_lines(runs), args.overwrite, args.out_dir, name)
+            _emit(Path(args.emit_sweep_file), sweep_file_lines(runs), args.overwrite, out_dir, name)
             return 0
         try:
             mpiexec = find_mpiexec(args.mpiexec)
@@ -206,38 +379,34 @@ def main(args: argparse.Namespace) -> int:
                 raise
             mpiexec = "mpiexec"
         existing = [str(r.output) for r in runs if r.output.exists()]
-        if existing and not args.overwrite and not args.dry_run:
+        if existing and not (args.overwrite or args.cont) and not args.dry_run:
             raise SweepError(f"{existing[0]!r} exists ({len(existing)} of the {len(runs)} results files do): pass "
-                             "--overwrite to replace them, or choose another --out-dir or --name")
+                             "--continue to keep the finished ones and complete the rest, --overwrite to replace "
+                             "them, or choose another --out-dir or --name")
     except (SweepError, ConfigError) as e:
         print(f"qmlhfl-mpi sweep: error: {e}", file=sys.stderr)
         return 2
-    rargv = report_argv(runs, args.out_dir, name, args.target, args.no_plots)
+    todo: list[tuple[int, SweepRun, list[str]]] = []
+    for i, r in enumerate(runs, 1):
+        if args.cont and r.output.exists():
+            if is_complete(r.output):
+                print(f"sweep: run {i}/{len(runs)}: {r.output} is complete, skipped", flush=True)
+                continue
+            todo.append((i, r, r.command(mpiexec, args.ranks, False, resume=True)))
+        else:
+            todo.append((i, r, r.command(mpiexec, args.ranks, args.overwrite)))
+    rargv = report_argv(runs, out_dir, name, args.target, args.no_plots) + extra
     if args.dry_run:
-        for r in runs:
-            print(shlex.join(r.command(mpiexec, args.ranks, args.overwrite)))
+        for _, _, cmd in todo:
+            print(shlex.join(cmd))
         print(shlex.join(["qmlhfl-mpi", "report", *rargv]))
         return 0
-    first_failure = 0
-    for i, r in enumerate(runs, 1):
-        cmd = r.command(mpiexec, args.ranks, args.overwrite)
-        print(f"sweep: run {i}/{len(runs)}: {shlex.join(cmd)}", flush=True)
-        try:
-            rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, check=False).returncode
-        except OSError as e:
-            print(f"qmlhfl-mpi sweep: error: cannot start {cmd[0]!r}: {e}; give the launcher with --mpiexec PATH",
-                  file=sys.stderr)
-            return 2
-        if rc != 0:
-            print(f"qmlhfl-mpi sweep: run {i}/{len(runs)} (train.seed={r.seed}) exited with {rc}", file=sys.stderr)
-            first_failure = first_failure or rc
+    first_failure = _run_all(todo, len(runs), args.jobs)
     done = [r for r in runs if r.output.exists()]
     if not done:
         print("qmlhfl-mpi sweep: error: no run wrote its results file; nothing to report", file=sys.stderr)
         return first_failure or 2
-    rp = argparse.ArgumentParser(prog="qmlhfl-mpi report")
-    report.add_arguments(rp)
-    print(f"sweep: qmlhfl-mpi report {shlex.join(report_argv(done, args.out_dir, name, args.target, args.no_plots))}",
-          flush=True)
-    rc = report.main(rp.parse_args(report_argv(done, args.out_dir, name, args.target, args.no_plots)))
+    rargv = report_argv(done, out_dir, name, args.target, args.no_plots) + extra
+    print(f"sweep: qmlhfl-mpi report {shlex.join(rargv)}", flush=True)
+    rc = report.main(_report_parser().parse_args(rargv))
     return first_failure or rc

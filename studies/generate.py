@@ -1,0 +1,182 @@
+"""Write the sweep files of the studies in docs/experiments.md (issue 12): ``studies/<study>.txt``.
+
+    .venv/bin/python studies/generate.py            # all studies but optvsrandom (no compute: seconds)
+    .venv/bin/python studies/generate.py optvsrandom  # runs qmlhfl-mpi optimize --calibrate first (~2 min)
+
+Every line of a sweep file is one run, ``studies/configs/fmnist_base.yaml --set ...`` with its seed
+and its results file ``results/studies/<study>/<variant>-seed<S>.h5``; the ``# report:`` line holds the
+report options.  Run a study with
+
+    .venv/bin/qmlhfl-mpi sweep --file studies/<study>.txt --jobs 2 --continue
+
+(one run per core, one rank each: results do not depend on the rank count), which reports when the
+runs are done: the table (mean ± std over the seeds), ``docs/img/studies/<study>.csv`` and the plots
+``docs/img/studies/<study>_*.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = "studies/configs/fmnist_base.yaml"
+SEEDS = (0, 1, 2)
+OUT = "results/studies"
+IMG = "docs/img/studies"
+
+
+def lst(values) -> str:
+    """A YAML flow list without blanks (jobs/sweep.sbatch splits lines on blanks)."""
+    return "[" + ",".join(str(v) for v in values) + "]"
+
+
+def links(n: int, device: float, middle: float, cloud: float) -> list[float]:
+    """Per-link values, device link first, cloud link last (n >= 2)."""
+    return [device] + [middle] * (n - 2) + [cloud]
+
+
+def latency_sets(n: int) -> list[str]:
+    """The slow-cloud deadline model: 10 ms per SGD step; device link 10 Mbit/s and 20 ms; links between
+    aggregators 100 Mbit/s and 20 ms; the cloud link 10 Mbit/s and 200 ms (10x the device link's latency)."""
+    return [f"latency.uplink_rate={lst(links(n, 1.0e7, 1.0e8, 1.0e7))}",
+            f"latency.uplink_latency={lst(links(n, 0.02, 0.02, 0.2))}"]
+
+
+D_MLP200 = 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # 199,210 parameters
+
+
+def modelled_round(sets: list[str]) -> float:
+    """Modelled seconds of one round of the base config with ``sets`` (the deadline model of docs/theory.md)."""
+    from qmlhfl_mpi.config import build, load_config
+    from qmlhfl_mpi.core.theory import LatencyModel, round_time
+
+    cfg = load_config(str(REPO / BASE), sets)
+    lat = LatencyModel(cfg.latency.step_time, cfg.link_rates(), cfg.link_latencies())
+    return round_time(D_MLP200, cfg.tau, build.codecs(cfg), cfg.build_tree(), lat)
+
+
+def write(study: str, header: str, report: str, variants: list[tuple[str, list[str]]]) -> None:
+    lines = [f"# Study '{study}' of docs/experiments.md, written by studies/generate.py; run with",
+             f"#   .venv/bin/qmlhfl-mpi sweep --file studies/{study}.txt --jobs 2 --continue",
+             *(f"# {h}" for h in header.strip().splitlines()),
+             f"# report: --out {IMG} --prefix {study} --csv {IMG}/{study}.csv {report}"]
+    for name, sets in variants:
+        for s in SEEDS:
+            words = [BASE, *(w for x in sets for w in ("--set", x)), "--set", f"train.seed={s}",
+                     "--set", f"output.path={OUT}/{study}/{name}-seed{s}.h5"]
+            lines.append(" ".join(words))
+    path = REPO / "studies" / f"{study}.txt"
+    path.write_text("\n".join(lines) + "\n")
+    print(f"{path.relative_to(REPO)}: {len(variants)} variants x {len(SEEDS)} seeds = {len(variants) * len(SEEDS)} runs")
+
+
+DEPTH_DEADLINE = 40.0  # modelled seconds
+
+
+def depth() -> None:
+    """Depth at equal prod(tau) = 32 under edge-level heterogeneity, slow cloud link."""
+    trees = {2: [8, 8], 3: [2, 4, 8], 4: [2, 2, 2, 8]}
+    taus = [(32, 1), (16, 2), (8, 4), (4, 8), (2, 16), (1, 32), (4, 4, 2), (2, 4, 4), (8, 2, 2), (4, 2, 2, 2),
+            (2, 2, 2, 4)]
+    variants = []
+    for tau in taus:
+        n = len(tau)
+        assert math.prod(tau) == 32
+        sets = [f"topology.branching={lst(trees[n])}", f"tau={lst(tau)}",
+                f"quantizer.levels={lst([4] + [8] * (n - 1))}", "data.partition.kind=edge-shards", *latency_sets(n)]
+        rounds = max(30, math.ceil(DEPTH_DEADLINE / modelled_round(sets)))  # every run reaches the deadline
+        variants.append((f"n{n}-tau{'-'.join(map(str, tau))}", [*sets, f"train.rounds={rounds}"]))
+    write("depth", """
+64 devices in 8 edges of 8; edge-shards (each edge's 8 devices share a pool of 4 classes, 2 per device);
+prod(tau) = 32 SGD steps per cloud round in every run: the N = 2 splits (32,1) .. (1,32) and N = 3, 4 splits;
+QSGD s = 4 on the device link, 8 above, bucket 512; 30 rounds, or more where 30 rounds take less than the
+40 s of modelled time at which the report compares the runs (--at-time 40).""", "--target 0.75 --last 5 --at-time 40 "
+          "--label-keys tau", variants)
+
+
+def quant_layers() -> None:
+    """Which link's levels matter, N = 3, at bucket 0, 512 and tensor; compounding of prod(1 + q_n)."""
+    variants = [("float32", ["quantizer.levels=[none,none,none]"])]
+    for bucket in ("0", "512", "tensor"):
+        for name, levels in (("l1", "[4,none,none]"), ("l2", "[none,4,none]"), ("l3", "[none,none,4]"),
+                             ("all", "[4,4,4]")):
+            variants.append((f"b{bucket}-{name}", [f"quantizer.levels={levels}", f"quantizer.bucket={bucket}"]))
+    variants = [(n, ["topology.branching=[2,2,8]", "tau=[4,2,2]", *latency_sets(3), *sets]) for n, sets in variants]
+    write("quant_layers", """
+N = 3: 32 devices, 2 regional servers of 2 edges of 8 devices; tau = (4, 2, 2); shards of 2 classes per
+device; QSGD s = 4 on one link (l1, l2, l3) or on all three (all), float32 on the others, at bucket 0
+(one norm), 512 and tensor (one norm per parameter tensor); 40 rounds.""",
+          "--last 5 --label-keys quantizer.levels,quantizer.bucket", variants)
+
+
+def biased() -> None:
+    """Biased codecs on the device link (with and without EF) against QSGD at equal bytes."""
+    # d = 199,210, bucket 512: qsgd/round s = 1 is 4*390 + ceil(2d/8) = 51,363 bytes; topk keeps k values
+    # at 4k + ceil(18k/8) bytes: k = 8,218 (fraction 0.04125) matches 51,363; sign is 26,463 bytes.
+    f = 0.04125
+    one = "quantizer.levels=[1,none]"
+    variants = [("float32", ["quantizer.levels=[none,none]"]),
+                ("qsgd", [one]),
+                ("qsgd-ef", [one, "quantizer.error_feedback=[true,false]"])]
+    for kind, extra in (("round", [one]), ("topk", ["quantizer.levels=[1,none]", f"quantizer.topk_fraction=[{f},0.01]"]),
+                        ("sign", ["quantizer.levels=[1,none]"])):
+        for ef in (False, True):
+            variants.append((kind + ("-ef" if ef else ""),
+                             [f"quantizer.kind=[{kind},qsgd]", *extra,
+                              f"quantizer.error_feedback=[{str(ef).lower()},false]"]))
+    write("biased", """
+N = 2: 32 devices in 4 edges of 8; tau = (4, 4); shards of 2 classes per device; the device link carries
+qsgd s = 1, round s = 1 or topk (fraction 0.04125), all 51.4 kB per message, or sign (26.5 kB, half),
+each with and without error feedback; the edge -> cloud link is float32; 40 rounds.""",
+          "--last 5 --label-keys quantizer.kind,quantizer.error_feedback", variants)
+
+
+def selection() -> None:
+    """Device selection: participation.fraction at the device link vs at the edge link, equal bytes."""
+    variants = []
+    for part in ("edge-shards", "shards"):
+        p = part.replace("-", "")
+        variants += [(f"{p}-full", [f"data.partition.kind={part}"]),
+                     (f"{p}-devices-half", [f"data.partition.kind={part}", "participation.fraction=[0.5,1]"]),
+                     (f"{p}-edges-half", [f"data.partition.kind={part}", "participation.fraction=[1,0.5]"])]
+    write("selection", """
+N = 2: 32 devices in 4 edges of 8; tau = (4, 4); QSGD s = (4, 8), bucket 512; each edge draws 4 of its 8
+devices at every edge aggregation (devices-half) or the cloud draws 2 of the 4 edges per cloud round
+(edges-half): the same 64 device messages per cloud round (against 128 with all); edge-shards and
+shards partitions; 40 rounds.""", "--last 5 --label-keys data.partition.kind,participation.fraction", variants)
+
+
+def hetero() -> None:
+    """Heterogeneity at one budget, N = 3."""
+    variants = [("iid", ["data.partition.kind=iid"])]
+    variants += [(f"dirichlet{a}", ["data.partition.kind=dirichlet", f"data.partition.alpha={a}"])
+                 for a in ("0.1", "0.3", "1.0")]
+    variants += [("shards2", ["data.partition.kind=shards"]), ("edgeshards", ["data.partition.kind=edge-shards"])]
+    variants = [(n, ["topology.branching=[2,2,8]", "tau=[4,2,2]", "quantizer.levels=[4,8,8]", *latency_sets(3),
+                     *sets]) for n, sets in variants]
+    write("hetero", """
+N = 3: 32 devices, 2 regional servers of 2 edges of 8 devices; tau = (4, 2, 2); QSGD s = (4, 8, 8), bucket
+512; IID, Dirichlet(0.1, 0.3, 1.0) over labels, 2-class shards, edge-shards (4 classes per edge); 40 rounds.""",
+          "--target 0.8 --last 5 --label-keys data.partition.kind,data.partition.alpha", variants)
+
+
+STUDIES = {"depth": depth, "quant_layers": quant_layers, "biased": biased, "selection": selection,
+           "hetero": hetero}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("studies", nargs="*", help=f"default: {' '.join(STUDIES)}; also: optvsrandom")
+    args = ap.parse_args()
+    for name in args.studies or list(STUDIES):
+        if name == "optvsrandom":
+            subprocess.run([sys.executable, str(REPO / "studies" / "optvsrandom.py")], check=True)
+        else:
+            STUDIES[name]()
+
+
+if __name__ == "__main__":
+    main()
