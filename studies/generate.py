@@ -87,12 +87,12 @@ def depth() -> None:
         assert math.prod(tau) == 32
         sets = [f"topology.branching={lst(trees[n])}", f"tau={lst(tau)}",
                 f"quantizer.levels={lst([4] + [8] * (n - 1))}", "data.partition.kind=edge-shards", *latency_sets(n)]
-        rounds = max(30, math.ceil(DEPTH_DEADLINE / modelled_round(sets)))  # every run reaches the deadline
+        rounds = max(40, math.ceil(DEPTH_DEADLINE / modelled_round(sets)))  # every run reaches the deadline
         variants.append((f"n{n}-tau{'-'.join(map(str, tau))}", [*sets, f"train.rounds={rounds}"]))
     write("depth", """
 64 devices in 8 edges of 8; edge-shards (each edge's 8 devices share a pool of 4 classes, 2 per device);
 prod(tau) = 32 SGD steps per cloud round in every run: the N = 2 splits (32,1) .. (1,32) and N = 3, 4 splits;
-QSGD s = 4 on the device link, 8 above, bucket 512; 30 rounds, or more where 30 rounds take less than the
+QSGD s = 4 on the device link, 8 above, bucket 512; 40 rounds, or more where 40 rounds take less than the
 40 s of modelled time at which the report compares the runs (--at-time 40).""", "--target 0.75 --last 5 --at-time 40 "
           "--label-keys tau", variants)
 
@@ -108,7 +108,7 @@ def quant_layers() -> None:
     write("quant_layers", """
 N = 3: 32 devices, 2 regional servers of 2 edges of 8 devices; tau = (4, 2, 2); shards of 2 classes per
 device; QSGD s = 4 on one link (l1, l2, l3) or on all three (all), float32 on the others, at bucket 0
-(one norm), 512 and tensor (one norm per parameter tensor); 40 rounds.""",
+(one norm), 512 and tensor (one norm per parameter tensor); 60 rounds.""",
           "--last 5 --label-keys quantizer.levels,quantizer.bucket", variants)
 
 
@@ -130,7 +130,7 @@ def biased() -> None:
     write("biased", """
 N = 2: 32 devices in 4 edges of 8; tau = (4, 4); shards of 2 classes per device; the device link carries
 qsgd s = 1, round s = 1 or topk (fraction 0.04125), all 51.4 kB per message, or sign (26.5 kB, half),
-each with and without error feedback; the edge -> cloud link is float32; 40 rounds.""",
+each with and without error feedback; the edge -> cloud link is float32; 60 rounds.""",
           "--last 5 --label-keys quantizer.kind,quantizer.error_feedback", variants)
 
 
@@ -146,7 +146,7 @@ def selection() -> None:
 N = 2: 32 devices in 4 edges of 8; tau = (4, 4); QSGD s = (4, 8), bucket 512; each edge draws 4 of its 8
 devices at every edge aggregation (devices-half) or the cloud draws 2 of the 4 edges per cloud round
 (edges-half): the same 64 device messages per cloud round (against 128 with all); edge-shards and
-shards partitions; 40 rounds.""", "--last 5 --label-keys data.partition.kind,participation.fraction", variants)
+shards partitions; 60 rounds.""", "--last 5 --label-keys data.partition.kind,participation.fraction", variants)
 
 
 def hetero() -> None:
@@ -159,7 +159,7 @@ def hetero() -> None:
                      *sets]) for n, sets in variants]
     write("hetero", """
 N = 3: 32 devices, 2 regional servers of 2 edges of 8 devices; tau = (4, 2, 2); QSGD s = (4, 8, 8), bucket
-512; IID, Dirichlet(0.1, 0.3, 1.0) over labels, 2-class shards, edge-shards (4 classes per edge); 40 rounds.""",
+512; IID, Dirichlet(0.1, 0.3, 1.0) over labels, 2-class shards, edge-shards (4 classes per edge); 60 rounds.""",
           "--target 0.8 --last 5 --label-keys data.partition.kind,data.partition.alpha", variants)
 
 
