@@ -533,8 +533,12 @@ def _plot(items: Sequence[tuple[str, Sequence[Run]]], out_dir: Path, prefix: str
         texts = [textwrap.fill(s[0], 100, break_long_words=False) if below else s[0] for s in series]
         lines = sum(t.count("\n") + 1 for t in texts)
         fig, ax = plt.subplots(figsize=(7.0, 4.4 + (0.16 * lines + 0.3 if below else 0)), dpi=100)
-        for text, (_, x, y, sd) in zip(texts, series):
-            (drawn,) = ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, linewidth=1.4, label=text)
+        many = len(series) > 10  # beyond the default cycle's 10 colours: tab20, and dashes for every other
+        for i, (text, (_, x, y, sd)) in enumerate(zip(texts, series)):
+            style: dict[str, Any] = ({"color": plt.get_cmap("tab20")(i % 20), "linestyle": ("-", "--")[i % 2]}
+                                     if many else {})
+            (drawn,) = ax.plot(x, y, marker="o" if len(x) <= 30 else None, markersize=3, linewidth=1.4, label=text,
+                               **style)
             if sd is not None and np.isfinite(sd).any():
                 ax.fill_between(x, y - sd, y + sd, color=drawn.get_color(), alpha=0.2, linewidth=0)
         finals = [s[1][-1] for s in series if s[1][-1] > 0]
