@@ -2,7 +2,7 @@
 
     .venv/bin/python studies/summarize.py [STUDY ...]     # default: every docs/img/studies/*.csv
 
-One row per group of seeds (the report's grouping): the label, n, the final and the last-rounds mean
+One row per group of seeds (the report's grouping): the variant's name, n, the final and the last-rounds mean
 test accuracy (mean ± sample std over the seeds), the best accuracy, the final test loss, the uplink MB
 of each link, the modelled seconds, and, where the report had them, the accuracy at the deadline
 (``--at-time``) and the rounds to the target (median [min-max], reached k/n).
@@ -39,7 +39,7 @@ def table(study: str) -> str:
     head += ["rounds to target", "reached"] if target else []
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["label"] or r["run"], r["n"], pm(r, "final_acc", 100)]
+        cells = [f"`{r['run']}`", r["n"], pm(r, "final_acc", 100)]
         cells += [pm(r, last, 100)] if last else []
         cells += [pm(r, at, 100)] if at else []
         cells += [pm(r, "best_acc", 100), pm(r, "final_loss", 1, 3)]
