@@ -185,6 +185,8 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     if biased:
         write(f"links {biased} use biased codecs: the convergence bound below does not cover them "
               "(their q_n is not a variance bound)")
+    for warning in edge.error_feedback_warnings(cfg.quantizer.error_feedback or (False,) * tree.N, codecs, dim):
+        write(f"WARNING: {warning}")
     outside = _outside_bound(cfg)
     if outside:
         write(f"outside the bound's assumptions (full participation, plain local SGD, averaging servers, "

@@ -90,6 +90,24 @@ def link_options(cfg: Config, sizes: tuple[int, ...] | None = None) -> LinkOptio
                        downlink_codecs(cfg, sizes))
 
 
+def error_feedback_warnings(error_feedback: tuple[bool, ...], codecs: list[Codec], dim: int) -> list[str]:
+    """One warning per link with error feedback whose codec is not a contraction (``q_n >= 1``).
+
+    Error feedback is stable when ``||Q(x) - x||^2 <= (1 - delta) ||x||^2`` for some ``delta > 0``
+    (Stich et al. 2018; Karimireddy et al. 2019).  An unbiased QSGD link with ``q_n >= 1`` (few levels,
+    long buckets) is not one: its residual can grow every round, and the run may diverge (docs/experiments.md,
+    study 3: qsgd s = 1, bucket 512, q = 22.6 with EF diverges in every seed)."""
+    out = []
+    for n, (ef, codec) in enumerate(zip(error_feedback, codecs), start=1):
+        q = float(codec.variance(dim)) if ef else 0.0
+        if ef and q >= 1:
+            out.append(f"quantizer.error_feedback on link {n} with {codec.name} (q = {q:.4g} >= 1): error feedback "
+                       "needs a contractive codec (||Q(x) - x||^2 < ||x||^2, q < 1), so the residuals may grow and "
+                       "the run diverge; quantize the link more finely (more levels, smaller buckets), use topk or "
+                       "sign, or switch error feedback off there")
+    return out
+
+
 def client_optimizer(cfg: Config) -> ClientOptimizer:
     t = cfg.train
     return ClientOptimizer(momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay, prox_mu=t.prox_mu)

@@ -453,6 +453,9 @@ class Session:
             log.info("tree %s on %d ranks; devices per rank %s; load imbalance %.2f%s", self.tree.describe(),
                      self.size, np.diff(self.layout.bounds).tolist()[:16], self.layout.load_imbalance(),
                      f"; resuming after round {self.start_round - 1}" if self.start_round else "")
+            for warning in edge.error_feedback_warnings(self.link_options.error_feedback, self.codecs,
+                                                        self.num_params):
+                log.warning("%s", warning)
         callbacks = self._agree(self.config_callbacks, (PluginError, RunError)) + callbacks
         results = ResultsFile(cfg.output.path)
         ckpt = Checkpointer(cfg.output.path, cfg.output.checkpoint_every, cfg.to_yaml())
