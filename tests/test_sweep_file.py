@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,22 +86,28 @@ def test_continue_skips_complete_runs_and_completes_the_rest(study):
     assert rc == 2 and "--continue" in out and keep.stat().st_mtime_ns == before
     rc, out = _sweep(study, "--file", "study.txt", "--continue", "--out-dir", "rep")
     assert rc == 0, out
-    assert out.count("is complete, skipped") == 5 and lost.is_file()
+    assert out.count("is finished (completed), skipped") == 5 and lost.is_file()
     assert keep.stat().st_mtime_ns == before
     assert _final_acc(lost).shape == (4,)
 
 
-def test_continue_resumes_an_incomplete_results_file(study, tmp_path, capsys):
+@pytest.mark.parametrize("status, resumed", [("running", True), ("preempted", True), ("failed", True),
+                                             ("diverged", False), ("completed", False)])
+def test_continue_resumes_unfinished_results_and_keeps_finished_ones(study, tmp_path, capsys, status, resumed):
     part = tmp_path / "part.h5"
-    with h5py.File(part, "w") as f:   # stands in for a run killed mid-way: status is not 'completed'
-        f.attrs["status"] = "running"
+    shutil.copy(study / "res" / "coarse-seed0.h5", part)
+    with h5py.File(part, "r+") as f:   # 'running' stands in for a run killed mid-way
+        f.attrs["status"] = status
     lines = (study / "study.txt").read_text().splitlines()
     line = next(ln for ln in lines if "coarse-seed0" in ln).replace("res/coarse-seed0.h5", str(part))
     line = line.replace("base.yaml", str(study / "base.yaml"))
     (tmp_path / "one.txt").write_text(line + "\n")
     assert cli.main(["sweep", "--file", str(tmp_path / "one.txt"), "--continue", "--dry-run"]) == 0
-    words = shlex.split(capsys.readouterr().out.splitlines()[0])
-    assert words[-2:] == ["--quiet", "--resume"]
+    first = capsys.readouterr().out.splitlines()[0]
+    if resumed:
+        assert shlex.split(first)[-2:] == ["--quiet", "--resume"]
+    else:
+        assert first.endswith(f"is finished ({status}), skipped")
 
 
 @pytest.mark.parametrize("line, message", [

@@ -28,8 +28,9 @@ reports over all their files (grouped by seeds); a comment line
 ``--jobs J`` runs up to ``J`` runs at once (with ``--ranks 1`` on a J-core
 machine: results do not depend on the rank count), each run's output then
 going to ``<output>.log``; ``--continue`` skips the runs whose results file is
-complete and resumes (``run --resume``) the ones left incomplete, so a long
-sweep can be run in pieces.
+finished (status ``completed`` or ``diverged``: a rerun would end the same way)
+and resumes (``run --resume``) the others (``preempted``, ``failed``, or cut
+off while ``running``), so a long sweep can be run in pieces.
 
 The runs continue after a failed one; the exit status is 0 if every run and
 the report succeeded, else the first failed run's exit status (``qmlhfl-mpi
@@ -175,13 +176,17 @@ def read_sweep_file(path: str | Path) -> tuple[list[SweepRun], list[str]]:
     return runs, report_words
 
 
-def is_complete(path: Path) -> bool:
-    """Whether ``path`` holds a run that completed (``status`` attribute ``completed``); an unreadable or
-    missing file is not."""
+FINISHED = ("completed", "diverged")  # final outcomes: a rerun of the same config would end the same way
+
+
+def finished_status(path: Path) -> str | None:
+    """The status of the run in ``path`` if it is finished (:data:`FINISHED`), else ``None`` (running,
+    preempted, failed, unreadable or missing: a run ``--continue`` resumes)."""
     try:
-        return read_run(path)["status"] == "completed"
+        status = read_run(path)["status"]
     except (OSError, KeyError, ValueError):
-        return False
+        return None
+    return status if status in FINISHED else None
 
 
 def find_mpiexec(given: str | None) -> str:
@@ -243,7 +248,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", "-j", type=int, default=1, metavar="J",
                    help="runs at once (default 1); each run's output then goes to <results file>.log")
     p.add_argument("--continue", dest="cont", action="store_true",
-                   help="skip the runs whose results file is complete, resume (run --resume) the incomplete ones")
+                   help="skip the runs whose results file is finished (completed or diverged), resume (run --resume) "
+                        "the others")
     p.add_argument("--name", default=None, help="file name stem of the runs and the report (default: the config's)")
     p.add_argument("--mpiexec", default=None, metavar="PATH",
                    help="MPI launcher (default: $QMLHFL_MPIEXEC, the one next to this Python, or mpiexec on PATH)")
@@ -389,8 +395,9 @@ def main(args: argparse.Namespace) -> int:
     todo: list[tuple[int, SweepRun, list[str]]] = []
     for i, r in enumerate(runs, 1):
         if args.cont and r.output.exists():
-            if is_complete(r.output):
-                print(f"sweep: run {i}/{len(runs)}: {r.output} is complete, skipped", flush=True)
+            done_as = finished_status(r.output)
+            if done_as is not None:
+                print(f"sweep: run {i}/{len(runs)}: {r.output} is finished ({done_as}), skipped", flush=True)
                 continue
             todo.append((i, r, r.command(mpiexec, args.ranks, False, resume=True)))
         else:
