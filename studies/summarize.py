@@ -42,7 +42,8 @@ def table(study: str) -> str:
         cells = [f"`{r['run']}`", r["n"], pm(r, "final_acc", 100)]
         cells += [pm(r, last, 100)] if last else []
         cells += [pm(r, at, 100)] if at else []
-        cells += [pm(r, "best_acc", 100), pm(r, "final_loss", 1, 3)]
+        loss = "diverged" if r["status"] == "diverged" else pm(r, "final_loss", 1, 3)  # stopped at non-finite
+        cells += [pm(r, "best_acc", 100), loss]
         cells += [f"{float(r[c]) / 1e6:.1f}" if r[c] else "-" for c in links]
         cells += [f"{float(r['modelled_s']):.1f}"]
         if target:
