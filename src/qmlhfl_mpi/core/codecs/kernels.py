@@ -13,7 +13,8 @@ fused multiply-add, no reassociation), so messages are byte-identical and
 sums bit-identical to :func:`.qsgd.encode_reference` /
 :func:`.qsgd.decode_add_reference`, which the tests check.
 
-``HAVE_NUMBA`` is False where numba cannot be imported; the codec then uses
+``HAVE_NUMBA`` is False where numba cannot be imported (or on a big-endian host: the
+kernels store native 32-bit words); the codec then uses
 the numpy reference (same results, slower).  Compiled code is cached on
 disk beside this module (numba ``cache=True``), so a process compiles a
 kernel only the first time it ever runs.
@@ -21,6 +22,7 @@ kernel only the first time it ever runs.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -33,7 +35,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps a broken install usable
     numba = None  # type: ignore[assignment]
 
-HAVE_NUMBA = numba is not None
+HAVE_NUMBA = numba is not None and sys.byteorder == "little"  # the kernels store native words
 
 __all__ = ["HAVE_NUMBA", "qsgd_decode_add", "qsgd_encode", "qsgd_quantize_add"]
 
@@ -103,16 +105,35 @@ def _sumsq8(child: np.ndarray, parent: np.ndarray, lo: int, n: int) -> np.float3
 def _bucket_codes(child: np.ndarray, parent: np.ndarray, lo: int, n: int, scale: np.float32, finite: bool,
                   sf: np.float32, k0: int, k1: int, codes: np.ndarray) -> None:
     """The codes ``level << 1 | sign`` of coordinates ``lo .. lo+n-1`` into ``codes[:n]``: the
-    counter-based draw of :mod:`.stream`, ``level = min(floor(|x| scale + u), s)``, sign ``x < 0``."""
+    counter-based draw of :mod:`.stream`, ``level = min(floor(|x| scale + u), s)``, sign ``x < 0``.
+
+    With a finite norm every ``|x| scale + u`` lies in ``[0, s + 1)``, so the loop needs no NaN test
+    and converts through int32 (exact there); without the branch and with the bucket's slices
+    (indices known non-negative) LLVM vectorises it.  A non-finite norm takes the guarded loop."""
     zero = np.float32(0.0)
     g, m1, m2 = np.uint32(GOLDEN32), np.uint32(MIX1), np.uint32(MIX2)
     u1 = np.uint32(k1)
     s16, s15, s8, one = np.uint32(16), np.uint32(15), np.uint32(8), np.uint32(1)
     inv = np.float32(INV_2_24)
     base = np.uint32(np.uint32(lo) * g + np.uint32(k0))  # the hash input of coordinate i is i * g + k0 (mod 2^32)
+    cb = child[lo:lo + n]
+    pb = parent[lo:lo + n]
+    if finite:
+        for j in range(n):
+            t = cb[j] - pb[j]
+            # numba widens small unsigned arithmetic: cast back to 32 bits after every step
+            h = np.uint32(np.uint32(np.uint32(j) * g + base) ^ u1)
+            h = np.uint32(h ^ (h >> s16))
+            h = np.uint32(h * m1)
+            h = np.uint32(h ^ (h >> s15))
+            h = np.uint32(h * m2)
+            h = np.uint32(h ^ (h >> s16))
+            y = abs(t) * scale + np.float32(np.int32(h >> s8)) * inv  # h >> 8 < 2^24: exact as int32
+            level = np.uint32(np.int32(min(y, sf)))                     # 0 <= y: truncation as for uint32
+            codes[j] = (level << one) | (one if t < zero else np.uint32(0))
+        return
     for j in range(n):
-        t = child[lo + j] - parent[lo + j]
-        # numba widens small unsigned arithmetic: cast back to 32 bits after every step
+        t = cb[j] - pb[j]
         h = np.uint32(np.uint32(np.uint32(j) * g + base) ^ u1)
         h = np.uint32(h ^ (h >> s16))
         h = np.uint32(h * m1)
@@ -120,7 +141,7 @@ def _bucket_codes(child: np.ndarray, parent: np.ndarray, lo: int, n: int, scale:
         h = np.uint32(h * m2)
         h = np.uint32(h ^ (h >> s16))
         y = abs(t) * scale + np.float32(h >> s8) * inv
-        if not finite and math.isnan(y):  # inf/nan input: keep the code in range; the norm decodes to nan
+        if math.isnan(y):  # inf/nan input: keep the code in range; the norm decodes to nan
             y = zero
         sign = one if t < zero else np.uint32(0)
         codes[j] = (np.uint32(min(y, sf)) << one) | sign
@@ -131,22 +152,27 @@ def _add_codes(codes: np.ndarray, n: int, f: np.float32, a: np.float32, acc: np.
     (``f = norm / s``; the sign applied exactly, as a factor +-1).  Shared by both consumers
     of codes, so the fused path and the decoder add the same floats."""
     one, two, onef = np.uint32(1), np.float32(2.0), np.float32(1.0)
+    ab = acc[lo:lo + n]
     for j in range(n):
         c = codes[j]
-        v = np.float32(c >> one) * (onef - two * np.float32(c & one))
-        acc[lo + j] += (v * f) * a
+        v = np.float32(np.int32(c >> one)) * (onef - two * np.float32(np.int32(c & one)))  # levels < 2^15
+        ab[j] += (v * f) * a
 
 
 def _encode(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, w: int, k0: int, k1: int,
             out: np.ndarray) -> None:
     d = child.size
     norms = out[: 4 * nb].view(np.float32)
+    nwords = (d * w) // 32  # whole little-endian 32-bit words of codes; the rest (< 4 bytes) byte by byte
+    words = out[4 * nb: 4 * nb + 4 * nwords].view(np.uint32)
     codes = np.empty(blen, dtype=np.uint32)
     sf = np.float32(s)
     zero = np.float32(0.0)
+    low32, s32 = np.uint64(0xFFFFFFFF), np.uint64(32)
+    uw, w2 = np.uint64(w), 2 * w  # w <= 16: a pair of codes is at most 32 bits
     bits = np.uint64(0)
     nbits = 0
-    pos = 4 * nb
+    wi = 0
     for b in range(nb):
         lo = b * blen
         n = min(blen, d - lo)
@@ -155,22 +181,44 @@ def _encode(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, w
         finite = math.isfinite(norm)
         scale = sf / norm if norm > zero else zero
         bucket_codes(child, parent, lo, n, scale, finite, sf, k0, k1, codes)
-        for j in range(n):
-            bits |= np.uint64(codes[j]) << np.uint64(nbits)
+        full = n - n % 2
+        for j in range(0, full, 2):  # two codes joined first (2w <= 32 bits): half the pushes and tests
+            bits |= (np.uint64(codes[j]) | (np.uint64(codes[j + 1]) << uw)) << np.uint64(nbits)
+            nbits += w2
+            if nbits >= 32:
+                words[wi] = np.uint32(bits & low32)
+                wi += 1
+                bits >>= s32
+                nbits -= 32
+        if full < n:
+            bits |= np.uint64(codes[full]) << np.uint64(nbits)
             nbits += w
             if nbits >= 32:
-                out[pos] = np.uint8(bits & np.uint64(0xFF))
-                out[pos + 1] = np.uint8((bits >> np.uint64(8)) & np.uint64(0xFF))
-                out[pos + 2] = np.uint8((bits >> np.uint64(16)) & np.uint64(0xFF))
-                out[pos + 3] = np.uint8((bits >> np.uint64(24)) & np.uint64(0xFF))
-                pos += 4
-                bits >>= np.uint64(32)
+                words[wi] = np.uint32(bits & low32)
+                wi += 1
+                bits >>= s32
                 nbits -= 32
+    pos = 4 * nb + 4 * nwords
     while nbits > 0:
         out[pos] = np.uint8(bits & np.uint64(0xFF))
         bits >>= np.uint64(8)
         nbits -= 8
         pos += 1
+
+
+def _refill(buf: np.ndarray, pos: int, bits: np.uint64, nbits: int) -> tuple[int, np.uint64, int]:
+    """Appends the next 32 bits of ``buf`` at ``pos`` above the ``nbits < 32`` held in ``bits`` (byte by
+    byte near the end of the message); returns the new ``(pos, bits, nbits)``."""
+    if pos + 4 <= buf.size:
+        bits |= ((np.uint64(buf[pos]) | (np.uint64(buf[pos + 1]) << np.uint64(8))
+                  | (np.uint64(buf[pos + 2]) << np.uint64(16))
+                  | (np.uint64(buf[pos + 3]) << np.uint64(24))) << np.uint64(nbits))
+        return pos + 4, bits, nbits + 32
+    while nbits <= 56 and pos < buf.size:
+        bits |= np.uint64(buf[pos]) << np.uint64(nbits)
+        nbits += 8
+        pos += 1
+    return pos, bits, nbits
 
 
 def _decode_add(buf: np.ndarray, s: int, blen: int, nb: int, w: int, a: np.float32, acc: np.ndarray) -> None:
@@ -179,6 +227,7 @@ def _decode_add(buf: np.ndarray, s: int, blen: int, nb: int, w: int, a: np.float
     word = np.empty(1, dtype=np.uint32)
     as_float = word.view(np.float32)
     codes = np.empty(blen, dtype=np.uint32)
+    uw, w2 = np.uint64(w), 2 * w  # codes are taken two at a time (2w <= 32 bits), as the encoder packs them
     mask = np.uint64((1 << w) - 1)
     bits = np.uint64(0)
     nbits = 0
@@ -190,21 +239,19 @@ def _decode_add(buf: np.ndarray, s: int, blen: int, nb: int, w: int, a: np.float
         f = as_float[0] / sf
         lo = b * blen
         n = min(blen, d - lo)
-        for j in range(n):  # unpack the bucket's codes
-            if nbits < w:
-                if pos + 4 <= buf.size:
-                    bits |= ((np.uint64(buf[pos]) | (np.uint64(buf[pos + 1]) << np.uint64(8))
-                              | (np.uint64(buf[pos + 2]) << np.uint64(16))
-                              | (np.uint64(buf[pos + 3]) << np.uint64(24))) << np.uint64(nbits))
-                    nbits += 32
-                    pos += 4
-                else:
-                    while nbits <= 56 and pos < buf.size:
-                        bits |= np.uint64(buf[pos]) << np.uint64(nbits)
-                        nbits += 8
-                        pos += 1
+        full = n - n % 2
+        for j in range(0, full, 2):  # unpack the bucket's codes
+            if nbits < w2:
+                pos, bits, nbits = refill(buf, pos, bits, nbits)
             codes[j] = np.uint32(bits & mask)
-            bits >>= np.uint64(w)
+            codes[j + 1] = np.uint32((bits >> uw) & mask)
+            bits >>= np.uint64(w2)
+            nbits -= w2
+        if full < n:
+            if nbits < w:
+                pos, bits, nbits = refill(buf, pos, bits, nbits)
+            codes[full] = np.uint32(bits & mask)
+            bits >>= uw
             nbits -= w
         add_codes(codes, n, f, a, acc, lo)
 
@@ -212,6 +259,7 @@ def _decode_add(buf: np.ndarray, s: int, blen: int, nb: int, w: int, a: np.float
 sumsq8 = _jit(_sumsq8)
 bucket_codes = _jit(_bucket_codes, inline="always")  # helpers of two kernels each, inlined into them
 add_codes = _jit(_add_codes, inline="always")
+refill = _jit(_refill, inline="always")
 def _quantize_add(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, k0: int, k1: int,
                   a: np.float32, acc: np.ndarray) -> None:
     """``acc += a * decode(encode(child, parent))`` without the bits in between: the same
