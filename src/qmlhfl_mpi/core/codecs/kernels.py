@@ -102,6 +102,21 @@ def _sumsq8(child: np.ndarray, parent: np.ndarray, lo: int, n: int) -> np.float3
     return ss + a7
 
 
+def _uniform(j: int, base: np.uint32, u1: np.uint32) -> np.float32:
+    """The stream's ``u`` of the bucket's ``j``-th coordinate (``base = lo * GOLDEN32 + k0``): the
+    counter-based hash of :mod:`.stream`, its top 24 bits as an exact float32 in ``[0, 1)``."""
+    g, m1, m2 = np.uint32(GOLDEN32), np.uint32(MIX1), np.uint32(MIX2)
+    s16, s15, s8 = np.uint32(16), np.uint32(15), np.uint32(8)
+    # numba widens small unsigned arithmetic: cast back to 32 bits after every step
+    h = np.uint32(np.uint32(np.uint32(j) * g + base) ^ u1)
+    h = np.uint32(h ^ (h >> s16))
+    h = np.uint32(h * m1)
+    h = np.uint32(h ^ (h >> s15))
+    h = np.uint32(h * m2)
+    h = np.uint32(h ^ (h >> s16))
+    return np.float32(np.int32(h >> s8)) * np.float32(INV_2_24)  # h >> 8 < 2^24: exact as int32
+
+
 def _bucket_codes(child: np.ndarray, parent: np.ndarray, lo: int, n: int, scale: np.float32, finite: bool,
                   sf: np.float32, k0: int, k1: int, codes: np.ndarray) -> None:
     """The codes ``level << 1 | sign`` of coordinates ``lo .. lo+n-1`` into ``codes[:n]``: the
@@ -111,40 +126,24 @@ def _bucket_codes(child: np.ndarray, parent: np.ndarray, lo: int, n: int, scale:
     and converts through int32 (exact there); without the branch and with the bucket's slices
     (indices known non-negative) LLVM vectorises it.  A non-finite norm takes the guarded loop."""
     zero = np.float32(0.0)
-    g, m1, m2 = np.uint32(GOLDEN32), np.uint32(MIX1), np.uint32(MIX2)
+    one = np.uint32(1)
     u1 = np.uint32(k1)
-    s16, s15, s8, one = np.uint32(16), np.uint32(15), np.uint32(8), np.uint32(1)
-    inv = np.float32(INV_2_24)
-    base = np.uint32(np.uint32(lo) * g + np.uint32(k0))  # the hash input of coordinate i is i * g + k0 (mod 2^32)
+    base = np.uint32(np.uint32(lo) * np.uint32(GOLDEN32) + np.uint32(k0))  # coordinate i hashes i * g + k0
     cb = child[lo:lo + n]
     pb = parent[lo:lo + n]
     if finite:
         for j in range(n):
             t = cb[j] - pb[j]
-            # numba widens small unsigned arithmetic: cast back to 32 bits after every step
-            h = np.uint32(np.uint32(np.uint32(j) * g + base) ^ u1)
-            h = np.uint32(h ^ (h >> s16))
-            h = np.uint32(h * m1)
-            h = np.uint32(h ^ (h >> s15))
-            h = np.uint32(h * m2)
-            h = np.uint32(h ^ (h >> s16))
-            y = abs(t) * scale + np.float32(np.int32(h >> s8)) * inv  # h >> 8 < 2^24: exact as int32
-            level = np.uint32(np.int32(min(y, sf)))                     # 0 <= y: truncation as for uint32
+            y = abs(t) * scale + uniform(j, base, u1)
+            level = np.uint32(np.int32(min(y, sf)))  # 0 <= y < s + 1: truncation as for uint32
             codes[j] = (level << one) | (one if t < zero else np.uint32(0))
         return
     for j in range(n):
         t = cb[j] - pb[j]
-        h = np.uint32(np.uint32(np.uint32(j) * g + base) ^ u1)
-        h = np.uint32(h ^ (h >> s16))
-        h = np.uint32(h * m1)
-        h = np.uint32(h ^ (h >> s15))
-        h = np.uint32(h * m2)
-        h = np.uint32(h ^ (h >> s16))
-        y = abs(t) * scale + np.float32(h >> s8) * inv
+        y = abs(t) * scale + uniform(j, base, u1)
         if math.isnan(y):  # inf/nan input: keep the code in range; the norm decodes to nan
             y = zero
-        sign = one if t < zero else np.uint32(0)
-        codes[j] = (np.uint32(min(y, sf)) << one) | sign
+        codes[j] = (np.uint32(min(y, sf)) << one) | (one if t < zero else np.uint32(0))
 
 
 def _add_codes(codes: np.ndarray, n: int, f: np.float32, a: np.float32, acc: np.ndarray, lo: int) -> None:
@@ -257,6 +256,7 @@ def _decode_add(buf: np.ndarray, s: int, blen: int, nb: int, w: int, a: np.float
 
 
 sumsq8 = _jit(_sumsq8)
+uniform = _jit(_uniform, inline="always")
 bucket_codes = _jit(_bucket_codes, inline="always")  # helpers of two kernels each, inlined into them
 add_codes = _jit(_add_codes, inline="always")
 refill = _jit(_refill, inline="always")
