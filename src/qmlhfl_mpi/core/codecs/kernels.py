@@ -167,7 +167,6 @@ def _encode(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, w
     codes = np.empty(blen, dtype=np.uint32)
     sf = np.float32(s)
     zero = np.float32(0.0)
-    low32, s32 = np.uint64(0xFFFFFFFF), np.uint64(32)
     uw, w2 = np.uint64(w), 2 * w  # w <= 16: a pair of codes is at most 32 bits
     bits = np.uint64(0)
     nbits = 0
@@ -182,21 +181,9 @@ def _encode(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, w
         bucket_codes(child, parent, lo, n, scale, finite, sf, k0, k1, codes)
         full = n - n % 2
         for j in range(0, full, 2):  # two codes joined first (2w <= 32 bits): half the pushes and tests
-            bits |= (np.uint64(codes[j]) | (np.uint64(codes[j + 1]) << uw)) << np.uint64(nbits)
-            nbits += w2
-            if nbits >= 32:
-                words[wi] = np.uint32(bits & low32)
-                wi += 1
-                bits >>= s32
-                nbits -= 32
+            bits, nbits, wi = push(np.uint64(codes[j]) | (np.uint64(codes[j + 1]) << uw), w2, bits, nbits, words, wi)
         if full < n:
-            bits |= np.uint64(codes[full]) << np.uint64(nbits)
-            nbits += w
-            if nbits >= 32:
-                words[wi] = np.uint32(bits & low32)
-                wi += 1
-                bits >>= s32
-                nbits -= 32
+            bits, nbits, wi = push(np.uint64(codes[full]), w, bits, nbits, words, wi)
     pos = 4 * nb + 4 * nwords
     while nbits > 0:
         out[pos] = np.uint8(bits & np.uint64(0xFF))
@@ -218,6 +205,19 @@ def _refill(buf: np.ndarray, pos: int, bits: np.uint64, nbits: int) -> tuple[int
         nbits += 8
         pos += 1
     return pos, bits, nbits
+
+
+def _push(value: np.uint64, width: int, bits: np.uint64, nbits: int, words: np.ndarray,
+          wi: int) -> tuple[np.uint64, int, int]:
+    """Appends ``width <= 32`` bits of ``value`` above the ``nbits < 32`` held in ``bits``, storing a full
+    32-bit word at ``words[wi]``; returns the new ``(bits, nbits, wi)`` (the encoder's side of
+    :func:`_refill`)."""
+    bits |= value << np.uint64(nbits)
+    nbits += width
+    if nbits >= 32:
+        words[wi] = np.uint32(bits & np.uint64(0xFFFFFFFF))
+        return bits >> np.uint64(32), nbits - 32, wi + 1
+    return bits, nbits, wi
 
 
 def _decode_add(buf: np.ndarray, s: int, blen: int, nb: int, w: int, a: np.float32, acc: np.ndarray) -> None:
@@ -260,6 +260,7 @@ uniform = _jit(_uniform, inline="always")
 bucket_codes = _jit(_bucket_codes, inline="always")  # helpers of two kernels each, inlined into them
 add_codes = _jit(_add_codes, inline="always")
 refill = _jit(_refill, inline="always")
+push = _jit(_push, inline="always")
 def _quantize_add(child: np.ndarray, parent: np.ndarray, s: int, blen: int, nb: int, k0: int, k1: int,
                   a: np.float32, acc: np.ndarray) -> None:
     """``acc += a * decode(encode(child, parent))`` without the bits in between: the same
