@@ -1,6 +1,6 @@
 """Quantized against float32 rounds of real mpiexec runs, and the per-round time split.
 
-    .venv/bin/python benchmarks/round.py [--ranks 2] [--rounds 4] [--levels 16] [--smoke]
+    .venv/bin/python benchmarks/round.py [--ranks 2] [--rounds 4] [--levels 16] [--aggregate-on host] [--smoke]
 
 For the FedAvg CNN (1.66 M parameters) and the MLP-200 (199 k) on Debian's
 Fashion-MNIST (16 devices, 2-class shards), on a flat tree (N = 1, tau_1 = 5)
@@ -11,6 +11,8 @@ the median round time over rounds (round 0 excluded; the MLP runs 5x
 / codec / communication (max over ranks; communication includes waiting for
 slower ranks) and the quantized/float32 ratio of the round time.  Without
 Fashion-MNIST it uses the embedded synthetic data with the MLP only.
+``--aggregate-on device`` runs the aggregation as torch tensors on the training
+device (the GPU code path; here the CPU) instead of numpy on the host.
 ``--smoke`` runs one tiny case in seconds (the test suite's smoke test).
 """
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--levels", type=int, default=16)
+    ap.add_argument("--aggregate-on", default="host", choices=("host", "device"), help="train.aggregate_on")
     ap.add_argument("--smoke", action="store_true", help="one tiny case, seconds")
     args = ap.parse_args()
     real = Path(FMNIST).is_dir() and not args.smoke
@@ -75,7 +78,8 @@ def main() -> None:
             for tname, tset in topologies.items():
                 N = 1 if tname == "flat" else 2
                 r_model = rounds if label == "cnn" or args.smoke else 5 * rounds  # cheap rounds: more of them
-                base = [*data, *mset, *tset, f"train.rounds={r_model}", "train.eval_every=1000", "quantizer.bucket=512"]
+                base = [*data, *mset, *tset, f"train.rounds={r_model}", "train.eval_every=1000", "quantizer.bucket=512",
+                        f"train.aggregate_on={args.aggregate_on}"]
                 res = {}
                 for links, levels in (("float32", ["none"] * N), (f"s={args.levels}", [str(args.levels)] * N)):
                     sets = [*base, f"quantizer.levels=[{','.join(levels)}]"]

@@ -44,3 +44,14 @@ def test_algorithms_benchmark_smoke():
     assert len(rows) == 2 and all(r[0] == "quickstart" for r in rows)
     up = [float(r[-2]) for r in rows]
     assert up[1] < up[0]  # top-k 1% on link 1 sends fewer bytes than qsgd s=4
+
+
+def test_gpu_check_smoke_on_the_cpu():
+    """The prepared GPU check, in its CPU form: device aggregation on 1 and 2 ranks gives one model,
+    and the host backend the same one."""
+    out = bench("benchmarks/gpu_check.py", "--device", "cpu", "--smoke")
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("quickstart")]
+    assert [(r[1], r[2], r[-1]) for r in rows] == [("1", "torch:cpu", "yes"), ("2", "torch:cpu", "yes"),
+                                                   ("1", "host", "yes")]
+    assert "device aggregation: bit-identical across rank counts" in out
+    assert "host aggregation: the same model as device aggregation" in out

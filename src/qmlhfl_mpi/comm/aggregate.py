@@ -19,12 +19,20 @@ same encode/decode path serves local and remote children, and every random
 choice (which children take part, the quantizers' draws) comes from keys
 every rank computes alike, which is why the trained model is bit-for-bit the
 same for any number of ranks.
+
+The model vectors (children's results, accumulators, residuals, server
+state) are those of the :class:`~qmlhfl_mpi.core.vectors.Vectors` backend the
+aggregator is given: numpy arrays on the host by default, or tensors on the
+training device, whose codecs hand over host bytes; MPI only ever moves host
+bytes, and :meth:`HierarchicalAggregator.global_round` takes and returns the
+cloud model as a host array.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -35,15 +43,18 @@ from ..core.links import LinkOptions
 from ..core.participation import Participation
 from ..core.server_opt import Average, ServerOptimizer
 from ..core.topology import RankLayout
+from ..core.vectors import HostVectors, LinkCodec, Vectors, through_host
 from .collectives import broadcast_bytes, broadcast_vector, post_receives, send_messages, wait
 from .communicators import LayerComms
 from .watchdog import Watchdog
 
+# Vectors of the aggregator's backend (numpy arrays, or tensors of the torch backend).
+Vec = Any
 # (vector, device, round, call) -> (trained vector, sum of step losses, steps)
-TrainFn = Callable[[np.ndarray, int, int, int], tuple[np.ndarray, float, int]]
+TrainFn = Callable[[Vec, int, int, int], tuple[Vec, float, int]]
 # (vector, devices, round, calls, all devices of their layer-1 node) -> [(trained vector, sum of step losses,
 # steps)] for devices trained together
-TrainManyFn = Callable[[np.ndarray, Sequence[int], int, Sequence[int], range], list[tuple[np.ndarray, float, int]]]
+TrainManyFn = Callable[[Vec, Sequence[int], int, Sequence[int], range], list[tuple[Vec, float, int]]]
 
 
 @dataclass
@@ -73,12 +84,15 @@ class RoundStats:
 
 class HierarchicalAggregator:
     """Runs global rounds for one rank.  :meth:`global_round` is collective over
-    the communicators in ``comms`` (built from the same layout on every rank)."""
+    the communicators in ``comms`` (built from the same layout on every rank).
+    ``vectors`` is the backend of the model vectors (:class:`HostVectors` by default);
+    ``train_fn`` and ``train_many_fn`` take and return vectors of that backend."""
 
     def __init__(self, layout: RankLayout, rank: int, comms: Sequence[LayerComms | None],
                  codecs: Sequence[Codec], tau: Sequence[int], dim: int, seed: int,
                  train_fn: TrainFn, samples: np.ndarray | None = None,
-                 train_many_fn: TrainManyFn | None = None, options: LinkOptions | None = None) -> None:
+                 train_many_fn: TrainManyFn | None = None, options: LinkOptions | None = None,
+                 vectors: Vectors | None = None) -> None:
         tree = layout.tree
         if len(codecs) != tree.N or len(tau) != tree.N:
             raise ValueError(f"need {tree.N} codecs and tau values, got {len(codecs)} and {len(tau)}")
@@ -97,14 +111,19 @@ class HierarchicalAggregator:
             if len(vals) != tree.N:
                 raise ValueError(f"need {tree.N} {name}, got {len(vals)}")
         self.down_len = [4 * dim if c is None else c.nbytes(dim) for c in self.downlink]
+        self.vectors: Vectors = HostVectors() if vectors is None else vectors
+        # the codecs' implementations for the backend's vectors (the codecs themselves on the host)
+        self._up: list[LinkCodec] = [self.vectors.link_codec(c) for c in self.codecs]
+        self._down: list[LinkCodec | None] = [None if c is None else self.vectors.link_codec(c)
+                                              for c in self.downlink]
         self._weights: dict[tuple[int, int], np.ndarray] = {}
         self._calls: dict[tuple[int, int], int] = {}
         self._agg_calls: dict[tuple[int, int], int] = {}
         self._round = 0
-        self._zero: np.ndarray | None = None
+        self._zero: Vec | None = None
         # per-node state kept on the node's (or the sender's) leader; see state()/load_state()
-        self.server_state: dict[tuple[int, int], dict[str, np.ndarray]] = {}
-        self.residuals: dict[tuple[int, int], np.ndarray] = {}
+        self.server_state: dict[tuple[int, int], dict[str, Vec]] = {}
+        self.residuals: dict[tuple[int, int], Vec] = {}
         self.stats = RoundStats(tree.N, tree.num_devices)
         self.guard: Watchdog | None = None  # the round deadline enforced in every wait (train.round_timeout)
 
@@ -119,6 +138,14 @@ class HierarchicalAggregator:
         if len(chosen) == 0:
             return np.zeros(0, dtype=np.float32)
         return self.participation.weights(n, self.tree.child_sizes(n, u, self.samples), chosen)
+
+    def links_through_host(self) -> list[str]:
+        """The links whose codec moves float vectors through the host on this backend (none on the host)."""
+        out = [f"uplink {n} ({self.codecs[n - 1].name})" for n, c in enumerate(self._up, 1)
+               if through_host(c, self.dim)]
+        out += [f"downlink {n} ({c.name})" for n, (c, dc) in enumerate(zip(self.downlink, self._down), 1)
+                if c is not None and dc is not None and through_host(dc, self.dim)]
+        return out
 
     def _next_call(self, n: int, u: int) -> int:
         k = self._calls.get((n, u), 0)
@@ -141,9 +168,10 @@ class HierarchicalAggregator:
 
     # ---- per-node state (server optimisers, error feedback) -----------------
     def state(self) -> dict[str, np.ndarray]:
-        """The per-node state this rank keeps, by name (``server.n.u.name``, ``residual.n.c``)."""
-        out = {f"server.{n}.{u}.{k}": a for (n, u), st in self.server_state.items() for k, a in st.items()}
-        out.update({f"residual.{n}.{c}": e for (n, c), e in self.residuals.items()})
+        """The per-node state this rank keeps, by name (``server.n.u.name``, ``residual.n.c``), as host arrays."""
+        host = self.vectors.to_host
+        out = {f"server.{n}.{u}.{k}": host(a) for (n, u), st in self.server_state.items() for k, a in st.items()}
+        out.update({f"residual.{n}.{c}": host(e) for (n, c), e in self.residuals.items()})
         return out
 
     def state_vectors(self) -> int:
@@ -172,9 +200,9 @@ class HierarchicalAggregator:
             if vec.size != self.dim:
                 raise ValueError(f"checkpoint state {name!r} has {vec.size} values, the model {self.dim}")
             if parts[0] == "server":
-                self.server_state.setdefault((int(parts[1]), int(parts[2])), {})[parts[3]] = vec
+                self.server_state.setdefault((int(parts[1]), int(parts[2])), {})[parts[3]] = self.vectors.from_host(vec)
             elif parts[0] == "residual":
-                self.residuals[(int(parts[1]), int(parts[2]))] = vec
+                self.residuals[(int(parts[1]), int(parts[2]))] = self.vectors.from_host(vec)
             else:
                 raise ValueError(f"checkpoint state {name!r} is of no known kind (server., residual.)")
 
@@ -186,11 +214,11 @@ class HierarchicalAggregator:
         self._calls.clear()
         self._agg_calls.clear()
         self.stats = RoundStats(self.tree.N, self.tree.num_devices)
-        out = self._aggregate(self.tree.N, 0, np.asarray(w, dtype=np.float32), broadcast=True)
+        out = self._aggregate(self.tree.N, 0, self.vectors.from_host(np.asarray(w, dtype=np.float32)), broadcast=True)
         assert out is not None
-        return out
+        return self.vectors.to_host(out)
 
-    def _work(self, m: int, c: int, v: np.ndarray | None) -> np.ndarray | None:
+    def _work(self, m: int, c: int, v: Vec | None) -> Vec | None:
         """What child ``c`` (layer ``m``) hands its parent, started from ``v``."""
         if m == 0:
             assert v is not None  # a device always trains from a model
@@ -201,13 +229,13 @@ class HierarchicalAggregator:
             self.stats.steps[c] += steps
             return x
         reps = self.tau[m]  # tau_{m+1}
-        y: np.ndarray | None = v
+        y: Vec | None = v
         for k in range(reps):
             # the last result only matters to c's leader: the parent broadcasts next
             y = self._aggregate(m, c, y, broadcast=k < reps - 1)
         return y
 
-    def _train_together(self, u: int, kids: Sequence[int], v: np.ndarray | None) -> list[np.ndarray]:
+    def _train_together(self, u: int, kids: Sequence[int], v: Vec | None) -> list[Vec]:
         """The local device children ``kids`` of layer-1 node ``u``, trained in batched calls."""
         assert v is not None and self.train_many_fn is not None
         calls = [self._next_call(0, c) for c in kids]
@@ -219,10 +247,10 @@ class HierarchicalAggregator:
             self.stats.steps[c] += steps
         return [x for x, _, _ in results]
 
-    def _encode(self, n: int, c: int, x: np.ndarray, v: np.ndarray, a: np.float32 | None,
-                acc: np.ndarray | None) -> np.ndarray | None:
+    def _encode(self, n: int, c: int, x: Vec, v: Vec, a: np.float32 | None,
+                acc: Vec | None) -> np.ndarray | None:
         """Child ``c``'s message to its parent (``acc += a * decoded`` instead when ``acc`` is given)."""
-        codec = self.codecs[n - 1]
+        codec = self._up[n - 1]
         key = (self.seed, rng.QUANT, n, c, self._round, self._next_call(n, c))
         if self.error_feedback[n - 1]:  # m = Q(x - v + e), e <- x - v + e - decode(m)
             e = self.residuals.get((n, c))
@@ -230,7 +258,7 @@ class HierarchicalAggregator:
             if e is not None:
                 z += e
             if self._zero is None:
-                self._zero = np.zeros(self.dim, dtype=np.float32)
+                self._zero = self.vectors.zeros(self.dim)
             msg = codec.encode(z, self._zero, key)
             z -= codec.decode(msg, self.dim)
             self.residuals[(n, c)] = z
@@ -245,28 +273,31 @@ class HierarchicalAggregator:
             return None
         return codec.encode(x, v, key)
 
-    def _update(self, n: int, u: int, v: np.ndarray, g: np.ndarray) -> np.ndarray:
+    def _update(self, n: int, u: int, v: Vec, g: Vec) -> Vec:
         """The node's optimiser applied to the decoded update ``g``."""
         opt = self.server[n - 1]
         if isinstance(opt, Average):
             return v + g
         st = self.server_state.get((n, u))
         if st is None:
-            st = self.server_state[(n, u)] = opt.init_state(self.dim)
+            st = self.server_state[(n, u)] = {k: self.vectors.from_host(a)
+                                              for k, a in opt.init_state(self.dim).items()}
         return opt.apply(v, g, st)
 
-    def _downlink(self, n: int, u: int, v: np.ndarray, new: np.ndarray | None, spanning: bool,
-                  lc: LayerComms | None, leads_u: bool) -> np.ndarray:
+    def _downlink(self, n: int, u: int, v: Vec, new: Vec | None, spanning: bool,
+                  lc: LayerComms | None, leads_u: bool) -> Vec:
         """Send node ``u``'s new model down to its subtree; every member returns the same vector.
 
         Counted on link ``n``: one message of :attr:`down_len` bytes per child of ``u``."""
-        st, codec = self.stats, self.downlink[n - 1]
+        st, codec = self.stats, self._down[n - 1]
         if leads_u:
             st.downlink_bytes[n - 1] += self.down_len[n - 1] * len(self.tree.children(n, u))
         if codec is None:
             if spanning and lc is not None and lc.subtree is not None:
                 t0 = time.perf_counter()
-                new = broadcast_vector(lc.subtree, new, self.dim, self.guard)
+                vec = self.vectors
+                got = broadcast_vector(lc.subtree, None if new is None else vec.to_host(new), self.dim, self.guard)
+                new = new if new is not None else vec.from_host(got)  # the root keeps its own vector
                 st.t_comm += time.perf_counter() - t0
             assert new is not None
             return new
@@ -282,12 +313,12 @@ class HierarchicalAggregator:
             st.t_comm += time.perf_counter() - t0
         assert msg is not None
         t0 = time.perf_counter()
-        out = v.copy()
+        out = self.vectors.copy(v)
         codec.decode_add(msg, np.float32(1), out)
         st.t_codec += time.perf_counter() - t0
         return out
 
-    def _aggregate(self, n: int, u: int, v: np.ndarray | None, broadcast: bool) -> np.ndarray | None:
+    def _aggregate(self, n: int, u: int, v: Vec | None, broadcast: bool) -> Vec | None:
         """One aggregation of node ``u`` (layer ``n``) from its current model ``v``."""
         layout, rank, st = self.layout, self.rank, self.stats
         L = self.msg_len[n - 1]
@@ -300,7 +331,7 @@ class HierarchicalAggregator:
         if len(chosen) == 0:  # nobody takes part: the node keeps its model, nothing moves
             return v
         remote: list[tuple[np.ndarray, MPI.Request]] = []
-        acc = np.zeros(self.dim, dtype=np.float32) if leads_u else None
+        acc = self.vectors.zeros(self.dim) if leads_u else None
         weights = dict(zip((first_kid + chosen).tolist(), self.weights(n, u, chosen))) if leads_u else {}
         if leads_u and leaders is not None:  # posted first: the other ranks' messages arrive while we work
             assert lc is not None and lc.leader_counts is not None  # set for every member of ``leaders``
@@ -331,7 +362,7 @@ class HierarchicalAggregator:
         new = None
         if acc is not None:
             assert v is not None
-            codec = self.codecs[n - 1]
+            codec = self._up[n - 1]
             senders = [c for c in (first_kid + chosen).tolist() if layout.leader(n - 1, c) != rank]
             for c, (msg, req) in zip(senders, remote):  # the others' children, in child order
                 t0 = time.perf_counter()

@@ -3,6 +3,7 @@ rank's node-local index).  Collective over the communicator it is given."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 import torch
@@ -42,4 +43,19 @@ def select_device(comm: MPI.Intracomm, requested: str, share_gpus: bool) -> torc
         log.info("device placement: %s", ", ".join(f"rank {r}@{h}: {d}" for r, h, d, _ in mapping))
     if problem is not None:
         raise PlacementError(problem)
+    if device.type == "cuda":
+        deterministic_cuda()
     return device
+
+
+def deterministic_cuda() -> None:
+    """Make a GPU rank's arithmetic a function of its inputs alone, so that a device's training gives
+    the same bits on whichever rank (and GPU of the same kind) hosts it: deterministic cuDNN and
+    cuBLAS kernels (``CUBLAS_WORKSPACE_CONFIG``, read when the first cuBLAS handle is made), no
+    autotuning, and true float32 (no TF32) in matrix products and convolutions.  Not collective."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.use_deterministic_algorithms(True)

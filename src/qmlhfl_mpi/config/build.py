@@ -11,8 +11,10 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
+from ..accel import TorchVectors
 from ..core.codecs import Codec, link_codecs, make_codec
 from ..core.links import LinkOptions
 from ..core.participation import Participation
@@ -21,6 +23,7 @@ from ..core.schedule import LRSchedule
 from ..core.server_opt import ServerOptimizer, make_server_optimizer
 from ..core.theory import LatencyModel
 from ..core.topology import Tree
+from ..core.vectors import HostVectors, Vectors
 from ..data.local import (
     LocalData,
     generated_local_data,
@@ -34,7 +37,8 @@ from ..learning.train import ClientOptimizer
 from .schema import Config, server_betas
 
 __all__ = ["client_optimizer", "codecs", "data_seed", "data_spec", "downlink_codecs", "latency", "link_options",
-           "local_data", "lr_schedule", "model", "model_dim", "participation", "server_optimizers", "tensor_sizes"]
+           "local_data", "lr_schedule", "model", "model_dim", "participation", "server_optimizers", "tensor_sizes",
+           "vectors"]
 
 
 def tensor_sizes(cfg: Config) -> tuple[int, ...] | None:
@@ -106,6 +110,16 @@ def error_feedback_warnings(error_feedback: tuple[bool, ...], codecs: list[Codec
                        "the run diverge; quantize the link more finely (more levels, smaller buckets), use topk or "
                        "sign, or switch error feedback off there")
     return out
+
+
+def vectors(aggregate_on: str, device: torch.device) -> Vectors:
+    """The aggregation's vector backend for ``train.aggregate_on`` on the training ``device``: ``host``
+    (numpy), ``device`` (torch tensors on ``device``, a CPU included), ``auto`` (device on a GPU)."""
+    if aggregate_on == "device" or (aggregate_on == "auto" and device.type != "cpu"):
+        return TorchVectors(device)
+    if aggregate_on not in ("auto", "host"):
+        raise ValueError(f"train.aggregate_on = {aggregate_on!r}: expected auto, host or device")
+    return HostVectors()
 
 
 def client_optimizer(cfg: Config) -> ClientOptimizer:

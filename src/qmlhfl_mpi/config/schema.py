@@ -110,6 +110,10 @@ class TrainConfig:
     eval_every: int = fld(1, lo=1, doc="evaluate the cloud model every k rounds (and after the last)")
     threads: int = fld(0, lo=0, doc="torch threads per rank; 0 = SLURM_CPUS_PER_TASK or 1")
     device: str = fld("cpu", choices=("auto", "cpu", "cuda"), doc="where ranks train; auto = cuda if present")
+    aggregate_on: str = fld("auto", choices=("auto", "host", "device"),
+                            doc="where the aggregation's vectors and codecs live: host (numpy, compiled kernels) or "
+                                "device (torch tensors on train.device: only packed messages reach the host); auto = "
+                                "device on a GPU, host on the CPU. The same bits either way")
     vectorize: str = fld("auto", choices=("auto", "on", "off"),
                          doc="train a rank's devices of one edge together (torch.func.vmap); auto: models under 60 k "
                              "parameters without dropout")

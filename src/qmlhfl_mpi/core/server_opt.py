@@ -16,6 +16,14 @@ the same bits.
 State starts at zero (``m = 0``, ``s = 0``); ``eps`` plays the role of
 Reddi et al.'s ``tau`` (the adaptivity floor), default 1e-3.
 
+The vectors are those of the aggregator's backend (:mod:`.vectors`): numpy
+arrays, or torch tensors on the training device.  The rules are written for
+both: element-wise operators with the vector on the left and the
+coefficients as Python floats already rounded to float32 (numpy and torch
+both apply such a scalar in float32), and :func:`sqrt` / :func:`sign`, which
+give the same bits for either kind (this module imports no torch: tensors are
+recognised by their methods).
+
 To add one: a :class:`ServerOptimizer` subclass and a factory
 ``f(lr=, momentum=, betas=, eps=) -> ServerOptimizer`` (keywords it may
 leave to their defaults) registered in
@@ -26,6 +34,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +50,26 @@ SERVER_OPTIMIZERS.register("adam", "qmlhfl_mpi.core.server_opt:Adam",
                            "FedAdam: v + lr m / (sqrt(s) + eps) (server.lr, server.betas, server.eps)")
 SERVER_OPTIMIZERS.register("yogi", "qmlhfl_mpi.core.server_opt:Yogi",
                            "FedYogi: FedAdam with Yogi's additive second moment (server.lr, server.betas, server.eps)")
+
+
+def f32(x: float) -> float:
+    """``x`` rounded to float32, as a Python float: applied in float32 by numpy and torch alike."""
+    return float(np.float32(x))
+
+
+def sqrt(x: Any) -> Any:
+    """The correctly rounded float32 square root of a numpy array or a torch tensor (torch's vectorised
+    CPU ``sqrt`` is not correctly rounded: the tensor's float64 root is rounded to float32, which is)."""
+    if isinstance(x, np.ndarray):
+        return np.sqrt(x)
+    return x.double().sqrt().float()
+
+
+def sign(x: Any) -> Any:
+    """``-1, 0, +1`` per element, ``nan`` for ``nan`` (numpy's rule; torch's ``sign`` gives 0 for nan)."""
+    if isinstance(x, np.ndarray):
+        return np.sign(x)
+    return x.sign().where(~x.isnan(), x)
 
 
 class ServerOptimizer(ABC):
@@ -100,9 +129,9 @@ class Momentum(ServerOptimizer):
 
     def apply(self, v: np.ndarray, g: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
         m = state["m"]
-        m *= np.float32(self.momentum)
+        m *= f32(self.momentum)
         m += g
-        return v + np.float32(self.lr) * m
+        return v + m * f32(self.lr)
 
 
 @dataclass(frozen=True)
@@ -129,16 +158,16 @@ class Adam(ServerOptimizer):
 
     def _second(self, s: np.ndarray, g2: np.ndarray) -> None:
         b2 = np.float32(self.betas[1])
-        s *= b2
-        s += (np.float32(1) - b2) * g2
+        s *= float(b2)
+        s += g2 * float(np.float32(1) - b2)
 
     def apply(self, v: np.ndarray, g: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
         m, s = state["m"], state["s"]
         b1 = np.float32(self.betas[0])
-        m *= b1
-        m += (np.float32(1) - b1) * g
+        m *= float(b1)
+        m += g * float(np.float32(1) - b1)
         self._second(s, g * g)
-        return v + np.float32(self.lr) * m / (np.sqrt(s) + np.float32(self.eps))
+        return v + (m * f32(self.lr)) / (sqrt(s) + f32(self.eps))
 
 
 @dataclass(frozen=True)
@@ -146,7 +175,7 @@ class Yogi(Adam):
     kind = "yogi"
 
     def _second(self, s: np.ndarray, g2: np.ndarray) -> None:
-        s -= (np.float32(1) - np.float32(self.betas[1])) * g2 * np.sign(s - g2)
+        s -= (g2 * float(np.float32(1) - np.float32(self.betas[1]))) * sign(s - g2)
 
 
 def make_server_optimizer(kind: str, **params: float | Sequence[float]) -> ServerOptimizer:

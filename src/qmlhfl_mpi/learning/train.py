@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,8 +129,16 @@ class LocalTrainer:
     def get_vector(self) -> np.ndarray:
         return self.flat.cpu().numpy().copy()
 
-    def set_vector(self, v: np.ndarray) -> None:
-        self.flat.copy_(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)))
+    def set_vector(self, v: np.ndarray | torch.Tensor) -> None:
+        """Load the flat vector ``v``: a host array, or a tensor (on the trainer's device: no host copy)."""
+        if isinstance(v, torch.Tensor):
+            self.flat.copy_(v.reshape(-1))
+        else:
+            self.flat.copy_(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)))
+
+    def result(self, like: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """The current vector as the kind of ``like``: a host copy, or a tensor copy on the device."""
+        return self.flat.clone() if isinstance(like, torch.Tensor) else self.get_vector()
 
     def _batches(self, n: int, steps: int, g: np.random.Generator) -> np.ndarray:
         """Indices for ``steps`` minibatches: consecutive slices of fresh permutations."""
@@ -138,10 +147,11 @@ class LocalTrainer:
         perms = [g.permutation(n) for _ in range(-(-need // n))]
         return np.concatenate(perms)[:need].reshape(steps, b)
 
-    def train(self, v: np.ndarray, x: torch.Tensor, y: torch.Tensor, steps: int,
-              device: int, round_: int, call: int) -> tuple[np.ndarray, float]:
+    def train(self, v: np.ndarray | torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int,
+              device: int, round_: int, call: int) -> tuple[Any, float]:
         """``steps`` SGD steps from ``v`` on ``(x, y)`` at the learning rate of round ``round_``;
-        returns (new vector, sum of step losses).
+        returns (new vector, sum of step losses).  The new vector is of ``v``'s kind: a host array
+        for an array, a tensor on the trainer's device for a tensor (the aggregator's backend).
 
         Minibatches come from the stream ``(seed, BATCH, device, round, call)``.
         Randomness inside the model's forward (dropout) comes from torch's
@@ -163,7 +173,7 @@ class LocalTrainer:
                 loss_sum = self._steps(x, y, idx, steps, lr)
             else:
                 loss_sum = self._steps_opt(x, y, idx, steps, lr)
-        return self.get_vector(), loss_sum
+        return self.result(v), loss_sum
 
     def _steps(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, steps: int, lr: float) -> float:
         """Plain SGD: ``w -= lr * grad``, one ``_foreach_add_`` per step."""
@@ -212,7 +222,7 @@ class LocalTrainer:
         return loss_sum
 
     @torch.no_grad()
-    def evaluate(self, v: np.ndarray, x: torch.Tensor, y: torch.Tensor,
+    def evaluate(self, v: np.ndarray | torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                  chunks: Sequence[tuple[int, int, int]], num_chunks: int, batch: int = 2048) -> np.ndarray:
         """Model ``v`` on the test chunks ``(chunk id, start, stop)`` of ``(x, y)``:
         a ``(num_chunks, 3)`` array of (sum of losses, correct predictions, samples),

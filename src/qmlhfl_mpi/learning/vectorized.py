@@ -36,6 +36,7 @@ vector as ``w0``.  With all options off the step is today's
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,12 +86,12 @@ class VectorTrainer:
 
         self._step = vmap(grad_and_value(loss_one))
 
-    def train_many(self, v: np.ndarray, data: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int,
+    def train_many(self, v: np.ndarray | torch.Tensor, data: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int,
                    devices: Sequence[int], round_: int, calls: Sequence[int], group: range
-                   ) -> list[tuple[np.ndarray, float]]:
+                   ) -> list[tuple[Any, float]]:
         """``steps`` SGD steps from ``v`` for every device ``devices[k]`` (all in ``group``, the
         devices of one layer-1 node) on ``data[k]``; returns ``(new vector, sum of step losses)``
-        per device, in order.
+        per device, in order, the vectors of ``v``'s kind (host arrays, or tensors on the device).
 
         Batches are laid out by the tree, not by the rank: device ``d`` always sits in slot
         ``(d - group.start) % CHUNK`` of batch ``(d - group.start) // CHUNK``, whose size is
@@ -99,14 +100,16 @@ class VectorTrainer:
         samples than the batch size train on the unbatched path.
         """
         base = self.base
-        out: list[tuple[np.ndarray, float] | None] = [None] * len(devices)
+        out: list[tuple[Any, float] | None] = [None] * len(devices)
         chunks: dict[int, list[int]] = {}
         for k, ((x, y), dev) in enumerate(zip(data, devices)):
             if len(y) < base.batch_size:
                 out[k] = base.train(v, x, y, steps, dev, round_, calls[k])
             else:
                 chunks.setdefault((dev - group.start) // CHUNK, []).append(k)
-        start = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(base.device)
+        on_device = isinstance(v, torch.Tensor)
+        start = (v.reshape(-1) if isinstance(v, torch.Tensor)
+                 else torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))).to(base.device)
         lr = base.lr_at(round_)
         for c, members in chunks.items():
             first = group.start + c * CHUNK
@@ -117,15 +120,15 @@ class VectorTrainer:
                 ix = torch.from_numpy(base._batches(len(y), steps, rng.stream(base.seed, rng.BATCH, devices[k],
                                                                                 round_, calls[k])))
                 slots[devices[k] - first] = (x[ix.to(x.device)], y[ix.to(y.device)])
-            results = self._train_slots(start, slots, steps, lr)
+            results = self._train_slots(start, slots, steps, lr, on_device)
             for k in members:
                 out[k] = results[devices[k] - first]
         return [r for r in out if r is not None]
 
     def _train_slots(self, start: torch.Tensor, slots: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
-                     steps: int, lr: float) -> list[tuple[np.ndarray, float]]:
+                     steps: int, lr: float, on_device: bool = False) -> list[tuple[Any, float]]:
         """One batched run at learning rate ``lr``; ``slots[g]`` holds the ``(steps, b, ...)`` minibatches
-        of slot ``g`` or ``None``."""
+        of slot ``g`` or ``None``.  The vectors come back as host arrays, or as tensors (``on_device``)."""
         base, G = self.base, len(slots)
         real = next(s for s in slots if s is not None)
         dummy = (torch.zeros_like(real[0]), torch.zeros_like(real[1]))
@@ -147,8 +150,11 @@ class VectorTrainer:
                     sums[k] += value
         else:
             self._steps_opt(params, xs, ys, steps, lr, sums)
-        flat = torch.cat([params[n].reshape(G, -1) for n in self.names], dim=1).detach().cpu().numpy()
-        return [(flat[k].copy(), sums[k]) for k in range(G)]
+        flat = torch.cat([params[n].reshape(G, -1) for n in self.names], dim=1).detach()
+        if on_device:
+            return [(flat[k].clone(), sums[k]) for k in range(G)]
+        host = flat.cpu().numpy()
+        return [(host[k].copy(), sums[k]) for k in range(G)]
 
     def _steps_opt(self, params: dict[str, torch.Tensor], xs: torch.Tensor, ys: torch.Tensor, steps: int, lr: float,
                    sums: list[float]) -> None:

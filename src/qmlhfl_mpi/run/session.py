@@ -140,7 +140,7 @@ class Session:
         self._comms = build_layer_comms(self.comm, self.layout)
         tau = cfg.tau[0]
 
-        def train_fn(v: np.ndarray, dev: int, round_: int, call: int) -> tuple[np.ndarray, float, int]:
+        def train_fn(v: Any, dev: int, round_: int, call: int) -> tuple[Any, float, int]:
             x, y = self.data.train[dev]
             out, loss_sum = self.trainer.train(v, x, y, tau, dev, round_, call)
             return out, loss_sum, tau
@@ -151,15 +151,16 @@ class Session:
         if self.vectorized:
             batched = VectorTrainer(self.trainer)
 
-            def many_fn(v: np.ndarray, devs: Sequence[int], round_: int, calls: Sequence[int], group: range
-                        ) -> list[tuple[np.ndarray, float, int]]:
+            def many_fn(v: Any, devs: Sequence[int], round_: int, calls: Sequence[int], group: range
+                        ) -> list[tuple[Any, float, int]]:
                 res = batched.train_many(v, [self.data.train[d] for d in devs], tau, devs, round_, calls, group)
                 return [(x, loss, tau) for x, loss in res]
 
         samples = self.data.samples if cfg.topology.weighting == "samples" else None
+        self.vectors = edge.vectors(cfg.train.aggregate_on, self.device)
         self.aggregator = HierarchicalAggregator(self.layout, self.rank, self._comms, self.codecs, cfg.tau,
                                                  self.num_params, cfg.train.seed, train_fn, samples, many_fn,
-                                                 self.link_options)
+                                                 self.link_options, self.vectors)
         self.modelled_round_time = round_time(self.num_params, cfg.tau, self.codecs, self.tree, edge.latency(cfg))
         self._ran = False
         self._lock = OutputLock(cfg.output.path)
@@ -345,6 +346,7 @@ class Session:
             "torch_version": torch.__version__, "numpy_version": np.__version__,
             "num_params": self.num_params, "N": self.tree.N,
             "threads_per_rank": threads_per_rank(self.config.train.threads),
+            "train_device": str(self.device), "aggregation": self.vectors.name,
         }
 
     def _open_results(self, results: ResultsFile, overwrite: bool) -> None:
@@ -456,6 +458,11 @@ class Session:
             for warning in edge.error_feedback_warnings(self.link_options.error_feedback, self.codecs,
                                                         self.num_params):
                 log.warning("%s", warning)
+            if self.vectors.name != "host":
+                slow = self.aggregator.links_through_host()
+                log.info("aggregation on %s%s", self.vectors.name,
+                         f"; through the host (no device form, d floats per message): {', '.join(slow)}" if slow else
+                         ": only packed messages reach the host")
         callbacks = self._agree(self.config_callbacks, (PluginError, RunError)) + callbacks
         results = ResultsFile(cfg.output.path)
         ckpt = Checkpointer(cfg.output.path, cfg.output.checkpoint_every, cfg.to_yaml())

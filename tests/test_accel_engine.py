@@ -1,0 +1,92 @@
+"""``train.aggregate_on: device`` end to end under real ``mpiexec``, on CPU tensors (the arithmetic a
+GPU run does, on the CPU): the same final models as the independent serial reference, bit for bit
+the host backend's models and metrics on any rank count, exact resume after a killed rank, and
+batched training on the device path."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from fault_plugin import spec as fault
+from helpers import run_cli, small_config
+from qmlhfl_mpi import config
+from qmlhfl_mpi.config import build
+from test_options_engine import CASES, EVERYTHING, METRICS, final_model, read_all, reference_for, run_ok
+
+DEVICE = "train.aggregate_on=device"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_device_aggregation_matches_the_serial_reference(tmp_path, case):
+    sections = dict(CASES[case])
+    sections["train"] = {"rounds": 3, "vectorize": "off", "aggregate_on": "device", **sections.get("train", {})}
+    path = small_config(tmp_path, **sections)
+    raw = yaml.safe_load(path.read_text())
+    cfg = config.load(path)
+    tree = cfg.build_tree()
+    run_ok(min(2, tree.num_devices), path)
+    data = build.local_data(cfg, tree, range(tree.num_devices), 0, 1)
+    model = build.model(cfg, data.input_shape, data.num_classes)
+    expected = reference_for(cfg, raw, data, model).run(cfg.train.rounds)
+    with h5py.File(cfg.output.path) as f:
+        assert f.attrs["aggregation"] == "torch:cpu" and f.attrs["train_device"] == "cpu"
+    got = final_model(cfg.output.path)
+    assert np.isfinite(expected).all()
+    assert np.array_equal(got, expected), f"max abs diff {np.abs(got - expected).max()}"
+
+
+def test_device_aggregation_equals_the_host_on_any_rank_count_and_resumes_exactly(tmp_path):
+    cfg = small_config(tmp_path, **EVERYTHING)
+    host = tmp_path / "host.h5"
+    proc = run_ok(2, cfg, "--set", f"output.path={host}", "--set", "train.aggregate_on=host")
+    model_h, metrics_h = read_all(host)
+    with h5py.File(host) as f:
+        assert f.attrs["aggregation"] == "host"
+    for n in (1, 3):
+        out = tmp_path / f"dev{n}.h5"
+        proc = run_ok(n, cfg, "--set", f"output.path={out}", "--set", DEVICE, "--log-level", "INFO")
+        model, metrics = read_all(out)
+        assert np.array_equal(model, model_h), f"device aggregation on {n} ranks differs from the host's"
+        for k in METRICS:  # bytes and messages included: the same messages of the same lengths
+            assert np.array_equal(metrics[k], metrics_h[k]), (k, n)
+    # rank 0 says where the aggregation runs and which link goes through the host (top-k has no device form)
+    assert "aggregation on torch:cpu; through the host" in proc.stderr and "uplink 1 (topk" in proc.stderr
+    # a rank dies after round 3's checkpoint (residuals and server state on the device); resume on 2 ranks
+    out = tmp_path / "killed.h5"
+    proc, _ = run_cli(3, ["run", str(cfg), "--quiet", "--set", f"output.path={out}", "--set", DEVICE, "--set",
+                          fault("kill", rank=1, round=3)], timeout=120)
+    assert proc.returncode != 0
+    ck = Path(str(out) + ".ckpt")
+    deadline = time.monotonic() + 10
+    while not ck.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with h5py.File(ck) as f:
+        assert int(f.attrs["rounds_done"]) == 3
+        state = sorted(f["state"])
+    assert any(k.startswith("server.") for k in state) and any(k.startswith("residual.") for k in state), state
+    run_ok(2, cfg, "--set", f"output.path={out}", "--set", DEVICE, "--resume")
+    model, metrics = read_all(out)
+    assert np.array_equal(model, model_h)
+    for k in METRICS:
+        assert np.array_equal(metrics[k], metrics_h[k]), k
+
+
+def test_batched_training_on_the_device_path_is_rank_invariant_and_equals_the_host(tmp_path):
+    sections = dict(topology={"tree": [[5, 3], [4]]}, tau=[3, 2, 1],
+                    quantizer={"levels": [8, 8, 16], "bucket": 16, "error_feedback": [True, False, False],
+                               "downlink": [0, 0, 8]},
+                    server={"optimizer": ["avg", "momentum", "avg"]},
+                    train={"rounds": 3, "vectorize": "on", "momentum": 0.9})
+    cfg = small_config(tmp_path, **sections)
+    models = {}
+    for n, backend in ((1, "device"), (3, "device"), (2, "host")):
+        out = tmp_path / f"{backend}{n}.h5"
+        run_ok(n, cfg, "--set", f"output.path={out}", "--set", f"train.aggregate_on={backend}")
+        models[(n, backend)] = final_model(out)
+    assert np.array_equal(models[(1, "device")], models[(3, "device")])
+    assert np.array_equal(models[(1, "device")], models[(2, "host")])
