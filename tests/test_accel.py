@@ -4,6 +4,10 @@ tail and non-finite input; the host path for codecs with no device form; the ser
 on tensors; and the torch vector backend's mapping of codecs."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +161,25 @@ def test_sqrt_and_sign_are_the_same_on_arrays_and_tensors():
     assert np.array_equal(sqrt(T(x)).numpy(), sqrt(x))
     y = np.array([np.nan, -0.0, 0.0, -2, 3, np.inf, -np.inf], np.float32)
     assert np.array_equal(sign(T(y)).numpy(), sign(y), equal_nan=True)
+
+
+def test_gpu_ranks_ask_for_deterministic_kernels():
+    """What a GPU rank sets (run in a fresh interpreter: the switches are process-wide); the CNN still
+    trains under them on the CPU."""
+    code = """
+import os, torch
+from qmlhfl_mpi.comm.placement import deterministic_cuda
+from qmlhfl_mpi.learning.models import build_model
+deterministic_cuda()
+assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+model = build_model("cnn", (1, 28, 28), 10, seed=0)
+loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 2, 3]))
+loss.backward()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

@@ -21,6 +21,7 @@ FAST = 20  # seconds: start-up of two Python ranks plus the check, with margin o
      "2 MPI ranks cannot host a tree of 1 devices"),
     ({"data": {"name": "fashion-mnist", "root": "/nonexistent/fmnist"}, "model": {"name": "mlp"}},
      "/nonexistent/fmnist"),
+    ({"train": {"aggregate_on": "gpu"}}, "'train.aggregate_on' = 'gpu': expected one of 'auto', 'host', 'device'"),
     pytest.param({"train": {"device": "cuda"}}, "no GPU is visible", id="cuda-without-gpu",
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")),
 ])

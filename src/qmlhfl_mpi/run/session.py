@@ -102,7 +102,8 @@ class Session:
 
     Attributes callbacks may read: ``comm``, ``rank``, ``size``, ``config``,
     ``tree``, ``layout``, ``devices`` (this rank's), ``codecs``, ``data``,
-    ``model``, ``trainer``, ``aggregator``, ``num_params``, ``rounds``,
+    ``model``, ``trainer``, ``aggregator``, ``device``, ``vectors`` (the aggregation's
+    backend), ``num_params``, ``rounds``,
     ``start_round``, ``round`` (the last finished round, -1 before the first)
     and ``model_vector`` (the cloud model after it).
     """
