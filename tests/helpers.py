@@ -76,3 +76,24 @@ def small_config(tmp_path: Path, name: str = "cfg.yaml", **sections: Any) -> Pat
     p = tmp_path / name
     p.write_text(yaml.safe_dump(cfg))
     return p
+
+
+def killed_run(n: int, cfg: Path, out: Path, *sets: str, rank: int = 1, round_: int = 3) -> list[str]:
+    """Run ``cfg`` on ``n`` ranks into ``out`` (with ``--set`` ``sets``), rank ``rank`` SIGKILLed after
+    round ``round_``'s checkpoint; returns the checkpoint's state entry names (it holds ``round_`` rounds)."""
+    import h5py
+
+    from fault_plugin import spec as fault
+
+    args = ["run", str(cfg), "--quiet", "--set", f"output.path={out}"]
+    for s in sets:
+        args += ["--set", s]
+    proc, _ = run_cli(n, [*args, "--set", fault("kill", rank=rank, round=round_)], timeout=120)
+    assert proc.returncode != 0, "the killed run ended normally"
+    ck = Path(str(out) + ".ckpt")
+    deadline = time.monotonic() + 10
+    while not ck.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with h5py.File(ck) as f:
+        assert int(f.attrs["rounds_done"]) == round_
+        return sorted(f["state"])

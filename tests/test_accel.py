@@ -23,22 +23,9 @@ from qmlhfl_mpi.core.codecs.qsgd import QSGDCodec, decode_add_reference, encode_
 from qmlhfl_mpi.core.codecs.stream import uniforms as host_uniforms
 from qmlhfl_mpi.core.server_opt import make_server_optimizer, sign, sqrt
 from qmlhfl_mpi.core.vectors import HostVectors, through_host
+from test_codec_kernels import LENGTHS, LEVELS, _pair
 
-LEVELS = sorted({s for b in range(1, 16) for s in (2 ** (b - 1), 2**b - 1)})  # code widths 2..16
-LENGTHS = [0, 1, 5, 1000, 100003]
 T = torch.from_numpy
-
-
-def _pair(d, seed, kind="normal"):
-    g = np.random.default_rng(seed)
-    child = g.standard_normal(d).astype(np.float32)
-    parent = g.standard_normal(d).astype(np.float32)
-    if kind == "nonfinite" and d:
-        for k, v in zip(g.choice(d, min(d, 7), replace=False), [np.inf, -np.inf, np.nan, np.inf, np.nan, -np.inf, 1e38]):
-            child[k] = v
-    if kind == "zeros":
-        child = parent.copy()
-    return child, parent
 
 
 @pytest.mark.parametrize("s", LEVELS)

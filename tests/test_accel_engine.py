@@ -4,16 +4,12 @@ the host backend's models and metrics on any rank count, exact resume after a ki
 batched training on the device path."""
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import h5py
 import numpy as np
 import pytest
 import yaml
 
-from fault_plugin import spec as fault
-from helpers import run_cli, small_config
+from helpers import killed_run, small_config
 from qmlhfl_mpi import config
 from qmlhfl_mpi.config import build
 from test_options_engine import CASES, EVERYTHING, METRICS, final_model, read_all, reference_for, run_ok
@@ -58,16 +54,7 @@ def test_device_aggregation_equals_the_host_on_any_rank_count_and_resumes_exactl
     assert "aggregation on torch:cpu; through the host" in proc.stderr and "uplink 1 (topk" in proc.stderr
     # a rank dies after round 3's checkpoint (residuals and server state on the device); resume on 2 ranks
     out = tmp_path / "killed.h5"
-    proc, _ = run_cli(3, ["run", str(cfg), "--quiet", "--set", f"output.path={out}", "--set", DEVICE, "--set",
-                          fault("kill", rank=1, round=3)], timeout=120)
-    assert proc.returncode != 0
-    ck = Path(str(out) + ".ckpt")
-    deadline = time.monotonic() + 10
-    while not ck.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    with h5py.File(ck) as f:
-        assert int(f.attrs["rounds_done"]) == 3
-        state = sorted(f["state"])
+    state = killed_run(3, cfg, out, DEVICE)
     assert any(k.startswith("server.") for k in state) and any(k.startswith("residual.") for k in state), state
     run_ok(2, cfg, "--set", f"output.path={out}", "--set", DEVICE, "--resume")
     model, metrics = read_all(out)

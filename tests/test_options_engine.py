@@ -5,16 +5,13 @@ exact resume, and the per-link byte and message counts."""
 from __future__ import annotations
 
 import math
-import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import yaml
 
-from fault_plugin import spec as fault
-from helpers import run_cli, small_config
+from helpers import killed_run, run_cli, small_config
 from qmlhfl_mpi import config
 from qmlhfl_mpi.config import build
 from qmlhfl_mpi.config.schema import server_betas
@@ -136,16 +133,7 @@ def test_everything_on_is_rank_invariant_and_resumes_exactly(tmp_path):
             assert np.array_equal(metrics1[k], runs[n][1][k]), (k, n)
     # a rank dies after round 3's checkpoint; resume on 3 ranks ends bit-identical (server state, residuals)
     out = tmp_path / "killed.h5"
-    proc, _ = run_cli(2, ["run", str(cfg), "--quiet", "--set", f"output.path={out}", "--set",
-                          fault("kill", rank=1, round=3)], timeout=120)
-    assert proc.returncode != 0
-    ck = Path(str(out) + ".ckpt")
-    deadline = time.monotonic() + 10
-    while not ck.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    with h5py.File(ck) as f:
-        assert int(f.attrs["rounds_done"]) == 3
-        state = sorted(f["state"])
+    state = killed_run(2, cfg, out)
     assert any(k.startswith("server.1.") for k in state) and any(k.startswith("server.3.") for k in state), state
     assert any(k.startswith("residual.1.") for k in state) and any(k.startswith("residual.2.") for k in state), state
     run_ok(3, cfg, "--set", f"output.path={out}", "--resume")
