@@ -1,39 +1,16 @@
 """``train.aggregate_on: device`` end to end under real ``mpiexec``, on CPU tensors (the arithmetic a
-GPU run does, on the CPU): the same final models as the independent serial reference, bit for bit
-the host backend's models and metrics on any rank count, exact resume after a killed rank, and
-batched training on the device path."""
+GPU run does, on the CPU): bit for bit the host backend's models and metrics on any rank count, exact
+resume after a killed rank, and batched training on the device path.  (Against the independent serial
+reference: ``test_options_engine.py::test_engine_matches_serial_reference_with_options``.)"""
 from __future__ import annotations
 
 import h5py
 import numpy as np
-import pytest
-import yaml
 
 from helpers import killed_run, small_config
-from qmlhfl_mpi import config
-from qmlhfl_mpi.config import build
-from test_options_engine import CASES, EVERYTHING, METRICS, final_model, read_all, reference_for, run_ok
+from test_options_engine import EVERYTHING, METRICS, final_model, read_all, run_ok
 
 DEVICE = "train.aggregate_on=device"
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_device_aggregation_matches_the_serial_reference(tmp_path, case):
-    sections = dict(CASES[case])
-    sections["train"] = {"rounds": 3, "vectorize": "off", "aggregate_on": "device", **sections.get("train", {})}
-    path = small_config(tmp_path, **sections)
-    raw = yaml.safe_load(path.read_text())
-    cfg = config.load(path)
-    tree = cfg.build_tree()
-    run_ok(min(2, tree.num_devices), path)
-    data = build.local_data(cfg, tree, range(tree.num_devices), 0, 1)
-    model = build.model(cfg, data.input_shape, data.num_classes)
-    expected = reference_for(cfg, raw, data, model).run(cfg.train.rounds)
-    with h5py.File(cfg.output.path) as f:
-        assert f.attrs["aggregation"] == "torch:cpu" and f.attrs["train_device"] == "cpu"
-    got = final_model(cfg.output.path)
-    assert np.isfinite(expected).all()
-    assert np.array_equal(got, expected), f"max abs diff {np.abs(got - expected).max()}"
 
 
 def test_device_aggregation_equals_the_host_on_any_rank_count_and_resumes_exactly(tmp_path):

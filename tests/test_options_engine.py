@@ -85,18 +85,24 @@ def reference_for(cfg, raw, data, model):
         fractions=list(q.topk_fraction) or None)
 
 
+@pytest.mark.parametrize("backend,ranks", [("host", 3), ("device", 2)])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_engine_matches_serial_reference_with_options(tmp_path, case):
+def test_engine_matches_serial_reference_with_options(tmp_path, case, backend, ranks):
+    """Host aggregation, and device aggregation (``train.aggregate_on: device``: torch tensors, here on
+    the CPU), against the serial reference."""
     sections = dict(CASES[case])
-    sections["train"] = {"rounds": 3, "vectorize": "off", **sections.get("train", {})}
+    sections["train"] = {"rounds": 3, "vectorize": "off", "aggregate_on": backend, **sections.get("train", {})}
     path = small_config(tmp_path, **sections)
     raw = yaml.safe_load(path.read_text())
     cfg = config.load(path)
     tree = cfg.build_tree()
-    run_ok(min(3, tree.num_devices), path)
+    run_ok(min(ranks, tree.num_devices), path)
     data = build.local_data(cfg, tree, range(tree.num_devices), 0, 1)
     model = build.model(cfg, data.input_shape, data.num_classes)
     expected = reference_for(cfg, raw, data, model).run(cfg.train.rounds)
+    with h5py.File(cfg.output.path) as f:
+        assert f.attrs["aggregation"] == {"host": "host", "device": "torch:cpu"}[backend]
+        assert f.attrs["train_device"] == "cpu"
     got = final_model(cfg.output.path)
     assert np.isfinite(expected).all()
     assert np.array_equal(got, expected), f"max abs diff {np.abs(got - expected).max()}"

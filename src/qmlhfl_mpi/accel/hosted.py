@@ -52,9 +52,7 @@ class HostedCodec:
         return torch.from_numpy(np.ascontiguousarray(self.host.decode(buf, d), dtype=np.float32)).to(self.device)
 
     def _add(self, dec: np.ndarray, a: np.float32, acc: torch.Tensor) -> None:
-        dec = np.array(dec, dtype=np.float32)
-        dec *= np.float32(a)
-        acc += torch.from_numpy(dec).to(self.device)
+        acc += torch.from_numpy(np.asarray(dec, dtype=np.float32) * np.float32(a)).to(self.device)
 
     def decode_add(self, buf: np.ndarray, a: np.float32, acc: torch.Tensor) -> None:
         self._add(self.host.decode(buf, acc.numel()), a, acc)

@@ -26,7 +26,7 @@ class TorchIdentity:
 
     def encode(self, child: torch.Tensor, parent: torch.Tensor, key: StreamKey) -> np.ndarray:
         diff = child.reshape(-1) - parent.reshape(-1)
-        return diff.cpu().numpy().astype("<f4", copy=False).view(np.uint8).reshape(-1).copy()
+        return diff.cpu().numpy().astype("<f4", copy=False).view(np.uint8).reshape(-1)  # a fresh array
 
     def decode(self, buf: np.ndarray, d: int) -> torch.Tensor:
         return torch.from_numpy(self.host.decode(buf, d)).to(self.device)

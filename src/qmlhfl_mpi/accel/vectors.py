@@ -8,7 +8,6 @@ plug-in codec a device form, register its class here the same way.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -24,22 +23,8 @@ from .qsgd import TorchQSGD
 
 __all__ = ["DEVICE_CODECS", "TorchVectors"]
 
-log = logging.getLogger(__name__)
-
-DeviceCodecFactory = Callable[[Codec, torch.device], LinkCodec]
-
-
-def _qsgd(codec: Codec, device: torch.device) -> LinkCodec:
-    assert isinstance(codec, QSGDCodec)
-    return TorchQSGD(codec, device)
-
-
-def _identity(codec: Codec, device: torch.device) -> LinkCodec:
-    assert isinstance(codec, IdentityCodec)
-    return TorchIdentity(codec, device)
-
-
-DEVICE_CODECS: dict[type, DeviceCodecFactory] = {QSGDCodec: _qsgd, IdentityCodec: _identity}
+# codec class -> f(codec of that class, device) -> its device form
+DEVICE_CODECS: dict[type, Callable[..., LinkCodec]] = {QSGDCodec: TorchQSGD, IdentityCodec: TorchIdentity}
 
 
 class TorchVectors:

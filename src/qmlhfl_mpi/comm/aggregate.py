@@ -214,7 +214,7 @@ class HierarchicalAggregator:
         self._calls.clear()
         self._agg_calls.clear()
         self.stats = RoundStats(self.tree.N, self.tree.num_devices)
-        out = self._aggregate(self.tree.N, 0, self.vectors.from_host(np.asarray(w, dtype=np.float32)), broadcast=True)
+        out = self._aggregate(self.tree.N, 0, self.vectors.from_host(w), broadcast=True)
         assert out is not None
         return self.vectors.to_host(out)
 
