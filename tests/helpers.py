@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import subprocess
@@ -29,6 +30,28 @@ def mpiexec_path() -> str:
     return found
 
 
+@functools.cache
+def mpi_flavour(launcher: str) -> str:
+    """``openmpi`` or ``mpich`` (Hydra), from the launcher's ``--version``."""
+    out = subprocess.run([launcher, "--version"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    text = out.stdout + out.stderr
+    return "openmpi" if "Open MPI" in text or "OpenRTE" in text or "open-mpi.org" in text else "mpich"
+
+
+def launch_flags(launcher: str) -> list[str]:
+    """What the launcher needs here: Open MPI refuses more ranks than cores and, as root, to start at all,
+    unless told (docs/hpc.md)."""
+    if mpi_flavour(launcher) != "openmpi":
+        return []
+    return ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+
+
+def mpiexec_cmd(n: int) -> list[str]:
+    """The launcher, its flags for this machine, and ``-n n``."""
+    launcher = mpiexec_path()
+    return [launcher, *launch_flags(launcher), "-n", str(n)]
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """Environment for a child job: no inherited MPI/PMI state, one thread."""
     env = {k: v for k, v in os.environ.items()
@@ -42,7 +65,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run_mpi(n: int, args: list[str], *, cwd: Path | None = None, timeout: float = 300,
             env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
     """``mpiexec -n n <args>``; returns the completed process and wall seconds."""
-    cmd = [mpiexec_path(), "-n", str(n), *args]
+    cmd = [*mpiexec_cmd(n), *args]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)

@@ -36,6 +36,7 @@ def test_scale_benchmark_smoke():
     out = bench("benchmarks/scale.py", "--smoke")
     row = out.strip().splitlines()[-1].split()
     assert row[0] == "100" and row[1] == "2"
+    assert float(row[-2]) > 0 and float(row[-1]) > 0  # the memory check's estimate and measured/estimated
 
 
 def test_algorithms_benchmark_smoke():

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from fault_plugin import spec as fault
-from helpers import clean_env, mpiexec_path, run_cli, small_config
+from helpers import clean_env, mpiexec_cmd, run_cli, small_config
 from qmlhfl_mpi.results import CheckpointError, read_checkpoint, write_checkpoint
 from qmlhfl_mpi.results.checkpoint import FORMAT, FORMAT_UNVERIFIED, checkpoint_digest
 
@@ -153,7 +153,7 @@ def reference(tmp_path_factory):
 def stop_mid_run(cfg: Path, sig: int, target: str, times: int = 1) -> subprocess.CompletedProcess:
     """Start ``mpiexec -n 2`` slowed down, wait for the first checkpoint, send ``sig`` ``times`` times to
     ``target`` (``"mpiexec"`` or ``"ranks"``) and wait for the job to end."""
-    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg), "--quiet",
+    cmd = [*mpiexec_cmd(2), sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg), "--quiet",
            "--set", fault("delay", seconds=0.3)]
     proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)

@@ -27,6 +27,7 @@ def final_model(path):
         return f["model/final"][()]
 
 
+@pytest.mark.portable
 def test_same_final_model_for_1_2_3_and_4_ranks(tmp_path):
     cfg = small_config(tmp_path, topology={"branching": [2, 2, 2]}, tau=[2, 2, 1],
                        quantizer={"levels": [2, 5, 0], "bucket": 8}, train={"rounds": 2})

@@ -13,16 +13,22 @@ import numpy as np
 import pytest
 
 from fault_plugin import spec as fault
-from helpers import clean_env, mpiexec_path, run_cli, small_config
+from helpers import clean_env, mpiexec_cmd, run_cli, small_config
+from qmlhfl_mpi import RunError, load_config
+from qmlhfl_mpi.run.preflight import preflight
 
 ROUNDS = 8
 SECTIONS = dict(topology={"branching": [2, 2, 2]}, tau=[2, 2, 1], quantizer={"levels": [3, 8, 0], "bucket": 16},
                 train={"rounds": ROUNDS})
 
 
+DETERMINISTIC = ("train_loss", "test_loss", "test_accuracy", "uplink_bytes", "messages", "downlink_bytes")
+
+
 def final(path):
     with h5py.File(path, "r") as f:
-        return f["model/final"][()], f["metrics/train_loss"][()], f["metrics/round"][()]
+        return (f["model/final"][()], f["metrics/train_loss"][()], f["metrics/round"][()],
+                {k: f["metrics"][k][()] for k in DETERMINISTIC})
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +54,18 @@ def wait_readable(path, timeout=10):
 
 
 def assert_same_as_reference(path, reference):
-    model, loss, rounds = final(path)
+    model, loss, rounds, metrics = final(path)
     assert np.array_equal(model, reference[0])
     assert np.array_equal(loss, reference[1])
     assert rounds.tolist() == list(range(ROUNDS))
+    for k in DETERMINISTIC:  # every round's metrics, those before the interruption included
+        assert np.array_equal(metrics[k], reference[3][k], equal_nan=True), k
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly_on_other_rank_count(tmp_path, reference):
     cfg = small_config(tmp_path, **SECTIONS)
     # slow the rounds down so the signal lands mid-run
-    cmd = [mpiexec_path(), "-n", "4", sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg), "--quiet",
+    cmd = [*mpiexec_cmd(4), sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg), "--quiet",
            "--set", fault("delay", seconds=0.5)]
     env = clean_env()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -83,18 +91,31 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly_on_other_rank_count(tm
     assert not (tmp_path / "out.h5.ckpt").exists()
 
 
-def test_sigkilled_rank_ends_job_fast_and_checkpoint_survives(tmp_path, reference):
+@pytest.mark.portable
+def test_sigkilled_rank_ends_job_fast_and_a_truncated_results_file_is_rebuilt(tmp_path, reference):
     cfg = small_config(tmp_path, **SECTIONS)
     proc, secs = run_cli(2, ["run", str(cfg), "--quiet", "--set", fault("kill", rank=1, round=3)], timeout=120)
     assert proc.returncode != 0
     assert secs < 15 + 5
-    ck = tmp_path / "out.h5.ckpt"
+    ck, out = tmp_path / "out.h5.ckpt", tmp_path / "out.h5"
     wait_readable(ck)
     with h5py.File(ck) as f:
         assert int(f.attrs["rounds_done"]) == 3
-    proc2, _ = run_cli(4, ["run", str(cfg), "--quiet", "--resume"], timeout=180)
+    wait_readable(out)
+    damaged = out.read_bytes()[: out.stat().st_size // 2]
+    out.write_bytes(damaged)  # the results file is cut short, as by a crash of its disk or a full quota
+    # without the flag: refused, naming it, nothing changed (the check in process: no extra launch)
+    with pytest.raises(RunError, match="--resume --rebuild-results"):
+        preflight(load_config(str(cfg)), overwrite=False, resume=True)
+    assert out.read_bytes() == damaged
+    proc2, _ = run_cli(4, ["run", str(cfg), "--quiet", "--resume", "--rebuild-results"], timeout=180)
     assert proc2.returncode == 0, proc2.stderr
-    assert_same_as_reference(tmp_path / "out.h5", reference)
+    assert_same_as_reference(out, reference)  # every round, those rebuilt from the checkpoint included
+    assert (tmp_path / "out.h5.damaged").read_bytes() == damaged  # kept under a new name
+    with h5py.File(out) as f:
+        assert f.attrs["rebuilt_rounds"] == 3 and f.attrs["rebuilt_from"] == str(ck)
+        assert f.attrs["damaged_file"] == str(tmp_path / "out.h5.damaged")
+        assert f.attrs["resumed_at_rounds"].tolist() == [3] and f.attrs["status"] == "completed"
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, reference):

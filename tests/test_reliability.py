@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fault_plugin import spec as fault
-from helpers import clean_env, mpiexec_path, run_cli, small_config
+from helpers import clean_env, mpiexec_cmd, run_cli, small_config
 from qmlhfl_mpi.run.errors import RunError
 from qmlhfl_mpi.run.lock import OutputLock
 
@@ -84,7 +84,7 @@ def test_a_disk_too_small_is_refused_before_the_first_round(tmp_path, tmpfs):
 
 def test_two_runs_on_one_output_one_completes_the_other_is_refused_naming_the_holder(tmp_path):
     cfg = small_config(tmp_path, train={"rounds": 12}, output={"path": "out.h5"})
-    first = subprocess.Popen([mpiexec_path(), "-n", "2", sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg),
+    first = subprocess.Popen([*mpiexec_cmd(2), sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg),
                               "--quiet", "--set", fault("delay", seconds=0.25)], env=clean_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     lock = tmp_path / "out.h5.lock"

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import clean_env, mpiexec_path, small_config
+from helpers import clean_env, mpiexec_cmd, small_config
 from qmlhfl_mpi import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -55,7 +55,7 @@ def _run_all(tmp: Path, runs: list[tuple[str, int, dict]]) -> list[dict[str, np.
     cmds = []
     for name, ranks, sections in runs:
         cfg = small_config(tmp, f"{name}.yaml", output={"path": f"{name}.h5"}, **sections)
-        cmds.append([mpiexec_path(), "-n", str(ranks), sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg), "--quiet"])
+        cmds.append([*mpiexec_cmd(ranks), sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg), "--quiet"])
     for (rc, out), (name, _, _) in zip(_parallel(cmds, tmp), runs):
         assert rc == 0, f"{name}: {out}"
     return [_read(tmp / f"{name}.h5") for name, _, _ in runs]

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--overwrite", action="store_true", help="replace an existing output file (and its checkpoint)")
     mode.add_argument("--resume", action="store_true",
                       help="continue the interrupted run in output.path from its checkpoint")
+    r.add_argument("--rebuild-results", action="store_true",
+                   help="with --resume: if the results file is missing or unreadable, write it anew from the "
+                        "checkpoint (every round up to it) and keep the damaged one as <output>.damaged")
     r.add_argument("--quiet", action="store_true", help="no per-round table")
 
     ck = sub.add_parser("check", help="quantizers, message sizes, modelled time and the learning-rate condition")
@@ -80,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--L", type=float, default=None, help="smoothness constant; estimated from the data if omitted")
     ck.add_argument("--strict", action="store_true",
                     help=f"exit {EXIT_LR_VIOLATED} if train.lr violates the learning-rate condition")
+    ck.add_argument("--ranks", type=int, default=1, metavar="P",
+                    help="MPI ranks the run will use, for the memory estimate per rank (default 1)")
 
     op = sub.add_parser("optimize", help="iteration counts tau that maximise convergence under a deadline")
     common(op)
@@ -144,6 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             cfg = load_config(args.config, args.set)
         except ConfigError as e:
             msg = str(e)
+        if args.rebuild_results and not args.resume:
+            msg = "--rebuild-results rebuilds the results file of an interrupted run: use it with --resume"
         msg = agree_on_error(comm, msg)
         if msg is not None or cfg is None:
             say("error", str(msg))
@@ -151,7 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             session = Session(cfg, comm)
             summary = session.run([stopper] + ([] if args.quiet else [ConsoleTable()]),
-                                  overwrite=args.overwrite, resume=args.resume)
+                                  overwrite=args.overwrite, resume=args.resume,
+                                  rebuild_results=args.rebuild_results)
         except RunError as e:
             say("stopped" if e.code == EXIT_PREEMPTED else "error", str(e))
             return e.code

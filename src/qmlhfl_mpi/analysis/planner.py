@@ -19,7 +19,9 @@ import torch
 from .. import config as config_mod
 from ..config import Config
 from ..config import build as edge
-from ..core.exitcodes import EXIT_LR_VIOLATED
+from ..config.sizing import available_memory, sizing
+from ..core.exitcodes import EXIT_LR_VIOLATED, EXIT_USAGE
+from ..core.memory import estimate_memory, fits, format_bytes
 from ..core.optimize import optimize_tau
 from ..core.participation import expected_messages
 from ..core.theory import (
@@ -155,9 +157,31 @@ def _outside_bound(cfg: Config) -> list[str]:
     return out
 
 
+def memory_report(cfg: Config, ranks: int, write: Callable[[str], None]) -> bool:
+    """Print the estimated peak memory per rank on ``ranks`` ranks, term by term, and whether it fits this
+    node's memory (``train.memory_limit_gb``, else what this node has); returns whether it fits."""
+    if ranks < 1:
+        raise ValueError(f"--ranks {ranks}: give the number of MPI ranks the run will use, >= 1")
+    s = sizing(cfg, ranks)
+    est = estimate_memory(s)
+    write(f"memory per rank on {ranks} rank{'s' if ranks != 1 else ''} (estimate, docs/hpc.md 'Sizing'): "
+          f"{format_bytes(est.total)}")
+    for line in est.lines():
+        write(f"  {line}")
+    available, source = available_memory(ranks, cfg.train.memory_limit_gb)
+    problem = fits(s, available, source)
+    write(f"  fits: {'yes' if problem is None else 'NO'} ({format_bytes(available)} per rank: {source})")
+    if problem:
+        write(f"WARNING: {problem}")
+    return problem is None
+
+
 def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     """Print the check report through ``write``; returns the exit code."""
     cfg = config_mod.load(args.config, args.set)
+    if not memory_report(cfg, args.ranks, write) and cfg.train.memory_check:
+        write("the run would be refused for its memory: nothing more is checked (the tree is not built)")
+        return EXIT_USAGE
     tree = cfg.build_tree()
     dim = edge.model_dim(cfg)
     codecs = edge.codecs(cfg)

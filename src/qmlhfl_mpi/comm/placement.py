@@ -62,3 +62,11 @@ def deterministic_cuda() -> None:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def ranks_on_node(comm: MPI.Intracomm) -> int:
+    """How many ranks of ``comm`` share this rank's node (``Split_type(COMM_TYPE_SHARED)``).  Collective."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    size = local.Get_size()
+    local.Free()
+    return int(size)

@@ -23,7 +23,7 @@ from ..core.partition import PARTITIONERS
 from ..core.registry import PluginError, Registry
 from ..core.schedule import SCHEDULES
 from ..core.server_opt import SERVER_OPTIMIZERS
-from ..core.topology import TopologyError, Tree
+from ..core.topology import TopologyError, Tree, TreeShape
 from ..data.registry import DATASETS
 from ..learning.registry import MODELS
 
@@ -121,6 +121,10 @@ class TrainConfig:
                                "ranks that do not respond (a stopped or hung rank); 0 = off. On SLURM, e.g. 10x "
                                "the normal round time")
     share_gpus: bool = fld(False, doc="allow more ranks per node than GPUs (ranks share GPUs round-robin)")
+    memory_check: bool = fld(True, doc="refuse, before anything is allocated, a run whose estimated peak memory per "
+                                       "rank exceeds what the rank has (docs/hpc.md, 'Sizing')")
+    memory_limit_gb: float = fld(0.0, lo=0, doc="memory per rank the check compares with, in GiB; 0 = the cgroup "
+                                                "limit or MemAvailable of the node, shared by its ranks")
 
 
 @dataclass(frozen=True)
@@ -392,11 +396,11 @@ def validate(cfg: Config) -> None:
             "topology: give exactly one of 'branching' (uniform fan-outs, cloud first, e.g. [2, 2, 4]) "
             "or 'tree' (nested lists, e.g. [[3, 2], [4]])"
         )
-    try:
-        tree = cfg.build_tree()
+    try:  # counted, not built: a tree of 10^10 devices is for the memory check to refuse, not to allocate
+        shape = TreeShape.of(t.branching, t.tree)
     except TopologyError as e:
         raise ConfigError(str(e)) from None
-    N = tree.N
+    N = len(shape.nodes) - 1
     if len(cfg.tau) != N:
         raise ConfigError(f"config key 'tau' = {list(cfg.tau)}: the tree has N={N} layers, so give {N} values "
                           f"tau_1..tau_{N}, each >= 1")
@@ -496,7 +500,8 @@ def callback_specs(raw: Any) -> list[tuple[str, dict[str, Any]]]:
 # keys that may change between a checkpoint and its resumption: they do not
 # change the trained model or the recorded metrics
 RESUME_FREE_KEYS = ("output.path", "output.checkpoint_every", "output.csv", "output.tensorboard", "train.rounds",
-                    "train.threads", "train.share_gpus", "train.round_timeout", "callbacks")
+                    "train.threads", "train.share_gpus", "train.round_timeout", "train.memory_check",
+                    "train.memory_limit_gb", "callbacks")
 
 
 def flatten(x: Any, prefix: str = "") -> dict[str, Any]:

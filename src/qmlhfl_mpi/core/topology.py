@@ -19,6 +19,26 @@ class TopologyError(ValueError):
     """A tree specification or a rank count that does not fit the tree."""
 
 
+def _check_spec_node(x: Any, path: str) -> None:
+    """Raise :class:`TopologyError` unless ``x`` (at ``topology.tree<path>``) is an integer >= 1 or a non-empty list."""
+    if isinstance(x, bool) or not isinstance(x, (int, list, tuple)):
+        raise TopologyError(f"topology.tree{path}={x!r}: expected an integer >= 1 or a list")
+    if isinstance(x, int) and x < 1:
+        raise TopologyError(f"topology.tree{path}={x}: a layer-1 node needs >= 1 device")
+    if not isinstance(x, int) and len(x) == 0:
+        raise TopologyError(f"topology.tree{path} is an empty list: every node needs a child")
+
+
+def _same_depth(depths: set[int], path: str) -> int:
+    """The one depth of a node's subtrees; :class:`TopologyError` if they differ."""
+    if len(depths) != 1:
+        raise TopologyError(
+            f"topology.tree{path} mixes subtrees of different depths {sorted(depths)}: "
+            "all devices must sit at the same depth"
+        )
+    return depths.pop()
+
+
 @dataclass(frozen=True, eq=False)
 class Tree:
     """A rooted tree whose leaves (devices) all sit at layer 0.
@@ -51,21 +71,10 @@ class Tree:
         edge servers of 3 and 2 devices (N=2), ``[[3, 2], [4]]`` has N=3."""
 
         def depth(x: Any, path: str) -> int:
-            if isinstance(x, bool) or not isinstance(x, (int, list, tuple)):
-                raise TopologyError(f"topology.tree{path}={x!r}: expected an integer >= 1 or a list")
+            _check_spec_node(x, path)
             if isinstance(x, int):
-                if x < 1:
-                    raise TopologyError(f"topology.tree{path}={x}: a layer-1 node needs >= 1 device")
                 return 1
-            if len(x) == 0:
-                raise TopologyError(f"topology.tree{path} is an empty list: every node needs a child")
-            ds = {depth(c, f"{path}[{i}]") for i, c in enumerate(x)}
-            if len(ds) != 1:
-                raise TopologyError(
-                    f"topology.tree{path} mixes subtrees of different depths {sorted(ds)}: "
-                    "all devices must sit at the same depth"
-                )
-            return ds.pop() + 1
+            return _same_depth({depth(c, f"{path}[{i}]") for i, c in enumerate(x)}, path) + 1
 
         n_layers = depth(spec, "")
         # bounds per layer, built bottom-up by walking the nesting
@@ -140,6 +149,51 @@ class Tree:
     def describe(self) -> str:
         sizes = [self.num_nodes(n) for n in range(self.N, -1, -1)]
         return f"N={self.N}, nodes per layer (cloud -> devices) {sizes}"
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """How big a tree is, counted from its specification without building it (for the memory estimate):
+    ``nodes[n]`` nodes at layer ``n`` (``nodes[0]`` devices) and ``max_children[n]`` the most children of
+    a node at layer ``n >= 1`` (``max_children[0] = 0``)."""
+
+    nodes: tuple[int, ...]
+    max_children: tuple[int, ...]
+
+    @property
+    def devices(self) -> int:
+        return self.nodes[0]
+
+    @classmethod
+    def of(cls, branching: Sequence[int] | None, nested: Any = None) -> TreeShape:
+        """The shape of ``Tree.uniform(branching)`` or ``Tree.from_nested(nested)``, without expanding it; a bad
+        specification raises the same :class:`TopologyError`."""
+        if branching is not None:
+            if not branching:
+                raise TopologyError("topology.branching is empty: give one fan-out per layer, e.g. [2, 4]")
+            for i, b in enumerate(branching):
+                if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+                    raise TopologyError(f"topology.branching[{i}]={b!r}: every fan-out must be an integer >= 1")
+            N = len(branching)
+            nodes = [math.prod(branching[: N - n]) for n in range(N + 1)]
+            return cls(tuple(nodes), (0, *reversed(list(branching))))
+        counts: dict[int, int] = {}
+        most: dict[int, int] = {}
+
+        def walk(x: Any, path: str) -> int:  # the layer of x; the spec is small next to the tree it describes
+            _check_spec_node(x, path)
+            if isinstance(x, int):
+                counts[0] = counts.get(0, 0) + x
+                counts[1] = counts.get(1, 0) + 1
+                most[1] = max(most.get(1, 0), x)
+                return 1
+            layer = _same_depth({walk(c, f"{path}[{i}]") for i, c in enumerate(x)}, path) + 1
+            counts[layer] = counts.get(layer, 0) + 1
+            most[layer] = max(most.get(layer, 0), len(x))
+            return layer
+
+        N = walk(nested, "")
+        return cls(tuple(counts[n] for n in range(N + 1)), (0, *(most[n] for n in range(1, N + 1))))
 
 
 def aggregations_per_round(tau: Sequence[int], n: int) -> int:

@@ -21,3 +21,11 @@ DATASETS.register("mnist", "qmlhfl_mpi.data.images:mnist", "MNIST from data.root
 DATASETS.register("fashion-mnist", "qmlhfl_mpi.data.images:fashion_mnist",
                   "Fashion-MNIST from data.root (Debian: /usr/share/datasets/fashion-mnist)")
 DATASETS.register("cifar10", "qmlhfl_mpi.data.images:cifar10", "CIFAR-10 (python batches) from data.root")
+
+# The built-in pooled data sets' sizes, known before they are loaded (for the memory estimate): training
+# samples, test samples, input shape, classes; pixels are held as one byte each.
+POOLED_SIZES: dict[str, tuple[int, int, tuple[int, ...], int]] = {
+    "mnist": (60000, 10000, (1, 28, 28), 10),
+    "fashion-mnist": (60000, 10000, (1, 28, 28), 10),
+    "cifar10": (50000, 10000, (3, 32, 32), 10),
+}

@@ -47,6 +47,11 @@ class GeneratedDataset(ABC):
     @abstractmethod
     def device(self, device: int) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def expected_samples(self) -> float:
+        """Mean samples (train and test) of a device, for the memory estimate; by default from the first
+        32 devices' training sizes and a 20% test share.  Override when the mean is known in closed form."""
+        return float(np.mean([self.train_size(k) for k in range(32)])) / 0.8
+
 
 @dataclass(frozen=True, eq=False)
 class Pooled:

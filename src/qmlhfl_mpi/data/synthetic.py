@@ -33,6 +33,10 @@ class Synthetic(GeneratedDataset):
     def num_classes(self) -> int:
         return self.classes
 
+    def expected_samples(self) -> float:
+        """The mean of the lognormal device sizes, ``samples * exp(size_sigma^2 / 2)``."""
+        return float(self.samples * np.exp(self.size_sigma**2 / 2))
+
     def size(self, device: int) -> int:
         g = rng.stream(self.seed, rng.SIZES, device)
         n = int(round(self.samples * float(np.exp(self.size_sigma * g.standard_normal()))))

@@ -2,8 +2,10 @@
 
 The checkpoint of a run lives in ``<output>.ckpt`` (HDF5): attributes
 ``rounds_done``, ``config_yaml``, ``format`` and ``sha256``, the dataset
-``model`` (the cloud model after ``rounds_done`` rounds) and the group
-``state`` (further named arrays of stateful parts).  It is written to a
+``model`` (the cloud model after ``rounds_done`` rounds), the group
+``state`` (further named arrays of stateful parts) and the group ``metrics``
+(the results file's ``/metrics`` rows of those rounds, so that a damaged
+results file can be rebuilt: ``--resume --rebuild-results``).  It is written to a
 temporary file, synced and renamed over the previous one, so a crash during
 the write leaves the previous checkpoint intact.  Every random stream is keyed
 by (seed, entity, round), so the model, the state and the round are all a
@@ -12,8 +14,9 @@ restart needs.
 ``sha256`` is the hex SHA-256 of :func:`checkpoint_digest` over exactly what
 a restart uses; :func:`read_checkpoint` recomputes it and refuses a file whose
 content no longer matches (a flipped bit on disk, a partial copy, an edit).
-Checkpoints of the previous format (``qmlhfl_mpi checkpoint 1``, no digest)
-are still read, with a warning that they are unverified.
+Checkpoints of the previous formats are still read: ``qmlhfl_mpi checkpoint 2``
+(a digest, no metrics) and ``qmlhfl_mpi checkpoint 1`` (no digest, read with a
+warning that it is unverified).
 """
 from __future__ import annotations
 
@@ -29,12 +32,16 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..core.text import clean_text
+
 log = logging.getLogger(__name__)
 
-FORMAT = "qmlhfl_mpi checkpoint 2"
-"""The ``format`` attribute of the checkpoints written now (with a ``sha256`` attribute)."""
+FORMAT = "qmlhfl_mpi checkpoint 3"
+"""The ``format`` attribute of the checkpoints written now (a ``sha256`` attribute, the metrics so far)."""
+FORMAT_NO_METRICS = "qmlhfl_mpi checkpoint 2"
+"""The previous format: a digest, but no metrics (still read; cannot rebuild a results file)."""
 FORMAT_UNVERIFIED = "qmlhfl_mpi checkpoint 1"
-"""The previous format: the same content without a digest (still read, with a warning)."""
+"""The first format: no digest and no metrics (still read, with a warning)."""
 
 _FIX = "restore the file from a copy, or pass --overwrite to start the run over"
 
@@ -57,12 +64,15 @@ def _canonical(a: Any) -> np.ndarray:
 
 
 def checkpoint_digest(model: np.ndarray, rounds_done: int, config_yaml: str,
-                      state: Mapping[str, np.ndarray] | None = None, *, fmt: str = FORMAT) -> str:
+                      state: Mapping[str, np.ndarray] | None = None, *, fmt: str = FORMAT,
+                      metrics: Mapping[str, np.ndarray] | None = None) -> str:
     """Hex SHA-256 over everything a restart uses, each field length-prefixed.
 
     In order: the format string; ``rounds_done`` as a little-endian int64; the
     UTF-8 bytes of ``config_yaml``; the model; then, for every state entry in
-    sorted name order, its UTF-8 name and its array.  An array contributes its
+    sorted name order, its UTF-8 name and its array; in the current format,
+    the metrics likewise (their count, then each name and array in sorted
+    name order).  An array contributes its
     dtype (``numpy`` ``dtype.str`` after conversion to little-endian), its shape
     and its raw C-order bytes.  Every variable-length piece is preceded by its
     length as a little-endian uint64, so no two different checkpoints hash the
@@ -84,36 +94,42 @@ def checkpoint_digest(model: np.ndarray, rounds_done: int, config_yaml: str,
     h.update(int(rounds_done).to_bytes(8, "little", signed=True))
     piece(config_yaml.encode("utf-8"))
     array(np.asarray(model, dtype=np.float32))
-    entries = state or {}
-    h.update(len(entries).to_bytes(8, "little"))
-    for name in sorted(entries):
-        piece(name.encode("utf-8"))
-        array(entries[name])
+    groups = [state or {}] + ([metrics or {}] if fmt == FORMAT else [])
+    for entries in groups:
+        h.update(len(entries).to_bytes(8, "little"))
+        for name in sorted(entries):
+            piece(name.encode("utf-8"))
+            array(entries[name])
     return h.hexdigest()
 
 
 def write_checkpoint(path: str | Path, *, model: np.ndarray, rounds_done: int, config_yaml: str,
-                     state: Mapping[str, np.ndarray] | None = None) -> None:
+                     state: Mapping[str, np.ndarray] | None = None,
+                     metrics: Mapping[str, np.ndarray] | None = None) -> None:
     """Atomically replace the checkpoint at ``path`` (temp file, fsync, rename).
 
     ``state`` holds further named arrays (per-node optimiser state, ...) under
-    ``/state``; they come back in :attr:`Checkpoint.state`.  The ``sha256``
-    attribute is the :func:`checkpoint_digest` of what is written.
+    ``/state``, ``metrics`` the per-round metrics so far under ``/metrics``; they
+    come back in :attr:`Checkpoint.state` and :attr:`Checkpoint.metrics`.  The
+    ``sha256`` attribute is the :func:`checkpoint_digest` of what is written.
     """
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
+    config_yaml = clean_text(config_yaml)
     model32 = np.asarray(model, dtype=np.float32)
     arrays = {str(k): np.asarray(v) for k, v in (state or {}).items()}
+    rows = {str(k): np.asarray(v) for k, v in (metrics or {}).items()}
     image = io.BytesIO()  # built in memory: HDF5 never writes to a disk that may fill (see space.py)
     with h5py.File(image, "w") as f:
         f.attrs["rounds_done"] = int(rounds_done)
         f.attrs["config_yaml"] = config_yaml
         f.attrs["format"] = FORMAT
-        f.attrs["sha256"] = checkpoint_digest(model32, rounds_done, config_yaml, arrays)
+        f.attrs["sha256"] = checkpoint_digest(model32, rounds_done, config_yaml, arrays, metrics=rows)
         f.create_dataset("model", data=model32)
-        g = f.create_group("state")
-        for k, v in arrays.items():
-            g.create_dataset(k, data=v)
+        for group, entries in (("state", arrays), ("metrics", rows)):
+            g = f.create_group(group)
+            for k, v in entries.items():
+                g.create_dataset(k, data=v)
     data = memoryview(image.getbuffer())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:  # plain writes fail cleanly (ENOSPC as OSError); the previous checkpoint is untouched until the rename
@@ -136,12 +152,14 @@ def write_checkpoint(path: str | Path, *, model: np.ndarray, rounds_done: int, c
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What a restart needs: the model after ``rounds_done`` rounds, the config and the per-node state."""
+    """What a restart needs: the model after ``rounds_done`` rounds, the config and the per-node state; and
+    the per-round metrics so far (``None`` in checkpoints of the formats before 3)."""
 
     model: np.ndarray
     rounds_done: int
     config_yaml: str
     state: dict[str, np.ndarray] = field(default_factory=dict)
+    metrics: dict[str, np.ndarray] | None = None
 
 
 def _text(value: Any) -> str:
@@ -161,7 +179,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     try:
         with h5py.File(p, "r") as f:
             fmt = _text(f.attrs["format"]) if "format" in f.attrs else None
-            if fmt not in (FORMAT, FORMAT_UNVERIFIED) or "model" not in f:
+            if fmt not in (FORMAT, FORMAT_NO_METRICS, FORMAT_UNVERIFIED) or "model" not in f:
                 raise CheckpointError(f"{str(p)!r} is not a qmlhfl_mpi checkpoint (format attribute {fmt!r} or "
                                       f"model missing): it is damaged or another file; {_FIX}")
             stored = _text(f.attrs["sha256"]) if "sha256" in f.attrs else None
@@ -169,6 +187,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             rounds = int(f.attrs["rounds_done"])
             cfg = _text(f.attrs["config_yaml"])
             state = {k: np.asarray(f["state"][k][()]) for k in f["state"]} if "state" in f else {}
+            metrics = {k: np.asarray(f["metrics"][k][()]) for k in f["metrics"]} if "metrics" in f else None
     except CheckpointError:
         raise
     except Exception as e:  # h5py raises OSError/KeyError/ValueError (UnicodeDecodeError) on damaged files
@@ -181,11 +200,14 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {str(p)!r} is damaged: its format {fmt!r} needs a sha256 attribute, which "
                               f"is missing; {_FIX}")
     else:
-        found = checkpoint_digest(model, rounds, cfg, state, fmt=fmt)
+        found = checkpoint_digest(model, rounds, cfg, state, fmt=fmt, metrics=metrics)
         if found != stored:  # a digest beside the old format string: the format attribute is damaged
             raise CheckpointError(f"checkpoint {str(p)!r} is damaged: its content does not match its SHA-256 digest "
                                   f"(expected {stored[:16]}..., found {found[:16]}...); {_FIX}")
     if model.dtype != np.float32 or model.ndim != 1 or rounds < 1:
         raise CheckpointError(f"checkpoint {str(p)!r} is inconsistent: model {model.dtype}{model.shape}, "
                               f"rounds_done={rounds}; {_FIX}")
-    return Checkpoint(model, rounds, cfg, state)
+    if fmt == FORMAT and (metrics is None or any(len(v) != rounds for v in metrics.values())):
+        raise CheckpointError(f"checkpoint {str(p)!r} is inconsistent: its metrics do not hold {rounds} rounds; "
+                              f"{_FIX}")
+    return Checkpoint(model, rounds, cfg, state, metrics if fmt == FORMAT else None)

@@ -28,6 +28,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..core.text import clean_text
 from .space import as_os_error
 
 SCALAR_METRICS = ("round", "test_accuracy", "test_loss", "train_loss", "time_compute",
@@ -44,6 +45,23 @@ def _io(path: Path, what: str) -> Iterator[None]:
         raise as_os_error(e, f"{what} {str(path)!r}") from None
 
 
+def _clean_array(v: Any) -> Any:
+    """Arrays of strings (``dtype=object`` or numpy unicode) as object arrays, every element through
+    :func:`clean_text`; other values unchanged."""
+    arr = np.asarray(v)
+    if arr.dtype.kind in "OU":
+        return np.array([clean_text(x.decode("utf-8", "replace") if isinstance(x, bytes) else x)
+                         for x in arr.reshape(-1)], dtype=object).reshape(arr.shape)
+    return v
+
+
+def _set_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
+    """Attributes with every string cleaned (:func:`~qmlhfl_mpi.core.text.clean_text`: no NUL or control
+    characters reach HDF5)."""
+    for k, v in attrs.items():
+        f.attrs[k] = clean_text(v) if isinstance(v, str) else _clean_array(v) if isinstance(v, (list, tuple)) else v
+
+
 class ResultsWriter:
     """Writes one run's file; used by one rank only.  Flushes after every round so
     a crash keeps the finished rounds."""
@@ -51,7 +69,12 @@ class ResultsWriter:
     def __init__(self, path: str | Path, *, overwrite: bool, attrs: Mapping[str, Any],
                  topology: Mapping[str, np.ndarray], quantizer: Mapping[str, np.ndarray], num_links: int) -> None:
         with _io(Path(path), "creating"):
-            self._create(Path(path), overwrite, attrs, topology, quantizer, num_links)
+            try:
+                self._create(Path(path), overwrite, attrs, topology, quantizer, num_links)
+            except BaseException:
+                if getattr(self, "f", None):
+                    self.f.close()
+                raise
 
     def _create(self, path: Path, overwrite: bool, attrs: Mapping[str, Any], topology: Mapping[str, np.ndarray],
                 quantizer: Mapping[str, np.ndarray], num_links: int) -> None:
@@ -59,17 +82,16 @@ class ResultsWriter:
         p.parent.mkdir(parents=True, exist_ok=True)
         self.path = p
         self.f = h5py.File(p, "w" if overwrite else "w-")
-        for k, v in attrs.items():
-            self.f.attrs[k] = str(v) if isinstance(v, str) else v
+        _set_attrs(self.f, attrs)
         self.f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
         self.f.attrs["status"] = "running"
         self.f.attrs["status_message"] = ""
         g = self.f.create_group("topology")
         for k, v in topology.items():
-            g.create_dataset(k, data=v)
+            g.create_dataset(k, data=_clean_array(v))
         q = self.f.create_group("quantizer")
         for k, v in quantizer.items():
-            q.create_dataset(k, data=v)
+            q.create_dataset(k, data=_clean_array(v))
         m = self.f.create_group("metrics")
         for k in SCALAR_METRICS:
             dt = np.int64 if k == "round" else np.float64
@@ -86,7 +108,12 @@ class ResultsWriter:
         self = cls.__new__(cls)
         self.path = Path(path)
         with _io(self.path, "reopening"):
-            self._reopen(rounds_done, attrs)
+            try:
+                self._reopen(rounds_done, attrs)
+            except BaseException:
+                if getattr(self, "f", None):
+                    self.f.close()
+                raise
         return self
 
     def _reopen(self, rounds_done: int, attrs: Mapping[str, Any]) -> None:
@@ -100,30 +127,54 @@ class ResultsWriter:
             if k not in m:
                 m.create_dataset(k, data=np.full((rounds_done, links), -1, dtype=np.int64),
                                  maxshape=(None, links), chunks=(256, links))
-        resumed = list(self.f.attrs.get("resumed_at_rounds", [])) + [rounds_done]
-        self.f.attrs["resumed_at_rounds"] = np.array(resumed, dtype=np.int64)
-        for k, v in attrs.items():
-            self.f.attrs[k] = str(v) if isinstance(v, str) else v
+        self._mark_resumed(rounds_done)
+        _set_attrs(self.f, attrs)
         self.f.attrs["status"] = "running"
         self.f.attrs["status_message"] = ""
         self.f.flush()
 
+    def mark_resumed(self, rounds_done: int) -> None:
+        """Record that the run continues after ``rounds_done`` rounds (attribute ``resumed_at_rounds``)."""
+        with _io(self.path, "updating"):
+            self._mark_resumed(rounds_done)
+            self.f.flush()
+
+    def _mark_resumed(self, rounds_done: int) -> None:
+        resumed = list(self.f.attrs.get("resumed_at_rounds", [])) + [rounds_done]
+        self.f.attrs["resumed_at_rounds"] = np.array(resumed, dtype=np.int64)
+
     def append_round(self, row: Mapping[str, Any]) -> None:
         """Append one global round; ``row`` has every metric name of the schema."""
         with _io(self.path, "appending a round to"):
-            self._append(row)
+            self._append({k: np.asarray(row[k])[None] for k in SCALAR_METRICS + LINK_METRICS})
 
-    def _append(self, row: Mapping[str, Any]) -> None:
+    def append_rows(self, rows: Mapping[str, np.ndarray]) -> None:
+        """Append several rounds at once: ``rows[name]`` holds the rounds' values of each metric of the file."""
+        with _io(self.path, "appending rounds to"):
+            self._append(rows)
+
+    def _append(self, rows: Mapping[str, Any]) -> None:
         m = self.f["metrics"]
+        missing = sorted(set(m) - set(rows))
+        if missing:
+            raise ValueError(f"rows for {str(self.path)!r} lack the metrics {missing}")
         i = m["round"].shape[0]
-        for k in SCALAR_METRICS:
-            m[k].resize((i + 1,))
-            m[k][i] = row[k]
-        for k in LINK_METRICS:
+        k_new = len(rows["round"])
+        for k in m:
             ds = m[k]
-            ds.resize((i + 1, ds.shape[1]))
-            ds[i] = np.asarray(row[k], dtype=np.int64)
+            ds.resize((i + k_new,) + ds.shape[1:])
+            ds[i:] = np.asarray(rows[k], dtype=ds.dtype).reshape((k_new,) + ds.shape[1:])
         self.f.flush()
+
+    def metrics(self) -> dict[str, np.ndarray]:
+        """Every ``/metrics`` dataset as it is now (the rows of the rounds so far)."""
+        with _io(self.path, "reading the metrics of"):
+            return {k: self.f["metrics"][k][()] for k in self.f["metrics"]}
+
+    @property
+    def rounds(self) -> int:
+        """Rounds the file holds."""
+        return int(self.f["metrics"]["round"].shape[0])
 
     def write_model(self, name: str, vec: np.ndarray) -> None:
         with _io(self.path, f"writing /model/{name} to"):
@@ -142,8 +193,8 @@ class ResultsWriter:
             return
         try:
             with _io(self.path, "closing"):
-                self.f.attrs["status"] = status
-                self.f.attrs["status_message"] = message
+                self.f.attrs["status"] = clean_text(status)
+                self.f.attrs["status_message"] = clean_text(message)
         finally:
             with _io(self.path, "closing"):
                 self.f.close()

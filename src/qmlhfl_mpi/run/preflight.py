@@ -21,15 +21,19 @@ from .errors import RunError
 
 @dataclass(frozen=True)
 class Start:
-    """Where a run starts: 0 rounds done and no model, or a checkpoint's."""
+    """Where a run starts: 0 rounds done and no model, or a checkpoint's (its model, per-node state and
+    metric rows); ``rebuild``: the results file is missing or damaged and is to be written anew from them."""
 
     rounds_done: int = 0
     model: np.ndarray | None = None
     state: dict[str, np.ndarray] | None = None
+    metrics: dict[str, np.ndarray] | None = None
+    rebuild: bool = False
 
 
-def preflight(cfg: Config, overwrite: bool, resume: bool) -> Start:
-    """Raise :class:`RunError` if the run cannot start; nothing is changed on disk."""
+def preflight(cfg: Config, overwrite: bool, resume: bool, rebuild_results: bool = False) -> Start:
+    """Raise :class:`RunError` if the run cannot start; nothing is changed on disk.  With ``resume`` and
+    ``rebuild_results``, a missing or unreadable results file is to be rebuilt from the checkpoint."""
     out = Path(cfg.output.path)
     ck = checkpoint_path(out)
     if not resume:
@@ -40,20 +44,33 @@ def preflight(cfg: Config, overwrite: bool, resume: bool) -> Start:
         if problem:
             raise RunError(problem)
         return Start()
+    problem = None
     if not out.exists():
-        raise RunError(f"--resume: {str(out)!r} does not exist, so there is nothing to resume; run without --resume")
-    try:
-        status, rows, _ = read_status(out)
-    except Exception as e:  # noqa: BLE001 - any h5py failure means unreadable
-        raise RunError(f"--resume: results file {str(out)!r} is unreadable ({e}); nothing was changed. "
-                       "Move it away and start a new run") from None
-    if status == "completed":
-        raise RunError(f"--resume: {str(out)!r} already holds a completed run of {rows} rounds; nothing to do. "
-                       "Choose a new output.path to train again")
+        problem = f"--resume: {str(out)!r} does not exist"
+    else:
+        try:
+            status, rows, _ = read_status(out)
+        except Exception as e:  # noqa: BLE001 - any h5py failure means unreadable
+            problem = f"--resume: results file {str(out)!r} is unreadable ({e})"
+        else:
+            if status == "completed":
+                raise RunError(f"--resume: {str(out)!r} already holds a completed run of {rows} rounds; nothing "
+                               "to do. Choose a new output.path to train again")
+    if problem and not ck.exists():
+        raise RunError(f"{problem} and it has no checkpoint {str(ck)!r}, so there is nothing to resume; nothing "
+                       "was changed. Start a new run (move the file away, or --overwrite)")
+    if problem and not rebuild_results:
+        raise RunError(f"{problem}; nothing was changed. Its checkpoint {str(ck)!r} can rebuild it: continue with "
+                       "--resume --rebuild-results (a new results file with every round up to the checkpoint; "
+                       "the damaged file is kept beside it as .damaged)")
     try:
         ckpt = read_checkpoint(ck)
     except CheckpointError as e:
         raise RunError(f"cannot resume {str(out)!r}: {e}. Nothing was changed") from None
+    if problem and not ckpt.metrics:
+        raise RunError(f"{problem}, and its checkpoint {str(ck)!r} was written by an older version that did not "
+                       "keep the metrics, so the results cannot be rebuilt from it; nothing was changed. Move "
+                       "the damaged file away and start a new run")
     diff = config_diff(ckpt.config_yaml, cfg)
     if diff:
         raise RunError(f"cannot resume {str(out)!r}: the config differs from the checkpoint's in keys that change "
@@ -69,4 +86,4 @@ def preflight(cfg: Config, overwrite: bool, resume: bool) -> Start:
                        f"train.rounds={cfg.train.rounds}; raise train.rounds to train longer")
     if not os.access(out.parent if str(out.parent) else ".", os.W_OK):
         raise RunError(f"cannot resume {str(out)!r}: its directory is not writable")
-    return Start(ckpt.rounds_done, ckpt.model, ckpt.state)
+    return Start(ckpt.rounds_done, ckpt.model, ckpt.state, ckpt.metrics, rebuild=problem is not None)

@@ -2,10 +2,16 @@
 
 Both only write; the session calls them at round boundaries and agrees on
 their errors (an ``OSError`` becomes exit 74 on every rank, with the advice
-below).
+below).  A results file that this run created and that holds no round when
+the run ends (it failed while starting) is removed, so a failure never leaves
+an empty or half-written file behind; one that holds rounds records the
+status.  The checkpoint carries the metric rows so far, from which
+``--resume --rebuild-results`` writes a new results file when the old one is
+damaged (the damaged one is kept under another name).
 """
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -20,10 +26,24 @@ from ..results.space import Reserve, require_space
 APPEND_BYTES = 64 * 1024  # room one round's row may take (HDF5 allocates a chunk of 256 rows at a time)
 
 
-def checkpoint_bytes(num_params: int, state_vectors: int, config_yaml: str) -> int:
-    """Upper estimate of a checkpoint's size: the model and the state vectors in float32, the config, HDF5's
-    metadata."""
-    return 4 * num_params * (1 + state_vectors) + len(config_yaml.encode()) + 32 * 1024 + 512 * state_vectors
+ROW_BYTES = 512  # upper estimate of one round's metrics in a checkpoint
+
+
+def checkpoint_bytes(num_params: int, state_vectors: int, config_yaml: str, rounds: int = 0) -> int:
+    """Upper estimate of a checkpoint's size: the model and the state vectors in float32, the config, the
+    metrics of ``rounds`` rounds, HDF5's metadata."""
+    return (4 * num_params * (1 + state_vectors) + len(config_yaml.encode()) + 32 * 1024 + 512 * state_vectors
+            + ROW_BYTES * rounds)
+
+
+def damaged_name(path: Path) -> Path:
+    """A free name for a damaged results file: ``<output>.damaged``, else ``<output>.damaged.<k>``."""
+    candidate = Path(f"{path}.damaged")
+    k = 1
+    while candidate.exists():
+        candidate = Path(f"{path}.damaged.{k}")
+        k += 1
+    return candidate
 
 
 def reserve_path(output: str | Path) -> Path:
@@ -52,11 +72,15 @@ class Checkpointer:
         """Whether to checkpoint after ``done`` of ``total`` rounds (never after the last)."""
         return done < total and (stop or (self.every > 0 and done % self.every == 0))
 
-    def write(self, model: np.ndarray, done: int, state: Mapping[str, np.ndarray] | None = None) -> None:
+    def write(self, model: np.ndarray, done: int, state: Mapping[str, np.ndarray] | None = None,
+              metrics: Mapping[str, np.ndarray] | None = None) -> None:
+        """The checkpoint after ``done`` rounds: the cloud model, the per-node ``state`` and the ``metrics`` rows
+        of rounds ``0 .. done-1``."""
         try:
-            require_space(self.path.parent, checkpoint_bytes(model.size, len(state or {}), self.config_yaml),
+            require_space(self.path.parent, checkpoint_bytes(model.size, len(state or {}), self.config_yaml, done),
                           f"the checkpoint {str(self.path)!r}")
-            write_checkpoint(self.path, model=model, rounds_done=done, config_yaml=self.config_yaml, state=state)
+            write_checkpoint(self.path, model=model, rounds_done=done, config_yaml=self.config_yaml, state=state,
+                             metrics=metrics)
         except OSError as e:
             raise OSError(io_advice(self.path.parent, e, done - 1)) from None
 
@@ -67,12 +91,14 @@ class Checkpointer:
 
 
 class ResultsFile:
-    """The run's HDF5 file: opened (or reopened after a resume), one row per round, the final model."""
+    """The run's HDF5 file: opened (or reopened after a resume, or rebuilt from the checkpoint), one row per
+    round, the final model (see the module doc)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.writer: ResultsWriter | None = None
         self.reserve = Reserve(reserve_path(path))
+        self.created = False  # this run created the file (removed at close if it holds no round)
 
     @contextmanager
     def _advice(self, after_round: int | None) -> Iterator[None]:
@@ -82,22 +108,73 @@ class ResultsFile:
             raise OSError(io_advice(self.path.parent, e, after_round)) from None
 
     def open(self, *, overwrite: bool, start: int, attrs: Mapping[str, Any], topology: Mapping[str, np.ndarray],
-             quantizer: Mapping[str, np.ndarray], num_links: int, initial: np.ndarray | None) -> None:
-        """Create the file (or reopen it after ``start`` rounds); ``initial`` is
-        stored as ``/model/initial`` when given (the model cannot be recomputed
-        from the seed)."""
+             quantizer: Mapping[str, np.ndarray], num_links: int, initial: np.ndarray | None,
+             metrics: Mapping[str, np.ndarray] | None = None, rebuild: bool = False) -> None:
+        """Create the file, or reopen it after ``start`` rounds (its rows after ``start`` dropped, missing ones
+        filled from the checkpoint's ``metrics``), or with ``rebuild`` write it anew from those ``metrics``
+        (the damaged file, if any, is renamed first; nothing is overwritten).  ``initial`` is stored as
+        ``/model/initial`` when given (the model cannot be recomputed from the seed).  On failure nothing of
+        this call stays behind: a file it created is removed, the space reserve released."""
         with self._advice(None):
-            self.reserve.take()
-            if start:
-                self.writer = ResultsWriter.reopen(self.path, start, attrs)
-                return
-            stale = checkpoint_path(self.path)
-            if overwrite and stale.exists():
-                stale.unlink()
-            self.writer = ResultsWriter(self.path, overwrite=overwrite, attrs=attrs, topology=topology,
-                                        quantizer=quantizer, num_links=num_links)
-            if initial is not None:
-                self.writer.write_model("initial", initial)
+            try:
+                self.reserve.take()
+                if start and not rebuild:
+                    self.writer = ResultsWriter.reopen(self.path, start, attrs)
+                    if self.writer.rounds < start and metrics:  # rows the file lost: the checkpoint has them
+                        self.writer.append_rows({k: v[self.writer.rounds : start] for k, v in metrics.items()})
+                    return
+                provenance: dict[str, Any] = {}
+                if rebuild:
+                    provenance = self._set_aside_damaged(start)
+                stale = checkpoint_path(self.path)
+                if overwrite and not start and stale.exists():
+                    stale.unlink()
+                self.created = overwrite or not self.path.exists()  # from here on the path is this run's
+                self.writer = ResultsWriter(self.path, overwrite=overwrite, attrs={**attrs, **provenance},
+                                            topology=topology, quantizer=quantizer, num_links=num_links)
+                if initial is not None:
+                    self.writer.write_model("initial", initial)
+                if rebuild:
+                    assert metrics is not None
+                    self.writer.append_rows(metrics)
+                    self.writer.mark_resumed(start)
+            except BaseException:
+                self._discard()
+                raise
+
+    def _set_aside_damaged(self, start: int) -> dict[str, Any]:
+        """Rename the damaged results file (if there is one); the provenance attributes of the rebuilt file."""
+        kept = ""
+        if self.path.exists():
+            target = damaged_name(self.path)
+            self.path.rename(target)
+            kept = str(target)
+            log.warning("results file %s is damaged: kept as %s; rebuilding it from the checkpoint (%d rounds)",
+                        self.path, target, start)
+        return {"rebuilt_from": str(checkpoint_path(self.path)), "rebuilt_rounds": start, "damaged_file": kept,
+                "rebuilt_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def _discard(self) -> None:
+        """After a failed open: close what is open, remove a file this run created, release the reserve."""
+        if self.writer is not None:
+            try:
+                self.writer.close("failed", "the run failed while opening its results")
+            except OSError:
+                pass
+            self.writer = None
+        if self.created:
+            self._remove_created()
+        self.reserve.release()
+
+    def _remove_created(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.created = False
+        log.info("removed %s: the run ended before its first round", self.path)
+
+    def history(self) -> dict[str, np.ndarray]:
+        """The metric rows of every round so far (what a checkpoint carries)."""
+        assert self.writer is not None
+        return self.writer.metrics()
 
     def append(self, record: Mapping[str, Any]) -> None:
         assert self.writer is not None
@@ -113,12 +190,21 @@ class ResultsFile:
             self.writer.write_model("final", model)
 
     def close(self, status: str, message: str) -> None:
-        """Record ``status`` and close.  The space reserve is deleted first, so that this works after a
-        full disk; a failure here is logged, never raised (the run's own error is the one to report)."""
+        """Record ``status`` and close; a file this run created that holds no round is removed instead.  The
+        space reserve is deleted first, so that this works after a full disk; a failure here is logged, never
+        raised (the run's own error is the one to report)."""
         self.reserve.release()
-        if self.writer is not None:
-            try:
-                self.writer.close(status, message)
-            except OSError as e:
-                log.error("could not record status %r in %s: %s", status, self.path, e)
-            self.writer = None
+        if self.writer is None:
+            return
+        try:
+            empty = self.created and self.writer.rounds == 0
+        except OSError:  # unreadable now: nothing of it can be trusted
+            empty = self.created
+        try:
+            self.writer.close(status, message)
+        except OSError as e:
+            log.error("could not record status %r in %s: %s", status, self.path, e)
+        self.writer = None
+        if empty:
+            self._remove_created()
+        self.created = False

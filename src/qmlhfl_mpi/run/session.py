@@ -41,11 +41,13 @@ from ..comm.collectives import (
     sum_over_ranks,
 )
 from ..comm.communicators import build_layer_comms
-from ..comm.placement import PlacementError, select_device
-from ..comm.watchdog import RoundTimeout, Watchdog
+from ..comm.placement import PlacementError, ranks_on_node, select_device
+from ..comm.watchdog import PeerFailed, RoundTimeout, Watchdog
 from ..config import Config, callback_specs
 from ..config import build as edge
+from ..config.sizing import check_memory, recheck_memory
 from ..core.exitcodes import EXIT_ABORT, EXIT_IO, EXIT_TIMEOUT, EXIT_USAGE
+from ..core.memory import MemoryEstimateError
 from ..core.participation import expected_messages
 from ..core.registry import PluginError, load_reference
 from ..core.theory import round_time
@@ -110,27 +112,47 @@ class Session:
 
     def __init__(self, cfg: Config, comm: MPI.Intracomm | None = None) -> None:
         self.comm = MPI.COMM_WORLD if comm is None else comm
-        self._guard: Watchdog | None = None  # the round deadline while a round runs (see _round)
+        self.watchdog: Watchdog | None = None
+        self._comms: list[Any] = []
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.config = cfg
         self.rounds = cfg.train.rounds
-        self.tree = cfg.build_tree()
-        self.layout: RankLayout = self._agree(lambda: RankLayout.build(self.tree, self.size), (TopologyError,))
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()  # the communicators built so far
+            raise
+
+    def _build(self, cfg: Config) -> None:
+        """Every runtime object, each step agreed on (see :meth:`_agree`).  Collective."""
+        local_ranks = ranks_on_node(self.comm)
+        sized = self._agree(lambda: check_memory(cfg, self.size, local_ranks), (MemoryEstimateError,),
+                            stage="estimating the memory per rank")
+        self.tree = self._agree(cfg.build_tree, (TopologyError, ValueError), stage="building the tree")
+        self.layout: RankLayout = self._agree(lambda: RankLayout.build(self.tree, self.size), (TopologyError,),
+                                              stage="placing devices on ranks")
         self.devices = self.layout.devices(self.rank)
+        busiest = int(np.diff(self.layout.bounds).max())
+        self._agree(lambda: recheck_memory(sized, busiest, local_ranks, cfg.train.memory_limit_gb),
+                    (MemoryEstimateError,), stage="estimating the memory per rank")
         torch.set_num_threads(threads_per_rank(cfg.train.threads))
         self.data = self._agree(lambda: edge.local_data(cfg, self.tree, self.devices, self.rank, self.size),
-                                (DataError, ValueError, OSError))
+                                (DataError, ValueError, OSError), stage="loading the data")
         self.device = self._agree(lambda: select_device(self.comm, cfg.train.device, cfg.train.share_gpus),
-                                  (PlacementError,))
+                                  (PlacementError,), stage="choosing the training device")
         if self.device.type != "cpu":
             self.data.to(self.device)
         self.model = self._agree(lambda: edge.model(cfg, self.data.input_shape, self.data.num_classes),
-                                 (PluginError, ValueError))
+                                 (PluginError, ValueError), stage="building the model")
         sizes = tuple(p.numel() for p in self.model.parameters())
-        self.codecs = self._agree(lambda: edge.codecs(cfg, sizes), (PluginError, ValueError))
-        self.link_options = self._agree(lambda: edge.link_options(cfg, sizes), (PluginError, ValueError))
-        self.trainer = LocalTrainer(self.model, cfg.train.lr, cfg.train.batch_size, cfg.train.seed, self.device,
-                                    opt=edge.client_optimizer(cfg), schedule=edge.lr_schedule(cfg))
+        self.codecs = self._agree(lambda: edge.codecs(cfg, sizes), (PluginError, ValueError),
+                                  stage="building the codecs")
+        self.link_options = self._agree(lambda: edge.link_options(cfg, sizes), (PluginError, ValueError),
+                                        stage="building the link options")
+        self.trainer = self._agree(lambda: LocalTrainer(self.model, cfg.train.lr, cfg.train.batch_size,
+                                                        cfg.train.seed, self.device, opt=edge.client_optimizer(cfg),
+                                                        schedule=edge.lr_schedule(cfg)),
+                                   (ValueError,), stage="building the trainer")
         self.num_params = self.trainer.dim
         initial = self.trainer.get_vector()
         if cfg.model.init == "module":  # the factory's own init: rank 0's model for everyone
@@ -147,7 +169,7 @@ class Session:
             return out, loss_sum, tau
 
         self.vectorized = self._agree(lambda: use_vectorized(cfg.train.vectorize, self.model, self.num_params),
-                                      (ValueError,))
+                                      (ValueError,), stage="choosing the batched trainer")
         many_fn = None
         if self.vectorized:
             batched = VectorTrainer(self.trainer)
@@ -158,36 +180,48 @@ class Session:
                 return [(x, loss, tau) for x, loss in res]
 
         samples = self.data.samples if cfg.topology.weighting == "samples" else None
-        self.vectors = edge.vectors(cfg.train.aggregate_on, self.device)
-        self.aggregator = HierarchicalAggregator(self.layout, self.rank, self._comms, self.codecs, cfg.tau,
-                                                 self.num_params, cfg.train.seed, train_fn, samples, many_fn,
-                                                 self.link_options, self.vectors)
+        self.vectors = self._agree(lambda: edge.vectors(cfg.train.aggregate_on, self.device), (ValueError,),
+                                   stage="choosing the aggregation's vectors")
+        self.aggregator = self._agree(
+            lambda: HierarchicalAggregator(self.layout, self.rank, self._comms, self.codecs, cfg.tau,
+                                           self.num_params, cfg.train.seed, train_fn, samples, many_fn,
+                                           self.link_options, self.vectors),
+            (ValueError,), stage="building the aggregator")
         self.modelled_round_time = round_time(self.num_params, cfg.tau, self.codecs, self.tree, edge.latency(cfg))
         self._ran = False
         self._lock = OutputLock(cfg.output.path)
-        # the round deadline (train.round_timeout), active from a round's start to its boundary agreement
-        self.watchdog = Watchdog(self.comm, cfg.train.round_timeout) if cfg.train.round_timeout > 0 else None
+        # the round's control channel: failure notices, and the round deadline (train.round_timeout) from a
+        # round's start to its boundary agreement
+        if self.size > 1 or cfg.train.round_timeout > 0:
+            self.watchdog = Watchdog(self.comm, cfg.train.round_timeout)
         self.aggregator.guard = self.watchdog
 
     # ---- agreement ------------------------------------------------------------
     def _agree(self, fn: Callable[[], Any], expected: tuple[type[BaseException], ...],
-               code: int = EXIT_USAGE) -> Any:
-        """Run ``fn`` on every rank; if it raises one of ``expected`` anywhere, every
-        rank raises the same :class:`RunError`.  Collective."""
+               code: int = EXIT_USAGE, stage: str = "starting the run") -> Any:
+        """Run ``fn`` on every rank; if it raises anywhere, every rank raises the same :class:`RunError`.
+        One of ``expected`` gives ``code`` (its own for a ``RunError`` or ``OSError``) and its message; any
+        other exception is unexpected: exit 1, its type and message, and the traceback in the failing
+        rank's log.  ``fn`` must not be collective past the point where it may raise.  Collective."""
         result, msg = None, None
         try:
             result = fn()
         except expected as e:
             msg = f"{_code_of(e) if isinstance(e, (RunError, OSError)) else code}|{e}"
+        except Exception as e:  # noqa: BLE001 - unexpected: every rank still stops together, cleanly
+            log.error("unexpected error on rank %d while %s:\n%s", self.rank, stage, traceback.format_exc())
+            msg = (f"{EXIT_ABORT}|unexpected error on rank {self.rank} while {stage}: {type(e).__name__}: {e} "
+                   "(the traceback is in that rank's log; please report it)")
         self._raise_agreed(msg)
         return result
 
-    def _on_rank0(self, write: Callable[..., None], *args: Any) -> None:
-        """``write(*args)`` on rank 0 (results and checkpoints); a failed write is exit 74 everywhere.  Collective."""
-        self._agree(lambda: write(*args) if self.rank == 0 else None, (OSError,), EXIT_IO)
+    def _on_rank0(self, stage: str, write: Callable[..., None], *args: Any) -> None:
+        """``write(*args)`` on rank 0 (results and checkpoints); a failed write is exit 74 everywhere.
+        ``stage`` says what is being done, for an unexpected error's message.  Collective."""
+        self._agree(lambda: write(*args) if self.rank == 0 else None, (OSError,), EXIT_IO, stage=stage)
 
     def _raise_agreed(self, msg: str | None, stop: bool = False) -> bool:
-        agreed, any_stop = agree(self.comm, msg, stop, self._guard)
+        agreed, any_stop = agree(self.comm, msg, stop, self.watchdog)
         if agreed is not None:
             code, _, text = agreed.partition("|")
             raise RunError(text, int(code))
@@ -231,25 +265,36 @@ class Session:
             out.append(cb)
         return out
 
-    def run(self, callbacks: Sequence[Callback] = (), overwrite: bool = False, resume: bool = False) -> RunSummary:
+    def run(self, callbacks: Sequence[Callback] = (), overwrite: bool = False, resume: bool = False,
+            rebuild_results: bool = False) -> RunSummary:
         """Train every global round; returns the :class:`RunSummary` on every rank.  Collective.
 
         ``overwrite`` replaces an existing output (and its checkpoint);
         ``resume`` continues the interrupted run in ``output.path`` from its
-        checkpoint, bit for bit, on any number of ranks.  Raises
-        :class:`RunError` (the same on every rank) when the run cannot start or
-        a write or callback fails.
+        checkpoint, bit for bit, on any number of ranks; with
+        ``rebuild_results`` too, a missing or unreadable results file is written
+        anew from the checkpoint (the damaged one is kept as ``<output>.damaged``).
+        Raises :class:`RunError` (the same on every rank) when the run cannot
+        start or a write or callback fails.  An unexpected error inside a round
+        on a communicator of several ranks ends the job (``MPI_Abort``, exit 1)
+        after rank 0 has recorded it in the results file.
         """
         if self._ran:
             raise RuntimeError("Session.run() was called already: build a new Session for another run")
         self._ran = True
         try:
-            return self._run(list(callbacks), overwrite, resume)
+            return self._run(list(callbacks), overwrite, resume, rebuild_results)
         except RunError:
             raise
-        except Exception:
+        except Exception as e:
             if self.size > 1:  # the other ranks may wait in a collective: end the whole job
                 log.critical("rank %d failed, aborting the job:\n%s", self.rank, traceback.format_exc())
+                if self.rank != 0 and self.watchdog is not None and not isinstance(e, PeerFailed):
+                    # rank 0 records the failure in the results file and ends the job; if it does not
+                    # respond, this rank ends it after a while
+                    self.watchdog.notify_failure(f"rank {self.rank} failed: {type(e).__name__}: {e}")
+                self._lock.release()
+                logging.shutdown()
                 self.comm.Abort(EXIT_ABORT)
             raise
         finally:
@@ -272,19 +317,20 @@ class Session:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _first_checks(self, overwrite: bool, resume: bool) -> Start:
+    def _first_checks(self, overwrite: bool, resume: bool, rebuild: bool) -> Start:
         """On rank 0: take the output's lock, check the output (and checkpoint) and the free space."""
         cfg = self.config
         if self._lock.path.exists():  # a holder to name (or a stale lock to explain) comes first
             self._lock.acquire(take_over_stale=resume or overwrite)
         try:
-            start = preflight(cfg, overwrite, resume)  # also says what is wrong with the output's location
+            start = preflight(cfg, overwrite, resume, rebuild)  # also says what is wrong with the output's location
             if not self._lock.held:
                 self._lock.acquire(take_over_stale=resume or overwrite)
             D, C = self.tree.num_devices, max(self.data.num_classes, 1)
             needed = (RESERVE_BYTES + checkpoint_bytes(self.num_params, self.aggregator.state_vectors(),
-                                                       cfg.to_yaml())
-                      + 4 * self.num_params + 2 * APPEND_BYTES + (0 if start.rounds_done else 8 * D * (C + 4)))
+                                                       cfg.to_yaml(), self.rounds)
+                      + 4 * self.num_params + (2 + start.rounds_done) * APPEND_BYTES
+                      + (8 * D * (C + 4) if start.rebuild or not start.rounds_done else 0))
             out = Path(cfg.output.path)
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -297,9 +343,9 @@ class Session:
             raise
         return start
 
-    def _start(self, overwrite: bool, resume: bool) -> Start:
-        start: Start = self._agree(lambda: self._first_checks(overwrite, resume) if self.rank == 0 else Start(),
-                                   (RunError, CheckpointError, OSError))
+    def _start(self, overwrite: bool, resume: bool, rebuild: bool) -> Start:
+        start: Start = self._agree(lambda: self._first_checks(overwrite, resume, rebuild) if self.rank == 0
+                                   else Start(), (RunError, CheckpointError, OSError), stage="checking the output")
         done = int(sum_over_ranks(self.comm, np.array([start.rounds_done]))[0])
         if not done:
             return Start()
@@ -310,8 +356,9 @@ class Session:
             problem = None
         self._raise_agreed(f"{EXIT_USAGE}|{problem}" if problem else None)
         model = broadcast_vector(self.comm, start.model if self.rank == 0 else None, self.num_params)
-        self.aggregator.load_state(self._scatter_state(start.state or {}))
-        return Start(done, model, start.state)
+        state = self._scatter_state(start.state or {})
+        self._agree(lambda: self.aggregator.load_state(state), (ValueError,), stage="loading the checkpoint's state")
+        return Start(done, model, start.state, start.metrics, start.rebuild)
 
     def _state_problem(self, state: dict[str, np.ndarray]) -> str | None:
         """On rank 0: what is wrong with a checkpoint's per-node state for this run, if anything."""
@@ -350,7 +397,7 @@ class Session:
             "train_device": str(self.device), "aggregation": self.vectors.name,
         }
 
-    def _open_results(self, results: ResultsFile, overwrite: bool) -> None:
+    def _open_results(self, results: ResultsFile, overwrite: bool, start: Start) -> None:
         cfg, tree, data = self.config, self.tree, self.data
         class_counts = np.zeros((tree.num_devices, max(data.num_classes, 1)))
         for k, (_, y) in data.train.items():
@@ -376,16 +423,16 @@ class Session:
         }
         self._agree(lambda: results.open(overwrite=overwrite, start=self.start_round, attrs=self._attrs(),
                                          topology=topo, quantizer=quant, num_links=tree.N,
-                                         initial=self.initial_vector if cfg.model.init == "module" else None)
+                                         initial=self.initial_vector if cfg.model.init == "module" else None,
+                                         metrics=start.metrics, rebuild=start.rebuild)
                     if self.rank == 0 else None,
-                    (OSError,), EXIT_IO)
+                    (OSError,), EXIT_IO, stage="opening the results file")
 
     def _round(self, t: int, w: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """One global round and its record (the same on every rank).  Collective."""
         cfg, comm, guard = self.config, self.comm, self.watchdog
         if guard is not None:
             guard.start(t, first=t == self.start_round)
-            self._guard = guard
         t0 = time.perf_counter()
         w = self.aggregator.global_round(t, w)
         t_round = time.perf_counter() - t0
@@ -415,10 +462,15 @@ class Session:
         }
         return w, record
 
+    @staticmethod
+    def _checkpoint(ckpt: Checkpointer, results: ResultsFile, w: np.ndarray, done: int,
+                    state: dict[str, np.ndarray] | None) -> None:
+        """On rank 0: the checkpoint after ``done`` rounds, with the metric rows so far."""
+        ckpt.write(w, done, state, results.history())
+
     def _end_guard(self) -> None:
         if self.watchdog is not None:
             self.watchdog.stop()
-        self._guard = None
 
     def _timed_out(self, e: RoundTimeout, results: ResultsFile, ckpt: Checkpointer, w: np.ndarray, done: int
                    ) -> None:
@@ -430,7 +482,7 @@ class Session:
         if self.rank == 0:
             if self.aggregator.state_vectors() == 0 and done > self.start_round:
                 try:  # the cloud model after the last finished round is the whole state: checkpoint it
-                    ckpt.write(w, done, {})
+                    ckpt.write(w, done, {}, results.history())
                     kept = f" Checkpoint {str(ckpt.path)!r} holds {done} rounds."
                 except OSError as err:
                     kept = f" Writing the checkpoint failed too: {err}."
@@ -446,9 +498,9 @@ class Session:
             time.sleep(30)
         self.comm.Abort(EXIT_TIMEOUT)
 
-    def _run(self, callbacks: list[Callback], overwrite: bool, resume: bool) -> RunSummary:
+    def _run(self, callbacks: list[Callback], overwrite: bool, resume: bool, rebuild: bool) -> RunSummary:
         cfg, rank = self.config, self.rank
-        start = self._start(overwrite, resume)
+        start = self._start(overwrite, resume, rebuild)  # rank 0 holds the output's lock from here on
         self.start_round = start.rounds_done
         w = start.model if start.model is not None else self.initial_vector
         self.model_vector, self.round = w, self.start_round - 1
@@ -464,19 +516,20 @@ class Session:
                 log.info("aggregation on %s%s", self.vectors.name,
                          f"; through the host (no device form, d floats per message): {', '.join(slow)}" if slow else
                          ": only packed messages reach the host")
-        callbacks = self._agree(self.config_callbacks, (PluginError, RunError)) + callbacks
         results = ResultsFile(cfg.output.path)
         ckpt = Checkpointer(cfg.output.path, cfg.output.checkpoint_every, cfg.to_yaml())
-        self._open_results(results, overwrite)
         status, message, done, acc = "completed", "", self.start_round, float("nan")
-        try:
+        try:  # from here on, rank 0 records any failure in the results file (or removes a file with no round)
+            callbacks = self._agree(self.config_callbacks, (PluginError, RunError),
+                                    stage="building the config's callbacks") + callbacks
+            self._open_results(results, overwrite, start)
             self._hooks(callbacks, "on_run_start")
             for t in range(self.start_round, self.rounds):
                 w, record = self._round(t, w)
                 self.model_vector, self.round, done = w, t, t + 1
                 if np.isfinite(record["test_accuracy"]):
                     acc = float(record["test_accuracy"])
-                self._on_rank0(results.append, record)
+                self._on_rank0(f"writing round {t} to the results file", results.append, record)
                 diverged = not (math.isfinite(record["train_loss"]) and np.isfinite(w).all())
                 stop = self._hooks(callbacks, "on_round_end", record)
                 self._end_guard()
@@ -487,7 +540,8 @@ class Session:
                                f"--set train.lr={cfg.train.lr / 4:g} (now {cfg.train.lr:g})")
                     break
                 if ckpt.due(done, self.rounds, stop):
-                    self._on_rank0(ckpt.write, w, done, self._gathered_state())
+                    self._on_rank0("writing the checkpoint", self._checkpoint, ckpt, results, w, done,
+                                   self._gathered_state())
                 if stop and done < self.rounds:
                     status = "preempted"
                     message = (f"stopped after round {t} at the request of a signal or callback; checkpoint "
@@ -495,18 +549,21 @@ class Session:
                                "--resume")
                     break
             if status != "preempted":  # completed, or diverged: the file keeps the model it ended with
-                self._on_rank0(results.final, w)
-                self._on_rank0(ckpt.remove)
+                self._on_rank0("writing the final model", results.final, w)
+                self._on_rank0("removing the checkpoint", ckpt.remove)
         except RoundTimeout as e:
             status, message = "failed", e.message
             self._timed_out(e, results, ckpt, w, done)  # does not return
         except BaseException as e:
             if status in ("completed", "preempted"):
-                status, message = "failed", f"{type(e).__name__}: {e}"
+                status = "failed"
+                message = str(e) if isinstance(e, (PeerFailed, RunError)) else f"{type(e).__name__}: {e}"
             raise
         finally:
             if rank == 0:
                 results.close(status, message)
+                if status == "failed":
+                    self._lock.release()
             if status == "failed":  # best effort, not collective: let callbacks release what they hold
                 for cb in callbacks:
                     try:
