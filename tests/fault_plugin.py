@@ -40,7 +40,7 @@ class Fault(Callback):
     def on_run_start(self, session) -> None:
         if session.rank != self.rank or self.mode not in ("raise", "kill", "stop"):
             return
-        agg, target, mode = session.aggregator, self.round, self.mode
+        executor, target, mode = session.executor, self.round, self.mode
         stamp = str(Path(self.path) / "stopped_at") if self.path else ""
 
         def fault(round_):
@@ -54,12 +54,8 @@ class Fault(Callback):
                     return
                 raise RuntimeError(f"injected fault on rank {session.rank} in round {round_}")
 
-        # both training paths (one device at a time, and batched devices) go through the aggregator's hooks
-        train_one, train_many = agg.train_fn, agg.train_many_fn
-        agg.train_fn = lambda v, dev, round_, call: (fault(round_), train_one(v, dev, round_, call))[1]
-        if train_many is not None:
-            agg.train_many_fn = lambda v, devs, round_, calls, group: (
-                fault(round_), train_many(v, devs, round_, calls, group))[1]
+        # both training paths (one device at a time, and batched devices) are the executor's clients
+        executor.clients = _Faulty(executor.clients, fault)
 
     def on_round_end(self, session, record) -> None:
         if self.mode == "delay":
@@ -78,6 +74,17 @@ class Fault(Callback):
                 return real_replace(src, dst)
 
             checkpoint_module.os.replace = crash
+
+
+class _Faulty:
+    """The executor's clients, with ``fault(round)`` called before every local training."""
+
+    def __init__(self, clients, fault):
+        self.clients, self.fault = clients, fault
+
+    def train(self, v, devices, round_, calls, group):
+        self.fault(round_)
+        return self.clients.train(v, devices, round_, calls, group)
 
 
 def fill(directory: Path, leave: int) -> Path:

@@ -135,8 +135,9 @@ def test_good_options_load():
     assert (opts[1].lr, opts[1].betas, opts[1].eps) == (0.01, (0.8, 0.9), 1e-6)
     down = build.downlink_codecs(cfg, sizes=(20, 5))
     assert down[0] is None and down[1] is not None and "qsgd" in down[1].name
-    links = build.link_options(cfg, sizes=(20, 5))
-    assert list(links.error_feedback) == [True, False] and links.downlink[0] is None
+    links = build.links(cfg, sizes=(20, 5))
+    assert [lk.error_feedback for lk in links] == [True, False] and links[0].downlink is None
+    assert links[1].downlink is not None and [type(lk.server).__name__ for lk in links] == ["Momentum", "Adam"]
 
 
 def test_betas_as_one_pair_or_one_pair_per_layer():
@@ -167,8 +168,8 @@ def test_error_feedback_allowed_on_quantized_links():
 def test_defaults_are_the_papers_algorithm():
     cfg = load_config(BASE)
     assert build.participation(cfg).is_full
-    opts = build.link_options(cfg)
-    assert list(opts.error_feedback) == [False, False] and list(opts.downlink) == [None, None]
+    links = build.links(cfg)
+    assert [(lk.error_feedback, lk.downlink, lk.stateful) for lk in links] == [(False, None, False)] * 2
     assert cfg.train.lr_schedule == "constant" and build.lr_schedule(cfg) is None
     assert cfg.train.momentum == 0.0 and not cfg.train.nesterov
 

@@ -11,13 +11,14 @@ import pytest
 
 from helpers import SMALL
 from qmlhfl_mpi import Callback, RunError, Session, load_config
-from qmlhfl_mpi.config import build as edge
+from qmlhfl_mpi.config import build as builders
 from qmlhfl_mpi.config.schema import Config
 from qmlhfl_mpi.results import writer as writer_module
 from qmlhfl_mpi.results.checkpoint import checkpoint_path
 from qmlhfl_mpi.run import lock as lock_module
+from qmlhfl_mpi.run import preflight as preflight_module
 from qmlhfl_mpi.run import recorder as recorder_module
-from qmlhfl_mpi.run import session as session_module
+from qmlhfl_mpi.run import runtime as runtime_module
 
 pytestmark = pytest.mark.portable
 INJECTED = "injected start-up fault"
@@ -37,36 +38,38 @@ class RaiseAtStart(Callback):
 
 
 class RaiseInRound(Callback):
-    """Makes the aggregator raise in round ``k`` (so rounds 0..k-1 are in the file)."""
+    """Makes the round's executor raise in round ``k`` (so rounds 0..k-1 are in the file)."""
 
     def __init__(self, k):
         self.k = k
 
     def on_run_start(self, session):
-        agg, real = session.aggregator, session.aggregator.global_round
+        executor, real = session.executor, session.executor.run
 
-        def global_round(t, w):
-            if t == self.k:
+        def run(plan, w):
+            if plan.round == self.k:
                 raise Boom(INJECTED)
-            return real(t, w)
+            return real(plan, w)
 
-        agg.global_round = global_round
+        executor.run = run
 
 
 # (stage, object, attribute): each raises when the run reaches it
 STAGES = [
-    ("memory check", session_module, "check_memory"),
+    ("memory check", runtime_module, "check_memory"),
     ("tree", Config, "build_tree"),
-    ("data", edge, "local_data"),
-    ("model", edge, "model"),
-    ("codecs", edge, "codecs"),
-    ("link options", edge, "link_options"),
-    ("trainer", session_module, "LocalTrainer"),
-    ("aggregator", session_module, "HierarchicalAggregator"),
+    ("data", builders, "local_data"),
+    ("model", builders, "model"),
+    ("codecs", builders, "codecs"),
+    ("links", builders, "links"),
+    ("trainer", runtime_module, "LocalTrainer"),
+    ("planner", runtime_module, "Planner"),
+    ("executor", runtime_module, "RoundExecutor"),
     ("lock", lock_module.OutputLock, "acquire"),
-    ("preflight", session_module, "preflight"),
-    ("disk space", session_module, "require_space"),
-    ("config callbacks", session_module.Session, "config_callbacks"),
+    ("preflight", preflight_module, "preflight"),
+    ("disk space", preflight_module, "require_space"),
+    ("config callbacks", Session, "config_callbacks"),
+    ("class counts", runtime_module.Runtime, "class_counts"),
     ("space reserve", recorder_module.Reserve, "take"),
     ("results attributes", writer_module, "_set_attrs"),  # the HDF5 file exists, half written
     ("results datasets", writer_module, "_clean_array"),

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from qmlhfl_mpi.comm.aggregate import HierarchicalAggregator
 from qmlhfl_mpi.comm.collectives import (
     agree_on_error,
     broadcast_vector,
@@ -21,9 +20,14 @@ from qmlhfl_mpi.comm.collectives import (
     wait,
 )
 from qmlhfl_mpi.comm.communicators import build_layer_comms
+from qmlhfl_mpi.comm.executor import RoundExecutor
 from qmlhfl_mpi.core import rng
 from qmlhfl_mpi.core.codecs import make_codec
+from qmlhfl_mpi.core.links import Link
+from qmlhfl_mpi.core.participation import Participation
+from qmlhfl_mpi.core.plan import Planner
 from qmlhfl_mpi.core.topology import RankLayout, Tree
+from qmlhfl_mpi.core.vectors import HostVectors
 
 TREES = {
     "uniform": lambda: Tree.uniform([2, 2, 3]),
@@ -95,11 +99,16 @@ def test_messages_arrive_at_rank_0_in_member_order_and_broadcast():
     assert total.tolist() == [comm.size, comm.size * (comm.size - 1) / 2]
 
 
-def _fake_train(dim):
-    def train(v, device, round_, call):
-        g = rng.stream(99, rng.BATCH, device, round_, call)
-        return (v * np.float32(0.9) + g.standard_normal(dim).astype(np.float32)), 1.0, 1
-    return train
+class FakeClients:
+    """Clients whose "training" is a keyed random step: no torch."""
+
+    def __init__(self, dim):
+        self.dim = dim
+
+    def train(self, v, devices, round_, calls, group):
+        for device, call in zip(devices, calls):
+            g = rng.stream(99, rng.BATCH, device, round_, call)
+            yield v * np.float32(0.9) + g.standard_normal(self.dim).astype(np.float32), 1.0, 1
 
 
 @pytest.mark.mpi
@@ -111,16 +120,17 @@ def test_distributed_round_equals_single_rank(name):
     tree = TREES[name]()
     dim = 37
     tau = [2] + [1 + (n % 2) for n in range(1, tree.N)]
-    codecs = [make_codec(s, 8) for s in ([3, 0, 16][: tree.N])]
+    links = [Link(make_codec(s, 8)) for s in ([3, 0, 16][: tree.N])]
+    planner = Planner(tree, tau, Participation.full(tree.N), 5)
 
     def rounds(c):
         layout = RankLayout.build(tree, c.size)
         comms = build_layer_comms(c, layout)
-        agg = HierarchicalAggregator(layout, c.rank, comms, codecs, tau, dim, 5, _fake_train(dim))
+        executor = RoundExecutor(layout, c.rank, comms, links, dim, FakeClients(dim), HostVectors())
         w = np.linspace(-1, 1, dim, dtype=np.float32)
         for t in range(2):
-            w = agg.global_round(t, w)
-        steps = sum_over_ranks(c, agg.stats.steps).sum()
+            w = executor.run(planner.plan(t), w)
+        steps = sum_over_ranks(c, executor.stats.steps).sum()
         for lc in comms[1:]:
             lc.free()
         return w, steps

@@ -12,16 +12,16 @@ from mpi4py import MPI
 
 from helpers import SMALL
 from qmlhfl_mpi import RunError, Session, load_config
-from qmlhfl_mpi.config import build as edge
+from qmlhfl_mpi.config import build as builders
 from qmlhfl_mpi.results import writer as writer_module
-from qmlhfl_mpi.run import session as session_module
+from qmlhfl_mpi.run import runtime as runtime_module
 
 # (stage, owner, attribute, which rank fails: "last" or 0)
 STAGES = [
-    ("data", edge, "local_data", "last"),
-    ("model", edge, "model", "last"),
-    ("trainer", session_module, "LocalTrainer", "last"),
-    ("config callbacks", session_module.Session, "config_callbacks", "last"),
+    ("data", builders, "local_data", "last"),
+    ("model", builders, "model", "last"),
+    ("trainer", runtime_module, "LocalTrainer", "last"),
+    ("config callbacks", Session, "config_callbacks", "last"),
     ("results attributes", writer_module, "_set_attrs", 0),  # only rank 0 writes; the file exists half-written
 ]
 

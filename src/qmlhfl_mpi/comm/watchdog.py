@@ -138,4 +138,6 @@ class Watchdog:
         raise RoundTimeout(message, silent)
 
     def free(self) -> None:
-        self.hb.Free()
+        """Free the control channel's communicator (idempotent)."""
+        if self.hb != MPI.COMM_NULL:
+            self.hb.Free()

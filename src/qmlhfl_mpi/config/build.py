@@ -16,7 +16,7 @@ from torch import nn
 
 from ..accel import TorchVectors
 from ..core.codecs import Codec, link_codecs, make_codec
-from ..core.links import LinkOptions
+from ..core.links import Link
 from ..core.participation import Participation
 from ..core.partition import partition
 from ..core.schedule import LRSchedule
@@ -36,7 +36,7 @@ from ..learning.models import build_model
 from ..learning.train import ClientOptimizer
 from .schema import Config, server_betas
 
-__all__ = ["client_optimizer", "codecs", "data_seed", "data_spec", "downlink_codecs", "latency", "link_options",
+__all__ = ["client_optimizer", "codecs", "data_seed", "data_spec", "downlink_codecs", "latency", "links",
            "local_data", "lr_schedule", "model", "model_dim", "participation", "server_optimizers", "tensor_sizes",
            "vectors"]
 
@@ -88,10 +88,14 @@ def server_optimizers(cfg: Config) -> list[ServerOptimizer]:
     return out
 
 
-def link_options(cfg: Config, sizes: tuple[int, ...] | None = None) -> LinkOptions:
-    """Participation, server optimisers, error feedback and downlink codecs of the aggregator."""
-    return LinkOptions(participation(cfg), server_optimizers(cfg), cfg.quantizer.error_feedback or (False,) * cfg.N,
-                       downlink_codecs(cfg, sizes))
+def links(cfg: Config, sizes: tuple[int, ...] | None = None) -> tuple[Link, ...]:
+    """Every link's codecs, error feedback and server optimiser, resolved once (length N, cloud last);
+    ``sizes`` are the model's tensor sizes (for ``quantizer.bucket: tensor``)."""
+    if sizes is None:
+        sizes = tensor_sizes(cfg)
+    ef = cfg.quantizer.error_feedback or (False,) * cfg.N
+    return tuple(Link(codec, bool(e), server, down) for codec, e, server, down in
+                 zip(codecs(cfg, sizes), ef, server_optimizers(cfg), downlink_codecs(cfg, sizes), strict=True))
 
 
 def error_feedback_warnings(error_feedback: tuple[bool, ...], codecs: list[Codec], dim: int) -> list[str]:

@@ -1,21 +1,32 @@
-"""What the layers do beyond plain averaging: the aggregator's options, built at the edge (pure)."""
+"""What happens on each link, resolved once from the config (pure).
+
+Link ``n`` joins layer ``n-1`` to layer ``n``.  Its :class:`Link` holds the
+uplink codec, whether the senders keep error-feedback residuals, the server
+optimiser of the layer-``n`` nodes, and the downlink codec (``None``: the
+parents send float32 models).  The defaults are the paper's algorithm:
+averaging, no error feedback, float32 downlinks.  Built by
+:func:`qmlhfl_mpi.config.build.links`, one per link, cloud last.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .codecs import Codec
-from .participation import Participation
-from .server_opt import ServerOptimizer
+from .server_opt import Average, ServerOptimizer
 
-__all__ = ["LinkOptions"]
+__all__ = ["Link"]
 
 
 @dataclass(frozen=True)
-class LinkOptions:
-    """What a layer does beyond plain averaging (the defaults are the paper's algorithm)."""
+class Link:
+    """Link ``n``'s codecs, error feedback and its parents' server optimiser (see the module doc)."""
 
-    participation: Participation | None = None                  # None: every child, every time
-    server: Sequence[ServerOptimizer] = ()                      # per layer; empty: avg everywhere
-    error_feedback: Sequence[bool] = ()                         # per link; empty: off
-    downlink: Sequence[Codec | None] = ()                       # per link; None/empty: float32
+    codec: Codec
+    error_feedback: bool = False
+    server: ServerOptimizer = field(default_factory=Average)
+    downlink: Codec | None = None
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the link keeps per-node vectors (residuals at the senders, server state at the parents)."""
+        return self.error_feedback or not isinstance(self.server, Average)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from ..results import (
     read_checkpoint,
     read_status,
 )
+from ..results.space import require_space
 from .errors import RunError
+from .lock import OutputLock
 
 
 @dataclass(frozen=True)
@@ -87,3 +90,26 @@ def preflight(cfg: Config, overwrite: bool, resume: bool, rebuild_results: bool 
     if not os.access(out.parent if str(out.parent) else ".", os.W_OK):
         raise RunError(f"cannot resume {str(out)!r}: its directory is not writable")
     return Start(ckpt.rounds_done, ckpt.model, ckpt.state, ckpt.metrics, rebuild=problem is not None)
+
+
+def claim_output(cfg: Config, lock: OutputLock, overwrite: bool, resume: bool, rebuild: bool,
+                 needed: Callable[[Start], int]) -> Start:
+    """On rank 0: take the output's lock, check the output (and the checkpoint) with :func:`preflight`, and the
+    free space for ``needed(start)`` bytes.  The lock is released again if anything fails."""
+    if lock.path.exists():  # a holder to name (or a stale lock to explain) comes first
+        lock.acquire(take_over_stale=resume or overwrite)
+    try:
+        start = preflight(cfg, overwrite, resume, rebuild)  # also says what is wrong with the output's location
+        if not lock.held:
+            lock.acquire(take_over_stale=resume or overwrite)
+        out = Path(cfg.output.path)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            require_space(out.parent, needed(start), "this run's results file, checkpoint and final model")
+        except OSError as e:
+            raise OSError(f"cannot start the run in {str(out.parent)!r}: {e.strerror or e}. Free disk space "
+                          "there or choose another output.path; nothing was written") from None
+    except BaseException:
+        lock.release()
+        raise
+    return start

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..results import ResultsWriter, checkpoint_path, write_checkpoint
-from ..results.space import Reserve, require_space
+from ..results.space import RESERVE_BYTES, Reserve, require_space
 
 APPEND_BYTES = 64 * 1024  # room one round's row may take (HDF5 allocates a chunk of 256 rows at a time)
 
@@ -34,6 +34,14 @@ def checkpoint_bytes(num_params: int, state_vectors: int, config_yaml: str, roun
     metrics of ``rounds`` rounds, HDF5's metadata."""
     return (4 * num_params * (1 + state_vectors) + len(config_yaml.encode()) + 32 * 1024 + 512 * state_vectors
             + ROW_BYTES * rounds)
+
+
+def start_bytes(num_params: int, state_vectors: int, config_yaml: str, rounds: int, rounds_done: int,
+                devices: int, classes: int, fresh_file: bool) -> int:
+    """Disk space a run needs before its first round: the space reserve, the checkpoint, the final model, the
+    rows of the rounds so far and of two more, and (a new results file) its per-device topology."""
+    return (RESERVE_BYTES + checkpoint_bytes(num_params, state_vectors, config_yaml, rounds) + 4 * num_params
+            + (2 + rounds_done) * APPEND_BYTES + (8 * devices * (max(classes, 1) + 4) if fresh_file else 0))
 
 
 def damaged_name(path: Path) -> Path:

@@ -1,0 +1,325 @@
+"""The round's executor: carries out a :class:`~qmlhfl_mpi.core.plan.RoundPlan` on one rank.
+
+Every rank walks the same plan's events in the same order and does its
+part of each (docs/architecture.md, "The life of a round"):
+
+* ``OPEN`` of node ``u``'s aggregation, on the ranks hosting part of ``u``'s
+  subtree: ``u`` starts from its parent's model (first repetition) or its
+  own; ``u``'s leader makes the accumulator and, when ``u`` spans several
+  ranks, posts the receives of the other ranks' messages; at layer 1 the
+  rank trains its participating devices (:class:`~qmlhfl_mpi.core.clients.Clients`)
+  and encodes their messages.
+* ``CLOSE``: the children's leaders on other ranks send their messages; ``u``'s
+  leader decodes them in child order and applies the layer's server
+  optimiser; the new model goes down to ``u``'s subtree, or (``u``'s last
+  repetition) ``u``'s leader encodes it as ``u``'s message to its parent.
+
+A message is ``codec.encode(x, v, key)`` of the child's model ``x`` against
+its parent's starting model ``v`` (with error feedback ``Q(x - v + e)``),
+added to the parent's float32 accumulator with the child's weight in child
+order (``encode_add`` where both live on one rank, bit-identical to
+``decode_add(encode(...))``), which is why the model is the same for any
+number of ranks.  The vectors are those of the :class:`~qmlhfl_mpi.core.vectors.Vectors`
+backend (numpy on the host, or torch tensors on the training device); MPI
+only moves host bytes.  :meth:`RoundExecutor.run` is collective over the
+layer communicators.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from ..core.clients import Clients
+from ..core.links import Link
+from ..core.plan import OPEN, Aggregation, RoundPlan
+from ..core.server_opt import Average
+from ..core.stats import RoundStats
+from ..core.topology import RankLayout
+from ..core.vectors import LinkCodec, Vectors, through_host
+from .collectives import broadcast_bytes, broadcast_vector, post_receives, send_messages, wait
+from .communicators import LayerComms
+from .watchdog import Watchdog
+
+Vec = Any  # a vector of the backend: numpy array or torch tensor
+
+__all__ = ["RoundExecutor"]
+
+
+class RoundExecutor:
+    """Carries out round plans on one rank (see the module doc).  The per-node state it keeps (server
+    optimisers' vectors, error-feedback residuals) lives on the rank that leads the node or sender."""
+
+    def __init__(self, layout: RankLayout, rank: int, comms: Sequence[LayerComms | None], links: Sequence[Link],
+                 dim: int, clients: Clients, vectors: Vectors, guard: Watchdog | None = None) -> None:
+        tree = layout.tree
+        if len(links) != tree.N:
+            raise ValueError(f"need {tree.N} links, got {len(links)}")
+        self.layout, self.tree, self.rank, self.comms = layout, tree, rank, list(comms)
+        self.links, self.dim, self.clients, self.vectors, self.guard = tuple(links), dim, clients, vectors, guard
+        self.msg_len = [lk.codec.nbytes(dim) for lk in links]
+        self.down_len = [4 * dim if lk.downlink is None else lk.downlink.nbytes(dim) for lk in links]
+        self._up: list[LinkCodec] = [vectors.link_codec(lk.codec) for lk in links]
+        self._down: list[LinkCodec | None] = [None if lk.downlink is None else vectors.link_codec(lk.downlink)
+                                              for lk in links]
+        self._zero: Vec | None = None
+        self.server_state: dict[tuple[int, int], dict[str, Vec]] = {}
+        self.residuals: dict[tuple[int, int], Vec] = {}
+        self.stats = RoundStats(tree.num_devices, tree.N)
+        self._mine = [layout.nodes_of(rank, n) for n in range(tree.N + 1)]  # nodes this rank hosts part of
+        # while a round runs: the nodes' models, the leaders' accumulators, pending receives and sends
+        self._model: dict[tuple[int, int], Vec] = {}
+        self._acc: dict[tuple[int, int], Vec] = {}
+        self._remote: dict[tuple[int, int], list[tuple[np.ndarray, MPI.Request]]] = {}
+        self._parts: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    # ---- who does what ----------------------------------------------------------
+    def involved(self, n: int, u: int) -> bool:
+        """Whether this rank hosts part of node ``u``'s subtree (layer ``n``)."""
+        return u in self._mine[n]
+
+    def leads(self, n: int, u: int) -> bool:
+        return self.layout.leader(n, u) == self.rank
+
+    def _spanning(self, n: int, u: int) -> LayerComms | None:
+        """The communicators of node ``u`` if it spans several ranks and this rank is in its subtree."""
+        lc = self.comms[n]
+        return lc if lc is not None and lc.node == u else None
+
+    def links_through_host(self) -> list[str]:
+        """The links whose codec moves float vectors through the host on this backend (none on the host)."""
+        out = [f"uplink {n} ({lk.codec.name})" for n, (lk, c) in enumerate(zip(self.links, self._up), 1)
+               if through_host(c, self.dim)]
+        out += [f"downlink {n} ({lk.downlink.name})" for n, (lk, dc) in enumerate(zip(self.links, self._down), 1)
+                if lk.downlink is not None and dc is not None and through_host(dc, self.dim)]
+        return out
+
+    # ---- the round --------------------------------------------------------------
+    def run(self, plan: RoundPlan, w: np.ndarray) -> np.ndarray:
+        """Carry out ``plan`` from the cloud model ``w`` (a host array); every rank returns the new cloud model.
+        Collective."""
+        N = self.tree.N
+        self.stats = RoundStats(self.tree.num_devices, N)
+        self._model = {(N, 0): self.vectors.from_host(w)}
+        for kind, a in plan:
+            if not self.involved(a.layer, a.node):
+                continue
+            if kind == OPEN:
+                self._open(plan, a)
+            else:
+                self._close(plan, a)
+        out = self._model.pop((N, 0))
+        self._model.clear()
+        return self.vectors.to_host(out)
+
+    def _open(self, plan: RoundPlan, a: Aggregation) -> None:
+        n, u = a.layer, a.node
+        if a.first and a.parent >= 0:  # the first repetition starts from the parent's model
+            self._model[(n, u)] = self._model[(n + 1, self.tree.parent(n, u))]
+        if a.empty:
+            return
+        v = self._model[(n, u)]
+        first_kid = self.tree.children(n, u).start
+        lc = self._spanning(n, u)
+        if self.leads(n, u):
+            self._acc[(n, u)] = self.vectors.zeros(self.dim)
+            if lc is not None and lc.leaders is not None:  # posted first: the others' messages arrive meanwhile
+                assert lc.leader_counts is not None
+                positions = a.children - first_kid
+                counts = lc.leader_counts if len(positions) == len(lc.kid_leaders) else lc.counts_for(positions)
+                self._remote[(n, u)] = post_receives(lc.leaders, counts, self.msg_len[n - 1], tag=n)
+        if n != 1:
+            return
+        mine = self._mine[0]
+        local = [j for j, c in enumerate(a.children.tolist()) if mine.start <= c < mine.stop]
+        if not local:
+            return
+        devices = [int(a.children[j]) for j in local]
+        calls = [int(a.train_calls[j]) for j in local]
+        st = self.stats
+        t0 = time.perf_counter()
+        for j, dev, (x, loss_sum, steps) in zip(local, devices, self.clients.train(
+                v, devices, plan.round, calls, self.tree.device_range(1, u))):
+            st.t_compute += time.perf_counter() - t0
+            st.loss[dev] += loss_sum
+            st.steps[dev] += steps
+            self._send_up(plan, a, j, x, v)
+            t0 = time.perf_counter()
+
+    def _close(self, plan: RoundPlan, a: Aggregation) -> None:
+        n, u = a.layer, a.node
+        leads = self.leads(n, u)
+        v = self._model[(n, u)]
+        new = v if a.empty else None
+        if not a.empty:
+            lc = self._spanning(n, u)
+            parts = self._parts.pop((n, u), [])
+            if lc is not None and lc.leaders is not None and not leads:  # a child's leader that does not lead u
+                t0 = time.perf_counter()
+                send_messages(lc.leaders, parts, tag=n, guard=self.guard)
+                self.stats.t_comm += time.perf_counter() - t0
+            if leads:
+                new = self._apply(a, v)
+            if a.down:
+                self._model[(n, u)] = self._downlink(plan, a, v, new, lc, leads)
+                return
+        if a.last and a.parent >= 0 and leads:  # the node's model goes up as its message
+            parent = plan.aggregations[a.parent]
+            assert new is not None
+            self._send_up(plan, parent, a.slot, new, self._model[(n + 1, parent.node)])
+        if a.last:
+            self._model.pop((n, u), None)
+
+    def _send_up(self, plan: RoundPlan, parent: Aggregation, j: int, x: Vec, v: Vec) -> None:
+        """Participant ``j``'s message in ``parent``'s aggregation, made on the child's leader (this rank): added to
+        the parent's accumulator when this rank leads the parent too, else kept to be sent at its close."""
+        n, p = parent.layer, parent.node
+        st = self.stats
+        t0 = time.perf_counter()
+        acc = self._acc.get((n, p))
+        key = plan.message_key(parent, j)
+        msg = self._encode(n, int(parent.children[j]), x, v, key, parent.weights[j] if acc is not None else None, acc)
+        if msg is not None:
+            self._parts.setdefault((n, p), []).append(msg)
+        elif self._remote.get((n, p)):
+            MPI.Request.Testall([r for _, r in self._remote[(n, p)]])  # let MPI progress the transfers
+        st.t_codec += time.perf_counter() - t0
+        st.uplink_bytes[n - 1] += self.msg_len[n - 1]
+        st.messages[n - 1] += 1
+
+    def _encode(self, n: int, c: int, x: Vec, v: Vec, key: tuple[int, ...], a: np.float32 | None,
+                acc: Vec | None) -> np.ndarray | None:
+        """Child ``c``'s message to its parent (``acc += a * decoded`` instead when ``acc`` is given)."""
+        codec = self._up[n - 1]
+        if self.links[n - 1].error_feedback:  # m = Q(x - v + e), e <- x - v + e - decode(m)
+            e = self.residuals.get((n, c))
+            z = x - v
+            if e is not None:
+                z += e
+            if self._zero is None:
+                self._zero = self.vectors.zeros(self.dim)
+            msg = codec.encode(z, self._zero, key)
+            z -= codec.decode(msg, self.dim)
+            self.residuals[(n, c)] = z
+            if acc is not None:
+                assert a is not None
+                codec.decode_add(msg, a, acc)
+                return None
+            return msg
+        if acc is not None:
+            assert a is not None
+            codec.encode_add(x, v, key, a, acc)  # = decode_add(encode(...)), bit for bit
+            return None
+        return codec.encode(x, v, key)
+
+    def _apply(self, a: Aggregation, v: Vec) -> Vec:
+        """On the node's leader: the other ranks' messages in child order, then the layer's server step."""
+        n, u = a.layer, a.node
+        st = self.stats
+        acc = self._acc.pop((n, u))
+        remote = self._remote.pop((n, u), [])
+        if remote:
+            codec = self._up[n - 1]
+            weight = dict(zip(a.children.tolist(), a.weights))
+            senders = [c for c in a.children.tolist() if self.layout.leader(n - 1, c) != self.rank]
+            for c, (msg, req) in zip(senders, remote):
+                t0 = time.perf_counter()
+                wait(req, self.guard)
+                t1 = time.perf_counter()
+                codec.decode_add(msg, weight[c], acc)
+                st.t_comm += t1 - t0
+                st.t_codec += time.perf_counter() - t1
+        t0 = time.perf_counter()
+        new = self._update(n, u, v, acc)
+        st.t_codec += time.perf_counter() - t0
+        return new
+
+    def _update(self, n: int, u: int, v: Vec, g: Vec) -> Vec:
+        """The node's optimiser applied to the decoded update ``g``."""
+        opt = self.links[n - 1].server
+        if isinstance(opt, Average):
+            return v + g
+        st = self.server_state.get((n, u))
+        if st is None:
+            st = self.server_state[(n, u)] = {k: self.vectors.from_host(x) for k, x in opt.init_state(self.dim).items()}
+        return opt.apply(v, g, st)
+
+    def _downlink(self, plan: RoundPlan, a: Aggregation, v: Vec, new: Vec | None, lc: LayerComms | None,
+                  leads: bool) -> Vec:
+        """Send node ``u``'s new model down to its subtree; every member returns the same vector.
+
+        Counted on link ``n``: one message of :attr:`down_len` bytes per child of ``u``."""
+        n, u = a.layer, a.node
+        st, codec = self.stats, self._down[n - 1]
+        spanning = lc is not None and lc.subtree is not None
+        if leads:
+            st.downlink_bytes[n - 1] += self.down_len[n - 1] * len(self.tree.children(n, u))
+        if codec is None:
+            if spanning:
+                assert lc is not None and lc.subtree is not None
+                t0 = time.perf_counter()
+                vec = self.vectors
+                got = broadcast_vector(lc.subtree, None if new is None else vec.to_host(new), self.dim, self.guard)
+                new = new if new is not None else vec.from_host(got)  # the root keeps its own vector
+                st.t_comm += time.perf_counter() - t0
+            assert new is not None
+            return new
+        t0 = time.perf_counter()
+        msg = None
+        if leads:
+            assert new is not None
+            msg = codec.encode(new, v, plan.down_key(a))
+        st.t_codec += time.perf_counter() - t0
+        if spanning:
+            assert lc is not None and lc.subtree is not None
+            t0 = time.perf_counter()
+            msg = broadcast_bytes(lc.subtree, msg, self.down_len[n - 1], self.guard)
+            st.t_comm += time.perf_counter() - t0
+        assert msg is not None
+        t0 = time.perf_counter()
+        out = self.vectors.copy(v)
+        codec.decode_add(msg, np.float32(1), out)
+        st.t_codec += time.perf_counter() - t0
+        return out
+
+    # ---- per-node state (server optimisers, error feedback) -----------------------
+    def state(self) -> dict[str, np.ndarray]:
+        """The per-node state this rank keeps, by name (``server.n.u.name``, ``residual.n.c``), as host arrays."""
+        host = self.vectors.to_host
+        out = {f"server.{n}.{u}.{k}": host(x) for (n, u), st in self.server_state.items() for k, x in st.items()}
+        out.update({f"residual.{n}.{c}": host(e) for (n, c), e in self.residuals.items()})
+        return out
+
+    def state_vectors(self) -> int:
+        """How many float32 vectors of the model's length the per-node state may hold (all ranks together)."""
+        tree, out = self.tree, 0
+        for n, lk in enumerate(self.links, start=1):
+            if not isinstance(lk.server, Average):
+                out += tree.num_nodes(n) * len(lk.server.state_names)
+            if lk.error_feedback:
+                out += tree.num_nodes(n - 1)
+        return out
+
+    def owner(self, name: str) -> int:
+        """The rank that keeps the state entry ``name`` (of :meth:`state`) in this layout."""
+        kind, n, u = name.split(".")[:3]
+        return self.layout.leader(int(n), int(u)) if kind == "server" else self.layout.leader(int(n) - 1, int(u))
+
+    def load_state(self, entries: dict[str, np.ndarray]) -> None:
+        """Take over the entries of :meth:`state` that this rank keeps (after a resume)."""
+        for name, x in entries.items():
+            if self.owner(name) != self.rank:
+                continue
+            parts = name.split(".")
+            vec = np.array(x, dtype=np.float32).reshape(-1)
+            if vec.size != self.dim:
+                raise ValueError(f"checkpoint state {name!r} has {vec.size} values, the model {self.dim}")
+            if parts[0] == "server":
+                self.server_state.setdefault((int(parts[1]), int(parts[2])), {})[parts[3]] = self.vectors.from_host(vec)
+            elif parts[0] == "residual":
+                self.residuals[(int(parts[1]), int(parts[2]))] = self.vectors.from_host(vec)
+            else:
+                raise ValueError(f"checkpoint state {name!r} is of no known kind (server., residual.)")

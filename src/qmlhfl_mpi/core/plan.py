@@ -1,0 +1,186 @@
+"""The round as data: what one global round does, planned before anything is trained.
+
+A :class:`Planner` turns (tree, ``tau``, participation, seed, round) into a
+:class:`RoundPlan`: the round's aggregations in the order the recursion of
+docs/algorithm.md performs them, each with its node, its call (how many
+aggregations the node has done before in this round), who takes part, their
+weights, the calls that key their messages and their training, and where its
+result goes (down to the node's subtree, or up to its parent).  Pure: no MPI,
+no torch; every rank computes the same plan, which is why the executor
+(:mod:`qmlhfl_mpi.comm.executor`) gives the same model on any number of ranks.
+
+The plan is a flat list of aggregations and a list of events, ``(OPEN, i)``
+and ``(CLOSE, i)``, nested like the recursion::
+
+    aggregate(u, v):                    OPEN  u's aggregation
+        for each participant c of u:
+            c a device:  train c        (inside u's aggregation: train_calls)
+            c a node:    tau_n times    OPEN/CLOSE c's aggregations (nested)
+            c's message to u            (message_calls; a node's after its last aggregation)
+        v' = u's server step             CLOSE u's aggregation: down to u's subtree,
+                                               or (u's last repetition) up to u's parent
+
+Keys (docs/results.md, reproducibility): the draws of aggregation ``k`` of
+node ``u`` at layer ``n`` come from ``(seed, SAMPLE|AVAIL, n, u, t, k)``;
+child ``c``'s message on link ``n`` from ``(seed, QUANT, n, c, t, j)`` with
+``j`` its :attr:`Aggregation.message_calls` entry; a device's minibatches from
+``(seed, BATCH, c, t, j)`` with ``j`` its :attr:`Aggregation.train_calls`
+entry; a downlink from ``(seed, DOWN, n, u, t, k)``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import rng
+from .participation import Participation
+from .topology import Tree
+
+__all__ = ["CLOSE", "OPEN", "Aggregation", "Planner", "RoundPlan"]
+
+OPEN, CLOSE = 0, 1
+
+
+@dataclass(frozen=True, eq=False)
+class Aggregation:
+    """One aggregation of node ``node`` at layer ``layer`` (see the module doc)."""
+
+    layer: int                  # n >= 1
+    node: int                   # u, numbered left to right within its layer
+    call: int                   # k: the node's aggregations before this one in the round
+    parent: int                 # index of the enclosing aggregation in the plan (-1 for the cloud's)
+    slot: int                   # position of this node among the parent aggregation's participants (-1: cloud)
+    first: bool                 # the node starts from its parent's model (its first repetition)
+    last: bool                  # the result goes up to the parent instead of down to the subtree
+    children: np.ndarray        # int64: the participating children (layer n-1 ids), in child order
+    weights: np.ndarray         # float32: their weights a(c)
+    message_calls: np.ndarray   # int64: per participant, its message's call on link n
+    train_calls: np.ndarray     # int64, layer 1 only: per participating device, its training call
+
+    @property
+    def empty(self) -> bool:
+        """Nobody takes part: the node keeps its model and nothing moves (a last repetition still sends it up)."""
+        return len(self.children) == 0
+
+    @property
+    def down(self) -> bool:
+        """Whether the new model goes down to the node's subtree (every repetition but the last; the cloud's)."""
+        return not self.last and not self.empty
+
+
+@dataclass(frozen=True, eq=False)
+class RoundPlan:
+    """The aggregations of global round ``round`` and the order of their events."""
+
+    round: int
+    seed: int
+    aggregations: tuple[Aggregation, ...]
+    events: tuple[tuple[int, int], ...]   # (OPEN or CLOSE, index into aggregations), in execution order
+    num_links: int
+
+    def message_key(self, agg: Aggregation, j: int) -> tuple[int, ...]:
+        """The codec key of participant ``j``'s message in ``agg``: ``(seed, QUANT, n, c, t, call)``."""
+        return (self.seed, rng.QUANT, agg.layer, int(agg.children[j]), self.round, int(agg.message_calls[j]))
+
+    def down_key(self, agg: Aggregation) -> tuple[int, ...]:
+        """The codec key of ``agg``'s downlink message: ``(seed, DOWN, n, u, t, k)``."""
+        return (self.seed, rng.DOWN, agg.layer, agg.node, self.round, agg.call)
+
+    def messages(self) -> np.ndarray:
+        """Uplink messages per link (int64, length N) in this round."""
+        out = np.zeros(self.num_links, dtype=np.int64)
+        for a in self.aggregations:
+            out[a.layer - 1] += len(a.children)
+        return out
+
+    def trained(self) -> dict[int, int]:
+        """How many local runs each device that trains in this round does."""
+        out: dict[int, int] = {}
+        for a in self.aggregations:
+            if a.layer == 1:
+                for c in a.children.tolist():
+                    out[c] = out.get(c, 0) + 1
+        return out
+
+    def __iter__(self) -> Iterator[tuple[int, Aggregation]]:
+        """The events in order, as ``(OPEN or CLOSE, aggregation)``."""
+        for kind, i in self.events:
+            yield kind, self.aggregations[i]
+
+
+@dataclass
+class Planner:
+    """Plans the rounds of one run: the tree, ``tau``, who takes part and how children are weighted.
+
+    ``samples`` (per device) weights children by training samples (``topology.weighting: samples``);
+    ``None`` by devices.  Keeps the full-participation weights of every node it has planned."""
+
+    tree: Tree
+    tau: Sequence[int]
+    participation: Participation
+    seed: int
+    samples: np.ndarray | None = None
+    _weights: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        N = self.tree.N
+        if len(self.tau) != N or len(self.participation.fraction) != N:
+            raise ValueError(f"the tree has N={N} layers but tau has {len(self.tau)} values and participation "
+                             f"{len(self.participation.fraction)}")
+
+    def participants(self, n: int, u: int, round_: int, call: int) -> np.ndarray:
+        """Positions (ascending) among ``u``'s children of those that take part in its ``call``-th aggregation."""
+        C = len(self.tree.children(n, u))
+        if self.participation.layer_is_full(n):
+            return np.arange(C, dtype=np.int64)
+        return self.participation.participants(self.seed, n, u, round_, call, C)
+
+    def weights(self, n: int, u: int, chosen: np.ndarray) -> np.ndarray:
+        """Float32 weights of the children of ``u`` at positions ``chosen``."""
+        if self.participation.layer_is_full(n):
+            key = (n, u)
+            if key not in self._weights:
+                self._weights[key] = self.tree.weights(n, u, self.samples).astype(np.float32)
+            return self._weights[key]
+        if len(chosen) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self.participation.weights(n, self.tree.child_sizes(n, u, self.samples), chosen)
+
+    def plan(self, round_: int) -> RoundPlan:
+        """The plan of global round ``round_`` (pure: the same on every rank)."""
+        tree, tau = self.tree, self.tau
+        aggs: list[Aggregation] = []
+        events: list[tuple[int, int]] = []
+        agg_calls: dict[tuple[int, int], int] = {}
+        msg_calls = [np.zeros(tree.num_nodes(n - 1), dtype=np.int64) for n in range(1, tree.N + 1)]
+        train_calls = np.zeros(tree.num_devices, dtype=np.int64)
+        empty_i, empty_f = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+
+        def aggregate(n: int, u: int, parent: int, slot: int, first: bool, last: bool) -> None:
+            k = agg_calls.get((n, u), 0)
+            agg_calls[(n, u)] = k + 1
+            chosen = self.participants(n, u, round_, k)
+            kids = tree.children(n, u).start + chosen
+            index = len(aggs)
+            aggs.append(None)  # type: ignore[arg-type]  # filled in below, once the nested calls are counted
+            events.append((OPEN, index))
+            tcalls = empty_i
+            if n == 1 and len(kids):
+                tcalls = train_calls[kids].copy()
+                train_calls[kids] += 1
+            elif len(kids):
+                reps = tau[n - 1]  # tau_n aggregations of each child node
+                for j, c in enumerate(kids.tolist()):
+                    for r in range(reps):
+                        aggregate(n - 1, c, index, j, r == 0, r == reps - 1)
+            mcalls = msg_calls[n - 1][kids].copy() if len(kids) else empty_i
+            if len(kids):
+                msg_calls[n - 1][kids] += 1
+            aggs[index] = Aggregation(n, u, k, parent, slot, first, last, kids.astype(np.int64),
+                                      self.weights(n, u, chosen) if len(kids) else empty_f, mcalls, tcalls)
+            events.append((CLOSE, index))
+
+        aggregate(tree.N, 0, -1, -1, True, False)
+        return RoundPlan(round_, self.seed, tuple(aggs), tuple(events), tree.N)
