@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         "mpich": ["mpich>=4,<6"],
-        "test": ["pytest>=7,<10", "pytest-mpi>=0.6,<1", "pandas>=1.5,<4", "tensorboard>=2.10,<3", "import-linter>=2.0,<3"],
+        "test": ["pytest>=7,<10", "pytest-mpi>=0.6,<1", "pandas>=1.5,<4", "tensorboard>=2.10,<3", "import-linter>=2.0,<3",
+                 "vulture>=2.10,<3"],
         "tensorboard": ["tensorboard>=2.10,<3"],
         "lint": ["ruff>=0.17,<0.18", "mypy>=2.4,<2.5", "import-linter>=2.0,<3", "types-PyYAML"],
     },

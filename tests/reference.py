@@ -1,6 +1,6 @@
 """A deliberately simple serial QMLHFL: plain loops over a nested-list tree.
 
-Written from DESIGN section 1 for the tests; it shares nothing with the engine
+Written from docs/algorithm.md for the tests; it shares nothing with the engine
 (topology, comm, aggregate, train, session) except the codecs (called through
 their public interface), the data generator and the model definition (its
 inputs).  Random streams follow the
@@ -11,7 +11,7 @@ documented keys (docs/reproducibility in docs/results.md):
   availability SeedSequence([seed, 9, layer, node, round, aggregation call]).random(children) < p
   downlink     key (seed, 10, layer, node, round, aggregation call), drawn by a qsgd codec
 The options (sampling, availability, server optimisers, error feedback,
-downlink quantization, the client optimiser) follow DESIGN section 7 and
+downlink quantization, the client optimiser) follow docs/algorithm.md section 5 and
 docs/algorithms.md, written again here as plain loops.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ from helpers import small_config
 from qmlhfl_mpi import load_config
 from qmlhfl_mpi.analysis import calibrate as cal
 from qmlhfl_mpi.cli import main
-from qmlhfl_mpi.config import build as edge
+from qmlhfl_mpi.config import build as builders
 from qmlhfl_mpi.core.theory import q_per_link, round_time
 from qmlhfl_mpi.core.topology import Tree
 
@@ -64,10 +64,10 @@ def test_optimize_calibrate_writes_a_feasible_tau_and_the_scale(tmp_path, capsys
     assert len(head) == 1 and float(head[0].split()[5]) == pytest.approx(c, rel=1e-5)
     new = load_config(str(out))
     tree = new.build_tree()
-    rt = round_time(edge.model_dim(new), new.tau, edge.codecs(new), tree, edge.latency(new))
+    rt = round_time(builders.model_dim(new), new.tau, builders.codecs(new), tree, builders.latency(new))
     assert all(1 <= t <= 8 for t in new.tau)
     assert math.floor(deadline / rt) >= 1
-    assert q_per_link(edge.model_dim(new), edge.codecs(new))  # the written config is usable
+    assert q_per_link(builders.model_dim(new), builders.codecs(new))  # the written config is usable
 
 
 def test_calibrate_refuses_a_different_lr(tmp_path, capsys):

@@ -136,3 +136,43 @@ def test_an_aggregation_nobody_joins_is_planned_empty_and_keeps_its_place():
         assert not a.down and len(a.weights) == len(a.message_calls) == len(a.train_calls) == 0
     cloud = plan.aggregations[0]
     assert cloud.children.tolist() == [0, 1]  # every edge still sends its (unchanged) model up
+
+
+def test_the_plan_command_prints_what_a_run_then_sends(tmp_path, capsys):
+    """``qmlhfl-mpi plan`` (in process: it trains nothing) against a real run of the same round: every
+    link's messages, bytes and downlink bytes agree."""
+    import copy
+    import re
+
+    import yaml
+    from mpi4py import MPI
+
+    from helpers import SMALL
+    from qmlhfl_mpi import Callback, Session, load_config
+    from qmlhfl_mpi.cli import main
+
+    raw = copy.deepcopy(SMALL)
+    raw.update(topology={"tree": [[3, 1], [2, 2, 1]]}, tau=[2, 2, 2], quantizer={"levels": [3, 8, 0], "bucket": 16,
+                                                                                   "downlink": [0, 16, 0]},
+               participation={"fraction": [0.5, 1.0, 1.0], "availability": [1.0, 0.7, 1.0]})
+    raw["train"]["rounds"] = 2
+    raw["output"] = {"path": str(tmp_path / "run.h5")}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["plan", str(path), "--round", "1"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("per link:"))
+    planned = [tuple(int(x.replace(",", "")) for x in m) for m in
+               re.findall(r"link \d: (\d+) messages of ([\d,]+) bytes \(([\d,]+)\), downlink ([\d,]+) bytes", line)]
+
+    class Last(Callback):
+        def on_round_end(self, session, record):
+            self.record = record
+
+    last = Last()
+    Session(load_config(str(path)), MPI.COMM_SELF).run([last])
+    rec = last.record
+    assert int(rec["round"]) == 1
+    assert [(m, b) for m, _, b, _ in planned] == list(zip(rec["messages"].tolist(), rec["uplink_bytes"].tolist()))
+    assert [d for *_, d in planned] == rec["downlink_bytes"].tolist()
+    assert "1:0#0" in out and "up to 2:0" in out and "down to" in out

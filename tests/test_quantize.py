@@ -115,7 +115,7 @@ def test_level_range_is_checked(bad):
 
 
 def test_bucket_reduces_error_as_designed():
-    """DESIGN: one norm per 512 values is far more accurate than one global norm at s=16."""
+    """docs/algorithm.md section 4: one norm per 512 values is far more accurate than one global norm at s=16."""
     d = 200_000
     x = np.random.default_rng(2).standard_normal(d).astype(np.float32)
     rel = {}

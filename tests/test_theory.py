@@ -335,7 +335,7 @@ def global_loss(w, As, bs):
 
 
 def run_recursion(tree, tau, levels, mu, As, bs, rounds, seed, w0=None):
-    """DESIGN section 1 literally: aggregate(u, v) = v + sum_c a(c) Q_n(work(c, v) - v).
+    """docs/algorithm.md section 3 literally: aggregate(u, v) = v + sum_c a(c) Q_n(work(c, v) - v).
     Returns the global loss after each round and the final model."""
     m, d = As[0].shape
     codecs = [make_codec(s, 0) for s in levels]
@@ -424,7 +424,7 @@ def test_drift_lemma_holds_in_simulation(tau, levels):
 
 @pytest.mark.parametrize("tau,spec", [((3, 2), [2, 3]), ((2, 1, 3), [[2, 1], [3]])])
 def test_step_synchronous_model_matches_the_recursion(tau, spec):
-    """Without quantization the per-step simulation above is the DESIGN recursion."""
+    """Without quantization the per-step simulation above is the recursion of docs/algorithm.md."""
     tree = Tree.from_nested(spec)
     As, bs, L = least_squares(tree.num_devices, 6, 10, 2)
     w1 = drift_check(tree, list(tau), (0,) * len(tau), 0.3 / L, As, bs, 0)[2]

@@ -24,7 +24,7 @@ _EXPORTS = {
     "Config": "qmlhfl_mpi.config",
     "ConfigError": "qmlhfl_mpi.config",
     "Session": "qmlhfl_mpi.run.session",
-    "RunSummary": "qmlhfl_mpi.run.session",
+    "RunSummary": "qmlhfl_mpi.run.callbacks",
     "RunError": "qmlhfl_mpi.run.errors",
     "Callback": "qmlhfl_mpi.run.callbacks",
     "ConsoleTable": "qmlhfl_mpi.run.console",

@@ -1,4 +1,4 @@
-"""`qmlhfl-mpi` command line: run | check | optimize | report | sweep.
+"""`qmlhfl-mpi` command line: run | check | optimize | plan | report | sweep.
 
 The only module that touches ``MPI.COMM_WORLD``.  An unexpected exception on
 any rank aborts the whole job (``Abort``) so no rank is left waiting in a
@@ -20,7 +20,7 @@ import argparse
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -28,6 +28,7 @@ from .core.exitcodes import (
     EXIT_ABORT,
     EXIT_DIVERGED,
     EXIT_LR_VIOLATED,
+    EXIT_OK,
     EXIT_PREEMPTED,
     EXIT_USAGE,
 )
@@ -110,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="a pilot tau (repeat for more); default: flat-heavy, configured and frequent-aggregation "
                          "splits of the configured prod(tau)")
 
+    pl = sub.add_parser("plan", help="the round plan: every aggregation of a round with its participants, weights "
+                                     "and bytes (nothing is trained)")
+    common(pl)
+    from .analysis import plan_table
+    plan_table.add_arguments(pl)
+
     from .analysis import report
     rp = sub.add_parser("report", help="tables and plots from one or many HDF5 result files")
     report.add_arguments(rp)
@@ -173,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if rank == 0:
             print(f"done: {summary.rounds_done} rounds, final test accuracy {summary.final_accuracy:.4f}, "
                   f"results in {summary.path}", flush=True)
-        return 0
+        return EXIT_OK
     except BaseException as e:  # noqa: BLE001 - any failure must end every rank
         if isinstance(e, SystemExit) and not e.code:
             raise
@@ -203,28 +210,54 @@ def _pilot_runner(cfg: Config) -> str:
     return summary.path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "run":
-        return cmd_run(args)
-    if args.command in ("check", "optimize"):
-        from .analysis import planner
+def _analysis(command: Callable[[argparse.Namespace, Callable[[str], None]], int]
+              ) -> Callable[[argparse.Namespace], int]:
+    """A serial command that prints lines: bad input (config, data, values) is one message and exit 2."""
+    def run(args: argparse.Namespace) -> int:
         from .config import ConfigError
         from .data.source import DataError
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
-            if args.command == "check":
-                return planner.cmd_check(args, lambda line: print(line, flush=True))
-            return planner.cmd_optimize(args, lambda line: print(line, flush=True), run_pilot=_pilot_runner)
+            return command(args, lambda line: print(line, flush=True))
         except (ConfigError, DataError, ValueError) as e:
             print(f"qmlhfl-mpi: error: {e}", file=sys.stderr)
-            return 2
-    if args.command == "report":
-        from .analysis import report
+            return EXIT_USAGE
+    return run
+
+
+def _check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
+    from .analysis import planner
+    return planner.cmd_check(args, write)
+
+
+def _optimize(args: argparse.Namespace, write: Callable[[str], None]) -> int:
+    from .analysis import planner
+    return planner.cmd_optimize(args, write, run_pilot=_pilot_runner)
+
+
+def _plan(args: argparse.Namespace, write: Callable[[str], None]) -> int:
+    from .analysis import plan_table
+    return plan_table.cmd_plan(args, write)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .analysis import report
+    return report.main(args)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .analysis import sweep
+    return sweep.main(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "check": _analysis(_check), "optimize": _analysis(_optimize), "plan": _analysis(_plan),
+    "report": _report, "sweep": _sweep,
+}
+"""Each subcommand's handler; it returns the process exit code (:mod:`qmlhfl_mpi.core.exitcodes`)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command != "run":  # run sets up its own logging, with the rank
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        return report.main(args)
-    if args.command == "sweep":
-        from .analysis import sweep
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        return sweep.main(args)
-    raise AssertionError(args.command)
+    return COMMANDS[args.command](args)

@@ -1,7 +1,7 @@
 """The aggregation's arithmetic on the training device: torch vectors and codecs (not collective).
 
 With ``train.aggregate_on: device`` (the default ``auto`` picks it when the
-ranks train on a GPU) the aggregator's model vectors, accumulators,
+ranks train on a GPU) the executor's model vectors, accumulators,
 error-feedback residuals and server-optimiser state are torch tensors on the
 training device (:class:`~.vectors.TorchVectors`), and the link codecs run
 there: QSGD (:mod:`.qsgd`) and float32 (:mod:`.identity`) natively, byte for

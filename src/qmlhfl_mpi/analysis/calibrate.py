@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..config import build as edge
+from ..config import build as builders
 from ..core.theory import (
     convergence_bound_layers_terms,
     convergence_bound_terms,
@@ -209,8 +209,8 @@ def initial_gradient_norm2(cfg: Config, max_devices: int = 8, max_samples: int =
     ``max_devices``) devices on at most ``max_samples`` samples each, at the
     initial model (an ESTIMATE of ``G0``)."""
     tree = cfg.build_tree()
-    data = edge.local_data(cfg, tree, range(min(tree.num_devices, max_devices)), 0, 1)
-    model = edge.model(cfg, data.input_shape, data.num_classes)
+    data = builders.local_data(cfg, tree, range(min(tree.num_devices, max_devices)), 0, 1)
+    model = builders.model(cfg, data.input_shape, data.num_classes)
     params = list(model.parameters())
     total: torch.Tensor | None = None
     weight = 0.0
@@ -234,9 +234,9 @@ def run_pilots(cfg: Config, taus: Sequence[Sequence[int]], rounds: int, runner: 
         raise ValueError(f"--pilot-rounds {rounds!r}: need an integer >= 2 (the decrease is measured "
                          "from the first to the last round)")
     tree = cfg.build_tree()
-    dim = edge.model_dim(cfg)
-    codecs = edge.codecs(cfg)
-    lat = edge.latency(cfg)
+    dim = builders.model_dim(cfg)
+    codecs = builders.codecs(cfg)
+    lat = builders.latency(cfg)
     out: list[Pilot] = []
     with tempfile.TemporaryDirectory(prefix="qmlhfl-pilot-", dir=workdir) as tmp:
         for i, tau in enumerate(taus):
@@ -259,4 +259,4 @@ def run_pilots(cfg: Config, taus: Sequence[Sequence[int]], rounds: int, runner: 
 
 def qs_of(cfg: Config) -> tuple[float, ...]:
     """Per-link variance factors ``q_n`` of the configured codecs."""
-    return tuple(q_per_link(edge.model_dim(cfg), edge.codecs(cfg)))
+    return tuple(q_per_link(builders.model_dim(cfg), builders.codecs(cfg)))

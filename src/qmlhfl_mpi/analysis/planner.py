@@ -18,9 +18,9 @@ import torch
 
 from .. import config as config_mod
 from ..config import Config
-from ..config import build as edge
+from ..config import build as builders
 from ..config.sizing import available_memory, sizing
-from ..core.exitcodes import EXIT_LR_VIOLATED, EXIT_USAGE
+from ..core.exitcodes import EXIT_LR_VIOLATED, EXIT_OK, EXIT_USAGE
 from ..core.memory import estimate_memory, fits, format_bytes
 from ..core.optimize import optimize_tau
 from ..core.participation import expected_messages
@@ -43,8 +43,8 @@ from . import calibrate as cal
 def _model_and_data(cfg: Config, max_devices: int = 8) -> tuple[Tree, torch.nn.Module, LocalData]:
     tree = cfg.build_tree()
     devices = range(min(tree.num_devices, max_devices))
-    data = edge.local_data(cfg, tree, devices, 0, 1)
-    return tree, edge.model(cfg, data.input_shape, data.num_classes), data
+    data = builders.local_data(cfg, tree, devices, 0, 1)
+    return tree, builders.model(cfg, data.input_shape, data.num_classes), data
 
 
 def estimate_smoothness(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -109,8 +109,8 @@ def estimate_heterogeneity(cfg: Config, max_nodes: int = 8, max_children: int = 
         picks.append(chosen)
     order = sorted(needed)
     # local_data iterates over its ``devices`` argument; a sorted list of ids works like a range
-    data = edge.local_data(cfg, tree, order, 0, 1)  # type: ignore[arg-type]
-    model = edge.model(cfg, data.input_shape, data.num_classes)
+    data = builders.local_data(cfg, tree, order, 0, 1)  # type: ignore[arg-type]
+    model = builders.model(cfg, data.input_shape, data.num_classes)
     params = [p for p in model.parameters()]
     samples = np.asarray(data.samples, dtype=np.float64)
     grads: dict[int, torch.Tensor] = {}
@@ -183,14 +183,14 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
         write("the run would be refused for its memory: nothing more is checked (the tree is not built)")
         return EXIT_USAGE
     tree = cfg.build_tree()
-    dim = edge.model_dim(cfg)
-    codecs = edge.codecs(cfg)
+    dim = builders.model_dim(cfg)
+    codecs = builders.codecs(cfg)
     qs = q_per_link(dim, codecs)
-    parts = round_time_parts(dim, cfg.tau, codecs, tree, edge.latency(cfg))
+    parts = round_time_parts(dim, cfg.tau, codecs, tree, builders.latency(cfg))
     write(f"config {args.config}: N={tree.N}, {tree.num_devices} devices, {dim} parameters, tau={list(cfg.tau)}")
     write(f"{'link':>4} {'codec':>24} {'q_n':>10} {'bytes/msg':>10} {'msgs/round':>10} {'bytes/round':>12} "
           f"{'model_s/round':>13}")
-    part = edge.participation(cfg)
+    part = builders.participation(cfg)
     for n, codec in enumerate(codecs, start=1):
         nb = codec.nbytes(dim)
         msgs = expected_messages(tree, cfg.tau, n, part)
@@ -201,7 +201,7 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
               f"({part.weighting}); msgs/round and bytes/round are expected values (full participation: "
               f"{[messages_per_round(tree, cfg.tau, n) for n in range(1, tree.N + 1)]}); children send in "
               "parallel, so the modelled time per aggregation does not change")
-    down = [c for c in edge.downlink_codecs(cfg) if c is not None]
+    down = [c for c in builders.downlink_codecs(cfg) if c is not None]
     if down:
         write(f"downlink: {', '.join(c.name for c in down)}; the "
               "deadline model counts uplink messages only")
@@ -209,7 +209,7 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     if biased:
         write(f"links {biased} use biased codecs: the convergence bound below does not cover them "
               "(their q_n is not a variance bound)")
-    for warning in edge.error_feedback_warnings(cfg.quantizer.error_feedback or (False,) * tree.N, codecs, dim):
+    for warning in builders.error_feedback_warnings(cfg.quantizer.error_feedback or (False,) * tree.N, codecs, dim):
         write(f"WARNING: {warning}")
     outside = _outside_bound(cfg)
     if outside:
@@ -242,7 +242,7 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
           f"heterogeneity drift 2 sum c_n zeta_n^2: {shares} (optimize --zeta2-layers uses these constants)")
     if not ok and args.strict:
         return EXIT_LR_VIOLATED
-    return 0
+    return EXIT_OK
 
 
 def _parse_pilot_tau(text: str, N: int, max_tau: int) -> tuple[int, ...]:
@@ -263,7 +263,7 @@ def _calibrate(args: argparse.Namespace, cfg: Config, tree: Tree, L: float, lr: 
     if args.lr is not None and args.lr != cfg.train.lr:
         raise ValueError(f"--calibrate with --lr {args.lr!r} != train.lr {cfg.train.lr!r}: the pilots train at "
                          f"train.lr; drop --lr or pass --set train.lr={args.lr!r}")
-    dim, codecs, lat = edge.model_dim(cfg), edge.codecs(cfg), edge.latency(cfg)
+    dim, codecs, lat = builders.model_dim(cfg), builders.codecs(cfg), builders.latency(cfg)
     taus = ([_parse_pilot_tau(t, tree.N, args.max_tau) for t in args.pilot_tau] if args.pilot_tau
             else cal.default_pilot_taus(cfg.tau, args.max_tau))
     fits = [t for t in taus if round_time(dim, t, codecs, tree, lat) <= args.deadline]
@@ -320,7 +320,7 @@ def cmd_optimize(args: argparse.Namespace, write: Callable[[str], None],
     if args.write and Path(args.write).exists() and not args.overwrite:
         raise ValueError(f"--write {args.write!r} exists; pass --overwrite to replace it")
     tree = cfg.build_tree()
-    dim = edge.model_dim(cfg)
+    dim = builders.model_dim(cfg)
     L, how = _smoothness(cfg, args.L)
     lr = cfg.train.lr if args.lr is None else args.lr
     calibrate = bool(getattr(args, "calibrate", False))
@@ -329,7 +329,7 @@ def cmd_optimize(args: argparse.Namespace, write: Callable[[str], None],
         if run_pilot is None:
             raise ValueError("--calibrate needs a pilot runner: use the qmlhfl-mpi command line")
         scale, cal_note = _calibrate(args, cfg, tree, L, lr, run_pilot, write)
-    res = optimize_tau(dim, edge.codecs(cfg), tree, edge.latency(cfg), args.deadline, scale * L,
+    res = optimize_tau(dim, builders.codecs(cfg), tree, builders.latency(cfg), args.deadline, scale * L,
                        lr, max_tau=args.max_tau, sigma2=args.sigma2, gap0=args.gap0, zeta2=args.zeta2,
                        n_random=args.random, seed=cfg.train.seed,
                        zeta2_layers=getattr(args, "zeta2_layers", None))
@@ -337,7 +337,7 @@ def cmd_optimize(args: argparse.Namespace, write: Callable[[str], None],
           + (f"; CALIBRATED bound with L_eff = {scale:.4g} L = {scale * L:.4g}" if calibrate else ""))
     if getattr(args, "zeta2_layers", None) is not None:
         write(f"per-layer bound (docs/theory.md section 15) with zeta_n^2 = {list(args.zeta2_layers)}")
-    biased = [n for n, c in enumerate(edge.codecs(cfg), start=1) if c.biased]
+    biased = [n for n, c in enumerate(builders.codecs(cfg), start=1) if c.biased]
     if biased:
         write(f"links {biased} use biased codecs: the bound treats their factor as a variance, which it is not; "
               "take the optimum as a heuristic")
@@ -360,4 +360,4 @@ def cmd_optimize(args: argparse.Namespace, write: Callable[[str], None],
             head += f"# calibrated scale c = {scale:.6g} {cal_note}\n"
         out.write_text(head + new.to_yaml())
         write(f"wrote {out}")
-    return 0
+    return EXIT_OK

@@ -61,6 +61,7 @@ import numpy as np
 import yaml
 
 from ..config import RESUME_FREE_KEYS, flatten
+from ..core.exitcodes import EXIT_OK, EXIT_USAGE
 from ..results import ResultsFileError, read_run
 
 IGNORED_PREFIXES = ("output.",)  # where and how results are written: never what differs between experiments
@@ -615,7 +616,7 @@ def main(args: argparse.Namespace) -> int:
             assign_group_labels(groups, keys)
     except ReportError as e:
         print(f"qmlhfl-mpi report: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     extra = extra_columns(args.last, args.at_time)
     header, rows = (table_rows(runs, args.target, extra) if args.no_group
                     else group_rows(groups, args.target, extra))
@@ -625,7 +626,7 @@ def main(args: argparse.Namespace) -> int:
             write_csv(Path(args.csv), header, rows)
         except OSError as e:
             print(f"qmlhfl-mpi report: error: cannot write --csv {args.csv!r}: {e}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         print(f"table written to {args.csv}")
     if not args.no_plots:
         out = Path(args.out) if args.out else runs[0].path.parent
@@ -635,11 +636,11 @@ def main(args: argparse.Namespace) -> int:
                      else plot_groups(groups, out, prefix, args.title))
         except OSError as e:
             print(f"qmlhfl-mpi report: error: cannot write the plots to {str(out)!r}: {e}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         for path in paths:
             print(f"plot written to {path}")
         if paths and not any(p.name.endswith("acc_vs_modelled_time.png") for p in paths):
             print("no finite modelled times in these files: modelled-time plot skipped")
         if not paths:
             print("no evaluated rounds in these files: no plots drawn")
-    return 0
+    return EXIT_OK

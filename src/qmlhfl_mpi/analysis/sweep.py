@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..config import ConfigError, load_config
+from ..core.exitcodes import EXIT_OK, EXIT_USAGE
 from ..results.reader import read_run
 from . import report
 
@@ -350,7 +351,7 @@ def _run_all(todo: list[tuple[int, SweepRun, list[str]]], total: int, jobs: int)
                       "PATH", file=sys.stderr)
                 for proc in running:
                     proc.wait()
-                return 2
+                return EXIT_USAGE
         proc = _wait_any(list(running))
         rc = proc.wait()
         i, r = running.pop(proc)
@@ -377,7 +378,7 @@ def main(args: argparse.Namespace) -> int:
         runs, name, out_dir, extra = _validate(args)
         if args.emit_sweep_file:
             _emit(Path(args.emit_sweep_file), sweep_file_lines(runs), args.overwrite, out_dir, name)
-            return 0
+            return EXIT_OK
         try:
             mpiexec = find_mpiexec(args.mpiexec)
         except SweepError:
@@ -391,7 +392,7 @@ def main(args: argparse.Namespace) -> int:
                              "them, or choose another --out-dir or --name")
     except (SweepError, ConfigError) as e:
         print(f"qmlhfl-mpi sweep: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     todo: list[tuple[int, SweepRun, list[str]]] = []
     for i, r in enumerate(runs, 1):
         if args.cont and r.output.exists():
@@ -407,7 +408,7 @@ def main(args: argparse.Namespace) -> int:
         for _, _, cmd in todo:
             print(shlex.join(cmd))
         print(shlex.join(["qmlhfl-mpi", "report", *rargv]))
-        return 0
+        return EXIT_OK
     first_failure = _run_all(todo, len(runs), args.jobs)
     done = [r for r in runs if r.output.exists()]
     if not done:

@@ -20,6 +20,9 @@ from mpi4py import MPI
 
 from ..core.topology import RankLayout
 
+Intracomm = MPI.Intracomm
+"""The communicator type, for layers that take one without importing mpi4py themselves."""
+
 
 @dataclass
 class LayerComms:

@@ -70,3 +70,8 @@ def ranks_on_node(comm: MPI.Intracomm) -> int:
     size = local.Get_size()
     local.Free()
     return int(size)
+
+
+def mpi_library() -> str:
+    """The MPI library's version text (``MPI_Get_library_version``), stripped; Open MPI's ends in NUL."""
+    return MPI.Get_library_version().replace("\x00", "").strip()

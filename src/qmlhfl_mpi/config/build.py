@@ -1,4 +1,4 @@
-"""The edge: runtime objects built from a :class:`~.schema.Config`, once.
+"""The builders: runtime objects made from a :class:`~.schema.Config`, once (by :mod:`qmlhfl_mpi.run.runtime`).
 
 Everything below this module (data, learning, communication, results, the
 pure core) receives typed pieces (a tree, codecs, a data set, a model),
@@ -32,7 +32,7 @@ from ..data.local import (
 )
 from ..data.registry import DATASETS
 from ..data.source import DataError, GeneratedDataset, Pooled, load_pooled
-from ..learning.models import build_model
+from ..learning.models import build_model, num_parameters
 from ..learning.train import ClientOptimizer
 from .schema import Config, server_betas
 
@@ -145,7 +145,7 @@ def latency(cfg: Config) -> LatencyModel:
     return LatencyModel(cfg.latency.step_time, cfg.link_rates(), cfg.link_latencies())
 
 
-def _dataset(cfg: Config) -> Any:
+def dataset(cfg: Config) -> Any:
     return DATASETS.resolve(cfg.data.name)
 
 
@@ -155,7 +155,7 @@ def data_seed(cfg: Config) -> int:
     return cfg.train.seed if seed is None else seed
 
 
-def _generated(cfg: Config, obj: Any) -> GeneratedDataset:
+def generated(cfg: Config, obj: Any) -> GeneratedDataset:
     """A generated data set gets the data seed (:func:`data_seed`), the ``data.synthetic`` section and
     ``data.args``."""
     try:
@@ -164,7 +164,7 @@ def _generated(cfg: Config, obj: Any) -> GeneratedDataset:
         raise DataError(f"data set {cfg.data.name!r} with data.args={cfg.data.args!r}: {e}") from None
 
 
-def _is_generated(obj: Any) -> bool:
+def is_generated(obj: Any) -> bool:
     return isinstance(obj, type) and issubclass(obj, GeneratedDataset)
 
 
@@ -180,9 +180,9 @@ def _pooled(cfg: Config, obj: Any, train: bool) -> Pooled:
 
 def local_data(cfg: Config, tree: Tree, devices: range, rank: int, num_ranks: int) -> LocalData:
     """The data of the devices ``devices`` that ``rank`` of ``num_ranks`` hosts."""
-    obj = _dataset(cfg)
-    if _is_generated(obj):
-        return generated_local_data(_generated(cfg, obj), tree.num_devices, devices)
+    obj = dataset(cfg)
+    if is_generated(obj):
+        return generated_local_data(generated(cfg, obj), tree.num_devices, devices)
     train = _pooled(cfg, obj, True)
     test = _pooled(cfg, obj, False)
     if test.input_shape != train.input_shape:
@@ -205,9 +205,9 @@ def local_data(cfg: Config, tree: Tree, devices: range, rank: int, num_ranks: in
 
 def data_spec(cfg: Config) -> tuple[tuple[int, ...], int]:
     """(input shape, outputs) of the configured data set; a pooled data set's test split is loaded for it."""
-    obj = _dataset(cfg)
-    if _is_generated(obj):
-        ds = _generated(cfg, obj)
+    obj = dataset(cfg)
+    if is_generated(obj):
+        ds = generated(cfg, obj)
         return ds.input_shape, ds.num_classes
     test = _pooled(cfg, obj, False)
     return test.input_shape, num_classes_of(test, test)
@@ -222,4 +222,4 @@ def model(cfg: Config, input_shape: tuple[int, ...], num_classes: int) -> nn.Mod
 def model_dim(cfg: Config) -> int:
     """Parameters of the configured model (the message length ``d``)."""
     shape, classes = data_spec(cfg)
-    return sum(p.numel() for p in model(cfg, shape, classes).parameters())
+    return num_parameters(model(cfg, shape, classes))

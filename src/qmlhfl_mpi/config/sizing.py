@@ -21,8 +21,9 @@ from ..core.registry import PluginError
 from ..core.server_opt import make_server_optimizer
 from ..core.topology import TreeShape
 from ..data.registry import POOLED_SIZES
+from ..learning.models import num_parameters
 from ..learning.vectorized import CHUNK, use_vectorized
-from . import build as edge
+from . import build as builders
 from .schema import Config
 
 __all__ = ["available_memory", "cgroup_room", "check_memory", "memory_estimate", "recheck_memory", "sizing"]
@@ -32,8 +33,8 @@ GiB = 1 << 30
 
 def _model_params(cfg: Config, shape: tuple[int, ...], classes: int) -> tuple[int, bool]:
     """(parameters, trained in batches) of the configured model."""
-    model = edge.model(cfg, shape, classes)
-    d = sum(p.numel() for p in model.parameters())
+    model = builders.model(cfg, shape, classes)
+    d = num_parameters(model)
     try:
         batched = use_vectorized(cfg.train.vectorize, model, d)
     except ValueError:
@@ -49,9 +50,9 @@ def sizing(cfg: Config, ranks: int) -> Sizing:
     hosted = -(-D // max(1, ranks))
     notes: list[str] = []
     pooled_bytes, pooled = 0, False
-    obj = edge._dataset(cfg)
-    if edge._is_generated(obj):
-        ds = edge._generated(cfg, obj)
+    obj = builders.dataset(cfg)
+    if builders.is_generated(obj):
+        ds = builders.generated(cfg, obj)
         in_shape, classes = tuple(ds.input_shape), ds.num_classes
         per_device = ds.expected_samples()
     elif cfg.data.name in POOLED_SIZES:
@@ -60,12 +61,12 @@ def sizing(cfg: Config, ranks: int) -> Sizing:
         per_device = n_train / max(D, 1)
         pooled, pooled_bytes = True, (n_train + n_test) * features + 4 * features * -(-n_test // ranks)
     else:
-        in_shape, classes = edge.data_spec(cfg)
+        in_shape, classes = builders.data_spec(cfg)
         per_device, pooled = 0.0, True
         notes.append(f"the plug-in data set {cfg.data.name!r} is not counted: its size is known only once loaded")
     d, batched = _model_params(cfg, tuple(in_shape), classes)
     sample_bytes = 4 * math.prod(in_shape) + 8
-    codecs = edge.codecs(cfg)
+    codecs = builders.codecs(cfg)
     buffers = sum(shape.max_children[n] * codecs[n - 1].nbytes(d) for n in range(1, N + 1)
                   if ranks > 1 and shape.nodes[n] < ranks)  # a node spanning ranks receives remote messages
     state = 0

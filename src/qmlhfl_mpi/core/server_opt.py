@@ -16,7 +16,7 @@ the same bits.
 State starts at zero (``m = 0``, ``s = 0``); ``eps`` plays the role of
 Reddi et al.'s ``tau`` (the adaptivity floor), default 1e-3.
 
-The vectors are those of the aggregator's backend (:mod:`.vectors`): numpy
+The vectors are those of the aggregation's backend (:mod:`.vectors`): numpy
 arrays, or torch tensors on the training device.  The rules are written for
 both: element-wise operators with the vector on the left and the
 coefficients as Python floats already rounded to float32 (numpy and torch

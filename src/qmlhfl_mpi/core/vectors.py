@@ -1,8 +1,8 @@
 """Where the aggregation's float32 model vectors live (pure numpy; the interface and the host form).
 
-The aggregator (:mod:`qmlhfl_mpi.comm.aggregate`) never creates, copies or
+The round's executor (:mod:`qmlhfl_mpi.comm.executor`) never creates, copies or
 moves a model vector itself: it asks a :class:`Vectors` backend, chosen once
-at the edge (``train.aggregate_on``).  :class:`HostVectors` keeps them as
+when the run is built (``train.aggregate_on``).  :class:`HostVectors` keeps them as
 numpy arrays on the host, with the compiled codecs of :mod:`.codecs`; the
 torch backend of :mod:`qmlhfl_mpi.accel` keeps them as tensors on the
 training device (a GPU), so that only packed messages cross to the host.
@@ -10,7 +10,7 @@ Either way the vectors are float32, the arithmetic is element-wise in a fixed
 order, and MPI only ever sees host bytes.
 
 A backend also supplies each link codec's implementation for its vectors
-(:meth:`Vectors.link_codec`): what the aggregator calls has the methods of
+(:meth:`Vectors.link_codec`): what the executor calls has the methods of
 :class:`LinkCodec`, which every :class:`~.codecs.Codec` already has.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["HostVectors", "LinkCodec", "Vectors", "through_host"]
 
 
 class LinkCodec(Protocol):
-    """A codec as the aggregator uses it: vectors of the backend's kind in, host bytes out
+    """A codec as the executor uses it: vectors of the backend's kind in, host bytes out
     (and back).  ``a`` is a float32 weight; ``acc`` is updated in place."""
 
     def nbytes(self, d: int) -> int: ...

@@ -151,7 +151,7 @@ class LocalTrainer:
               device: int, round_: int, call: int) -> tuple[Any, float]:
         """``steps`` SGD steps from ``v`` on ``(x, y)`` at the learning rate of round ``round_``;
         returns (new vector, sum of step losses).  The new vector is of ``v``'s kind: a host array
-        for an array, a tensor on the trainer's device for a tensor (the aggregator's backend).
+        for an array, a tensor on the trainer's device for a tensor (the aggregation's backend).
 
         Minibatches come from the stream ``(seed, BATCH, device, round, call)``.
         Randomness inside the model's forward (dropout) comes from torch's

@@ -3,12 +3,9 @@ over stacked parameters (not collective).
 
 For small models most of a step is Python and dispatch overhead; stacking the
 devices that start from the same model (the local children of one layer-1
-node) into one batched computation removes most of it.  Measured with
-``benchmarks/vectorize.py`` on the 2-core machine (1 thread, batch 32, 64
-devices), per device-step: 47 vs 265 us at 1.4 k parameters (5.7x), 74 vs 290
-us at 8.7 k (3.9x), 173 vs 339 us at 26 k (2.0x), 333 vs 417 us at 54 k
-(1.25x), even at 90 k and a loss at 199 k (0.45x).  ``train.vectorize: auto``
-therefore batches models below :data:`AUTO_MAX_PARAMS`.
+node) into one batched computation removes most of it, and the gain shrinks
+as the model grows (docs/performance.md, "Batched devices").
+``train.vectorize: auto`` therefore batches models below :data:`AUTO_MAX_PARAMS`.
 
 Every device draws its minibatches from the same stream as the unbatched
 path, ``(seed, BATCH, device, round, call)``.  Batched products are not

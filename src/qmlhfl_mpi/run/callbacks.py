@@ -13,12 +13,26 @@ gives exit 74, anything else exit 1.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .session import RunSummary, Session
+    from ..config import Config
+    from .session import Session
 
 Record = Mapping[str, Any]  # one global round: every metric that goes to the HDF5 file
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """How a run ended: ``completed``, ``preempted`` (stopped by a signal or a callback after a checkpoint:
+    resume it), ``diverged`` or ``failed``."""
+
+    status: str
+    rounds_done: int
+    final_accuracy: float
+    path: str
+    message: str = ""
 
 
 class Callback:
@@ -34,3 +48,31 @@ class Callback:
 
     def on_run_end(self, session: Session, summary: RunSummary) -> None:
         """After the last round, with the run's summary (also after a stop or divergence)."""
+
+
+def configured_callbacks(cfg: Config) -> list[Callback]:
+    """The callbacks the config asks for: ``output.csv``, ``output.tensorboard``, ``callbacks`` (references
+    loaded as plug-ins); :class:`~qmlhfl_mpi.core.registry.PluginError` names a bad one."""
+    from ..config import callback_specs
+    from ..core.registry import PluginError, load_reference
+    from .logs import CSVLog, TensorBoardLog, csv_path
+
+    out: list[Callback] = []
+    if cfg.output.csv:
+        out.append(CSVLog(csv_path(cfg.output.path)))
+    if cfg.output.tensorboard:
+        out.append(TensorBoardLog(cfg.output.tensorboard))
+    for ref, args in callback_specs(cfg.callbacks):
+        factory = load_reference(ref)
+        if not callable(factory):
+            raise PluginError(f"callback {ref!r}: {factory!r} is not callable; name a Callback subclass or a "
+                              "function returning a Callback")
+        try:
+            cb = factory(**args)
+        except Exception as e:  # noqa: BLE001 - anything the user's constructor raises
+            raise PluginError(f"callback {ref!r} with args {args!r}: {type(e).__name__}: {e}") from None
+        if not isinstance(cb, Callback):
+            raise PluginError(f"callback {ref!r} gave {type(cb).__name__}, not a qmlhfl_mpi.Callback; "
+                              "subclass qmlhfl_mpi.Callback")
+        out.append(cb)
+    return out

@@ -18,7 +18,8 @@ from .callbacks import Callback, Record
 from .errors import RunError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .session import RunSummary, Session
+    from .callbacks import RunSummary
+    from .session import Session
 
 
 LOG_ROW_BYTES = 16 * 1024  # room checked before each row (the file system may fill while a run writes)

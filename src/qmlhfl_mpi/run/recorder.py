@@ -81,9 +81,10 @@ class Checkpointer:
         return done < total and (stop or (self.every > 0 and done % self.every == 0))
 
     def write(self, model: np.ndarray, done: int, state: Mapping[str, np.ndarray] | None = None,
-              metrics: Mapping[str, np.ndarray] | None = None) -> None:
-        """The checkpoint after ``done`` rounds: the cloud model, the per-node ``state`` and the ``metrics`` rows
-        of rounds ``0 .. done-1``."""
+              results: ResultsFile | None = None) -> None:
+        """The checkpoint after ``done`` rounds: the cloud model, the per-node ``state`` and the metric rows of
+        rounds ``0 .. done-1`` from ``results``."""
+        metrics = results.history() if results is not None else None
         try:
             require_space(self.path.parent, checkpoint_bytes(model.size, len(state or {}), self.config_yaml, done),
                           f"the checkpoint {str(self.path)!r}")

@@ -5,20 +5,20 @@ the typed pieces it needs, never the config.  :meth:`Runtime.build` is collectiv
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from mpi4py import MPI
 from torch import nn
 
 from .. import __version__
 from ..comm.collectives import broadcast_vector
-from ..comm.communicators import LayerComms, build_layer_comms
+from ..comm.communicators import Intracomm, LayerComms, build_layer_comms
 from ..comm.executor import RoundExecutor
-from ..comm.placement import PlacementError, ranks_on_node, select_device
+from ..comm.placement import PlacementError, mpi_library, ranks_on_node, select_device
 from ..comm.watchdog import Watchdog
 from ..config import Config
 from ..config import build as builders
@@ -59,7 +59,7 @@ class Runtime:
     :meth:`close` frees them."""
 
     config: Config
-    comm: MPI.Intracomm
+    comm: Intracomm
     rank: int
     size: int
     tree: Tree
@@ -88,7 +88,7 @@ class Runtime:
         return [lk.codec for lk in self.links]
 
     @classmethod
-    def build(cls, cfg: Config, comm: MPI.Intracomm, agreement: Agreement) -> Runtime:
+    def build(cls, cfg: Config, comm: Intracomm, agreement: Agreement) -> Runtime:
         """Build every part from ``cfg`` on ``comm``, each step agreed on by all ranks.  Collective."""
         step = agreement.step
         rank, size = comm.Get_rank(), comm.Get_size()
@@ -146,12 +146,28 @@ class Runtime:
         _free(self.comms, self.watchdog)
         self.comms.clear()
 
+    def describe(self, start_round: int = 0) -> list[tuple[int, str]]:
+        """What rank 0 logs when the run starts, as ``(logging level, line)``: the tree on the ranks, the
+        error-feedback warnings, where the aggregation runs."""
+        out = [(logging.INFO, f"tree {self.tree.describe()} on {self.size} ranks; devices per rank "
+                              f"{np.diff(self.layout.bounds).tolist()[:16]}; load imbalance "
+                              f"{self.layout.load_imbalance():.2f}"
+                              + (f"; resuming after round {start_round - 1}" if start_round else ""))]
+        out += [(logging.WARNING, w) for w in builders.error_feedback_warnings(
+            tuple(lk.error_feedback for lk in self.links), self.codecs, self.num_params)]
+        if self.vectors.name != "host":
+            slow = self.executor.links_through_host()
+            out.append((logging.INFO, f"aggregation on {self.vectors.name}" + (
+                f"; through the host (no device form, d floats per message): {', '.join(slow)}" if slow else
+                ": only packed messages reach the host")))
+        return out
+
     # ---- what the results file records about the run ------------------------------
     def attributes(self) -> dict[str, Any]:
         """The results file's root attributes: the config, versions, sizes, where it ran."""
         return {
             "config_yaml": self.config.to_yaml(), "version": __version__,
-            "mpi_library": MPI.Get_library_version().strip(), "world_size": self.size,
+            "mpi_library": mpi_library(), "world_size": self.size,
             "torch_version": torch.__version__, "numpy_version": np.__version__,
             "num_params": self.num_params, "N": self.tree.N,
             "threads_per_rank": threads_per_rank(self.config.train.threads),

@@ -19,28 +19,25 @@ import math
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
-from ..comm.collectives import broadcast_vector, max_over_ranks, sum_over_ranks
+from ..comm.collectives import max_over_ranks, sum_over_ranks
 from ..comm.watchdog import PeerFailed, RoundTimeout
-from ..config import Config, callback_specs
-from ..config.build import error_feedback_warnings
-from ..core.exitcodes import EXIT_ABORT, EXIT_TIMEOUT, EXIT_USAGE
-from ..core.registry import PluginError, load_reference
+from ..config import Config
+from ..core.exitcodes import EXIT_ABORT, EXIT_TIMEOUT
+from ..core.registry import PluginError
 from ..results import CheckpointError
 from .agreement import Agreement
-from .callbacks import Callback
+from .callbacks import Callback, RunSummary, configured_callbacks
 from .errors import RunError
 from .lock import OutputLock
-from .logs import CSVLog, TensorBoardLog, csv_path
 from .preflight import Start, claim_output
 from .recorder import Checkpointer, ResultsFile, start_bytes
 from .runtime import Runtime, threads_per_rank
-from .state import gather_state, scatter_state
+from .state import gather_state, resume_from
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +47,6 @@ __all__ = ["RunSummary", "Session", "threads_per_rank"]
 _PARTS = frozenset({"rank", "size", "tree", "layout", "devices", "data", "device", "model", "trainer", "clients",
                     "vectorized", "links", "codecs", "participation", "planner", "vectors", "executor", "watchdog",
                     "num_params", "initial_vector", "modelled_round_time"})
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """How a run ended: ``completed``, ``preempted`` (stopped by a signal or a callback after a checkpoint:
-    resume it), ``diverged`` or ``failed``."""
-
-    status: str
-    rounds_done: int
-    final_accuracy: float
-    path: str
-    message: str = ""
 
 
 class Session:
@@ -101,26 +86,8 @@ class Session:
         self.close()
 
     def config_callbacks(self) -> list[Callback]:
-        """The callbacks the config asks for: ``output.csv``, ``output.tensorboard``, ``callbacks``."""
-        out: list[Callback] = []
-        if self.config.output.csv:
-            out.append(CSVLog(csv_path(self.config.output.path)))
-        if self.config.output.tensorboard:
-            out.append(TensorBoardLog(self.config.output.tensorboard))
-        for ref, args in callback_specs(self.config.callbacks):
-            factory = load_reference(ref)
-            if not callable(factory):
-                raise PluginError(f"callback {ref!r}: {factory!r} is not callable; name a Callback subclass or a "
-                                  "function returning a Callback")
-            try:
-                cb = factory(**args)
-            except Exception as e:  # noqa: BLE001 - anything the user's constructor raises
-                raise PluginError(f"callback {ref!r} with args {args!r}: {type(e).__name__}: {e}") from None
-            if not isinstance(cb, Callback):
-                raise PluginError(f"callback {ref!r} gave {type(cb).__name__}, not a qmlhfl_mpi.Callback; "
-                                  "subclass qmlhfl_mpi.Callback")
-            out.append(cb)
-        return out
+        """The callbacks the config asks for (:func:`~.callbacks.configured_callbacks`)."""
+        return configured_callbacks(self.config)
 
     def run(self, callbacks: Sequence[Callback] = (), overwrite: bool = False, resume: bool = False,
             rebuild_results: bool = False) -> RunSummary:
@@ -167,18 +134,7 @@ class Session:
         start: Start = self.agreement.step(
             lambda: claim_output(cfg, self._lock, overwrite, resume, rebuild, needed) if rt.rank == 0 else Start(),
             (RunError, CheckpointError, OSError), stage="checking the output")
-        done = int(sum_over_ranks(self.comm, np.array([start.rounds_done]))[0])
-        if not done:
-            return Start()
-        bad = rt.rank == 0 and start.model is not None and start.model.size != rt.num_params
-        self.agreement.raise_agreed(f"{EXIT_USAGE}|the checkpoint's model has {start.model.size} parameters but "
-                                    f"the configured model has {rt.num_params}" if bad and start.model is not None
-                                    else None)
-        model = broadcast_vector(self.comm, start.model if rt.rank == 0 else None, rt.num_params)
-        state = scatter_state(self.comm, self.agreement, rt.executor, start.state or {}, rt.num_params)
-        self.agreement.step(lambda: rt.executor.load_state(state), (ValueError,),
-                            stage="loading the checkpoint's state")
-        return Start(done, model, start.state, start.metrics, start.rebuild)
+        return resume_from(self.comm, self.agreement, rt.executor, start, rt.num_params)
 
     def _round(self, t: int, w: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """One global round and its record (the same on every rank).  Collective."""
@@ -214,7 +170,7 @@ class Session:
         if rank == 0:
             if stateful == 0 and done > self.start_round:
                 try:  # the cloud model after the last finished round is the whole state: checkpoint it
-                    ckpt.write(w, done, {}, results.history())
+                    ckpt.write(w, done, {}, results)
                     kept = f" Checkpoint {str(ckpt.path)!r} holds {done} rounds."
                 except OSError as err:
                     kept = f" Writing the checkpoint failed too: {err}."
@@ -230,19 +186,6 @@ class Session:
             time.sleep(30)
         self.comm.Abort(EXIT_TIMEOUT)
 
-    def _log_start(self) -> None:
-        rt = self.runtime
-        log.info("tree %s on %d ranks; devices per rank %s; load imbalance %.2f%s", rt.tree.describe(), rt.size,
-                 np.diff(rt.layout.bounds).tolist()[:16], rt.layout.load_imbalance(),
-                 f"; resuming after round {self.start_round - 1}" if self.start_round else "")
-        for warning in error_feedback_warnings(tuple(lk.error_feedback for lk in rt.links), rt.codecs, rt.num_params):
-            log.warning("%s", warning)
-        if rt.vectors.name != "host":
-            slow = rt.executor.links_through_host()
-            log.info("aggregation on %s%s", rt.vectors.name,
-                     f"; through the host (no device form, d floats per message): {', '.join(slow)}" if slow else
-                     ": only packed messages reach the host")
-
     def _run(self, callbacks: list[Callback], overwrite: bool, resume: bool, rebuild: bool) -> RunSummary:
         cfg, rt, agreement = self.config, self.runtime, self.agreement
         start = self._start(overwrite, resume, rebuild)  # rank 0 holds the output's lock from here on
@@ -250,7 +193,8 @@ class Session:
         w = start.model if start.model is not None else rt.initial_vector
         self.model_vector, self.round = w, self.start_round - 1
         if rt.rank == 0:
-            self._log_start()
+            for level, line in rt.describe(self.start_round):
+                log.log(level, "%s", line)
         results = ResultsFile(cfg.output.path)
         ckpt = Checkpointer(cfg.output.path, cfg.output.checkpoint_every, cfg.to_yaml())
         status, message, done, acc = "completed", "", self.start_round, float("nan")
@@ -281,7 +225,7 @@ class Session:
                     break
                 if ckpt.due(done, self.rounds, stop):
                     state = gather_state(self.comm, rt.executor, rt.num_params)
-                    agreement.on_rank0("writing the checkpoint", _checkpoint, ckpt, results, w, done, state)
+                    agreement.on_rank0("writing the checkpoint", ckpt.write, w, done, state, results)
                 if stop and done < self.rounds:
                     status = "preempted"
                     message = (f"stopped after round {t} at the request of a signal or callback; checkpoint "
@@ -313,9 +257,3 @@ class Session:
         summary = RunSummary(status, done, acc, cfg.output.path, message)
         agreement.hooks(callbacks, "on_run_end", self, summary)
         return summary
-
-
-def _checkpoint(ckpt: Checkpointer, results: ResultsFile, w: np.ndarray, done: int,
-                state: dict[str, np.ndarray] | None) -> None:
-    """On rank 0: the checkpoint after ``done`` rounds, with the metric rows so far."""
-    ckpt.write(w, done, state, results.history())

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from .callbacks import Callback, Record
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .session import RunSummary, Session
+    from .callbacks import RunSummary
+    from .session import Session
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from ..comm.collectives import gather_named_vectors, scatter_named_vectors
+from ..comm.collectives import broadcast_vector, gather_named_vectors, scatter_named_vectors, sum_over_ranks
 from ..comm.executor import RoundExecutor
 from ..core.exitcodes import EXIT_USAGE
 from .agreement import Agreement
+from .preflight import Start
 
-__all__ = ["gather_state", "scatter_state", "state_problem"]
+__all__ = ["gather_state", "resume_from", "scatter_state", "state_problem"]
 
 
 def state_problem(executor: RoundExecutor, state: dict[str, np.ndarray], dim: int) -> str | None:
@@ -47,3 +48,19 @@ def scatter_state(comm: Any, agreement: Agreement, executor: RoundExecutor, stat
 def gather_state(comm: Any, executor: RoundExecutor, dim: int) -> dict[str, np.ndarray] | None:
     """Every rank's per-node state on rank 0 (``None`` elsewhere).  Collective."""
     return gather_named_vectors(comm, executor.state(), dim)
+
+
+def resume_from(comm: Any, agreement: Agreement, executor: RoundExecutor, start: Start, dim: int) -> Start:
+    """Every rank's share of rank 0's ``start`` (a fresh start, or a checkpoint's): the rounds done, the cloud
+    model, and the per-node state each rank keeps, loaded into ``executor``.  Collective."""
+    rank = comm.Get_rank()
+    done = int(sum_over_ranks(comm, np.array([start.rounds_done]))[0])
+    if not done:
+        return Start()
+    bad = rank == 0 and start.model is not None and start.model.size != dim
+    agreement.raise_agreed(f"{EXIT_USAGE}|the checkpoint's model has {start.model.size} parameters but the "
+                           f"configured model has {dim}" if bad and start.model is not None else None)
+    model = broadcast_vector(comm, start.model if rank == 0 else None, dim)
+    state = scatter_state(comm, agreement, executor, start.state or {}, dim)
+    agreement.step(lambda: executor.load_state(state), (ValueError,), stage="loading the checkpoint's state")
+    return Start(done, model, start.state, start.metrics, start.rebuild)
