@@ -120,3 +120,11 @@ def killed_run(n: int, cfg: Path, out: Path, *sets: str, rank: int = 1, round_: 
     with h5py.File(ck) as f:
         assert int(f.attrs["rounds_done"]) == round_
         return sorted(f["state"])
+
+
+def bench(*args: str, timeout: float = 180) -> str:
+    """Run a benchmark script (``benchmarks/...``) with this Python from the repository; its printed output."""
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout

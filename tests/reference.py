@@ -229,3 +229,39 @@ class Reference:
             self.calls = {}
             w = self.aggregate(self.root, w, t)
         return w
+
+
+def reference_for(cfg) -> Reference:
+    """The reference set up for a config (its tree, codecs, options and data, built by the engine's
+    builders: the data and the initial model are inputs, not what is tested)."""
+    from qmlhfl_mpi.config import build
+    from qmlhfl_mpi.config.schema import server_betas
+
+    tree = cfg.build_tree()
+    data = build.local_data(cfg, tree, range(tree.num_devices), 0, 1)
+    model = build.model(cfg, data.input_shape, data.num_classes)
+    topo = cfg.topology
+    def lists(x):
+        return [lists(c) for c in x] if isinstance(x, (list, tuple)) else x
+
+    root = build_tree(lists(topo.tree), list(topo.branching) if topo.branching else None)
+    q, t, s, N = cfg.quantizer, cfg.train, cfg.server, cfg.N
+    server = []
+    betas = server_betas(s.betas, N)
+    for n in range(N):
+        par = {"betas": betas[n]}
+        for key in ("lr", "momentum", "eps"):
+            if getattr(s, key):
+                par[key] = getattr(s, key)[n]
+        server.append((s.optimizer[n] if s.optimizer else "avg", par))
+    client = {k: getattr(t, k) for k in ("momentum", "nesterov", "weight_decay", "prox_mu") if getattr(t, k)}
+    schedule = build.lr_schedule(cfg)
+    return Reference(
+        root, cfg.tau, q.levels, q.bucket, t.lr, t.batch_size, t.seed, model, data.train,
+        data.samples if topo.weighting == "samples" else None,
+        kinds=list(q.kind) or None, fraction=list(cfg.participation.fraction) or None,
+        availability=list(cfg.participation.availability) or None, weighting=cfg.participation.weighting,
+        server=server, error_feedback=list(q.error_feedback) or None, downlink=list(q.downlink) or None,
+        client=client, lr_at=schedule.at if schedule else None,
+        tensor_sizes=tuple(p.numel() for p in model.parameters()),
+        fractions=list(q.topk_fraction) or None)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from codec_cases import LENGTHS, LEVELS, pair
 from qmlhfl_mpi.accel import DEVICE_CODECS, TorchVectors
 from qmlhfl_mpi.accel.hosted import HostedCodec
 from qmlhfl_mpi.accel.identity import TorchIdentity
@@ -23,7 +24,6 @@ from qmlhfl_mpi.core.codecs.qsgd import QSGDCodec, decode_add_reference, encode_
 from qmlhfl_mpi.core.codecs.stream import uniforms as host_uniforms
 from qmlhfl_mpi.core.server_opt import make_server_optimizer, sign, sqrt
 from qmlhfl_mpi.core.vectors import HostVectors, through_host
-from test_codec_kernels import LENGTHS, LEVELS, _pair
 
 T = torch.from_numpy
 
@@ -37,7 +37,7 @@ def test_device_qsgd_is_byte_and_bit_identical_to_the_reference(s, bucket):
     dev = TorchQSGD(codec, "cpu", max_rows=None)
     for d in LENGTHS:
         for kind in ("normal", "nonfinite", "zeros"):
-            child, parent = _pair(d, s * 31 + d, kind)
+            child, parent = pair(d, s * 31 + d, kind)
             key = (7, 4, 2, d % 5, s, bucket)
             ref = encode_reference(codec, child, parent, key)
             msg = dev.encode(T(child), T(parent), key)
@@ -62,7 +62,7 @@ def test_long_buckets_are_encoded_through_the_host_with_the_same_bytes():
     dev = TorchQSGD(codec, "cpu")
     assert dev.through_host(d) and not dev.through_host(8 * MAX_ROWS)
     assert not TorchQSGD(codec, "cpu", max_rows=None).through_host(d)
-    child, parent = _pair(d, 5)
+    child, parent = pair(d, 5)
     key = (3, 1, 4)
     assert np.array_equal(dev.encode(T(child), T(parent), key), encode_reference(codec, child, parent, key))
     acc, want = torch.zeros(d), np.zeros(d, np.float32)
@@ -94,7 +94,7 @@ def test_codecs_without_a_device_form_give_the_hosts_bytes_and_sums(kind, levels
     codec = make_codec(levels, bucket, kind, fraction=0.2, tensor_sizes=sizes)
     dev = TorchVectors("cpu").link_codec(codec)
     d = sum(sizes)
-    child, parent = _pair(d, 11)
+    child, parent = pair(d, 11)
     key = (9, 2, 1, 3)
     msg = dev.encode(T(child), T(parent), key)
     assert np.array_equal(msg, codec.encode(child, parent, key))

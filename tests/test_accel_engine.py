@@ -1,56 +1,35 @@
-"""``train.aggregate_on: device`` end to end under real ``mpiexec``, on CPU tensors (the arithmetic a
-GPU run does, on the CPU): bit for bit the host backend's models and metrics on any rank count, exact
-resume after a killed rank, and batched training on the device path.  (Against the independent serial
-reference: ``test_options_engine.py::test_engine_matches_serial_reference_with_options``.)"""
+"""``train.aggregate_on: device`` in process: rank 0 says where the aggregation runs and which links go through
+the host, and the device backend gives the host's model and metrics.  On 1 to 4 ranks, against the serial
+reference and across a resume: tests/mpi/test_engine_matrix.py."""
 from __future__ import annotations
+
+import logging
 
 import h5py
 import numpy as np
+from mpi4py import MPI
 
-from helpers import killed_run, small_config
-from test_options_engine import EVERYTHING, METRICS, final_model, read_all, run_ok
+from helpers import small_config
+from qmlhfl_mpi import Session, config
 
-DEVICE = "train.aggregate_on=device"
+METRICS = ("uplink_bytes", "messages", "downlink_bytes", "train_loss", "test_loss", "test_accuracy")
 
 
-def test_device_aggregation_equals_the_host_on_any_rank_count_and_resumes_exactly(tmp_path):
-    cfg = small_config(tmp_path, **EVERYTHING)
-    host = tmp_path / "host.h5"
-    proc = run_ok(2, cfg, "--set", f"output.path={host}", "--set", "train.aggregate_on=host")
-    model_h, metrics_h = read_all(host)
-    with h5py.File(host) as f:
-        assert f.attrs["aggregation"] == "host"
-    for n in (1, 3):
-        out = tmp_path / f"dev{n}.h5"
-        proc = run_ok(n, cfg, "--set", f"output.path={out}", "--set", DEVICE, "--log-level", "INFO")
-        model, metrics = read_all(out)
-        assert np.array_equal(model, model_h), f"device aggregation on {n} ranks differs from the host's"
-        for k in METRICS:  # bytes and messages included: the same messages of the same lengths
-            assert np.array_equal(metrics[k], metrics_h[k]), (k, n)
-    # rank 0 says where the aggregation runs and which link goes through the host (top-k has no device form)
-    assert "aggregation on torch:cpu; through the host" in proc.stderr and "uplink 1 (topk" in proc.stderr
-    # a rank dies after round 3's checkpoint (residuals and server state on the device); resume on 2 ranks
-    out = tmp_path / "killed.h5"
-    state = killed_run(3, cfg, out, DEVICE)
-    assert any(k.startswith("server.") for k in state) and any(k.startswith("residual.") for k in state), state
-    run_ok(2, cfg, "--set", f"output.path={out}", "--set", DEVICE, "--resume")
-    model, metrics = read_all(out)
-    assert np.array_equal(model, model_h)
+def test_device_aggregation_says_which_links_go_through_the_host_and_equals_the_host(tmp_path, caplog):
+    cfg_path = small_config(tmp_path, topology={"tree": [[3, 2], [1, 2]]}, tau=[2, 2, 1],
+                            quantizer={"levels": [4, 8, 16], "bucket": 8, "kind": ["topk", "qsgd", "qsgd"],
+                                       "topk_fraction": [0.25, 0.01, 0.01], "downlink": [0, 8, 16]},
+                            train={"rounds": 2, "vectorize": "on"})
+    got = {}
+    for backend in ("host", "device"):
+        cfg = config.load(cfg_path, [f"train.aggregate_on={backend}", f"output.path={tmp_path / backend}.h5"])
+        with caplog.at_level(logging.INFO, logger="qmlhfl_mpi.run.session"):
+            Session(cfg, MPI.COMM_SELF).run()
+        with h5py.File(cfg.output.path) as f:
+            assert f.attrs["aggregation"] == {"host": "host", "device": "torch:cpu"}[backend]
+            got[backend] = f["model/final"][()], {k: f["metrics"][k][()] for k in METRICS}
+    # top-k has no device form: its messages go through the host
+    assert "aggregation on torch:cpu; through the host" in caplog.text and "uplink 1 (topk" in caplog.text
+    assert np.array_equal(got["host"][0], got["device"][0])
     for k in METRICS:
-        assert np.array_equal(metrics[k], metrics_h[k]), k
-
-
-def test_batched_training_on_the_device_path_is_rank_invariant_and_equals_the_host(tmp_path):
-    sections = dict(topology={"tree": [[5, 3], [4]]}, tau=[3, 2, 1],
-                    quantizer={"levels": [8, 8, 16], "bucket": 16, "error_feedback": [True, False, False],
-                               "downlink": [0, 0, 8]},
-                    server={"optimizer": ["avg", "momentum", "avg"]},
-                    train={"rounds": 3, "vectorize": "on", "momentum": 0.9})
-    cfg = small_config(tmp_path, **sections)
-    models = {}
-    for n, backend in ((1, "device"), (3, "device"), (2, "host")):
-        out = tmp_path / f"{backend}{n}.h5"
-        run_ok(n, cfg, "--set", f"output.path={out}", "--set", f"train.aggregate_on={backend}")
-        models[(n, backend)] = final_model(out)
-    assert np.array_equal(models[(1, "device")], models[(3, "device")])
-    assert np.array_equal(models[(1, "device")], models[(2, "host")])
+        assert np.array_equal(got["host"][1][k], got["device"][1][k], equal_nan=True), k

@@ -1,17 +1,7 @@
 """The benchmarks run (smoke test only: tiny sizes, seconds; no timing is asserted)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from helpers import REPO, clean_env
-
-
-def bench(*args: str, timeout: float = 180) -> str:
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+from helpers import bench
 
 
 def test_codec_benchmark_prints_every_codec_and_the_floor():

@@ -142,12 +142,9 @@ def assert_same_as_reference(path: Path, reference) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(reference_run):
     """The uninterrupted run every restart must reproduce bit for bit."""
-    tmp = tmp_path_factory.mktemp("reference")
-    proc, _ = run_cli(2, ["run", str(small_config(tmp, **SECTIONS)), "--quiet"], timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return final(tmp / "out.h5")
+    return final(reference_run(**SECTIONS))
 
 
 def stop_mid_run(cfg: Path, sig: int, target: str, times: int = 1) -> subprocess.CompletedProcess:

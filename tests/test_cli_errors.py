@@ -1,25 +1,38 @@
-"""Bad input and failures under ``mpiexec -n 2``: a clear message, a non-zero
-exit within seconds, no hang, nothing overwritten."""
+"""Bad input and failures: a clear message, exit 2 (or the documented code) within seconds, no hang, nothing
+overwritten.  Each check runs in process (``load_config`` and ``Session`` on ``COMM_SELF``: what the CLI
+runs); the agreement itself, one message from every rank of a real job, is checked end to end under
+``mpiexec -n 2`` for a config error, an oversized tree and a rank that fails mid-run."""
 from __future__ import annotations
 
 import time
 
 import h5py
 import pytest
+from mpi4py import MPI
 
 from fault_plugin import spec as fault
 from helpers import run_cli, small_config
+from qmlhfl_mpi import ConfigError, RunError, Session, load_config
+from qmlhfl_mpi.core.topology import RankLayout, TopologyError
 
 FAST = 20  # seconds: start-up of two Python ranks plus the check, with margin on a loaded machine
 
 
+def refusal(cfg_path, **run):
+    """The message and exit code with which loading or starting the config fails, in this process."""
+    try:
+        Session(load_config(str(cfg_path)), MPI.COMM_SELF).run(**run)
+    except ConfigError as e:
+        return str(e), 2
+    except RunError as e:
+        return str(e), e.code
+    raise AssertionError("the run did not fail")
+
+
 @pytest.mark.portable
 @pytest.mark.parametrize("sections,message", [
-    ({"train": {"lr": 0.1, "learnig_rate": 1}}, "unknown config key(s) 'train.learnig_rate'"),
     ({"tau": [2]}, "'tau' = [2]: the tree has N=2 layers, so give 2 values"),
     ({"quantizer": {"levels": [4, -2]}}, "'quantizer.levels[1]' = -2: expected an integer from 0 to 32767"),
-    ({"topology": {"tree": 1}, "tau": [1], "quantizer": {"levels": [4]}},
-     "2 MPI ranks cannot host a tree of 1 devices"),
     ({"data": {"name": "fashion-mnist", "root": "/nonexistent/fmnist"}, "model": {"name": "mlp"}},
      "/nonexistent/fmnist"),
     ({"train": {"aggregate_on": "gpu"}}, "'train.aggregate_on' = 'gpu': expected one of 'auto', 'host', 'device'"),
@@ -28,9 +41,24 @@ FAST = 20  # seconds: start-up of two Python ranks plus the check, with margin o
 ])
 def test_bad_input_fails_fast_with_message(tmp_path, sections, message):
     cfg = small_config(tmp_path, **sections)
+    t0 = time.monotonic()
+    text, code = refusal(cfg)
+    assert code == 2 and message in text, text
+    assert time.monotonic() - t0 < FAST
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_too_many_ranks_for_the_tree_names_the_rank_counts_that_work():
+    with pytest.raises(TopologyError, match="2 MPI ranks cannot host a tree of 1 devices"):
+        RankLayout.build(load_config(dict(topology={"tree": 1}, tau=[1], quantizer={"levels": [4]})).build_tree(), 2)
+
+
+@pytest.mark.portable
+def test_a_config_error_is_one_message_from_a_real_job(tmp_path):
+    cfg = small_config(tmp_path, train={"lr": 0.1, "learnig_rate": 1})
     proc, secs = run_cli(2, ["run", str(cfg)], timeout=120)
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("qmlhfl-mpi: error:") == 1 and "unknown config key(s) 'train.learnig_rate'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert secs < FAST
     assert not (tmp_path / "out.h5").exists()
@@ -40,26 +68,23 @@ def test_existing_output_is_refused_and_kept(tmp_path):
     cfg = small_config(tmp_path)
     out = tmp_path / "out.h5"
     out.write_bytes(b"precious result")
-    proc, secs = run_cli(2, ["run", str(cfg)], timeout=120)
-    assert proc.returncode == 2
-    assert "already exists" in proc.stderr and "--overwrite" in proc.stderr
+    text, code = refusal(cfg)
+    assert code == 2 and "already exists" in text and "--overwrite" in text
     assert out.read_bytes() == b"precious result"
-    assert secs < FAST
 
 
 def test_overwrite_replaces_output(tmp_path):
     cfg = small_config(tmp_path, train={"rounds": 1})
     out = tmp_path / "out.h5"
     out.write_bytes(b"old")
-    proc, _ = run_cli(2, ["run", str(cfg), "--overwrite", "--quiet"], timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert Session(load_config(str(cfg)), MPI.COMM_SELF).run(overwrite=True).status == "completed"
     with h5py.File(out) as f:
         assert f.attrs["status"] == "completed"
 
 
 def test_missing_config_file(tmp_path):
-    proc, secs = run_cli(2, ["run", str(tmp_path / "nope.yaml")], timeout=60)
-    assert proc.returncode == 2 and "not found" in proc.stderr and secs < FAST
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
 
 
 @pytest.mark.portable

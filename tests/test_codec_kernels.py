@@ -6,14 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from codec_cases import LENGTHS, LEVELS, pair
 from qmlhfl_mpi.core.codecs.kernels import HAVE_NUMBA
 from qmlhfl_mpi.core.codecs.qsgd import QSGDCodec, decode_add_reference, encode_reference, level_bits
 from qmlhfl_mpi.core.codecs.stream import key_words, uniforms
 
 # two level counts per level-bit width 1..15: the smallest and the largest of that width,
 # so the code widths (sign + level bits) run over 2..16
-LEVELS = sorted({s for b in range(1, 16) for s in (2 ** (b - 1), 2**b - 1)})
-LENGTHS = [0, 1, 5, 1000, 100003]
 
 
 def test_the_compiled_kernels_are_in_use():
@@ -24,16 +23,6 @@ def test_levels_cover_every_width():
     assert sorted({1 + level_bits(s) for s in LEVELS}) == list(range(2, 17))
 
 
-def _pair(d, seed, kind="normal"):
-    g = np.random.default_rng(seed)
-    child = g.standard_normal(d).astype(np.float32)
-    parent = g.standard_normal(d).astype(np.float32)
-    if kind == "nonfinite" and d:
-        for k, v in zip(g.choice(d, min(d, 7), replace=False), [np.inf, -np.inf, np.nan, np.inf, np.nan, -np.inf, 1e38]):
-            child[k] = v
-    if kind == "zeros":
-        child = parent.copy()
-    return child, parent
 
 
 @pytest.mark.parametrize("s", LEVELS)
@@ -42,7 +31,7 @@ def test_fast_encode_is_byte_identical_to_the_reference(s, bucket):
     codec = QSGDCodec(s, bucket)
     for d in LENGTHS:
         for kind in ("normal", "nonfinite", "zeros"):
-            child, parent = _pair(d, s * 31 + d, kind)
+            child, parent = pair(d, s * 31 + d, kind)
             key = (7, 4, 2, d % 5, s, bucket)
             fast, ref = codec.encode(child, parent, key), encode_reference(codec, child, parent, key)
             assert fast.dtype == np.uint8 and fast.size == codec.nbytes(d)
@@ -58,7 +47,7 @@ def test_fast_decode_add_is_bit_identical_to_the_reference(s, bucket):
             acc_fast = np.random.default_rng(d).standard_normal(d).astype(np.float32)
             acc_ref = acc_fast.copy()
             for m, a in enumerate((0.25, 0.5, 0.125, 1 / 3)):  # a parent's weighted sum, in child order
-                child, parent = _pair(d, 100 * m + s, kind)
+                child, parent = pair(d, 100 * m + s, kind)
                 msg = encode_reference(codec, child, parent, (1, m))
                 codec.decode_add(msg, np.float32(a), acc_fast)
                 decode_add_reference(codec, msg, np.float32(a), acc_ref)
@@ -76,7 +65,7 @@ def test_decode_add_checks_the_length():
 
 def test_encode_of_a_difference_never_needs_the_difference():
     """encode(child, parent) == encode(child - parent, 0): the fused pass forms x - v itself."""
-    child, parent = _pair(5000, 3)
+    child, parent = pair(5000, 3)
     codec = QSGDCodec(16, 512)
     assert np.array_equal(codec.encode(child, parent, (9,)), codec.encode(child - parent, np.zeros(5000, np.float32), (9,)))
 
@@ -113,7 +102,7 @@ def test_fused_encode_add_equals_decode_add_of_encode(s, bucket):
             acc_fused = np.random.default_rng(d + 1).standard_normal(d).astype(np.float32)
             acc_bits = acc_fused.copy()
             for m, a in enumerate((0.5, 0.25, 1 / 3)):
-                child, parent = _pair(d, 7 * m + s, kind)
+                child, parent = pair(d, 7 * m + s, kind)
                 codec.encode_add(child, parent, (3, m), np.float32(a), acc_fused)
                 decode_add_reference(codec, encode_reference(codec, child, parent, (3, m)), np.float32(a), acc_bits)
             assert np.array_equal(acc_fused, acc_bits, equal_nan=True), (s, bucket, d, kind)
@@ -123,7 +112,7 @@ def test_identity_encode_add_equals_decode_add_of_encode():
     from qmlhfl_mpi.core.codecs.identity import IdentityCodec
 
     codec = IdentityCodec()
-    child, parent = _pair(1001, 5)
+    child, parent = pair(1001, 5)
     a, b = np.ones(1001, np.float32), np.ones(1001, np.float32)
     codec.encode_add(child, parent, (0,), np.float32(0.3), a)
     codec.decode_add(codec.encode(child, parent, (0,)), np.float32(0.3), b)

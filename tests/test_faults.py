@@ -3,6 +3,7 @@ checkpoints, unwritable or full disks, and exact resumption."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import time
 import h5py
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 from fault_plugin import spec as fault
 from helpers import clean_env, mpiexec_cmd, run_cli, small_config
-from qmlhfl_mpi import RunError, load_config
+from qmlhfl_mpi import RunError, Session, load_config
 from qmlhfl_mpi.run.preflight import preflight
 
 ROUNDS = 8
@@ -32,13 +34,9 @@ def final(path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(reference_run):
     """The uninterrupted run every restart must reproduce bit for bit."""
-    tmp = tmp_path_factory.mktemp("reference")
-    cfg = small_config(tmp, **SECTIONS)
-    proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    return final(tmp / "out.h5")
+    return final(reference_run(**SECTIONS))
 
 
 def wait_readable(path, timeout=10):
@@ -66,7 +64,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly_on_other_rank_count(tm
     cfg = small_config(tmp_path, **SECTIONS)
     # slow the rounds down so the signal lands mid-run
     cmd = [*mpiexec_cmd(4), sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg), "--quiet",
-           "--set", fault("delay", seconds=0.5)]
+           "--set", fault("delay", seconds=0.25)]
     env = clean_env()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
@@ -91,17 +89,40 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly_on_other_rank_count(tm
     assert not (tmp_path / "out.h5.ckpt").exists()
 
 
-@pytest.mark.portable
-def test_sigkilled_rank_ends_job_fast_and_a_truncated_results_file_is_rebuilt(tmp_path, reference):
-    cfg = small_config(tmp_path, **SECTIONS)
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """A run whose rank 1 was SIGKILLed after round 3's checkpoint: its directory (config, results, checkpoint).
+    Tests copy it.  The job ends within seconds of the kill."""
+    tmp = tmp_path_factory.mktemp("killed")
+    cfg = small_config(tmp, **SECTIONS)
     proc, secs = run_cli(2, ["run", str(cfg), "--quiet", "--set", fault("kill", rank=1, round=3)], timeout=120)
     assert proc.returncode != 0
     assert secs < 15 + 5
-    ck, out = tmp_path / "out.h5.ckpt", tmp_path / "out.h5"
-    wait_readable(ck)
-    with h5py.File(ck) as f:
+    wait_readable(tmp / "out.h5.ckpt")
+    wait_readable(tmp / "out.h5")
+    with h5py.File(tmp / "out.h5.ckpt") as f:
         assert int(f.attrs["rounds_done"]) == 3
-    wait_readable(out)
+    return tmp
+
+
+def copy_of(killed, tmp_path):
+    """The killed run's files in ``tmp_path``, its config pointing there."""
+    for name in ("out.h5", "out.h5.ckpt"):
+        shutil.copy(killed / name, tmp_path / name)
+    return small_config(tmp_path, **SECTIONS)
+
+
+def refused(cfg, *sets):
+    """The message and exit code of ``--resume`` of ``cfg`` (with ``--set`` ``sets``), run in this process."""
+    with pytest.raises(RunError) as info:
+        Session(load_config(str(cfg), list(sets)), MPI.COMM_SELF).run(resume=True)
+    return str(info.value), info.value.code
+
+
+@pytest.mark.portable
+def test_sigkilled_rank_ends_job_fast_and_a_truncated_results_file_is_rebuilt(tmp_path, killed, reference):
+    cfg = copy_of(killed, tmp_path)
+    ck, out = tmp_path / "out.h5.ckpt", tmp_path / "out.h5"
     damaged = out.read_bytes()[: out.stat().st_size // 2]
     out.write_bytes(damaged)  # the results file is cut short, as by a crash of its disk or a full quota
     # without the flag: refused, naming it, nothing changed (the check in process: no extra launch)
@@ -132,12 +153,9 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, refer
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
-def test_damaged_checkpoint_is_refused_and_nothing_is_changed(tmp_path, damage):
-    cfg = small_config(tmp_path, **SECTIONS)
-    proc, _ = run_cli(2, ["run", str(cfg), "--quiet", "--set", fault("kill", rank=1, round=3)], timeout=120)
-    assert proc.returncode != 0
+def test_damaged_checkpoint_is_refused_and_nothing_is_changed(tmp_path, killed, damage):
+    cfg = copy_of(killed, tmp_path)
     ck, out = tmp_path / "out.h5.ckpt", tmp_path / "out.h5"
-    wait_readable(ck)
     if damage == "truncate":
         ck.write_bytes(ck.read_bytes()[:300])
     elif damage == "garbage":
@@ -145,27 +163,21 @@ def test_damaged_checkpoint_is_refused_and_nothing_is_changed(tmp_path, damage):
     else:
         ck.unlink()
     before = (out.read_bytes(), ck.read_bytes() if ck.exists() else None)
-    proc2, secs = run_cli(2, ["run", str(cfg), "--quiet", "--resume"], timeout=120)
-    assert proc2.returncode == 2
-    assert "cannot resume" in proc2.stderr and "Nothing was changed" in proc2.stderr, proc2.stderr
-    assert "Traceback" not in proc2.stderr
-    assert secs < 20
+    text, code = refused(cfg)
+    assert code == 2 and "cannot resume" in text and "Nothing was changed" in text, text
     assert (out.read_bytes(), ck.read_bytes() if ck.exists() else None) == before
 
 
-def test_resume_with_changed_config_lists_the_keys(tmp_path):
-    cfg = small_config(tmp_path, **SECTIONS)
-    proc, _ = run_cli(2, ["run", str(cfg), "--quiet", "--set", fault("kill", rank=0, round=2)], timeout=120)
-    assert proc.returncode != 0
-    wait_readable(tmp_path / "out.h5.ckpt")
-    proc2, _ = run_cli(2, ["run", str(cfg), "--quiet", "--resume", "--set", "train.lr=0.3",
-                           "--set", "quantizer.levels=[3,8,16]", "--set", "train.rounds=12"], timeout=120)
-    assert proc2.returncode == 2
-    assert "train.lr: 0.1 -> 0.3" in proc2.stderr and "quantizer.levels: [3, 8, 0] -> [3, 8, 16]" in proc2.stderr
-    assert "train.rounds" not in proc2.stderr  # more rounds is allowed
+def test_resume_with_changed_config_lists_the_keys(tmp_path, killed):
+    cfg = copy_of(killed, tmp_path)
+    text, code = refused(cfg, "train.lr=0.3", "quantizer.levels=[3,8,16]", "train.rounds=12")
+    assert code == 2
+    assert "train.lr: 0.1 -> 0.3" in text and "quantizer.levels: [3, 8, 0] -> [3, 8, 16]" in text
+    assert "train.rounds" not in text  # more rounds is allowed
     # and a fresh run without --resume is refused while the checkpoint exists
-    proc3, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120)
-    assert proc3.returncode == 2 and "--resume" in proc3.stderr
+    with pytest.raises(RunError, match="--resume") as info:
+        Session(load_config(str(cfg)), MPI.COMM_SELF).run()
+    assert info.value.code == 2
 
 
 @pytest.mark.parametrize("where", ["/sys/qmlhfl-test/out.h5", "FILE/out.h5"])

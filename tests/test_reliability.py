@@ -40,12 +40,8 @@ def final(path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    cfg = small_config(tmp, **SECTIONS)
-    proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return final(tmp / "out.h5")
+def uninterrupted(reference_run):
+    return final(reference_run(**SECTIONS))
 
 
 @pytest.mark.parametrize("leave,when", [(60_000, "checkpoint"), (110_000, "append")])
@@ -165,7 +161,8 @@ def test_a_stopped_rank_ends_the_job_within_the_round_timeout_naming_it_and_resu
         assert f["metrics/round"][()].tolist() == [0, 1, 2, 3]
     with h5py.File(tmp_path / "out.h5.ckpt") as f:  # plain averaging: the model is the whole state
         assert int(f.attrs["rounds_done"]) == 4
-    assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).returncode == 1  # none left
+    left = subprocess.run(["pgrep", "-af", str(tmp_path)], capture_output=True, text=True)
+    assert left.returncode == 1, left.stdout  # none left
     proc2, _ = run_cli(2, ["run", str(cfg), "--quiet", "--resume"], timeout=120)
     assert proc2.returncode == 0, proc2.stderr
     assert np.array_equal(final(tmp_path / "out.h5"), uninterrupted)

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import clean_env, run_cli, small_config
+from helpers import clean_env, small_config
 from qmlhfl_mpi import cli
 from qmlhfl_mpi.analysis import report
 
@@ -22,13 +22,16 @@ LEVELS = {"coarse": [3, 8], "float": ["none", 8]}
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Two 3-round runs that differ only in quantizer.levels; evaluated every 2nd round
     (and after the last), so round 0 has a NaN test accuracy."""
+    from mpi4py import MPI
+
+    from qmlhfl_mpi import Session, load_config
+
     tmp = tmp_path_factory.mktemp("report_runs")
     out = {}
     for name, levels in LEVELS.items():
         cfg = small_config(tmp, f"{name}.yaml", quantizer={"levels": levels, "bucket": 16},
-                           train={"rounds": 3, "eval_every": 2}, output={"path": f"{name}.h5"})
-        proc, _ = run_cli(2, ["run", str(cfg), "--quiet"], cwd=tmp, timeout=120)
-        assert proc.returncode == 0, proc.stderr
+                           train={"rounds": 3, "eval_every": 2}, output={"path": str(tmp / f"{name}.h5")})
+        assert Session(load_config(str(cfg)), MPI.COMM_SELF).run().status == "completed"
         out[name] = tmp / f"{name}.h5"
     return out
 

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import clean_env, mpiexec_cmd, small_config
+from helpers import clean_env, small_config
 from qmlhfl_mpi import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -50,34 +50,36 @@ def _parallel(cmds: list[list[str]], cwd: Path, width: int = 4) -> list[tuple[in
     return results
 
 
-def _run_all(tmp: Path, runs: list[tuple[str, int, dict]]) -> list[dict[str, np.ndarray]]:
-    """``qmlhfl-mpi run`` the small config with each (name, ranks, sections); the results of each."""
-    cmds = []
-    for name, ranks, sections in runs:
-        cfg = small_config(tmp, f"{name}.yaml", output={"path": f"{name}.h5"}, **sections)
-        cmds.append([*mpiexec_cmd(ranks), sys.executable, "-m", "qmlhfl_mpi", "run", str(cfg), "--quiet"])
-    for (rc, out), (name, _, _) in zip(_parallel(cmds, tmp), runs):
-        assert rc == 0, f"{name}: {out}"
-    return [_read(tmp / f"{name}.h5") for name, _, _ in runs]
+def _run_all(tmp: Path, runs: list[tuple[str, dict]]) -> list[dict[str, np.ndarray]]:
+    """Run the small config with each (name, sections) in this process; the results of each.  (The split and the
+    training do not depend on the rank count: tests/mpi/test_engine_matrix.py.)"""
+    from mpi4py import MPI
+
+    from qmlhfl_mpi import Session, load_config
+
+    for name, sections in runs:
+        cfg = small_config(tmp, f"{name}.yaml", output={"path": str(tmp / f"{name}.h5")}, **sections)
+        assert Session(load_config(str(cfg)), MPI.COMM_SELF).run().status == "completed", name
+    return [_read(tmp / f"{name}.h5") for name, _ in runs]
 
 
 def test_partition_seed_fixes_the_split_and_train_seed_varies_the_training(tmp_path):
     (tmp_path / "blobs.py").write_text(BLOBS)
 
-    def pooled(name: str, ranks: int, seed: int, pseed: int | None) -> dict[str, np.ndarray]:
+    def pooled(name: str, seed: int, pseed: int | None) -> tuple[str, dict]:
         data = {"name": f"{blobs}:blobs", "partition": {"kind": "dirichlet", "alpha": 0.3, "seed": pseed}}
-        return name, ranks, {"data": data, "model": {"name": "logreg", "args": {}}, "train": {"seed": seed}}
+        return name, {"data": data, "model": {"name": "logreg", "args": {}}, "train": {"seed": seed}}
 
-    def synthetic(name: str, seed: int, pseed: int) -> tuple[str, int, dict]:
-        return name, 2, {"data": {"partition": {"seed": pseed}}, "train": {"seed": seed}}
+    def synthetic(name: str, seed: int, pseed: int) -> tuple[str, dict]:
+        return name, {"data": {"partition": {"seed": pseed}}, "train": {"seed": seed}}
 
     blobs = tmp_path / "blobs.py"
     a, b, c, d, e, f, g = _run_all(tmp_path, [
-        pooled("a", 2, seed=1, pseed=3),
-        pooled("b", 1, seed=2, pseed=3),     # same split, other training noise (and 1 rank: the same split)
-        pooled("c", 2, seed=1, pseed=4),     # other split
-        pooled("d", 2, seed=1, pseed=None),  # the default: the split follows train.seed ...
-        pooled("e", 2, seed=1, pseed=1),     # ... i.e. the same as data.partition.seed = train.seed, bit for bit
+        pooled("a", seed=1, pseed=3),
+        pooled("b", seed=2, pseed=3),     # same split, other training noise
+        pooled("c", seed=1, pseed=4),     # other split
+        pooled("d", seed=1, pseed=None),  # the default: the split follows train.seed ...
+        pooled("e", seed=1, pseed=1),     # ... i.e. the same as data.partition.seed = train.seed, bit for bit
         synthetic("f", seed=1, pseed=5),
         synthetic("g", seed=2, pseed=5),
     ])

@@ -2,7 +2,7 @@
 like one uninterrupted run on 4 ranks (no timing is asserted)."""
 from __future__ import annotations
 
-from test_benchmarks import bench
+from helpers import bench
 
 
 def test_soak_smoke_is_identical_after_two_restarts():

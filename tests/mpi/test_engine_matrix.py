@@ -1,0 +1,225 @@
+"""The engine on 1, 2, 3 and 4 ranks in one ``mpiexec``: every configuration runs in process on
+sub-communicators of ``COMM_WORLD`` of each size, and gives the same model and the same metrics (bytes,
+messages and test metrics included) on every size; the unbatched ones equal the independent serial
+reference (tests/reference.py) bit for bit, with the host and the device aggregation backends; a run
+stopped after a checkpoint resumes on another rank count to the same end.
+
+Run by tests/test_pytest_mpi.py under ``mpiexec -n 4``; with fewer ranks it is skipped (the 4-rank run
+covers every smaller size).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from helpers import SMALL
+from qmlhfl_mpi import Callback, Session, load_config
+from qmlhfl_mpi.core.topology import RankLayout, TopologyError
+from reference import reference_for
+
+WORLD = MPI.COMM_WORLD
+METRICS = ("uplink_bytes", "messages", "downlink_bytes", "train_loss", "test_loss", "test_accuracy")
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+
+
+def raw_config(out: Path, **sections: Any) -> dict[str, Any]:
+    raw = copy.deepcopy(SMALL)
+    for key, val in sections.items():
+        raw[key] = {**raw[key], **val} if isinstance(val, dict) and isinstance(raw.get(key), dict) \
+            and key != "topology" else val
+    raw["output"] = {"path": str(out)}
+    return raw
+
+
+class StopAfter(Callback):
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def on_round_end(self, session: Any, record: Any) -> bool:
+        return int(record["round"]) == self.k
+
+
+def on(k: int, raw: dict[str, Any], out: Path, **run: Any) -> None:
+    """Run ``raw`` into ``out`` on the first ``k`` ranks of COMM_WORLD (the others wait).  Collective."""
+    sub = WORLD.Split(0 if WORLD.rank < k else MPI.UNDEFINED, WORLD.rank)
+    if sub != MPI.COMM_NULL:
+        cfg = load_config({**raw, "output": {**raw["output"], "path": str(out)}})
+        Session(cfg, sub).run(**run)
+        sub.Free()
+    WORLD.Barrier()
+
+
+def read(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    with h5py.File(path, "r") as f:
+        assert f.attrs["status"] == "completed", (path, f.attrs["status"])
+        return f["model/final"][()], {k: f["metrics"][k][()] for k in METRICS}, int(f.attrs["world_size"])
+
+
+def sizes_for(raw: dict[str, Any], wanted: tuple[int, ...]) -> list[int]:
+    """The sizes of ``wanted`` this tree can be laid out on."""
+    tree = load_config(raw).build_tree()
+    out = []
+    for k in wanted:
+        try:
+            RankLayout.build(tree, k)
+            out.append(k)
+        except TopologyError:
+            pass
+    return out
+
+
+def same_on_every_size(tmp: Path, name: str, raw: dict[str, Any], sizes: tuple[int, ...] = (1, 2, 3, 4),
+                       **variants: dict[str, Any]) -> dict[str, Any]:
+    """Run ``raw`` on each size (and each variant of its train section on 3 ranks, where the nodes span ranks
+    unevenly); on rank 0 assert that all give the first run's model and metrics, and return those."""
+    runs = []
+    for k in sizes_for(raw, sizes):
+        runs.append((f"{name} on {k}", k, raw))
+    for vname, train in variants.items():
+        vraw = {**raw, "train": {**raw["train"], **train}}
+        runs += [(f"{name} {vname} on {k}", k, vraw) for k in sizes_for(vraw, (3,))]
+    results = {}
+    for i, (label, k, r) in enumerate(runs):
+        out = tmp / f"{name}-{i}.h5"
+        on(k, r, out)
+        if WORLD.rank == 0:
+            results[label] = read(out)
+    if WORLD.rank != 0:
+        return {}
+    assert len(results) >= 3, list(results)  # at least two sizes and a variant, or three sizes
+    first_label, (model0, metrics0, _) = next(iter(results.items()))
+    assert np.isfinite(model0).all(), first_label
+    for label, (model, metrics, world) in results.items():
+        assert world == int(label.rsplit(" on ", 1)[1]), label
+        assert np.array_equal(model, model0), f"{label} differs from {first_label}"
+        for key in METRICS:
+            assert np.array_equal(metrics[key], metrics0[key], equal_nan=True), (label, key)
+    return {"model": model0, "metrics": metrics0}
+
+
+# the serial reference's arithmetic is the unbatched path's: these run with vectorize off
+REFERENCE_CASES = {
+    "N1-fedavg": dict(topology={"tree": 5}, tau=[3], quantizer={"levels": [4], "bucket": 16}),
+    "N2-hier-local-qsgd": dict(topology={"branching": [2, 3]}, tau=[2, 3], quantizer={"levels": [3, 0], "bucket": 0}),
+    "N3": dict(topology={"branching": [2, 2, 2]}, tau=[2, 2, 2], quantizer={"levels": [2, 6, 16], "bucket": 8}),
+    "N3-unbalanced": dict(topology={"tree": [[3, 1], [2]]}, tau=[1, 2, 2],
+                          quantizer={"levels": [4, 8, 2], "bucket": 16}),
+    "N2-unbalanced-samples": dict(topology={"tree": [4, 1, 2], "weighting": "samples"}, tau=[2, 2],
+                                  quantizer={"levels": [5, 3], "bucket": 16}),
+    "N1-sampling-renormalize": dict(topology={"tree": 6}, tau=[2], quantizer={"levels": [4], "bucket": 16},
+                                    participation={"fraction": [0.5]}),
+    "N2-sampling-unbiased-availability": dict(
+        topology={"branching": [2, 3]}, tau=[2, 2], quantizer={"levels": [3, 8], "bucket": 16},
+        participation={"fraction": [0.67, 1.0], "availability": [0.7, 1.0], "weighting": "unbiased"}),
+    "N3-server-optimizers-downlink": dict(
+        topology={"branching": [2, 2, 2]}, tau=[2, 2, 1],
+        quantizer={"levels": [2, 6, 16], "bucket": 8, "downlink": [8, 0, 16]},
+        server={"optimizer": ["momentum", "avg", "adam"], "lr": [1.0, 1.0, 0.05], "momentum": [0.5, 0.9, 0.9]}),
+    "N3-unbalanced-everything": dict(
+        topology={"tree": [[3, 1], [2]]}, tau=[1, 2, 2],
+        quantizer={"levels": [4, 8, 2], "bucket": 16, "kind": ["topk", "sign", "qsgd"],
+                   "topk_fraction": [0.2, 0.01, 0.01], "error_feedback": [True, True, False], "downlink": [0, 4, 8]},
+        participation={"fraction": [0.5, 1.0, 1.0], "availability": [1.0, 0.8, 1.0]},
+        server={"optimizer": ["avg", "yogi", "momentum"], "betas": [0.8, 0.95]},
+        train={"momentum": 0.9, "prox_mu": 0.1, "lr_schedule": "step", "lr_step_rounds": 1, "lr_gamma": 0.5}),
+    "N2-samples-round-tensor-client": dict(
+        topology={"tree": [4, 1, 2], "weighting": "samples"}, tau=[2, 2],
+        quantizer={"levels": [5, 3], "bucket": "tensor", "kind": ["round", "qsgd"]},
+        participation={"fraction": [0.5, 1.0], "weighting": "unbiased"},
+        train={"momentum": 0.5, "nesterov": True, "weight_decay": 0.01, "lr_schedule": "cosine"}),
+}
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_every_size_and_both_backends_equal_the_serial_reference(mpi_tmp_path, case):
+    sections = copy.deepcopy(REFERENCE_CASES[case])
+    sections["train"] = {"rounds": 3, "vectorize": "off", "aggregate_on": "host", **sections.get("train", {})}
+    raw = raw_config(mpi_tmp_path / "x.h5", **sections)
+    got = same_on_every_size(mpi_tmp_path, case, raw, device={"aggregate_on": "device"})
+    if WORLD.rank == 0:
+        expected = reference_for(load_config(raw)).run(raw["train"]["rounds"])
+        assert np.isfinite(expected).all()
+        assert np.array_equal(got["model"], expected), f"max abs diff {np.abs(got['model'] - expected).max()}"
+
+
+EVERYTHING = dict(
+    topology={"tree": [[3, 2], [1, 2]]}, tau=[2, 2, 1],
+    quantizer={"levels": [4, 8, 16], "bucket": 8, "kind": ["topk", "qsgd", "qsgd"], "topk_fraction": [0.25, 0.01, 0.01],
+               "error_feedback": [True, True, False], "downlink": [0, 8, 16]},
+    participation={"fraction": [0.6, 1.0, 1.0], "availability": [1.0, 0.75, 1.0]},
+    server={"optimizer": ["momentum", "avg", "adam"], "lr": [1.0, 1.0, 0.05]},
+    train={"rounds": 6, "momentum": 0.9, "vectorize": "off", "aggregate_on": "host"},
+)
+
+
+@pytest.mark.mpi(min_size=4)
+def test_everything_on_is_rank_invariant_and_resumes_on_other_rank_counts(mpi_tmp_path):
+    raw = raw_config(mpi_tmp_path / "x.h5", **copy.deepcopy(EVERYTHING))
+    got = same_on_every_size(mpi_tmp_path, "everything", raw, device={"aggregate_on": "device"})
+    # stopped after round 2 on 2 ranks (server state and residuals in the checkpoint), resumed on 3 (host) and,
+    # from a run stopped on 4 ranks on the device backend, resumed on 1: both end where the uninterrupted run ends
+    for first, then, backend in ((2, 3, "host"), (4, 1, "device")):
+        vraw = {**raw, "train": {**raw["train"], "aggregate_on": backend}}
+        out = mpi_tmp_path / f"resumed-{first}-{then}.h5"
+        on(first, vraw, out, callbacks=[StopAfter(2)])
+        if WORLD.rank == 0:
+            with h5py.File(str(out) + ".ckpt", "r") as f:
+                state = sorted(f["state"])
+                assert int(f.attrs["rounds_done"]) == 3
+            assert any(k.startswith("server.1.") for k in state) and any(k.startswith("server.3.") for k in state)
+            assert any(k.startswith("residual.1.") for k in state) and any(k.startswith("residual.2.") for k in state)
+        on(then, vraw, out, resume=True)
+        if WORLD.rank == 0:
+            model, metrics, _ = read(out)
+            assert np.array_equal(model, got["model"]), (first, then, backend)
+            for key in METRICS:
+                assert np.array_equal(metrics[key], got["metrics"][key], equal_nan=True), (first, then, key)
+
+
+BATCHED = {
+    # edges of 4 devices split over ranks (3 and 4 ranks), so the batches differ with the rank count
+    "vectorize-on": dict(topology={"branching": [2, 4]}, tau=[3, 2], quantizer={"levels": [4, 16], "bucket": 8},
+                         train={"rounds": 3, "vectorize": "on"}),
+    "vectorize-options": dict(
+        topology={"tree": [[5, 3], [4]]}, tau=[3, 2, 1],
+        quantizer={"levels": [8, 8, 16], "bucket": 16, "error_feedback": [True, False, False], "downlink": [0, 0, 8]},
+        participation={"fraction": [0.7, 1.0, 1.0]}, server={"optimizer": ["avg", "momentum", "avg"]},
+        train={"rounds": 3, "vectorize": "on", "momentum": 0.9, "weight_decay": 1e-3, "lr_schedule": "cosine"}),
+}
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("case", sorted(BATCHED))
+def test_batched_training_is_rank_invariant_on_both_backends(mpi_tmp_path, case):
+    raw = raw_config(mpi_tmp_path / "x.h5", **copy.deepcopy(BATCHED[case]))
+    got = same_on_every_size(mpi_tmp_path, case, raw, device={"aggregate_on": "device"})
+    if WORLD.rank == 0:
+        assert got["model"].size > 0
+
+
+@pytest.mark.mpi(min_size=4)
+def test_fashion_mnist_is_rank_invariant_including_the_test_metrics(mpi_tmp_path):
+    """Real images: the partition, each rank's data and the chunked evaluation give the same model and the same
+    metrics on every size."""
+    if not os.path.isdir(FMNIST):
+        pytest.skip(f"{FMNIST} missing: apt-get install dataset-fashion-mnist")
+    raw = raw_config(mpi_tmp_path / "x.h5", data={"name": "fashion-mnist", "root": FMNIST,
+                                                   "partition": {"kind": "shards", "classes_per_device": 2}},
+                     model={"name": "logreg", "args": {}}, train={"rounds": 2, "batch_size": 16})
+    got = same_on_every_size(mpi_tmp_path, "fmnist", raw)
+    if WORLD.rank == 0:
+        assert got["metrics"]["test_accuracy"][-1] > 0.3  # 10 classes: well above chance after two rounds
+        with h5py.File(mpi_tmp_path / "fmnist-0.h5", "r") as f:
+            counts = f["topology/class_counts"][()]
+        assert counts.shape == (6, 10) and counts.sum() == 60000
+        assert ((counts > 0).sum(axis=1) <= 2).all()  # shards: at most 2 classes per device
