@@ -87,6 +87,17 @@ SMALL: dict[str, Any] = {
 }
 
 
+# every option at once on an unbalanced three-layer tree (participation, top-k with error feedback, downlinks,
+# server optimisers): the engine matrix and the byte accounting use it
+EVERYTHING: dict[str, Any] = dict(
+    topology={"tree": [[3, 2], [1, 2]]}, tau=[2, 2, 1],
+    quantizer={"levels": [4, 8, 16], "bucket": 8, "kind": ["topk", "qsgd", "qsgd"], "topk_fraction": [0.25, 0.01, 0.01],
+               "error_feedback": [True, True, False], "downlink": [0, 8, 16]},
+    participation={"fraction": [0.6, 1.0, 1.0], "availability": [1.0, 0.75, 1.0]},
+    server={"optimizer": ["momentum", "avg", "adam"], "lr": [1.0, 1.0, 0.05]},
+)
+
+
 def small_config(tmp_path: Path, name: str = "cfg.yaml", **sections: Any) -> Path:
     """Write the small test config with top-level sections replaced/merged."""
     cfg = copy.deepcopy(SMALL)

@@ -10,16 +10,8 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from helpers import small_config
+from helpers import EVERYTHING, small_config
 from qmlhfl_mpi import Session, config
-
-EVERYTHING = dict(
-    topology={"tree": [[3, 2], [1, 2]]}, tau=[2, 2, 1],
-    quantizer={"levels": [4, 8, 16], "bucket": 8, "kind": ["topk", "qsgd", "qsgd"], "topk_fraction": [0.25, 0.01, 0.01],
-               "error_feedback": [True, True, False], "downlink": [0, 8, 16]},
-    participation={"fraction": [0.6, 1.0, 1.0], "availability": [1.0, 0.75, 1.0]},
-    server={"optimizer": ["momentum", "avg", "adam"], "lr": [1.0, 1.0, 0.05]},
-)
 
 
 def test_bytes_equal_messages_times_exact_lengths(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..comm.collectives import broadcast_vector
+from ..comm.collectives import broadcast_vector, max_over_ranks, sum_over_ranks
 from ..comm.communicators import Intracomm, LayerComms, build_layer_comms
 from ..comm.executor import RoundExecutor
 from ..comm.placement import PlacementError, mpi_library, ranks_on_node, select_device
@@ -140,6 +141,17 @@ class Runtime:
         return cls(cfg, comm, rank, size, tree, layout, devices, data, device, model, trainer, clients, vectorized,
                    links, participation, planner, vectors, comms, watchdog, executor, dim, initial,
                    round_time(dim, cfg.tau, [lk.codec for lk in links], tree, builders.latency(cfg)))
+
+    def evaluate(self, w: np.ndarray, guard: Watchdog | None = None) -> tuple[float, float, float]:
+        """(test accuracy, test loss, seconds) of the cloud model ``w`` on the test set: each rank scores its
+        test chunks, and the sums are reduced in chunk order, so the figures are the same for any rank count.
+        The accuracy is NaN for regression targets.  Collective."""
+        t0, d = time.perf_counter(), self.data
+        ev = self.trainer.evaluate(w, d.test_x, d.test_y, d.test_chunks, d.num_test_chunks)
+        ev = sum_over_ranks(self.comm, ev, guard).sum(axis=0)
+        secs = float(max_over_ranks(self.comm, np.array([time.perf_counter() - t0]), guard)[0])
+        acc = ev[1] / max(ev[2], 1) if d.num_classes > 1 else float("nan")
+        return float(acc), float(ev[0] / max(ev[2], 1)), secs
 
     def close(self) -> None:
         """Free the communicators (idempotent)."""

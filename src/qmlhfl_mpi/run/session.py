@@ -1,16 +1,11 @@
 """A training run on a communicator: :class:`Session` keeps the run's life (start or resume, the rounds, the
 agreements, callbacks, stops and timeouts); its parts are a :class:`~.runtime.Runtime`, built once.
 
-``Session(cfg, comm)`` builds the runtime; ``run(callbacks)`` trains the
-global rounds, with the HDF5 file and the checkpoint as collaborators and
-everything optional (console table, CSV, TensorBoard, signals, the user's
-own) as callbacks.  Both are collective over ``comm``.
-
-Errors every rank can see coming are agreed on (:class:`~.agreement.Agreement`),
-so all ranks raise the same :class:`RunError` with one message and a
-documented exit code.  An unexpected exception inside a round (where the
-other ranks wait) ends the job on a communicator of more than one rank,
-after rank 0 has recorded it.
+``Session(cfg, comm)`` builds the runtime; ``run(callbacks)`` trains the global rounds, with the HDF5 file
+and the checkpoint as collaborators and everything optional (console table, CSV, TensorBoard, signals, the
+user's own) as callbacks.  Both are collective over ``comm``.  Errors every rank can see coming are agreed on
+(:class:`~.agreement.Agreement`): all ranks raise the same :class:`RunError`.  An unexpected exception inside
+a round ends the job on a communicator of more than one rank, after rank 0 has recorded it.
 """
 from __future__ import annotations
 
@@ -145,14 +140,8 @@ class Session:
         w = rt.executor.run(rt.planner.plan(t), w)
         totals = rt.executor.stats.reduce(lambda x: sum_over_ranks(comm, x, guard),
                                           lambda x: max_over_ranks(comm, x, guard), time.perf_counter() - t0)
-        acc, test_loss, t_eval = float("nan"), float("nan"), 0.0
-        if (t + 1) % self.config.train.eval_every == 0 or t == self.rounds - 1:
-            t1, d = time.perf_counter(), rt.data
-            ev = rt.trainer.evaluate(w, d.test_x, d.test_y, d.test_chunks, d.num_test_chunks)
-            ev = sum_over_ranks(comm, ev, guard).sum(axis=0)  # in chunk order: the same for any rank count
-            t_eval = float(max_over_ranks(comm, np.array([time.perf_counter() - t1]), guard)[0])
-            test_loss = ev[0] / max(ev[2], 1)
-            acc = ev[1] / max(ev[2], 1) if d.num_classes > 1 else float("nan")  # nan: regression
+        evaluate = (t + 1) % self.config.train.eval_every == 0 or t == self.rounds - 1
+        acc, test_loss, t_eval = rt.evaluate(w, guard) if evaluate else (float("nan"), float("nan"), 0.0)
         return w, {"round": t, "test_accuracy": acc, "test_loss": test_loss, **totals.as_record(),
                    "time_eval": t_eval, "modelled_time": rt.modelled_round_time}
 
