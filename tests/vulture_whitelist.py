@@ -53,3 +53,7 @@ wall_x
 modelled_x
 partition_seed
 model_vector
+# the virtual clock's read-outs (core/clock.py), tested in tests/test_clock.py; the run records them once the
+# clock drives the results (issue 20: /metrics/virtual_time, the critical path)
+duration
+critical_path

@@ -1,0 +1,200 @@
+"""The virtual clock of a round: when every aggregation of a :class:`~.plan.RoundPlan` starts and ends on a given
+network, computed before anything is trained (pure).
+
+Timing never depends on model values: message sizes are the codecs' byte
+lengths, compute is the system model's seconds per SGD step.  So every rank
+computes the same clock from the plan.  The rules (docs/system.md):
+
+* a node's aggregation starts when the node holds the model it starts from
+  (the cloud at the start of the round; a node's first repetition when its
+  parent's model reaches it; a later repetition when its own previous one
+  ends);
+* a child receives that model after the link's downlink time (latency plus
+  bits over rate; zero without a downlink model, as the paper assumes);
+* a device finishes ``tau_1`` steps of its own speed later; a child node
+  after its ``tau_n`` repetitions;
+* its message reaches the parent after the uplink's latency plus bits over
+  rate, or, with ``shared`` ingress, after its share of the parent's ingress
+  rate while other messages are in flight (processor sharing);
+* the aggregation ends when the last participant's message has arrived
+  (policy ``all``); the round ends with the cloud's.
+
+With one speed for every device, no downlink time and no sharing, a round
+lasts ``prod(tau) t_step + sum_n prod(tau_{n+1..N}) (bits_n / R_n + lat_n)``,
+the closed form of :func:`~.theory.round_time` (tested).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .plan import RoundPlan
+from .theory import LatencyModel
+from .topology import Tree
+
+__all__ = ["LinkTimes", "RoundClock", "SystemModel", "processor_sharing", "round_clock"]
+
+
+def processor_sharing(ready: np.ndarray, bits: np.ndarray, rate: float) -> np.ndarray:
+    """When each transfer of ``bits[i]`` bits, ready at ``ready[i]``, completes over one channel of ``rate`` bits/s
+    shared equally by the transfers in flight (egalitarian processor sharing).  Pure; exact for piecewise-constant
+    shares (the next event is an arrival or the smallest remaining transfer finishing)."""
+    ready, bits = np.asarray(ready, dtype=np.float64), np.asarray(bits, dtype=np.float64)
+    if rate <= 0 or not np.isfinite(rate):
+        raise ValueError(f"rate = {rate!r}: expected a finite number > 0 of bits per second")
+    n = len(ready)
+    done = np.full(n, np.nan)
+    order = np.argsort(ready, kind="stable")
+    left = bits.copy()
+    active: list[int] = []
+    t, k = (float(ready[order[0]]) if n else 0.0), 0
+    while k < n or active:
+        while k < n and ready[order[k]] <= t:
+            active.append(int(order[k]))
+            k += 1
+        if not active:
+            t = float(ready[order[k]])
+            continue
+        share = rate / len(active)
+        first_done = min(left[i] for i in active) / share
+        next_arrival = float(ready[order[k]]) - t if k < n else np.inf
+        step = min(first_done, next_arrival)
+        for i in active:
+            left[i] -= share * step
+        t += step
+        finished = {i for i in active if left[i] <= 1e-9 * max(bits[i], 1.0)}
+        for i in finished:
+            done[i] = t
+            left[i] = 0.0
+        active = [i for i in active if i not in finished]
+    return done
+
+
+@dataclass(frozen=True)
+class LinkTimes:
+    """Link ``n`` for every child node at layer ``n-1`` (arrays of its length): uplink and downlink rates (bits/s)
+    and latencies (s); ``shared``: the messages to one parent share ``ingress_rate`` (bits/s)."""
+
+    up_rate: np.ndarray
+    up_latency: np.ndarray
+    down_rate: np.ndarray     # inf: the downlink takes no time
+    down_latency: np.ndarray
+    shared: bool = False
+    ingress_rate: float = float("inf")
+
+    def up_seconds(self, children: np.ndarray, bits: int) -> np.ndarray:
+        """Transfer plus latency of one message of ``bits`` from each child (without sharing)."""
+        return bits / self.up_rate[children] + self.up_latency[children]
+
+    def down_seconds(self, children: np.ndarray, bits: int) -> np.ndarray:
+        """When the parent's model reaches each child after the parent holds it."""
+        rate = self.down_rate[children]
+        return np.where(np.isinf(rate), 0.0, bits / rate) + self.down_latency[children]
+
+
+@dataclass(frozen=True)
+class SystemModel:
+    """Seconds per local SGD step of every device, and every link's times (see the module doc)."""
+
+    step_seconds: np.ndarray            # per device
+    links: tuple[LinkTimes, ...]        # links 1..N
+
+    @classmethod
+    def uniform(cls, tree: Tree, latency: LatencyModel) -> SystemModel:
+        """The closed form's network: one step time for every device, one rate and latency per link, no
+        downlink time and no sharing."""
+        links = []
+        for n in range(1, tree.N + 1):
+            C = tree.num_nodes(n - 1)
+            links.append(LinkTimes(np.full(C, latency.uplink_rate[n - 1]), np.full(C, latency.uplink_latency[n - 1]),
+                                   np.full(C, np.inf), np.zeros(C)))
+        return cls(np.full(tree.num_devices, latency.step_time), tuple(links))
+
+
+@dataclass
+class RoundClock:
+    """When a round's aggregations start and end (seconds since the round started), and what the round waited for."""
+
+    start: np.ndarray                   # per aggregation of the plan
+    end: np.ndarray
+    link_busy: np.ndarray               # per link: seconds of transfer (bits over rate, summed over messages)
+    device_finish: list[float] = field(default_factory=list)   # each trained device's finish time
+    last: list[int] = field(default_factory=list)              # per aggregation: the participant it waited for last
+
+    @property
+    def duration(self) -> float:
+        """The round's virtual seconds: the end of the cloud's aggregation."""
+        return float(self.end[0]) if len(self.end) else 0.0
+
+    def critical_path(self, plan: RoundPlan) -> list[tuple[int, int]]:
+        """``(layer, node)`` from the cloud down to the device the round waited for last."""
+        out: list[tuple[int, int]] = []
+        subs = _subaggregations(plan)
+        i = 0
+        while i >= 0 and len(plan.aggregations):
+            a = plan.aggregations[i]
+            out.append((a.layer, a.node))
+            j = self.last[i]
+            if j < 0:
+                break
+            if a.layer == 1:
+                out.append((0, int(a.children[j])))
+                break
+            i = subs[i][j][-1]  # the child's last repetition
+        return out
+
+
+def _subaggregations(plan: RoundPlan) -> list[list[list[int]]]:
+    """For every aggregation, per participant, the indices of that child's repetitions in order."""
+    subs: list[list[list[int]]] = [[[] for _ in a.children] for a in plan.aggregations]
+    for i, a in enumerate(plan.aggregations):
+        if a.parent >= 0:
+            subs[a.parent][a.slot].append(i)
+    return subs
+
+
+def round_clock(plan: RoundPlan, tau1: int, system: SystemModel, up_bits: Sequence[int], down_bits: Sequence[int]
+                ) -> RoundClock:
+    """The virtual clock of ``plan`` on ``system`` (see the module doc): ``up_bits[n-1]`` and ``down_bits[n-1]`` are
+    the bits of one uplink message and of one downlink model on link ``n``."""
+    aggs = plan.aggregations
+    subs = _subaggregations(plan)
+    clock = RoundClock(np.zeros(len(aggs)), np.zeros(len(aggs)), np.zeros(plan.num_links), [], [-1] * len(aggs))
+
+    def run(i: int, t_model: float) -> float:
+        a = aggs[i]
+        clock.start[i] = t_model
+        if a.empty:
+            clock.end[i] = t_model
+            return t_model
+        n, kids = a.layer, a.children
+        link = system.links[n - 1]
+        begin = t_model + link.down_seconds(kids, down_bits[n - 1])
+        if n == 1:
+            ready = begin + tau1 * system.step_seconds[kids]
+            clock.device_finish.extend(ready.tolist())
+        else:
+            ready = np.empty(len(kids))
+            for j in range(len(kids)):
+                t = float(begin[j])
+                for k in subs[i][j]:
+                    t = run(k, t)
+                ready[j] = t
+        bits = up_bits[n - 1]
+        clock.link_busy[n - 1] += float(np.sum(bits / (np.full(len(kids), link.ingress_rate) if link.shared
+                                                      else link.up_rate[kids])))
+        if link.shared:
+            arrive = processor_sharing(ready, np.full(len(kids), float(bits)), link.ingress_rate) \
+                + link.up_latency[kids]
+        else:
+            arrive = ready + link.up_seconds(kids, bits)
+        last = int(np.argmax(arrive))
+        clock.last[i] = last
+        clock.end[i] = float(arrive[last])
+        return clock.end[i]
+
+    if aggs:
+        run(0, 0.0)
+    return clock
