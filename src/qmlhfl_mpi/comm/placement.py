@@ -23,9 +23,7 @@ def select_device(comm: MPI.Intracomm, requested: str, share_gpus: bool) -> torc
     more ranks on a node than GPUs this raises :class:`PlacementError` unless
     ``share_gpus``.  Rank 0 logs the whole mapping once.
     """
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    local_rank, local_size = local.Get_rank(), local.Get_size()
-    local.Free()
+    local_rank, local_size = node_local(comm)
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     problem, device = None, torch.device("cpu")
     if requested == "cuda" and ngpu == 0:
@@ -64,12 +62,18 @@ def deterministic_cuda() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def ranks_on_node(comm: MPI.Intracomm) -> int:
-    """How many ranks of ``comm`` share this rank's node (``Split_type(COMM_TYPE_SHARED)``).  Collective."""
+def node_local(comm: MPI.Intracomm) -> tuple[int, int]:
+    """This rank's index among the ranks of ``comm`` on its node, and how many there are
+    (``Split_type(COMM_TYPE_SHARED)``).  Collective."""
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    size = local.Get_size()
+    rank, size = local.Get_rank(), local.Get_size()
     local.Free()
-    return int(size)
+    return int(rank), int(size)
+
+
+def ranks_on_node(comm: MPI.Intracomm) -> int:
+    """How many ranks of ``comm`` share this rank's node.  Collective."""
+    return node_local(comm)[1]
 
 
 def mpi_library() -> str:
