@@ -34,9 +34,9 @@ def table(study: str) -> str:
     head = ["variant", "n", "final acc %"]
     head += [f"mean of last {last[4:-9]} %"] if last else []
     head += [f"acc at {at[3:-5]} s %"] if at else []
-    head += ["best acc %", "final loss"] + [f"MB L{c[-1]}" for c in links] + ["modelled s"]
+    head += ["best acc %", "final loss"] + [f"MB L{c[-1]}" for c in links] + ["virtual s"]
     target = "rounds_to_target" in cols
-    head += ["rounds to target", "reached"] if target else []
+    head += ["rounds to target", "virtual s to target", "reached"] if target else []
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"`{r['run']}`", r["n"], pm(r, "final_acc", 100)]
@@ -45,11 +45,15 @@ def table(study: str) -> str:
         loss = "diverged" if r["status"] == "diverged" else pm(r, "final_loss", 1, 3)  # stopped at non-finite
         cells += [pm(r, "best_acc", 100), loss]
         cells += [f"{float(r[c]) / 1e6:.1f}" if r[c] else "-" for c in links]
-        cells += [f"{float(r['modelled_s']):.1f}"]
+        cells += [f"{float(r.get('virtual_s', r.get('modelled_s'))):.1f}"]  # older CSVs: modelled_s
         if target:
             rt = r["rounds_to_target"]
             rng = f" [{r['rounds_to_target_min']}-{r['rounds_to_target_max']}]" if rt and r["n"] != "1" else ""
-            cells += [(f"{float(rt):g}" + rng) if rt else "-", r["reached_target"]]
+            vt = r.get("virtual_s_to_target", "")
+            vrng = (f" [{float(r['virtual_s_to_target_min']):.1f}-{float(r['virtual_s_to_target_max']):.1f}]"
+                    if vt and r["n"] != "1" else "")
+            cells += [(f"{float(rt):g}" + rng) if rt else "-", (f"{float(vt):.1f}" + vrng) if vt else "-",
+                      r["reached_target"]]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

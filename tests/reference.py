@@ -10,6 +10,11 @@ documented keys (docs/reproducibility in docs/results.md):
   sampling     SeedSequence([seed, 8, layer, node, round, aggregation call]).choice
   availability SeedSequence([seed, 9, layer, node, round, aggregation call]).random(children) < p
   downlink     key (seed, 10, layer, node, round, aggregation call), drawn by a qsgd codec
+  speeds       SeedSequence([seed, 11, 0]).random((2, devices)): lognormal factor from (1 - u0, u1) (Box-Muller)
+  jitter       the codec stream keyed (seed, 11, 1, round) at counters 2d and 2d + 1
+The virtual clock and the aggregation policies (docs/system.md) are a first pass over the round in plain
+loops that decides whom each aggregation keeps; the second pass trains only those, and the children it does
+not keep still advance their call counters (their keys are what they would have been).
 The options (sampling, availability, server optimisers, error feedback,
 downlink quantization, the client optimiser) follow docs/algorithm.md section 5 and
 docs/algorithms.md, written again here as plain loops.
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from qmlhfl_mpi.core.codecs import make_codec
+from qmlhfl_mpi.core.codecs.stream import key_words, uniforms_at
 
 try:
     from reference_client import sgd_run
@@ -80,7 +86,8 @@ def gen(*key):
 class Reference:
     def __init__(self, root: Node, tau, levels, bucket, lr, batch, seed, model, train_data, samples=None,
                  kinds=None, fraction=None, availability=None, weighting="renormalize", server=None,
-                 error_feedback=None, downlink=None, client=None, lr_at=None, tensor_sizes=None, fractions=None):
+                 error_feedback=None, downlink=None, client=None, lr_at=None, tensor_sizes=None, fractions=None,
+                 clock=None):
         self.root, self.tau, self.lr, self.batch, self.seed = root, tau, lr, batch, seed
         N = len(levels)
         kinds = kinds or ["qsgd"] * N
@@ -104,6 +111,9 @@ class Reference:
                          for s in (downlink or [0] * N)]
         self.client = client or {}
         self.lr_at = lr_at or (lambda t: self.lr)
+        self.clock = clock  # a Clock: the system model and the policies; None = everyone is kept
+        self.kept = {}      # (layer, node, call) -> positions kept, from the clock's pass
+        self.virtual_time = 0.0
 
     def vector(self) -> np.ndarray:
         return torch.cat([p.detach().reshape(-1) for p in self.params]).numpy().copy()
@@ -167,14 +177,23 @@ class Reference:
         if p < 1:
             up = gen(self.seed, 9, n, u.index, t, call).random(C) < p
             picked = [j for j in picked if up[j]]
+        return picked, self.weights_of(u, picked, m)
+
+    def weights_of(self, u, picked, m):
+        n, C = u.layer, len(u.children)
+        f, p = self.fraction[n - 1], self.availability[n - 1]
         sizes = [float(self.size(c)) for c in u.children]
         if self.weighting == "unbiased" and (f < 1 or p < 1):
             pi = m / C * p
             w = [sizes[j] / sum(sizes) / pi for j in picked]
         else:
             total = sum(sizes[j] for j in picked)
-            w = [sizes[j] / total for j in picked]
-        return picked, [np.float32(x) for x in w]
+            w = [sizes[j] / total if total > 0 else 0.0 for j in picked]
+        return [np.float32(x) for x in w]
+
+    def sample_count(self, u):
+        f, C = self.fraction[u.layer - 1], len(u.children)
+        return max(1, math.floor(Fraction(repr(f)) * C + Fraction(1, 2))) if f < 1 else C
 
     def server_step(self, n, u, v, g):
         kind, par = self.server[n - 1]
@@ -195,16 +214,40 @@ class Reference:
             st["s"] = st["s"] - (one - b2) * g2 * np.sign(st["s"] - g2)
         return v + lr * st["m"] / (np.sqrt(st["s"]) + eps)
 
+    def skip(self, c, t):
+        """A child drawn but not kept: its subtree's counters advance as if it had worked, nothing is trained."""
+        if c.layer == 0:
+            self.count(("train", c.devices[0]))
+            return
+        for _ in range(self.tau[c.layer]):
+            call = self.count(("agg", c.layer, c.index))
+            picked, _ = self.chosen(c, t, call)
+            for j in picked:
+                self.skip(c.children[j], t)
+                self.count(("up", c.layer, c.children[j].index))
+
     def aggregate(self, u, v, t, down=True):
         n = u.layer
         call = self.count(("agg", n, u.index))
         picked, weights = self.chosen(u, t, call)
-        if not picked:
+        kept = self.kept.get((n, u.index, call), picked) if self.clock else picked
+        if kept != picked:
+            weights = self.weights_of(u, kept, self.sample_count(u))
+        if not kept:
+            for j in picked:
+                self.skip(u.children[j], t)
+                self.count(("up", n, u.children[j].index))
             return v
         acc = np.zeros_like(v)
         codec = self.codecs[n - 1]
-        for j, a in zip(picked, weights):
+        weight_of = dict(zip(kept, weights))
+        for j in picked:
             c = u.children[j]
+            if j not in weight_of:
+                self.skip(c, t)
+                self.count(("up", n, c.index))
+                continue
+            a = weight_of[j]
             x = self.work(c, v, t)
             k = self.count(("up", n, c.index))
             key = (self.seed, 4, n, c.index, t, k)
@@ -226,9 +269,87 @@ class Reference:
     def run(self, rounds):
         w = self.vector()
         for t in range(rounds):
+            if self.clock:
+                self.calls = {}
+                self.virtual_time += self.clock.time_round(self, t, self.virtual_time)
             self.calls = {}
             w = self.aggregate(self.root, w, t)
         return w
+
+
+class Clock:
+    """The virtual clock and the policies in plain loops (docs/system.md): per device its seconds per step
+    (``latency.step_time`` times a lognormal factor drawn once, times a lognormal jitter per round), per link a
+    constant uplink rate and latency, a constant downlink rate (0: no time) and latency; availability intervals
+    per device; per layer ``(policy, deadline, min_children, k)``."""
+
+    def __init__(self, seed, devices, step_time, speed_sigma, jitter_sigma, up_rate, up_latency, down_rate,
+                 down_latency, up_bits, down_bits, policies, intervals=None):
+        u = gen(seed, 11, 0).random((2, devices))
+        self.step = [step_time * f for f in (np.exp(speed_sigma * np.sqrt(-2.0 * np.log(1.0 - u[0]))
+                                                    * np.cos(2.0 * np.pi * u[1])) if speed_sigma else [1.0] * devices)]
+        self.seed, self.jitter_sigma = seed, jitter_sigma
+        self.up_rate, self.up_latency, self.down_rate, self.down_latency = up_rate, up_latency, down_rate, down_latency
+        self.up_bits, self.down_bits, self.policies = up_bits, down_bits, policies
+        self.intervals = intervals or {}
+
+    def jitter(self, d, t):
+        if not self.jitter_sigma:
+            return 1.0
+        k0, k1 = key_words((self.seed, 11, 1, t))
+        u1 = float(uniforms_at(k0, k1, np.array([2 * d]))[0]) + 2.0 ** -25
+        u2 = float(uniforms_at(k0, k1, np.array([2 * d + 1]))[0]) + 2.0 ** -25
+        return float(np.exp(self.jitter_sigma * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)))
+
+    def online(self, d, when):
+        spans = self.intervals.get(d)
+        return spans is None or any(a <= when < b for a, b in spans)
+
+    def time_round(self, ref, t, t0):
+        """Time round ``t`` (starting at ``t0``), fill ``ref.kept``; returns the round's duration."""
+        ref.kept = {}
+
+        def timing(u, start):
+            n = u.layer
+            call = ref.count(("agg", n, u.index))
+            picked, _ = ref.chosen(u, t, call)
+            if n == 1:
+                picked = [j for j in picked if self.online(u.children[j].devices[0], t0 + start)]
+            arrive = []
+            for j in picked:
+                c = u.children[j]
+                down = 0.0 if not self.down_rate[n - 1] else self.down_bits[n - 1] / self.down_rate[n - 1]
+                ready = start + (down + self.down_latency[n - 1])
+                if c.layer == 0:
+                    d = c.devices[0]
+                    ready = ready + ref.tau[0] * (self.step[d] * self.jitter(d, t))
+                else:
+                    for _ in range(ref.tau[c.layer]):
+                        ready = timing(c, ready)
+                arrive.append(ready + (self.up_bits[n - 1] / self.up_rate[n - 1] + self.up_latency[n - 1]))
+            if not picked:
+                ref.kept[(n, u.index, call)] = []
+                return start
+            policy, deadline, min_children, k = self.policies[n - 1]
+            order = sorted(range(len(picked)), key=lambda i: (arrive[i], i))
+            if policy == "first_k":
+                keep = order[:min(k, len(order))]
+                end = arrive[keep[-1]]
+            elif policy == "deadline":
+                keep = [i for i in range(len(picked)) if arrive[i] <= start + deadline]
+                if len(keep) == len(picked):
+                    end = max(arrive)
+                elif len(keep) >= min(min_children, len(picked)):
+                    end = start + deadline
+                else:
+                    keep = order[:min(min_children, len(picked))]
+                    end = arrive[keep[-1]]
+            else:
+                keep, end = list(range(len(picked))), max(arrive)
+            ref.kept[(n, u.index, call)] = sorted(picked[i] for i in keep)
+            return end
+
+        return timing(ref.root, 0.0)
 
 
 def reference_for(cfg) -> Reference:
@@ -256,6 +377,7 @@ def reference_for(cfg) -> Reference:
         server.append((s.optimizer[n] if s.optimizer else "avg", par))
     client = {k: getattr(t, k) for k in ("momentum", "nesterov", "weight_decay", "prox_mu") if getattr(t, k)}
     schedule = build.lr_schedule(cfg)
+    sizes = tuple(p.numel() for p in model.parameters())
     return Reference(
         root, cfg.tau, q.levels, q.bucket, t.lr, t.batch_size, t.seed, model, data.train,
         data.samples if topo.weighting == "samples" else None,
@@ -263,5 +385,39 @@ def reference_for(cfg) -> Reference:
         availability=list(cfg.participation.availability) or None, weighting=cfg.participation.weighting,
         server=server, error_feedback=list(q.error_feedback) or None, downlink=list(q.downlink) or None,
         client=client, lr_at=schedule.at if schedule else None,
-        tensor_sizes=tuple(p.numel() for p in model.parameters()),
-        fractions=list(q.topk_fraction) or None)
+        tensor_sizes=sizes, fractions=list(q.topk_fraction) or None, clock=clock_for(cfg, tree.num_devices, sizes))
+
+
+def _sigma(text):
+    """The sigma of 'lognormal(s)' (0 for 'constant'): the reference knows these two forms only."""
+    if text == "constant":
+        return 0.0
+    assert text.startswith("lognormal(") and text.endswith(")"), text
+    return float(text[len("lognormal("):-1])
+
+
+def clock_for(cfg, devices, sizes):
+    """The reference's :class:`Clock` for a config with a ``system`` or ``aggregation`` section (else None)."""
+    import csv
+
+    sy, ag, N = cfg.system, cfg.aggregation, cfg.N
+    if not (ag.policy or sy.availability_trace or sy.speed != "constant" or sy.jitter != "constant" or sy.down_rate):
+        return None
+    assert not (sy.link_spread or sy.contention or sy.device_trace or sy.link_trace or sy.availability_period)
+    d = sum(sizes)
+    q = cfg.quantizer
+    up = [make_codec(s_, q.bucket, k, tensor_sizes=sizes, fraction=f).nbytes(d) * 8
+          for s_, k, f in zip(q.levels, q.kind or ["qsgd"] * N, q.topk_fraction or [0.01] * N)]
+    down = [8 * (make_codec(s_, q.bucket, "qsgd", tensor_sizes=sizes).nbytes(d) if s_ else 4 * d)
+            for s_ in (q.downlink or [0] * N)]
+    intervals = {}
+    if sy.availability_trace:
+        with open(sy.availability_trace) as fh:
+            for row in csv.DictReader(fh):
+                intervals.setdefault(int(row["device"]), []).append((float(row["online"]), float(row["offline"])))
+    lat = cfg.latency
+    policies = [((ag.policy[n] if ag.policy else "all"), (ag.deadline[n] if ag.deadline else 0.0),
+                 (ag.min_children[n] if ag.min_children else 1), (ag.k[n] if ag.k else 1)) for n in range(N)]
+    return Clock(cfg.train.seed, devices, lat.step_time, _sigma(sy.speed), _sigma(sy.jitter),
+                 list(lat.uplink_rate or [1e8] * N), list(lat.uplink_latency or [0.01] * N),
+                 list(sy.down_rate or [0.0] * N), list(sy.down_latency or [0.0] * N), up, down, policies, intervals)

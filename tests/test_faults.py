@@ -1,5 +1,8 @@
 """Fault suite: signals, killed ranks, crashes during a checkpoint, damaged
-checkpoints, unwritable or full disks, and exact resumption."""
+checkpoints, unwritable or full disks, and exact resumption.  The run they
+interrupt is trace-driven (the generated device and behaviour traces shipped
+in configs/examples/traces, deadline and first_k layers): its virtual clock,
+drops and offline devices resume bit for bit too."""
 from __future__ import annotations
 
 import os
@@ -15,16 +18,21 @@ import pytest
 from mpi4py import MPI
 
 from fault_plugin import spec as fault
-from helpers import clean_env, mpiexec_cmd, run_cli, small_config
+from helpers import REPO, clean_env, mpiexec_cmd, run_cli, small_config
 from qmlhfl_mpi import RunError, Session, load_config
 from qmlhfl_mpi.run.preflight import preflight
 
 ROUNDS = 8
+TRACES = REPO / "configs" / "examples" / "traces"
 SECTIONS = dict(topology={"branching": [2, 2, 2]}, tau=[2, 2, 1], quantizer={"levels": [3, 8, 0], "bucket": 16},
-                train={"rounds": ROUNDS})
+                train={"rounds": ROUNDS},
+                system={"device_trace": str(TRACES / "devices.csv"), "availability_trace": str(TRACES / "behaviour.csv"),
+                        "availability_period": 2.0, "jitter": "lognormal(0.2)"},
+                aggregation={"policy": ["deadline", "first_k", "all"], "deadline": [0.03, 0, 0], "k": [0, 1, 0]})
 
 
-DETERMINISTIC = ("train_loss", "test_loss", "test_accuracy", "uplink_bytes", "messages", "downlink_bytes")
+DETERMINISTIC = ("train_loss", "test_loss", "test_accuracy", "uplink_bytes", "messages", "downlink_bytes",
+                 "virtual_time", "dropped", "offline", "link_busy", "critical_path", "finish_time")
 
 
 def final(path):
@@ -35,8 +43,10 @@ def final(path):
 
 @pytest.fixture(scope="module")
 def reference(reference_run):
-    """The uninterrupted run every restart must reproduce bit for bit."""
-    return final(reference_run(**SECTIONS))
+    """The uninterrupted run every restart must reproduce bit for bit (messages dropped, devices offline)."""
+    got = final(reference_run(**SECTIONS))
+    assert (got[3]["dropped"].sum(axis=0)[:2] > 0).all() and got[3]["offline"].sum() > 0
+    return got
 
 
 def wait_readable(path, timeout=10):

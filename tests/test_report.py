@@ -82,10 +82,12 @@ def test_table_csv_legends_and_plots(runs, tmp_path, capsys, monkeypatch):
         assert [int(row[f"uplink_bytes_L{n}"]) for n in (1, 2)] == per_link.tolist()
         assert int(row["uplink_bytes_total"]) == per_link.sum()
         assert float(row["wall_s"]) == pytest.approx(wall, rel=1e-12)
-        assert float(row["modelled_s"]) == pytest.approx(np.sum(m["modelled_time"]), rel=1e-12, nan_ok=True)
+        assert float(row["virtual_s"]) == m["virtual_time"][-1]
+        # no system section: the clock's time is the closed form's, round after round
+        assert m["virtual_time"][-1] == pytest.approx(np.sum(m["modelled_time"]), rel=1e-12)
         assert int(row["rounds_to_target"]) == 2  # first evaluation is after round 1
         assert float(row["wall_s_to_target"]) == pytest.approx(np.sum((m["time_round"] + m["time_eval"])[:2]))
-        assert float(row["modelled_s_to_target"]) == pytest.approx(np.sum(m["modelled_time"][:2]), nan_ok=True)
+        assert float(row["virtual_s_to_target"]) == m["virtual_time"][1]
         assert row["label"] == label
         # the printed line shows the same numbers, bytes in MB
         line = next(ln for ln in lines if ln.startswith(row["run"] + " "))
@@ -102,8 +104,7 @@ def test_table_csv_legends_and_plots(runs, tmp_path, capsys, monkeypatch):
     pngs = sorted(out.glob("*.png"))
     names = {p.name for p in pngs}
     assert {"report_acc_vs_round.png", "report_acc_vs_uplink.png", "report_acc_vs_walltime.png"} <= names
-    if np.isfinite(_metrics(files[0])["modelled_time"]).all():
-        assert "report_acc_vs_modelled_time.png" in names
+    assert "report_acc_vs_virtual_time.png" in names
     for p in pngs:
         data = p.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000, p

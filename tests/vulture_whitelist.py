@@ -50,7 +50,7 @@ time_round
 rounds_x
 uplink_x
 wall_x
-modelled_x
+virtual_x
 partition_seed
 model_vector
 # the virtual clock's read-outs (core/clock.py), tested in tests/test_clock.py; the run records them once the

@@ -27,6 +27,7 @@ from . import __version__
 from .core.exitcodes import (
     EXIT_ABORT,
     EXIT_DIVERGED,
+    EXIT_IO,
     EXIT_LR_VIOLATED,
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -116,6 +117,21 @@ def _parser() -> argparse.ArgumentParser:
     common(pl)
     from .analysis import plan_table
     plan_table.add_arguments(pl)
+
+    tr = sub.add_parser("traces", help="write synthetic device-capacity and behaviour traces (docs/system.md)")
+    tr.add_argument("out", help="directory for devices.csv and behaviour.csv")
+    tr.add_argument("--devices", type=int, required=True, help="devices in the traces (>= 1)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    tr.add_argument("--step-seconds", type=float, default=0.01, help="median seconds per SGD step")
+    tr.add_argument("--speed-sigma", type=float, default=0.5, help="lognormal sigma of the step times")
+    tr.add_argument("--up-rate", type=float, default=1e7, help="median uplink bits/s (the downlink's is 4x)")
+    tr.add_argument("--rate-sigma", type=float, default=0.5, help="lognormal sigma of the rates")
+    tr.add_argument("--horizon", type=float, default=3600.0,
+                    help="seconds of behaviour (give it as system.availability_period to repeat it)")
+    tr.add_argument("--mean-online", type=float, default=600.0, help="mean seconds a device stays online")
+    tr.add_argument("--mean-offline", type=float, default=300.0, help="mean seconds a device stays offline")
+    tr.add_argument("--always-online", type=float, default=0.2, help="share of devices that never go offline")
+    tr.add_argument("--overwrite", action="store_true", help="replace existing trace files")
 
     from .analysis import report
     rp = sub.add_parser("report", help="tables and plots from one or many HDF5 result files")
@@ -239,6 +255,36 @@ def _plan(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     return plan_table.cmd_plan(args, write)
 
 
+def _traces(args: argparse.Namespace) -> int:
+    """Write ``devices.csv`` and ``behaviour.csv`` (never over existing files without ``--overwrite``)."""
+    from pathlib import Path
+
+    from .core.tracegen import TraceShape, availability_rows, device_rows, write_csv
+    try:
+        shape = TraceShape(args.devices, args.step_seconds, args.speed_sigma, args.up_rate, args.rate_sigma,
+                           args.horizon, args.mean_online, args.mean_offline, args.always_online)
+    except ValueError as e:
+        print(f"qmlhfl-mpi traces: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    out = Path(args.out)
+    files = {out / "devices.csv": device_rows(shape, args.seed), out / "behaviour.csv": availability_rows(shape, args.seed)}
+    there = [str(p) for p in files if p.exists()]
+    if there and not args.overwrite:
+        print(f"qmlhfl-mpi traces: error: {', '.join(there)} exist(s); pass --overwrite to replace or choose "
+              "another directory", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for path, cols in files.items():
+            write_csv(path, cols)
+    except OSError as e:
+        print(f"qmlhfl-mpi traces: error: writing {out}: {e}", file=sys.stderr)
+        return EXIT_IO
+    print(f"wrote {out / 'devices.csv'} ({shape.devices} devices) and {out / 'behaviour.csv'} "
+          f"({len(files[out / 'behaviour.csv']['device'])} online intervals over {shape.horizon:g} s)")
+    return EXIT_OK
+
+
 def _report(args: argparse.Namespace) -> int:
     from .analysis import report
     return report.main(args)
@@ -251,7 +297,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "check": _analysis(_check), "optimize": _analysis(_optimize), "plan": _analysis(_plan),
-    "report": _report, "sweep": _sweep,
+    "report": _report, "sweep": _sweep, "traces": _traces,
 }
 """Each subcommand's handler; it returns the process exit code (:mod:`qmlhfl_mpi.core.exitcodes`)."""
 

@@ -25,7 +25,8 @@ from qmlhfl_mpi.core.topology import RankLayout, TopologyError
 from reference import reference_for
 
 WORLD = MPI.COMM_WORLD
-METRICS = ("uplink_bytes", "messages", "downlink_bytes", "train_loss", "test_loss", "test_accuracy")
+METRICS = ("uplink_bytes", "messages", "downlink_bytes", "train_loss", "test_loss", "test_accuracy", "virtual_time",
+           "dropped", "offline", "link_busy", "critical_path", "finish_time")
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
@@ -106,6 +107,21 @@ def same_on_every_size(tmp: Path, name: str, raw: dict[str, Any], sizes: tuple[i
     return {"model": model0, "metrics": metrics0}
 
 
+AVAILABILITY = "availability.csv"  # written into the test's directory: device 1 online at first, device 4 late
+
+
+def with_traces(sections: dict[str, Any], where: Path) -> dict[str, Any]:
+    """``sections`` with the availability trace written under ``where`` (by rank 0) and its path filled in."""
+    system = sections.get("system", {})
+    if system.get("availability_trace") != AVAILABILITY:
+        return sections
+    path = where / AVAILABILITY
+    if WORLD.rank == 0:
+        path.write_text("device,online,offline\n1,0,0.05\n4,0.02,10\n")
+    WORLD.Barrier()
+    return {**sections, "system": {**system, "availability_trace": str(path)}}
+
+
 # the serial reference's arithmetic is the unbatched path's: these run with vectorize off
 REFERENCE_CASES = {
     "N1-fedavg": dict(topology={"tree": 5}, tau=[3], quantizer={"levels": [4], "bucket": 16}),
@@ -136,20 +152,37 @@ REFERENCE_CASES = {
         quantizer={"levels": [5, 3], "bucket": "tensor", "kind": ["round", "qsgd"]},
         participation={"fraction": [0.5, 1.0], "weighting": "unbiased"},
         train={"momentum": 0.5, "nesterov": True, "weight_decay": 0.01, "lr_schedule": "cosine"}),
+    # the virtual clock (docs/system.md): stragglers dropped at a deadline, over-selection at the cloud
+    "N2-clock-deadline-first_k": dict(
+        topology={"branching": [2, 3]}, tau=[2, 2], quantizer={"levels": [3, 8], "bucket": 16},
+        participation={"fraction": [0.67, 1.0]}, system={"speed": "lognormal(1)", "jitter": "lognormal(0.3)"},
+        aggregation={"policy": ["deadline", "first_k"], "deadline": [0.05, 0], "k": [0, 1]}),
+    # availability in time, downlink times, a deadline some nodes miss entirely (they keep their model)
+    "N3-clock-availability-downlink": dict(
+        topology={"tree": [[3, 1], [2]]}, tau=[1, 2, 2],
+        quantizer={"levels": [4, 8, 2], "bucket": 16, "downlink": [0, 4, 8]}, participation={"fraction": [0.7, 1, 1]},
+        system={"speed": "lognormal(0.5)", "down_rate": [1e6, 0, 1e7], "down_latency": [0.01, 0, 0.002],
+                "availability_trace": AVAILABILITY},
+        aggregation={"policy": ["all", "deadline", "first_k"], "deadline": [0, 0.075, 0], "min_children": [1, 0, 1],
+                     "k": [1, 1, 1]}),
 }
 
 
 @pytest.mark.mpi(min_size=4)
 @pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
 def test_every_size_and_both_backends_equal_the_serial_reference(mpi_tmp_path, case):
-    sections = copy.deepcopy(REFERENCE_CASES[case])
+    sections = with_traces(copy.deepcopy(REFERENCE_CASES[case]), mpi_tmp_path)
     sections["train"] = {"rounds": 3, "vectorize": "off", "aggregate_on": "host", **sections.get("train", {})}
     raw = raw_config(mpi_tmp_path / "x.h5", **sections)
     got = same_on_every_size(mpi_tmp_path, case, raw, device={"aggregate_on": "device"})
     if WORLD.rank == 0:
-        expected = reference_for(load_config(raw)).run(raw["train"]["rounds"])
+        ref = reference_for(load_config(raw))
+        expected = ref.run(raw["train"]["rounds"])
         assert np.isfinite(expected).all()
         assert np.array_equal(got["model"], expected), f"max abs diff {np.abs(got['model'] - expected).max()}"
+        if ref.clock is not None:  # the reference's plain-loop clock gives the same virtual time, bit for bit
+            assert got["metrics"]["virtual_time"][-1] == ref.virtual_time
+            assert got["metrics"]["dropped"].sum() > 0
 
 
 EVERYTHING_RUN = dict(EVERYTHING, train={"rounds": 6, "momentum": 0.9, "vectorize": "off", "aggregate_on": "host"})

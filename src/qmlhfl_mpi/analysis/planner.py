@@ -25,6 +25,7 @@ from ..core.memory import estimate_memory, fits, format_bytes
 from ..core.optimize import optimize_tau
 from ..core.participation import expected_messages
 from ..core.theory import (
+    LatencyModel,
     condition_terms,
     error_factor,
     layer_condition_terms,
@@ -38,6 +39,7 @@ from ..core.topology import Tree, messages_per_round
 from ..data.local import LocalData
 from ..learning.train import loss_fn
 from . import calibrate as cal
+from .clockfit import ClockModel
 
 
 def _model_and_data(cfg: Config, max_devices: int = 8) -> tuple[Tree, torch.nn.Module, LocalData]:
@@ -176,6 +178,13 @@ def memory_report(cfg: Config, ranks: int, write: Callable[[str], None]) -> bool
     return problem is None
 
 
+CHECK_ROUNDS = 20  # rounds of the virtual clock `check` computes for the spread
+
+
+def _costs(latency: LatencyModel, clock: ClockModel) -> list[float]:
+    return [b / r + lat for b, r, lat in zip(clock.up_bits, latency.uplink_rate, latency.uplink_latency)]
+
+
 def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     """Print the check report through ``write``; returns the exit code."""
     cfg = config_mod.load(args.config, args.set)
@@ -215,8 +224,16 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     if outside:
         write(f"outside the bound's assumptions (full participation, plain local SGD, averaging servers, "
               f"unbiased uplinks, exact downlinks): {', '.join(outside)}; the bound below ignores them")
-    write(f"SGD steps per device per round: {math.prod(cfg.tau)}; modelled round time {parts.total:.4g} s "
+    write(f"SGD steps per device per round: {math.prod(cfg.tau)}; closed-form round time {parts.total:.4g} s "
           f"(compute {parts.compute:.4g} s)")
+    clock = ClockModel(cfg, tree, dim)
+    rounds = min(cfg.train.rounds, CHECK_ROUNDS)
+    times = clock.durations(cfg.tau, rounds)
+    write(f"virtual time per round under the system model (docs/system.md, {rounds} rounds): mean "
+          f"{times.mean():.4g} s, min {times.min():.4g} s, max {times.max():.4g} s; {cfg.train.rounds} rounds "
+          f"take about {times.mean() * cfg.train.rounds:.4g} s")
+    for line in clock.dominance(cfg.tau, rounds).lines():
+        write(f"  {line}")
     L, how = _smoothness(cfg, args.L)
     terms = condition_terms(cfg.tau, qs, tree)
     bound = max_lr(L, cfg.tau, qs, tree)
@@ -329,7 +346,12 @@ def cmd_optimize(args: argparse.Namespace, write: Callable[[str], None],
         if run_pilot is None:
             raise ValueError("--calibrate needs a pilot runner: use the qmlhfl-mpi command line")
         scale, cal_note = _calibrate(args, cfg, tree, L, lr, run_pilot, write)
-    res = optimize_tau(dim, builders.codecs(cfg), tree, builders.latency(cfg), args.deadline, scale * L,
+    clock = ClockModel(cfg, tree, dim)
+    fitted, err = clock.fitted_latency(cfg.tau)
+    write(f"round time fitted to the virtual clock (docs/system.md): {fitted.step_time:.4g} s per SGD step, per "
+          f"aggregation {', '.join(f'link {n} {c:.4g} s' for n, c in enumerate(_costs(fitted, clock), start=1))}; "
+          f"largest error over the design {100 * err:.1f}%")
+    res = optimize_tau(dim, builders.codecs(cfg), tree, fitted, args.deadline, scale * L,
                        lr, max_tau=args.max_tau, sigma2=args.sigma2, gap0=args.gap0, zeta2=args.zeta2,
                        n_random=args.random, seed=cfg.train.seed,
                        zeta2_layers=getattr(args, "zeta2_layers", None))
@@ -347,6 +369,9 @@ def cmd_optimize(args: argparse.Namespace, write: Callable[[str], None],
     write(f"optimum tau = {list(res.tau)}: objective (bound) {res.objective:.6g}, T = {res.T} rounds of "
           f"{res.round_time:.4g} s, {res.steps} SGD steps per device, admissible lr < {res.max_lr:.4g} "
           f"({res.nodes} configurations scored)")
+    on_clock = clock.rounds_within(res.tau, args.deadline)
+    write(f"on the virtual clock itself, {on_clock} rounds of tau = {list(res.tau)} end within the deadline "
+          f"(the fitted form says {res.T})")
     if res.random_objectives:
         write(f"{len(res.random_objectives)} random feasible tau: objective best {res.random_best:.6g}, median "
               f"{res.random_median:.6g}, worst {res.random_worst:.6g}; the optimum beats or ties "

@@ -8,20 +8,20 @@ first file.  For every group the table gives its name (the file stem for one
 file, else the stems' common prefix without its ``-seed`` part), ``n`` (the
 number of runs in it), the status(es), the rounds done, the final and best test
 accuracy, the round of the best, the final test loss, the uplink bytes of every
-link summed over the run, the measured wall time, the modelled time of the
-deadline model and, last, its label; every number is the mean over the group's
+link summed over the run, the measured wall time, the virtual time of the
+clock (docs/system.md) and, last, its label; every number is the mean over the group's
 runs followed by ``±`` its sample standard deviation (``ddof=1``; none for
 ``n = 1``).  The CSV holds the exact mean in the column and the standard
 deviation in a ``<column>_std`` column next to it (empty for ``n = 1``), and the
 seeds and files of each group.  With ``--target`` the rounds to the target are
 the median and the range (min-max) over the runs that reached it, with how many
-did (``reached_target``: ``k/n``); the wall and modelled seconds to the target
-are medians over the same runs.  ``--no-group`` gives one row per file instead
+did (``reached_target``: ``k/n``); the wall seconds to the target are the
+median over the same runs, the virtual seconds the median and the range.  ``--no-group`` gives one row per file instead
 (no ``n`` and no ``_std`` columns).
 
 The plots overlay all groups (or runs): test accuracy against the global round,
 against the cumulative uplink bytes (all links), against the measured wall time
-and, where the files hold finite values, against the modelled time.  A group is
+and, where the files hold finite values, against the virtual time.  A group is
 drawn as its mean curve with a band of ±1 standard deviation: at every global
 round evaluated in some of its runs, the mean and the std of the test accuracy
 over those runs, plotted at the mean x value of those runs (their x values
@@ -38,7 +38,9 @@ Definitions (all read from ``/metrics``); rounds are counted from 1 here:
 
 * wall time after round k = ``sum_{r<k} (time_round[r] + time_eval[r])``
 * cumulative uplink bytes after round k = ``sum_{r<k} sum_n uplink_bytes[r, n]``
-* modelled time after round k = ``sum_{r<k} modelled_time[r]``
+* virtual time after round k = ``virtual_time[k-1]`` (files from before the clock:
+  ``sum_{r<k} modelled_time[r]``, the closed form the clock reproduces when every device
+  and link is alike and nobody is sampled or dropped)
 * rounds that were not evaluated have a NaN test accuracy; they are skipped in
   the plots, and "final" is the last evaluated accuracy (and test loss).
 """
@@ -71,7 +73,7 @@ PLOTS = {  # file suffix -> (x label, attribute of Run holding the x values)
     "acc_vs_round": ("global round", "rounds_x"),
     "acc_vs_uplink": ("cumulative uplink traffic, all links (MB)", "uplink_x"),
     "acc_vs_walltime": ("measured wall time (s)", "wall_x"),
-    "acc_vs_modelled_time": ("modelled time, deadline model (s)", "modelled_x"),
+    "acc_vs_virtual_time": ("virtual time, system model (s)", "virtual_x"),
 }
 
 
@@ -91,7 +93,7 @@ class Run:
     loss: np.ndarray                  # test loss per round (NaN where not evaluated)
     uplink_bytes: np.ndarray          # (rounds, N) int64
     wall: np.ndarray                  # cumulative wall seconds after each round
-    modelled: np.ndarray              # cumulative modelled seconds after each round (may be NaN)
+    virtual: np.ndarray               # virtual seconds after each round (the clock's; may be NaN)
     label: str = ""                   # legend text: the config keys that differ
     name: str = ""                    # table name: file stem (the path if stems clash)
 
@@ -136,8 +138,8 @@ class Run:
         return float(self.wall[-1]) if self.rounds_done else 0.0
 
     @property
-    def modelled_time(self) -> float:
-        return float(self.modelled[-1]) if self.rounds_done else math.nan
+    def virtual_time(self) -> float:
+        return float(self.virtual[-1]) if self.rounds_done else math.nan
 
     # x values of the plots (all rounds; the plots keep the evaluated ones)
     @property
@@ -153,8 +155,8 @@ class Run:
         return self.wall
 
     @property
-    def modelled_x(self) -> np.ndarray:
-        return self.modelled
+    def virtual_x(self) -> np.ndarray:
+        return self.virtual
 
     def last_accuracy(self, k: int) -> float:
         """The mean test accuracy over the last ``k`` evaluated rounds (fewer if fewer were; NaN if none):
@@ -163,18 +165,18 @@ class Run:
         return float(acc[-k:].mean()) if acc.size else math.nan
 
     def accuracy_at_time(self, t: float) -> float:
-        """The test accuracy of the last evaluated round whose cumulative modelled time is at most ``t``
-        seconds (a deadline); NaN if no evaluated round fits or the file has no modelled times."""
-        ok = np.flatnonzero(self.evaluated & np.isfinite(self.modelled) & (self.modelled <= t * (1 + 1e-12)))
+        """The test accuracy of the last evaluated round whose virtual time is at most ``t`` seconds (a
+        deadline); NaN if no evaluated round fits or the file has no virtual times."""
+        ok = np.flatnonzero(self.evaluated & np.isfinite(self.virtual) & (self.virtual <= t * (1 + 1e-12)))
         return float(self.accuracy[ok[-1]]) if ok.size else math.nan
 
     def reached(self, target: float) -> tuple[int, float, float] | None:
-        """(rounds done, wall seconds, modelled seconds) when the test accuracy first reached ``target``."""
+        """(rounds done, wall seconds, virtual seconds) when the test accuracy first reached ``target``."""
         hit = np.flatnonzero(self.evaluated & (np.nan_to_num(self.accuracy, nan=-1.0) >= target))
         if not hit.size:
             return None
         i = int(hit[0])
-        return int(self.rounds[i]) + 1, float(self.wall[i]), float(self.modelled[i])
+        return int(self.rounds[i]) + 1, float(self.wall[i]), float(self.virtual[i])
 
 
 # ---- reading ---------------------------------------------------------------
@@ -194,7 +196,10 @@ def load_run(path: str | Path) -> Run:
     acc = col("test_accuracy")
     ub = np.asarray(m["uplink_bytes"], dtype=np.int64)
     wall = np.cumsum(col("time_round") + col("time_eval"))
-    modelled = np.cumsum(col("modelled_time")) if "modelled_time" in m else np.full(rounds.shape, np.nan)
+    if "virtual_time" in m and np.isfinite(col("virtual_time")).all():
+        virtual = col("virtual_time")  # the clock's (docs/system.md), cumulative
+    else:  # a file from before the clock: the closed form, of which the clock's time is the generalisation
+        virtual = np.cumsum(col("modelled_time")) if "modelled_time" in m else np.full(rounds.shape, np.nan)
     if ub.ndim != 2 or ub.shape[0] != rounds.shape[0]:
         raise ReportError(f"{str(p)!r}: /metrics/uplink_bytes has shape {ub.shape}, expected "
                           f"({rounds.shape[0]}, N); the file is damaged or not a qmlhfl-mpi results file")
@@ -206,7 +211,7 @@ def load_run(path: str | Path) -> Run:
         raise ReportError(f"{str(p)!r}: the 'config_yaml' attribute does not hold a mapping")
     loss = col("test_loss") if "test_loss" in m else np.full(rounds.shape, np.nan)
     return Run(path=p, config=flatten(cfg), status=str(status), rounds=rounds, accuracy=acc, loss=loss,
-               uplink_bytes=ub, wall=wall, modelled=modelled)
+               uplink_bytes=ub, wall=wall, virtual=virtual)
 
 
 def _fmt_value(v: Any, key: str = "") -> str:
@@ -269,9 +274,9 @@ def table_rows(runs: Sequence[Run], target: float | None = None, extra: Extra = 
     """Header and raw rows (exact values: bytes as integers, seconds as floats)."""
     n_links = max((r.num_links for r in runs), default=0)
     header = ["run", "status", "rounds", "final_acc", *(c for c, _ in extra), "best_acc", "best_round", "final_loss"]
-    header += [f"uplink_bytes_L{n}" for n in range(1, n_links + 1)] + ["uplink_bytes_total", "wall_s", "modelled_s"]
+    header += [f"uplink_bytes_L{n}" for n in range(1, n_links + 1)] + ["uplink_bytes_total", "wall_s", "virtual_s"]
     if target is not None:
-        header += ["rounds_to_target", "wall_s_to_target", "modelled_s_to_target"]
+        header += ["rounds_to_target", "wall_s_to_target", "virtual_s_to_target"]
     header.append("label")
     rows = []
     for r in runs:
@@ -280,7 +285,7 @@ def table_rows(runs: Sequence[Run], target: float | None = None, extra: Extra = 
         row: list[Any] = [r.name, r.status, r.rounds_done, r.final_accuracy, *(f(r) for _, f in extra), best,
                           best_round, r.final_loss]
         row += [int(totals[n]) if n < r.num_links else "" for n in range(n_links)]
-        row += [int(totals.sum()), r.wall_time, r.modelled_time]
+        row += [int(totals.sum()), r.wall_time, r.virtual_time]
         if target is not None:
             hit = r.reached(target)
             row += list(hit) if hit else ["", "", ""]
@@ -404,11 +409,11 @@ def group_rows(groups: Sequence[Group], target: float | None = None,
     of the rounds to it over the runs that reached it, how many did, and the medians of their seconds."""
     n_links = max((r.num_links for g in groups for r in g.runs), default=0)
     stats = ["rounds", "final_acc", *(c for c, _ in extra), "best_acc", "best_round", "final_loss"]
-    stats += [f"uplink_bytes_L{n}" for n in range(1, n_links + 1)] + ["uplink_bytes_total", "wall_s", "modelled_s"]
+    stats += [f"uplink_bytes_L{n}" for n in range(1, n_links + 1)] + ["uplink_bytes_total", "wall_s", "virtual_s"]
     header = ["run", "n", "status"] + [h for c in stats for h in (c, f"{c}_std")]
     if target is not None:
         header += ["rounds_to_target", "rounds_to_target_min", "rounds_to_target_max", "reached_target",
-                   "wall_s_to_target", "modelled_s_to_target"]
+                   "wall_s_to_target", "virtual_s_to_target", "virtual_s_to_target_min", "virtual_s_to_target_max"]
     header += [*CSV_ONLY, "label"]
     rows = []
     for g in groups:
@@ -420,7 +425,7 @@ def group_rows(groups: Sequence[Group], target: float | None = None,
                                  "best_round": best_round, "final_loss": r.final_loss}
             v.update({c: f(r) for c, f in extra})
             v.update({f"uplink_bytes_L{n + 1}": int(totals[n]) if n < r.num_links else None for n in range(n_links)})
-            v.update(uplink_bytes_total=int(totals.sum()), wall_s=r.wall_time, modelled_s=r.modelled_time)
+            v.update(uplink_bytes_total=int(totals.sum()), wall_s=r.wall_time, virtual_s=r.virtual_time)
             per_run.append(v)
         row: list[Any] = [g.name, g.n, g.status]
         for c in stats:
@@ -429,10 +434,11 @@ def group_rows(groups: Sequence[Group], target: float | None = None,
             hits = [h for h in (r.reached(target) for r in g.runs) if h is not None]
             if hits:
                 rounds = [h[0] for h in hits]
+                virtual = [h[2] for h in hits]
                 row += [_median(rounds), min(rounds), max(rounds), f"{len(hits)}/{g.n}",
-                        _median([h[1] for h in hits]), _median([h[2] for h in hits])]
+                        _median([h[1] for h in hits]), _median(virtual), min(virtual), max(virtual)]
             else:
-                row += ["", "", "", f"0/{g.n}", "", ""]
+                row += ["", "", "", f"0/{g.n}", "", "", "", ""]
         pseeds = [r.config.get("data.partition.seed") for r in g.runs]
         row += [";".join(_fmt_value(r.config.get("train.seed", "")) for r in g.runs),
                 ";".join(_fmt_value(s) for s in pseeds) if any(s is not None for s in pseeds) else "",
@@ -460,7 +466,8 @@ def format_table(header: list[str], rows: list[list[Any]]) -> str:
     ``mean±std`` in its column, ``rounds_to_target_min``/``_max`` as ``median [min-max]`` where a group
     has more than one run, and the :data:`CSV_ONLY` columns are left out."""
     at = {h: i for i, h in enumerate(header)}
-    merged = {"rounds_to_target_min", "rounds_to_target_max", *CSV_ONLY}
+    merged = {"rounds_to_target_min", "rounds_to_target_max", "virtual_s_to_target_min", "virtual_s_to_target_max",
+              *CSV_ONLY}
     cols = [i for i, h in enumerate(header) if not (h in merged or (h.endswith("_std") and h[:-4] in at))]
 
     def cell(row: list[Any], i: int) -> str:
@@ -471,7 +478,7 @@ def format_table(header: list[str], rows: list[list[Any]]) -> str:
             text += "±" + _fmt_cell(h, row[std])
         lo, hi = at.get(f"{h}_min"), at.get(f"{h}_max")
         if lo is not None and hi is not None and row[lo] != "" and row[at["n"]] > 1:
-            text += f" [{row[lo]}-{row[hi]}]"
+            text += f" [{_fmt_cell(h, row[lo])}-{_fmt_cell(h, row[hi])}]"
         return text
 
     shown = [header[i].replace("uplink_bytes_", "uplink_MB_") for i in cols]
@@ -563,8 +570,8 @@ def _plot(items: Sequence[tuple[str, Sequence[Run]]], out_dir: Path, prefix: str
 
 
 def plot_runs(runs: Sequence[Run], out_dir: Path, prefix: str, title: str | None = None) -> list[Path]:
-    """Write the PNG plots, one curve per run; returns their paths.  The modelled-time plot is
-    drawn only if some run has finite modelled times."""
+    """Write the PNG plots, one curve per run; returns their paths.  The virtual-time plot is
+    drawn only if some run has finite virtual times."""
     return _plot([(r.label, [r]) for r in runs], out_dir, prefix, title)
 
 
@@ -582,12 +589,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="file name prefix of the plots (default: the file stem for one file, 'report' for several)")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the table, exact values, as CSV")
     p.add_argument("--target", type=float, default=None, metavar="ACC",
-                   help="add the rounds, wall and modelled seconds at which the test accuracy first reached ACC "
-                        "(e.g. 0.8)")
+                   help="add the rounds, wall and virtual seconds at which the test accuracy first reached ACC "
+                        "(e.g. 0.8); over seeds, the median and the range of the rounds and virtual seconds")
     p.add_argument("--last", type=int, default=None, metavar="K",
                    help="add last<K>_mean_acc: the mean test accuracy over the last K evaluated rounds")
     p.add_argument("--at-time", type=float, default=None, metavar="T",
-                   help="add at_<T>s_acc: the test accuracy at a deadline of T seconds of modelled time (the last "
+                   help="add at_<T>s_acc: the test accuracy at a deadline of T seconds of virtual time (the last "
                         "evaluated round that fits)")
     p.add_argument("--title", default=None, help="title of the plots")
     p.add_argument("--label-keys", default=None, metavar="KEY,...",
@@ -605,7 +612,7 @@ def main(args: argparse.Namespace) -> int:
         if args.last is not None and args.last < 1:
             raise ReportError(f"--last {args.last}: expected at least 1 evaluated round, e.g. --last 5")
         if args.at_time is not None and not (math.isfinite(args.at_time) and args.at_time > 0):
-            raise ReportError(f"--at-time {args.at_time}: expected a positive number of modelled seconds, "
+            raise ReportError(f"--at-time {args.at_time}: expected a positive number of virtual seconds, "
                               "e.g. --at-time 60")
         runs = [load_run(f) for f in args.files]
         keys = [k.strip() for k in args.label_keys.split(",") if k.strip()] if args.label_keys else None
@@ -639,8 +646,8 @@ def main(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         for path in paths:
             print(f"plot written to {path}")
-        if paths and not any(p.name.endswith("acc_vs_modelled_time.png") for p in paths):
-            print("no finite modelled times in these files: modelled-time plot skipped")
+        if paths and not any(p.name.endswith("acc_vs_virtual_time.png") for p in paths):
+            print("no finite virtual times in these files: virtual-time plot skipped")
         if not paths:
             print("no evaluated rounds in these files: no plots drawn")
     return EXIT_OK

@@ -15,12 +15,15 @@ import torch
 from torch import nn
 
 from ..accel import TorchVectors
+from ..core.clock import SystemModel
 from ..core.codecs import Codec, link_codecs, make_codec
 from ..core.links import Link
 from ..core.participation import Participation
 from ..core.partition import partition
+from ..core.policy import Policy, make_policy
 from ..core.schedule import LRSchedule
 from ..core.server_opt import ServerOptimizer, make_server_optimizer
+from ..core.system import Availability, DeviceTrace, LinkTrace, SystemSpec
 from ..core.theory import LatencyModel
 from ..core.topology import Tree
 from ..core.vectors import HostVectors, Vectors
@@ -34,11 +37,11 @@ from ..data.registry import DATASETS
 from ..data.source import DataError, GeneratedDataset, Pooled, load_pooled
 from ..learning.models import build_model, num_parameters
 from ..learning.train import ClientOptimizer
-from .schema import Config, server_betas
+from .schema import Config, server_betas, system_distributions
 
 __all__ = ["client_optimizer", "codecs", "data_seed", "data_spec", "downlink_codecs", "latency", "links",
-           "local_data", "lr_schedule", "model", "model_dim", "participation", "server_optimizers", "tensor_sizes",
-           "vectors"]
+           "local_data", "lr_schedule", "model", "model_dim", "participation", "policies", "server_optimizers",
+           "system", "tensor_sizes", "vectors"]
 
 
 def tensor_sizes(cfg: Config) -> tuple[int, ...] | None:
@@ -143,6 +146,32 @@ def lr_schedule(cfg: Config) -> LRSchedule | None:
 def latency(cfg: Config) -> LatencyModel:
     """The deadline model's per-step time and per-link rates and latencies."""
     return LatencyModel(cfg.latency.step_time, cfg.link_rates(), cfg.link_latencies())
+
+
+def system(cfg: Config, tree: Tree) -> SystemModel:
+    """The system model of ``system:`` over ``latency:`` (docs/system.md), its trace files read; raises
+    :class:`~qmlhfl_mpi.core.system.TraceError` naming the key for a missing or malformed trace."""
+    s, N = cfg.system, cfg.N
+    speed, jitter, spread = system_distributions(cfg)
+    spec = SystemSpec(
+        speed=speed, jitter=jitter, link_spread=spread, down_rate=s.down_rate, down_latency=s.down_latency,
+        shared=tuple(c == "shared" for c in s.contention), ingress_rate=s.ingress_rate,
+        device_trace=DeviceTrace.read(s.device_trace, "system.device_trace") if s.device_trace else None,
+        link_trace=LinkTrace.read(s.link_trace, "system.link_trace", [tree.num_nodes(n) for n in range(N)])
+        if s.link_trace else None,
+        availability=Availability.read(s.availability_trace, "system.availability_trace", tree.num_devices,
+                                       s.availability_period) if s.availability_trace else None)
+    return SystemModel.build(tree, latency(cfg), spec, cfg.train.seed)
+
+
+def policies(cfg: Config) -> tuple[Policy, ...]:
+    """Every layer's aggregation policy (``aggregation:``, cloud last)."""
+    a, N = cfg.aggregation, cfg.N
+    out = []
+    for n in range(N):
+        out.append(make_policy(a.policy[n] if a.policy else "all", deadline=a.deadline[n] if a.deadline else 0.0,
+                               min_children=a.min_children[n] if a.min_children else 1, k=a.k[n] if a.k else 1))
+    return tuple(out)
 
 
 def dataset(cfg: Config) -> Any:

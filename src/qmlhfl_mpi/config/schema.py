@@ -20,9 +20,11 @@ import yaml
 from ..core.codecs import CODECS
 from ..core.participation import WEIGHTINGS
 from ..core.partition import PARTITIONERS
+from ..core.policy import POLICIES
 from ..core.registry import PluginError, Registry
 from ..core.schedule import SCHEDULES
 from ..core.server_opt import SERVER_OPTIMIZERS
+from ..core.system import Distribution, TraceError
 from ..core.topology import TopologyError, Tree, TreeShape
 from ..data.registry import DATASETS
 from ..learning.registry import MODELS
@@ -178,6 +180,45 @@ class LatencyConfig:
 
 
 @dataclass(frozen=True)
+class SystemConfig:
+    speed: str = fld("constant", doc="factor on latency.step_time drawn once per device: constant, lognormal(sigma) "
+                                     "(median 1), pareto(alpha) (>= 1, a heavy tail of slow devices) or "
+                                     "uniform(lo, hi) (docs/system.md)")
+    jitter: str = fld("constant", doc="factor on a device's step time drawn anew every round, the same forms")
+    link_spread: tuple[str, ...] = fld((), doc="per link 1..N: factor on each child's uplink and downlink rate, drawn "
+                                               "once, the same forms; empty = constant")
+    down_rate: tuple[float, ...] = fld((), lo=0, doc="bits/s of the downlink of links 1..N; 0 = the model reaches "
+                                                     "the children at once (the paper's); empty = 0")
+    down_latency: tuple[float, ...] = fld((), lo=0, doc="seconds per downlink message on links 1..N; empty = 0")
+    contention: tuple[str, ...] = fld((), choices=("none", "shared"),
+                                      doc="per link: shared = the messages to one parent share its ingress "
+                                          "(processor sharing); empty = none")
+    ingress_rate: tuple[float, ...] = fld((), lo=0, doc="per link: bits/s of a parent's ingress under shared "
+                                                        "contention; 0 = the link's uplink rate")
+    device_trace: str = fld("", doc="CSV trace with columns device, step_seconds[, up_rate, down_rate]: replaces "
+                                    "latency.step_time (and link 1's rates) per device; device d takes row d mod rows")
+    link_trace: str = fld("", doc="CSV trace with columns link, child[, up_rate, up_latency, down_rate, "
+                                  "down_latency]: the values of single children of a link")
+    availability_trace: str = fld("", doc="CSV trace with columns device, online, offline: when devices are online "
+                                          "(virtual seconds; unlisted devices always are). A device offline when "
+                                          "its parent starts an aggregation does not take part")
+    availability_period: float = fld(0.0, lo=0, doc="the availability trace repeats every this many seconds; 0 = "
+                                                    "it does not (offline after a device's last interval)")
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    policy: tuple[str, ...] = fld((), registry=POLICIES,
+                                  doc="per layer 1..N (cloud last): all (wait for every child), deadline or first_k; "
+                                      "empty = all everywhere (docs/system.md)")
+    deadline: tuple[float, ...] = fld((), lo=0, doc="per layer: seconds after a node sends its model within which "
+                                                    "children's messages count (> 0 on deadline layers)")
+    min_children: tuple[int, ...] = fld((), lo=0, doc="per layer: a deadline layer waits past its deadline for at "
+                                                      "least this many children; empty = 1")
+    k: tuple[int, ...] = fld((), lo=0, doc="per layer: a first_k layer aggregates the first k arrivals (>= 1 there)")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     path: str = fld("results/run.h5", doc="HDF5 results file")
     checkpoint_every: int = fld(1, lo=0, doc="write the checkpoint every k global rounds; 0 = only on SIGTERM/SIGUSR1")
@@ -196,6 +237,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     callbacks: Any = fld([], doc="extra callbacks: a list of 'module:attr' / 'file.py:attr' references, or "
                                  "{ref: REF, args: {...}} mappings; attr(**args) must give a qmlhfl_mpi.Callback")
@@ -421,7 +464,43 @@ def validate(cfg: Config) -> None:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ConfigError(f"config key '{key}' = {value!r}: expected a mapping of argument names to values, "
                               "e.g. {hidden: 200}")
+    _validate_system(cfg, N)
     callback_specs(cfg.callbacks)
+
+
+def _validate_system(cfg: Config, N: int) -> None:
+    """The ``system`` and ``aggregation`` sections: lengths, distributions, each policy's parameters."""
+    s, a = cfg.system, cfg.aggregation
+    lists = {"system.link_spread": s.link_spread, "system.down_rate": s.down_rate,
+             "system.down_latency": s.down_latency, "system.contention": s.contention,
+             "system.ingress_rate": s.ingress_rate, "aggregation.policy": a.policy,
+             "aggregation.deadline": a.deadline, "aggregation.min_children": a.min_children, "aggregation.k": a.k}
+    for key, vals in lists.items():
+        if vals and len(vals) != N:
+            raise ConfigError(f"config key '{key}' = {list(vals)}: the tree has N={N} layers, so give {N} values "
+                              f"(links/layers 1..{N}, cloud last) or leave it empty")
+    try:
+        system_distributions(cfg)
+    except TraceError as e:
+        raise ConfigError(str(e)) from None
+    for n, name in enumerate(a.policy):
+        if name == "deadline" and not (a.deadline and a.deadline[n] > 0):
+            raise ConfigError(f"config key 'aggregation.deadline' = {list(a.deadline)}: layer {n + 1} has policy "
+                              f"deadline, so give it a deadline > 0 seconds (entry {n + 1} of {N})")
+        if name == "first_k" and not (a.k and a.k[n] >= 1):
+            raise ConfigError(f"config key 'aggregation.k' = {list(a.k)}: layer {n + 1} has policy first_k, so give "
+                              f"it k >= 1 children (entry {n + 1} of {N})")
+    if s.availability_period and not s.availability_trace:
+        raise ConfigError(f"config key 'system.availability_period' = {s.availability_period:g} repeats an "
+                          "availability trace, but system.availability_trace is empty; give the trace or drop the "
+                          "period")
+
+
+def system_distributions(cfg: Config) -> tuple[Distribution, Distribution, tuple[Distribution, ...]]:
+    """``(speed, jitter, per-link spread)`` of the ``system`` section; raises :class:`TraceError`."""
+    s = cfg.system
+    return (Distribution.parse(s.speed, "system.speed"), Distribution.parse(s.jitter, "system.jitter"),
+            tuple(Distribution.parse(x, f"system.link_spread[{n}]") for n, x in enumerate(s.link_spread)))
 
 
 def _validate_links(cfg: Config, N: int) -> None:

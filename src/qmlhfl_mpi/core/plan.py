@@ -95,6 +95,15 @@ class RoundPlan:
             out[a.layer - 1] += len(a.children)
         return out
 
+    def downlinks(self, tree: Tree) -> np.ndarray:
+        """Models sent down per link (int64, length N): every child of a node, at each of its aggregations whose
+        result goes down (how the executor counts ``downlink_bytes``)."""
+        out = np.zeros(self.num_links, dtype=np.int64)
+        for a in self.aggregations:
+            if a.down:
+                out[a.layer - 1] += len(tree.children(a.layer, a.node))
+        return out
+
     def trained(self) -> dict[int, int]:
         """How many local runs each device that trains in this round does."""
         out: dict[int, int] = {}
@@ -147,6 +156,42 @@ class Planner:
         if len(chosen) == 0:
             return np.zeros(0, dtype=np.float32)
         return self.participation.weights(n, self.tree.child_sizes(n, u, self.samples), chosen)
+
+    def reweight(self, n: int, u: int, positions: np.ndarray) -> np.ndarray:
+        """Float32 weights of the children of ``u`` at ``positions`` when only those are aggregated
+        (``participation.weights`` over them: renormalised, or the unbiased estimator's)."""
+        if len(positions) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self.participation.weights(n, self.tree.child_sizes(n, u, self.samples), positions)
+
+    def prune(self, plan: RoundPlan, keep: Sequence[np.ndarray]) -> RoundPlan:
+        """``plan`` with only the participants ``keep[i]`` (a mask over aggregation ``i``'s children) of every
+        aggregation: the aggregations under a participant not kept go, the kept ones are re-weighted
+        (:meth:`reweight`); the calls that key messages and training stay what they were, so what is kept
+        draws the same numbers whatever was dropped.  ``plan`` itself when everyone is kept."""
+        if all(k.all() for k in keep):
+            return plan
+        aggs = plan.aggregations
+        new_index = np.full(len(aggs), -1, dtype=np.int64)
+        slot_map: list[np.ndarray] = []
+        out: list[Aggregation] = []
+        for i, a in enumerate(aggs):
+            slot_map.append(np.cumsum(keep[i]) - 1)
+            if a.parent >= 0 and (new_index[a.parent] < 0 or not keep[a.parent][a.slot]):
+                continue  # under a dropped child
+            new_index[i] = len(out)
+            k = keep[i]
+            if k.all():
+                weights = a.weights
+            else:
+                positions = a.children[k] - self.tree.children(a.layer, a.node).start
+                weights = self.reweight(a.layer, a.node, positions)
+            out.append(Aggregation(a.layer, a.node, a.call, int(new_index[a.parent]) if a.parent >= 0 else -1,
+                                   int(slot_map[a.parent][a.slot]) if a.parent >= 0 else -1, a.first, a.last,
+                                   a.children[k], weights, a.message_calls[k],
+                                   a.train_calls[k] if a.layer == 1 else a.train_calls))
+        events = tuple((kind, int(new_index[i])) for kind, i in plan.events if new_index[i] >= 0)
+        return RoundPlan(plan.round, plan.seed, tuple(out), events, plan.num_links)
 
     def plan(self, round_: int) -> RoundPlan:
         """The plan of global round ``round_`` (pure: the same on every rank)."""

@@ -21,6 +21,9 @@ FORWARD = 7    # randomness inside a model's forward (dropout): (seed, FORWARD, 
 SAMPLE = 8     # children drawn for an aggregation: (seed, SAMPLE, layer, node, round, call)
 AVAIL = 9      # children up in an aggregation: (seed, AVAIL, layer, node, round, call)
 DOWN = 10      # downlink quantizer: (seed, DOWN, layer, node, round, call)
+SYSTEM = 11    # the system model: (seed, SYSTEM, SPEED), (seed, SYSTEM, JITTER, round) per device,
+               # (seed, SYSTEM, LINK, n) per child of link n, (seed, SYSTEM, TRACE, ...) generated traces
+SPEED, JITTER, LINK, TRACE = 0, 1, 2, 3  # the system model's sub-purposes (core/system.py)
 
 
 def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:

@@ -12,8 +12,10 @@ Schema (documented for users in docs/results.md)::
     /topology/class_counts training samples per device and class (devices x classes)
     /quantizer/levels, bucket, kind, message_bytes, messages_per_round, q   (per link)
     /metrics/round, test_accuracy, test_loss, train_loss,
-             uplink_bytes, messages, downlink_bytes (each rounds x N),
-             time_compute, time_codec, time_comm, time_eval, time_round, modelled_time
+             uplink_bytes, messages, downlink_bytes, dropped (each rounds x N),
+             time_compute, time_codec, time_comm, time_eval, time_round, modelled_time,
+             virtual_time, offline, link_busy (rounds x N), critical_path (rounds x N+1),
+             finish_time (rounds x 5: percentiles 0, 10, 50, 90, 100)
     /model/initial         flat float32 cloud model before the first round (model.init: module only)
     /model/final           flat float32 cloud model after the last round
 """
@@ -32,8 +34,20 @@ from ..core.text import clean_text
 from .space import as_os_error
 
 SCALAR_METRICS = ("round", "test_accuracy", "test_loss", "train_loss", "time_compute",
-                  "time_codec", "time_comm", "time_eval", "time_round", "modelled_time")
-LINK_METRICS = ("uplink_bytes", "messages", "downlink_bytes")  # int64, one column per link
+                  "time_codec", "time_comm", "time_eval", "time_round", "modelled_time", "virtual_time", "offline")
+INT_SCALARS = ("round", "offline")
+LINK_METRICS = ("uplink_bytes", "messages", "downlink_bytes", "dropped")  # int64, one column per link
+# the clock's arrays: name -> (dtype, columns as a function of N)
+ARRAY_METRICS: dict[str, tuple[type, Any]] = {
+    "link_busy": (np.float64, lambda N: N), "critical_path": (np.int64, lambda N: N + 1),
+    "finish_time": (np.float64, lambda N: 5)}
+
+
+def _columns(num_links: int) -> dict[str, tuple[type, int]]:
+    """Every metric but the scalars: its dtype and number of columns."""
+    out: dict[str, tuple[type, int]] = {k: (np.int64, num_links) for k in LINK_METRICS}
+    out.update({k: (dt, cols(num_links)) for k, (dt, cols) in ARRAY_METRICS.items()})
+    return out
 
 
 @contextmanager
@@ -94,11 +108,10 @@ class ResultsWriter:
             q.create_dataset(k, data=_clean_array(v))
         m = self.f.create_group("metrics")
         for k in SCALAR_METRICS:
-            dt = np.int64 if k == "round" else np.float64
-            m.create_dataset(k, shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,))
-        for k in LINK_METRICS:
-            m.create_dataset(k, shape=(0, num_links), maxshape=(None, num_links), dtype=np.int64,
-                             chunks=(256, num_links))
+            m.create_dataset(k, shape=(0,), maxshape=(None,), dtype=np.int64 if k in INT_SCALARS else np.float64,
+                             chunks=(256,))
+        for k, (dt, cols) in _columns(num_links).items():
+            m.create_dataset(k, shape=(0, cols), maxshape=(None, cols), dtype=dt, chunks=(256, cols))
         self.f.create_group("model")
         self.f.flush()
 
@@ -123,10 +136,13 @@ class ResultsWriter:
             if m[k].shape[0] > rounds_done:
                 m[k].resize((rounds_done,) + m[k].shape[1:])
         links = m["uplink_bytes"].shape[1]
-        for k in LINK_METRICS:  # a file from before version 0.3.0 lacks some: -1 marks the unknown rows
+        # a file from an older version lacks some metrics: -1 (integers) or NaN marks the unknown rows
+        for k, (dt, cols) in {**{k: (np.int64 if k in INT_SCALARS else np.float64, 0) for k in SCALAR_METRICS},
+                              **_columns(links)}.items():
             if k not in m:
-                m.create_dataset(k, data=np.full((rounds_done, links), -1, dtype=np.int64),
-                                 maxshape=(None, links), chunks=(256, links))
+                shape = (rounds_done, cols) if cols else (rounds_done,)
+                m.create_dataset(k, data=np.full(shape, -1 if dt is np.int64 else np.nan, dtype=dt),
+                                 maxshape=(None,) + shape[1:], chunks=(256,) + shape[1:])
         self._mark_resumed(rounds_done)
         _set_attrs(self.f, attrs)
         self.f.attrs["status"] = "running"
@@ -146,7 +162,7 @@ class ResultsWriter:
     def append_round(self, row: Mapping[str, Any]) -> None:
         """Append one global round; ``row`` has every metric name of the schema."""
         with _io(self.path, "appending a round to"):
-            self._append({k: np.asarray(row[k])[None] for k in SCALAR_METRICS + LINK_METRICS})
+            self._append({k: np.asarray(row[k])[None] for k in self.f["metrics"]})
 
     def append_rows(self, rows: Mapping[str, np.ndarray]) -> None:
         """Append several rounds at once: ``rows[name]`` holds the rounds' values of each metric of the file."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.exitcodes import EXIT_IO
-from ..results import SCALAR_METRICS
+from ..results import LINK_METRICS, SCALAR_METRICS
 from ..results.space import require_space
 from .callbacks import Callback, Record
 from .errors import RunError
@@ -42,8 +42,8 @@ def csv_path(output: str | Path) -> Path:
 
 
 class CSVLog(Callback):
-    """One row per round: every scalar metric, then ``uplink_bytes_1..N``, ``messages_1..N`` and
-    ``downlink_bytes_1..N``."""
+    """One row per round: every scalar metric, then ``uplink_bytes_1..N``, ``messages_1..N``,
+    ``downlink_bytes_1..N`` and ``dropped_1..N``."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -51,8 +51,7 @@ class CSVLog(Callback):
         self._writer: Any = None
 
     def header(self, num_links: int) -> list[str]:
-        return [*SCALAR_METRICS, *(f"{k}_{n}" for k in ("uplink_bytes", "messages", "downlink_bytes")
-                                   for n in range(1, num_links + 1))]
+        return [*SCALAR_METRICS, *(f"{k}_{n}" for k in LINK_METRICS for n in range(1, num_links + 1))]
 
     def on_run_start(self, session: Session) -> None:
         if session.rank != 0:
@@ -79,8 +78,7 @@ class CSVLog(Callback):
         with _log_io(self.path, "CSV log"):
             require_space(self.path.parent, LOG_ROW_BYTES, f"the CSV log {str(self.path)!r}")
             self._writer.writerow([repr(float(record[k])) if k != "round" else int(record[k]) for k in SCALAR_METRICS]
-                                  + [int(b) for k in ("uplink_bytes", "messages", "downlink_bytes")
-                                     for b in record[k]])
+                                  + [int(b) for k in LINK_METRICS for b in record[k]])
             self._file.flush()
 
     def on_run_end(self, session: Session, summary: RunSummary) -> None:

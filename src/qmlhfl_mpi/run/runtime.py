@@ -21,7 +21,7 @@ from ..comm.communicators import Intracomm, LayerComms, build_layer_comms
 from ..comm.executor import RoundExecutor
 from ..comm.placement import PlacementError, mpi_library, ranks_on_node, select_device
 from ..comm.watchdog import Watchdog
-from ..config import Config
+from ..config import Config, ConfigError
 from ..config import build as builders
 from ..config.sizing import check_memory, recheck_memory
 from ..core.clients import Clients
@@ -31,6 +31,8 @@ from ..core.memory import MemoryEstimateError
 from ..core.participation import Participation, expected_messages
 from ..core.plan import Planner
 from ..core.registry import PluginError
+from ..core.scheduler import RoundScheduler
+from ..core.system import TraceError
 from ..core.theory import round_time
 from ..core.topology import RankLayout, TopologyError, Tree, messages_per_round
 from ..core.vectors import Vectors
@@ -79,6 +81,7 @@ class Runtime:
     comms: list[LayerComms | None]
     watchdog: Watchdog | None     # failure notices and the round deadline (None on one rank without a deadline)
     executor: RoundExecutor
+    scheduler: RoundScheduler     # the round plans against the virtual clock (docs/system.md)
     num_params: int
     initial_vector: np.ndarray    # the cloud model before the first round
     modelled_round_time: float    # the closed-form round time of docs/theory.md
@@ -138,8 +141,15 @@ class Runtime:
             _free(comms, watchdog)
             raise
         agreement.guard = watchdog
+        try:
+            scheduler = step(lambda: _scheduler(cfg, tree, planner, executor), (TraceError, ConfigError, PluginError,
+                                                                                  ValueError, TypeError),
+                             stage="building the system model")
+        except BaseException:
+            _free(comms, watchdog)
+            raise
         return cls(cfg, comm, rank, size, tree, layout, devices, data, device, model, trainer, clients, vectorized,
-                   links, participation, planner, vectors, comms, watchdog, executor, dim, initial,
+                   links, participation, planner, vectors, comms, watchdog, executor, scheduler, dim, initial,
                    round_time(dim, cfg.tau, [lk.codec for lk in links], tree, builders.latency(cfg)))
 
     def evaluate(self, w: np.ndarray, guard: Watchdog | None = None) -> tuple[float, float, float]:
@@ -223,6 +233,24 @@ class Runtime:
             "messages_per_round": np.array([messages_per_round(tree, cfg.tau, n) for n in N], dtype=np.int64),
             "q": np.array([lk.codec.variance(d) for lk in links], dtype=np.float64),
         }
+
+
+def _scheduler(cfg: Config, tree: Tree, planner: Planner, executor: RoundExecutor) -> RoundScheduler:
+    """The system model, the policies and the message sizes; refuses a ``deadline`` layer with
+    ``min_children: 0`` that no child meets in the first round (its nodes would never aggregate)."""
+    try:
+        policies = builders.policies(cfg)
+    except (PluginError, ValueError, TypeError) as e:
+        raise ConfigError(f"config key 'aggregation.policy' = {list(cfg.aggregation.policy)}: {e}") from None
+    scheduler = RoundScheduler(planner, builders.system(cfg, tree), policies,
+                               tuple(8 * b for b in executor.msg_len), tuple(8 * b for b in executor.down_len))
+    for n, earliest in scheduler.unmet_deadlines(scheduler.round(0)):
+        raise ConfigError(
+            f"config key 'aggregation.deadline' = {list(cfg.aggregation.deadline)}: no child of a layer-{n} node "
+            f"meets its deadline of {cfg.aggregation.deadline[n - 1]:g} s in the first round (the earliest message "
+            f"arrives {earliest:.4g} s after the model is sent) and aggregation.min_children is 0, so those nodes "
+            f"would never aggregate; raise the deadline above {earliest:.4g} s or set min_children >= 1")
+    return scheduler
 
 
 def _free(comms: list[LayerComms | None], watchdog: Watchdog | None) -> None:

@@ -41,7 +41,7 @@ __all__ = ["RunSummary", "Session", "threads_per_rank"]
 # the runtime's parts a callback may read as session.<name>
 _PARTS = frozenset({"rank", "size", "tree", "layout", "devices", "data", "device", "model", "trainer", "clients",
                     "vectorized", "links", "codecs", "participation", "planner", "vectors", "executor", "watchdog",
-                    "num_params", "initial_vector", "modelled_round_time"})
+                    "scheduler", "num_params", "initial_vector", "modelled_round_time"})
 
 
 class Session:
@@ -61,6 +61,7 @@ class Session:
         self.agreement = Agreement(self.comm)
         self.runtime = Runtime.build(cfg, self.comm, self.agreement)
         self.start_round, self.round = 0, -1
+        self.virtual_time = 0.0  # seconds of the virtual clock at the end of the last finished round
         self.model_vector = self.runtime.initial_vector
         self._ran = False
         self._lock = OutputLock(cfg.output.path)
@@ -129,7 +130,24 @@ class Session:
         start: Start = self.agreement.step(
             lambda: claim_output(cfg, self._lock, overwrite, resume, rebuild, needed) if rt.rank == 0 else Start(),
             (RunError, CheckpointError, OSError), stage="checking the output")
-        return resume_from(self.comm, self.agreement, rt.executor, start, rt.num_params)
+        start = resume_from(self.comm, self.agreement, rt.executor, start, rt.num_params)
+        self.virtual_time = self._virtual_time_after(start) if start.rounds_done else 0.0
+        return start
+
+    def _virtual_time_after(self, start: Start) -> float:
+        """The virtual clock after the checkpoint's rounds: rank 0's recorded value for every rank, or (a
+        checkpoint without it) the clock of those rounds computed again.  Collective."""
+        rt, done, t0 = self.runtime, start.rounds_done, math.nan
+        m = start.metrics if rt.rank == 0 else None
+        if m is not None and "virtual_time" in m and len(m["virtual_time"]) >= done:
+            t0 = float(m["virtual_time"][done - 1])
+        t0 = float(sum_over_ranks(self.comm, np.array([t0 if rt.rank == 0 else 0.0]))[0])
+        if math.isfinite(t0):
+            return t0
+        t0 = 0.0
+        for r in range(done):
+            t0 += rt.scheduler.round(r, t0).duration
+        return t0
 
     def _round(self, t: int, w: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """One global round and its record (the same on every rank).  Collective."""
@@ -137,13 +155,21 @@ class Session:
         if guard is not None:
             guard.start(t, first=t == self.start_round)
         t0 = time.perf_counter()
-        w = rt.executor.run(rt.planner.plan(t), w)
+        timed = rt.scheduler.round(t, self.virtual_time)
+        w = rt.executor.run(timed.plan, w)
         totals = rt.executor.stats.reduce(lambda x: sum_over_ranks(comm, x, guard),
                                           lambda x: max_over_ranks(comm, x, guard), time.perf_counter() - t0)
         evaluate = (t + 1) % self.config.train.eval_every == 0 or t == self.rounds - 1
         acc, test_loss, t_eval = rt.evaluate(w, guard) if evaluate else (float("nan"), float("nan"), 0.0)
-        return w, {"round": t, "test_accuracy": acc, "test_loss": test_loss, **totals.as_record(),
-                   "time_eval": t_eval, "modelled_time": rt.modelled_round_time}
+        record = {"round": t, "test_accuracy": acc, "test_loss": test_loss, **totals.as_record(),
+                  "time_eval": t_eval, "modelled_time": rt.modelled_round_time, **timed.record(self.virtual_time)}
+        # what was sent but not aggregated (dropped children, their subtrees) crossed the wire too
+        ex = rt.executor
+        record["messages"] = totals.messages + timed.extra_messages
+        record["uplink_bytes"] = totals.uplink_bytes + timed.extra_messages * np.array(ex.msg_len)
+        record["downlink_bytes"] = totals.downlink_bytes + timed.extra_downlinks * np.array(ex.down_len)
+        self.virtual_time += timed.duration
+        return w, record
 
     def _end_guard(self) -> None:
         if self.runtime.watchdog is not None:

@@ -47,7 +47,12 @@ def key_words(key: Sequence[int]) -> tuple[int, int]:
 
 def uniforms(k0: int, k1: int, start: int, stop: int) -> np.ndarray:
     """``u_i`` for ``i = start .. stop-1`` as float32 (the reference of the kernels' draw)."""
-    i = np.arange(start, stop, dtype=np.uint64).astype(np.uint32)
+    return uniforms_at(k0, k1, np.arange(start, stop, dtype=np.uint64))
+
+
+def uniforms_at(k0: int, k1: int, index: np.ndarray) -> np.ndarray:
+    """``u_i`` for the counters ``index`` (any order, any subset) as float32."""
+    i = np.asarray(index, dtype=np.uint64).astype(np.uint32)
     with np.errstate(over="ignore"):
         h = i * np.uint32(GOLDEN32) + np.uint32(k0)
         h ^= np.uint32(k1)

@@ -1,0 +1,95 @@
+"""A round planned against the clock (pure): draw the round (:class:`~.plan.Planner`), time it on the system
+model with the layers' policies (:func:`~.clock.round_clock`), and keep only what is aggregated
+(:meth:`~.plan.Planner.prune`).  Every rank computes the same :class:`TimedRound` before anything is trained,
+so the executor never trains a dropped or offline child and the model stays the same on any number of ranks.
+
+Bytes (docs/system.md, "What counts as sent"): a dropped child's message, and everything inside a dropped
+child's subtree, crossed the wire (the clock timed it, the link was busy), so it counts in ``uplink_bytes``,
+``messages`` and ``downlink_bytes`` like any other; ``dropped`` counts the messages a parent discarded.  An
+offline device sends nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .clock import RoundClock, SystemModel, round_clock
+from .plan import Planner, RoundPlan
+from .policy import Deadline, Policy
+
+__all__ = ["FINISH_PERCENTILES", "RoundScheduler", "TimedRound"]
+
+FINISH_PERCENTILES = (0.0, 10.0, 50.0, 90.0, 100.0)
+
+
+@dataclass(frozen=True)
+class TimedRound:
+    """One round: the plan the executor runs, the plan drawn, its clock, and the traffic of what was sent but
+    not aggregated (per link)."""
+
+    plan: RoundPlan
+    drawn: RoundPlan
+    clock: RoundClock
+    extra_messages: np.ndarray
+    extra_downlinks: np.ndarray
+
+    @property
+    def duration(self) -> float:
+        return self.clock.duration
+
+    def critical_path(self) -> np.ndarray:
+        """int64, length N+1: column ``n`` is the layer-``n`` node on the round's critical path (column 0 the
+        device), -1 below where it ends (a deadline, or nobody to wait for)."""
+        out = np.full(self.drawn.num_links + 1, -1, dtype=np.int64)
+        for layer, node in self.clock.critical_path(self.drawn):
+            out[layer] = node
+        return out
+
+    def record(self, t0: float) -> dict[str, object]:
+        """The round's clock metrics (results schema, docs/results.md) for a round that started at ``t0``."""
+        return {"virtual_time": t0 + self.duration, "dropped": self.clock.dropped.copy(),
+                "offline": self.clock.offline, "link_busy": self.clock.link_busy.copy(),
+                "critical_path": self.critical_path(),
+                "finish_time": self.clock.finish_percentiles(FINISH_PERCENTILES)}
+
+
+@dataclass
+class RoundScheduler:
+    """Plans rounds against the clock: ``up_bits[n-1]``, ``down_bits[n-1]`` are the bits of one message on
+    link ``n`` up and down (0 down: the downlink takes no time unless the system gives it a rate)."""
+
+    planner: Planner
+    system: SystemModel
+    policies: tuple[Policy, ...]
+    up_bits: tuple[int, ...]
+    down_bits: tuple[int, ...]
+
+    def round(self, t: int, t0: float = 0.0) -> TimedRound:
+        """Round ``t``, starting at virtual time ``t0`` (seconds since the run started)."""
+        drawn = self.planner.plan(t)
+        clock = round_clock(drawn, int(self.planner.tau[0]), self.system, self.up_bits, self.down_bits,
+                            self.policies, t0)
+        plan = self.planner.prune(drawn, clock.keep)
+        N = drawn.num_links
+        extra_m, extra_d = np.zeros(N, dtype=np.int64), np.zeros(N, dtype=np.int64)
+        if plan is not drawn and int(clock.dropped.sum()):
+            sent = self.planner.prune(drawn, clock.online)
+            tree = self.planner.tree
+            extra_m = sent.messages() - plan.messages()
+            extra_d = sent.downlinks(tree) - plan.downlinks(tree)
+        return TimedRound(plan, drawn, clock, extra_m, extra_d)
+
+    def unmet_deadlines(self, timed: TimedRound) -> list[tuple[int, float]]:
+        """``(layer, earliest arrival after the model was sent)`` for each ``deadline`` layer with
+        ``min_children: 0`` whose aggregations in ``timed`` kept no child although children took part."""
+        out = []
+        for n, policy in enumerate(self.policies, start=1):
+            if not (isinstance(policy, Deadline) and policy.min_children == 0):
+                continue
+            idx = [i for i, a in enumerate(timed.drawn.aggregations) if a.layer == n]
+            live = [i for i in idx if timed.clock.online[i].any()]
+            if live and not any(timed.clock.keep[i].any() for i in idx):
+                out.append((n, float(min(timed.clock.earliest[i] for i in live))))
+        return out
+
