@@ -48,6 +48,53 @@ def test_bad_input_fails_fast_with_message(tmp_path, sections, message):
     assert not (tmp_path / "out.h5").exists()
 
 
+@pytest.mark.parametrize("sections,message", [
+    ({"system": {"speed": "lognormal(-1)"}}, "'system.speed' = 'lognormal(-1)': lognormal takes 1 number(s) (sigma)"),
+    ({"system": {"jitter": "normal(0.1)"}}, "'system.jitter' = 'normal(0.1)': expected one of constant, lognormal"),
+    ({"system": {"down_rate": [-1, 0]}}, "'system.down_rate[0]' = -1"),
+    ({"latency": {"uplink_rate": [0, 1e8]}}, "'latency.uplink_rate[0]' = 0"),
+    ({"system": {"contention": ["shared"]}}, "'system.contention' = ['shared']: the tree has N=2 layers"),
+    ({"system": {"availability_period": 5}}, "system.availability_trace is empty"),
+    ({"aggregation": {"policy": ["deadline", "all"]}}, "layer 1 has policy deadline, so give it a deadline > 0"),
+    ({"aggregation": {"policy": ["first_k", "all"], "k": [0, 0]}}, "layer 1 has policy first_k, so give it k >= 1"),
+    ({"aggregation": {"policy": ["fastest", "all"]}}, "'aggregation.policy[0]' = 'fastest'"),
+    ({"aggregation": {"policy": ["deadline", "all"], "deadline": [1e-9, 0], "min_children": [0, 1]}},
+     "no child of a layer-1 node meets its deadline of 1e-09 s in the first round"),
+    ({"system": {"device_trace": "/nonexistent/devices.csv"}},
+     "'system.device_trace' = '/nonexistent/devices.csv': no such file"),
+])
+def test_bad_system_and_aggregation_settings_name_the_key(tmp_path, sections, message):
+    text, code = refusal(small_config(tmp_path, **sections))
+    assert code == 2 and message in text, text
+    assert not (tmp_path / "out.h5").exists()
+
+
+@pytest.mark.parametrize("key,text,message", [
+    ("device_trace", "device,step_seconds\n0,fast\n", "line 2, column 'step_seconds' = 'fast'"),
+    ("device_trace", "device;step_seconds\n0;1\n", "missing column(s)"),
+    ("availability_trace", "device,online,offline\n6,0,1\n", "column 'device' has 6; expected device ids 0..5"),
+    ("link_trace", "link,child,up_rate\n3,0,1e6\n", "column 'link' has 3; expected links 1..2"),
+])
+def test_broken_trace_files_name_the_key_the_file_and_the_line(tmp_path, key, text, message):
+    trace = tmp_path / "trace.csv"
+    trace.write_text(text)
+    got, code = refusal(small_config(tmp_path, system={key: str(trace)}))
+    assert code == 2 and message in got and f"system.{key}" in got and str(trace) in got, got
+
+
+@pytest.mark.portable
+def test_a_broken_trace_is_one_message_from_a_real_job(tmp_path):
+    """Read on every rank while the runtime is built: agreed, one message, exit 2 on every rank."""
+    trace = tmp_path / "devices.csv"
+    trace.write_text("device,step_seconds\n0,-0.5\n")
+    cfg = small_config(tmp_path, system={"device_trace": str(trace)})
+    proc, secs = run_cli(2, ["run", str(cfg)], timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("qmlhfl-mpi: error:") == 1 and "'system.device_trace'" in proc.stderr
+    assert "column 'step_seconds' has -0.5; expected numbers > 0" in proc.stderr and "Traceback" not in proc.stderr
+    assert secs < FAST and not (tmp_path / "out.h5").exists()
+
+
 def test_too_many_ranks_for_the_tree_names_the_rank_counts_that_work():
     with pytest.raises(TopologyError, match="2 MPI ranks cannot host a tree of 1 devices"):
         RankLayout.build(load_config(dict(topology={"tree": 1}, tau=[1], quantizer={"levels": [4]})).build_tree(), 2)

@@ -179,3 +179,76 @@ def test_broken_availability_traces(tmp_path, text, match):
     p.write_text(text)
     with pytest.raises(TraceError, match=match):
         Availability.read(str(p), "system.availability_trace", 6, period=40.0)
+
+
+# ---- the trace generator and the examples, end to end ------------------------------------------------------
+GENERATED_WITH = ["--devices", "8", "--seed", "1", "--step-seconds", "0.01", "--speed-sigma", "0.7", "--up-rate", "2e6",
+                  "--horizon", "2", "--mean-online", "0.4", "--mean-offline", "0.15", "--always-online", "0.25"]
+
+
+def test_the_shipped_traces_are_what_the_generator_writes_and_nothing_is_overwritten(tmp_path, capsys):
+    from helpers import REPO
+    from qmlhfl_mpi.cli import main
+
+    assert main(["traces", str(tmp_path), *GENERATED_WITH]) == 0
+    for name in ("devices.csv", "behaviour.csv"):  # the command in configs/examples/traces.yaml's header
+        assert (tmp_path / name).read_text() == (REPO / "configs/examples/traces" / name).read_text(), name
+    before = (tmp_path / "devices.csv").read_text()
+    assert main(["traces", str(tmp_path), "--devices", "3"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and (tmp_path / "devices.csv").read_text() == before
+    assert main(["traces", str(tmp_path / "x"), "--devices", "0"]) == 2
+    assert "devices = 0" in capsys.readouterr().err
+    av = Availability.read(str(tmp_path / "behaviour.csv"), "k", 8, period=2.0)
+    assert 0 < len(av.intervals) < 8  # some devices always online, the others in turns
+
+
+@pytest.mark.parametrize("name", ["stragglers", "traces"])
+def test_the_clock_examples_run_under_mpiexec_and_drop_messages(tmp_path, name):
+    import h5py
+
+    from helpers import REPO, run_cli
+
+    out = tmp_path / f"{name}.h5"
+    proc, _ = run_cli(2, ["run", f"configs/examples/{name}.yaml", "--quiet", "--set", f"output.path={out}",
+                          "--set", "train.rounds=4"], timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(out) as f:
+        m = f["metrics"]
+        assert f.attrs["status"] == "completed" and m["dropped"][()].sum() > 0
+        assert (np.diff(m["virtual_time"][()]) > 0).all()
+
+
+def test_check_and_optimize_see_the_clock(tmp_path, capsys):
+    """check: the virtual round time, its spread and what dominates; optimize: the closed form fitted to the
+    clock (slow devices make the fitted step time longer than the median device's) and the rounds on the clock."""
+    import re
+
+    from helpers import small_config
+    from qmlhfl_mpi import load_config
+    from qmlhfl_mpi.analysis.clockfit import ClockModel
+    from qmlhfl_mpi.cli import main
+
+    cfg_path = small_config(tmp_path, system={"speed": "lognormal(1)", "jitter": "lognormal(0.3)"},
+                            latency={"step_time": 0.05}, train={"rounds": 5})
+    assert main(["check", str(cfg_path), "--L", "1.0"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"virtual time per round under the system model \(docs/system.md, 5 rounds\): mean ([\d.e+-]+) s, "
+                  r"min ([\d.e+-]+) s, max ([\d.e+-]+) s", out)
+    assert m and float(m.group(2)) < float(m.group(3)), out  # the jitter spreads the rounds
+    assert "dominant: compute" in out and "critical path: ends at device" in out
+    assert main(["optimize", str(cfg_path), "--L", "1.0", "--deadline", "3", "--max-tau", "6", "--random", "5"]) == 0
+    out = capsys.readouterr().out
+    step = float(re.search(r"fitted to the virtual clock \(docs/system.md\): ([\d.e+-]+) s per SGD step", out).group(1))
+    assert step > 0.05  # the aggregations wait for the slowest of their devices
+    m = re.search(r"on the virtual clock itself, (\d+) rounds of tau = \[([\d, ]+)\] end within the deadline", out)
+    assert m, out
+    tau, rounds = [int(v) for v in m.group(2).split(",")], int(m.group(1))
+    cfg = load_config(str(cfg_path))
+    times = np.cumsum(ClockModel(cfg, cfg.build_tree(), _dim(cfg)).durations(tau, rounds + 1))
+    assert times[rounds - 1] <= 3 < times[rounds] if rounds else times[0] > 3
+
+
+def _dim(cfg):
+    from qmlhfl_mpi.config import build
+
+    return build.model_dim(cfg)

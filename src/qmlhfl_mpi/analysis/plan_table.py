@@ -1,16 +1,19 @@
 """``qmlhfl-mpi plan CONFIG --round T``: the round plan of a config as a readable table.
 
 One line per aggregation, in the order the round performs them (nested by
-indentation): the node, its call in the round, who takes part with which
-weight, the messages and bytes it receives, and where its result goes.  Then
-the totals per link.  Nothing is trained: the plan is the pure
-:meth:`~qmlhfl_mpi.core.plan.Planner.plan` of the config's tree, ``tau``,
-participation and seed (``docs/architecture.md``, "The life of one global
-round").
+indentation): the node, its call in the round, its start and end on the
+virtual clock, who takes part with which weight (children the policy drops
+and devices found offline are marked, docs/system.md), the messages and bytes
+it receives, and where its result goes.  Then the totals per link, the round's
+virtual time and its critical path.  Nothing is trained: the plan is the pure
+:meth:`~qmlhfl_mpi.core.scheduler.RoundScheduler.round` of the config's tree,
+``tau``, participation, seed and system (``docs/architecture.md``, "The life
+of one global round"); the rounds before ``T`` are timed for its start.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -19,8 +22,10 @@ from .. import config as config_mod
 from ..config import Config
 from ..config import build as builders
 from ..core.exitcodes import EXIT_OK
-from ..core.plan import OPEN, Planner, RoundPlan
+from ..core.plan import OPEN
+from ..core.scheduler import RoundScheduler, TimedRound
 from ..core.topology import Tree
+from .clockfit import ClockModel
 
 __all__ = ["add_arguments", "cmd_plan", "plan_lines"]
 
@@ -38,22 +43,47 @@ def _samples(cfg: Config, tree: Tree) -> np.ndarray | None:
     return builders.local_data(cfg, tree, range(0), 0, 1).samples
 
 
-def plan_lines(cfg: Config, plan: RoundPlan, tree: Tree, dim: int, max_children: int = 12) -> list[str]:
-    """The table of ``plan`` (see the module doc)."""
+def _kept_weights(timed: TimedRound) -> list[dict[int, float]]:
+    """Per aggregation of the drawn plan, the weight of each child it aggregates (empty when it is dropped)."""
+    clock, drawn = timed.clock, timed.drawn.aggregations
+    kept = iter(timed.plan.aggregations)
+    out: list[dict[int, float]] = []
+    alive: list[bool] = []
+    for a in drawn:
+        ok = a.parent < 0 or (alive[a.parent] and bool(clock.keep[a.parent][a.slot]))
+        alive.append(ok)
+        if ok:
+            k = next(kept)
+            out.append(dict(zip(k.children.tolist(), k.weights.tolist())))
+        else:
+            out.append({})
+    return out
+
+
+def plan_lines(cfg: Config, timed: TimedRound, tree: Tree, dim: int, max_children: int = 12,
+               t0: float = 0.0) -> list[str]:
+    """The table of the round ``timed`` that starts at virtual time ``t0`` (see the module doc)."""
+    plan, clock = timed.drawn, timed.clock
     links = builders.links(cfg)
     msg = [lk.codec.nbytes(dim) for lk in links]
     down = [4 * dim if lk.downlink is None else lk.downlink.nbytes(dim) for lk in links]
     out = [f"round {plan.round}: N={tree.N}, {tree.num_devices} devices, tau={list(cfg.tau)}, seed {plan.seed}; "
-           f"{len(plan.aggregations)} aggregations (layer:node#call; children as layer-(n-1) ids with weights)",
-           f"{'aggregation':<24} {'participants (weight)':<60} {'msgs':>5} {'bytes up':>11}  then"]
+           f"{len(plan.aggregations)} aggregations (layer:node#call; times in virtual s from the round's start at "
+           f"{t0:.6g} s; children as layer-(n-1) ids with weights, dropped or offline ones marked)",
+           f"{'aggregation':<24} {'start..end s':>17} {'participants (weight)':<60} {'msgs':>5} {'bytes up':>11}  then"]
     depth = 0
     down_bytes = np.zeros(tree.N, dtype=np.int64)
-    for kind, a in plan:
+    weights = _kept_weights(timed)
+    for kind, i in plan.events:
         if kind != OPEN:
             depth -= 1
             continue
+        a = plan.aggregations[i]
         n = a.layer
-        kids = [f"{c}({w:.3g})" for c, w in zip(a.children.tolist(), a.weights.tolist())]
+        inside = a.parent >= 0 and not weights[i] and bool(clock.keep[i].any())  # under a dropped child
+        kids = [f"{c}({weights[i][c]:.3g})" if c in weights[i] else f"{c}(offline)" if not clock.online[i][j]
+                else f"{c}(kept)" if inside and clock.keep[i][j] else f"{c}(dropped)"
+                for j, c in enumerate(a.children.tolist())]
         shown = ", ".join(kids[:max_children]) + (f", ... {len(kids) - max_children} more" if len(kids) > max_children
                                                   else "")
         if a.empty:
@@ -63,16 +93,23 @@ def plan_lines(cfg: Config, plan: RoundPlan, tree: Tree, dim: int, max_children:
             down_bytes[n - 1] += down[n - 1] * len(tree.children(n, a.node))
         else:
             then = f"up to {n + 1}:{tree.parent(n, a.node)}"
+        if inside:
+            then += " (inside a dropped child: timed, not trained)"
         name = f"{'  ' * depth}{n}:{a.node}#{a.call}"
-        out.append(f"{name:<24} {shown or '-':<60} {len(a.children):>5} {len(a.children) * msg[n - 1]:>11,}  {then}")
+        span = f"{clock.start[i]:.4g}..{clock.end[i]:.4g}"
+        out.append(f"{name:<24} {span:>17} {shown or '-':<60} {len(a.children):>5} "
+                   f"{len(a.children) * msg[n - 1]:>11,}  {then}")
         depth += 1
     messages = plan.messages()
     out.append("per link: " + "; ".join(
         f"link {n}: {int(messages[n - 1])} messages of {msg[n - 1]:,} bytes ({int(messages[n - 1]) * msg[n - 1]:,}), "
         f"downlink {int(down_bytes[n - 1]):,} bytes" for n in range(1, tree.N + 1)))
-    trained = plan.trained()
+    trained = timed.plan.trained()
     out.append(f"devices trained: {len(trained)} of {tree.num_devices}, "
                f"{sum(trained.values())} local runs of tau_1 = {cfg.tau[0]} steps")
+    path = " <- ".join(f"{layer}:{node}" for layer, node in clock.critical_path(plan))
+    out.append(f"virtual time: {timed.duration:.6g} s (ends at {t0 + timed.duration:.6g} s); messages dropped per link "
+               f"{clock.dropped.tolist()}, devices offline {clock.offline}; critical path {path}")
     return out
 
 
@@ -82,7 +119,13 @@ def cmd_plan(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     if args.round < 0:
         raise ValueError(f"--round {args.round}: give a global round >= 0")
     tree = cfg.build_tree()
-    planner = Planner(tree, cfg.tau, builders.participation(cfg), cfg.train.seed, _samples(cfg, tree))
-    for line in plan_lines(cfg, planner.plan(args.round), tree, builders.model_dim(cfg), args.max_children):
+    dim = builders.model_dim(cfg)
+    sched = ClockModel(cfg, tree, dim).scheduler(cfg.tau)
+    sched = RoundScheduler(dataclasses.replace(sched.planner, samples=_samples(cfg, tree)), sched.system,
+                           sched.policies, sched.up_bits, sched.down_bits)
+    t0 = 0.0
+    for t in range(args.round):
+        t0 += sched.round(t, t0).duration
+    for line in plan_lines(cfg, sched.round(args.round, t0), tree, dim, args.max_children, t0):
         write(line)
     return EXIT_OK

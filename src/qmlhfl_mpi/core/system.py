@@ -224,7 +224,12 @@ class LinkTrace:
         """``children[n-1]``: the number of children of link ``n`` (nodes at layer ``n-1``)."""
         t = read_table(path, key, ("link", "child"), cls.COLUMNS)
         where = f"config key '{key}' = {path!r}"
-        link = _ids(where, "link", t["link"] - 1, len(children), "link") + 1
+        raw = t["link"]
+        wrong = (raw != np.round(raw)) | (raw < 1) | (raw > len(children))
+        if wrong.any():
+            raise TraceError(f"{where}: column 'link' has {raw[wrong][0]:g}; expected links 1..{len(children)} "
+                             "(1: devices -> layer 1, the last: -> the cloud)")
+        link = raw.astype(np.int64)
         child = np.empty(len(link), dtype=np.int64)
         for i, n in enumerate(link):
             child[i] = _ids(where, "child", t["child"][i : i + 1], children[n - 1], f"layer-{n - 1} node")[0]
