@@ -74,6 +74,7 @@ def test_bad_system_and_aggregation_settings_name_the_key(tmp_path, sections, me
     ("device_trace", "device;step_seconds\n0;1\n", "missing column(s)"),
     ("availability_trace", "device,online,offline\n6,0,1\n", "column 'device' has 6; expected device ids 0..5"),
     ("link_trace", "link,child,up_rate\n3,0,1e6\n", "column 'link' has 3; expected links 1..2"),
+    ("link_trace", "link,child,up_rate\n1,0,1e6\n1,0,2e6\n", "line 3: link 1, child 0 appears on an earlier row"),
 ])
 def test_broken_trace_files_name_the_key_the_file_and_the_line(tmp_path, key, text, message):
     trace = tmp_path / "trace.csv"

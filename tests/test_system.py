@@ -144,7 +144,8 @@ def test_the_built_system_follows_traces_spreads_and_base_values(tmp_path):
     assert up1.tolist() == [1e6, 1000.0] * 3 and np.isinf(system.links[0].down_rate).all()
     l2 = system.links[1]
     assert ((l2.up_rate >= 2e6) & (l2.up_rate <= 4e6)).all() and l2.shared and l2.ingress_rate == 2e6
-    assert l2.up_latency.tolist() == [0.02, 0.5] and l2.down_rate[1] == 4000.0 and 100 <= l2.down_rate[0] <= 200
+    factor = l2.up_rate / 2e6  # the spread multiplies configured and traced rates alike
+    assert l2.up_latency.tolist() == [0.02, 0.5] and l2.down_rate.tolist() == (factor * [100.0, 4000.0]).tolist()
     again = SystemModel.build(tree, lat, spec, seed=4)
     assert np.array_equal(again.links[1].up_rate, l2.up_rate)  # keyed: the same on every rank
 
@@ -158,6 +159,7 @@ def test_the_built_system_follows_traces_spreads_and_base_values(tmp_path):
     ("device,step_seconds\n0,1,2\n", "line 2 has 3 fields"),
     ("device,step_seconds\n0,-1\n", "expected numbers > 0"),
     ("device,step_seconds\n0,1\n0,2\n", "several rows"),
+    ("device,step_seconds\n0,1\n2,2\n", "must list the ids 0..1"),
 ])
 def test_broken_device_traces_name_the_key_and_the_line(tmp_path, text, match):
     p = tmp_path / "t.csv"
@@ -170,7 +172,7 @@ def test_broken_device_traces_name_the_key_and_the_line(tmp_path, text, match):
 
 @pytest.mark.parametrize("text, match", [
     ("device,online,offline\n9,0,1\n", "device ids 0..5"),
-    ("device,online,offline\n0,2,1\n", "0 <= online < offline"),
+    ("device,online,offline\n0,2,1\n", "0 <= online <= offline"),
     ("device,online,offline\n0,0,5\n0,4,6\n", "overlapping"),
     ("device,online,offline\n0,0,50\n", "after the end of the period"),
 ])
@@ -200,6 +202,11 @@ def test_the_shipped_traces_are_what_the_generator_writes_and_nothing_is_overwri
     assert "devices = 0" in capsys.readouterr().err
     av = Availability.read(str(tmp_path / "behaviour.csv"), "k", 8, period=2.0)
     assert 0 < len(av.intervals) < 8  # some devices always online, the others in turns
+    never = tmp_path / "never"  # offline longer than the horizon: listed with an empty interval, never online
+    assert main(["traces", str(never), "--devices", "4", "--horizon", "1", "--mean-offline", "1e6",
+                 "--mean-online", "1e-6", "--always-online", "0"]) == 0
+    av = Availability.read(str(never / "behaviour.csv"), "k", 4, period=0.0)
+    assert not any(av.online(np.arange(4), t).any() for t in (0.0, 0.5, 2.0))
 
 
 @pytest.mark.parametrize("name", ["stragglers", "traces"])
@@ -252,3 +259,18 @@ def _dim(cfg):
     from qmlhfl_mpi.config import build
 
     return build.model_dim(cfg)
+
+
+def test_a_config_from_before_the_clock_resumes_its_absent_sections_count_as_defaults():
+    import yaml
+
+    from helpers import SMALL
+    from qmlhfl_mpi import load_config
+    from qmlhfl_mpi.config.schema import config_diff
+
+    cfg = load_config(SMALL)
+    old = yaml.safe_load(cfg.to_yaml())
+    del old["system"], old["aggregation"]  # what version 0.x wrote
+    assert config_diff(yaml.safe_dump(old), cfg) == []
+    slow = load_config({**SMALL, "system": {"speed": "lognormal(1)"}})
+    assert config_diff(yaml.safe_dump(old), slow) == ["system.speed: 'constant' -> 'lognormal(1)'"]

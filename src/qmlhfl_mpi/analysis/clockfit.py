@@ -41,9 +41,10 @@ class Dominance:
                                                        enumerate(self.without_link, start=1)]
         saved = [(name, 1 - t / self.mean if self.mean > 0 else 0.0) for name, t in parts]
         top = max(saved, key=lambda x: x[1])
+        path = (f"critical path: ends at device {self.last_device} in {100 * self.last_share:.0f}% of the rounds"
+                if self.last_device >= 0 else "critical path: every round ended at a deadline timer, not a device")
         return [f"what the round waits for: {', '.join(f'{name} {100 * s:.0f}%' for name, s in saved)} of its "
-                f"time (the round without it); dominant: {top[0]}",
-                f"critical path: ends at device {self.last_device} in {100 * self.last_share:.0f}% of the rounds"]
+                f"time (the round without it); dominant: {top[0]}", path]
 
 
 class ClockModel:
@@ -108,8 +109,8 @@ class ClockModel:
 
     def fitted_latency(self, tau: Sequence[int], rounds: int = 3) -> tuple[LatencyModel, float]:
         """The closed form's ``(step_time, per-link cost)`` fitted to the clock (see the module doc), as a
-        :class:`LatencyModel` with the configured rates (the latencies absorb the rest of each cost), and the
-        fit's largest relative error over the design."""
+        :class:`LatencyModel` with the configured rates (the latencies absorb the rest of each cost, at least 0),
+        and that model's largest relative error over the design."""
         N = self.tree.N
         design = [tuple([1] * N), tuple(int(t) for t in tau)]
         for n in range(N):
@@ -119,8 +120,8 @@ class ClockModel:
         A = np.array([[float(np.prod(d))] + [float(np.prod(d[n:])) for n in range(1, N + 1)] for d in design])
         y = np.array([self.durations(d, rounds).mean() for d in design])
         coef = np.maximum(np.linalg.lstsq(A, y, rcond=None)[0], 0.0)
-        err = float(np.max(np.abs(A @ coef - y) / np.maximum(y, 1e-300)))
-        base = builders.latency(self.cfg)
-        rates = base.uplink_rate
+        rates = builders.latency(self.cfg).uplink_rate
         lat = tuple(max(float(coef[n + 1]) - self.up_bits[n] / rates[n], 0.0) for n in range(N))
-        return LatencyModel(float(coef[0]), rates, lat), err
+        model = LatencyModel(float(coef[0]), rates, lat)
+        used = np.array([model.step_time] + [self.up_bits[n] / rates[n] + lat[n] for n in range(N)])
+        return model, float(np.max(np.abs(A @ used - y) / np.maximum(y, 1e-300)))

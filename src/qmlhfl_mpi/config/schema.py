@@ -594,8 +594,11 @@ def flatten(x: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(old_yaml: str, new: Config) -> list[str]:
-    """``key: old -> new`` for every key (but :data:`RESUME_FREE_KEYS`) that differs."""
-    old = flatten(yaml.safe_load(old_yaml) or {})
+    """``key: old -> new`` for every key (but :data:`RESUME_FREE_KEYS`) that differs.  A key the old config
+    lacks (written by a version before the key existed) counts as its default, which is what that version
+    did: new sections are off by default."""
+    defaults = flatten(yaml.safe_load(Config().to_yaml()))
+    old = {**defaults, **flatten(yaml.safe_load(old_yaml) or {})}
     cur = flatten(yaml.safe_load(new.to_yaml()))
     keys = sorted((set(old) | set(cur)) - set(RESUME_FREE_KEYS))
     return [f"{k}: {old.get(k)!r} -> {cur.get(k)!r}" for k in keys if old.get(k) != cur.get(k)]

@@ -120,7 +120,8 @@ class SystemModel:
     @classmethod
     def build(cls, tree: Tree, latency: LatencyModel, spec: SystemSpec, seed: int) -> SystemModel:
         """The system of ``spec`` on ``tree`` over the base values of ``latency`` (docs/system.md): traces replace
-        the base values they give, drawn factors multiply them."""
+        the base values they give (step times, rates, latencies), then the drawn factors (speed, link spread)
+        multiply the step times and rates, traced or not."""
         N, D = tree.N, tree.num_devices
         trace = spec.device_trace
         step = np.full(D, latency.step_time) if trace is None else trace.step_seconds[trace.rows(D)]
@@ -131,8 +132,8 @@ class SystemModel:
             spread = spec.link_spread[n - 1] if spec.link_spread else Distribution()
             factor = once_factors(spread, (seed, rng.SYSTEM, rng.LINK, n), C)
             down = spec.down_rate[n - 1] if spec.down_rate else 0.0
-            up_rate = latency.uplink_rate[n - 1] * factor
-            down_rate = down * factor if down > 0 else np.full(C, np.inf)
+            up_rate = np.full(C, latency.uplink_rate[n - 1])
+            down_rate = np.full(C, down if down > 0 else np.inf)
             up_lat = np.full(C, latency.uplink_latency[n - 1])
             down_lat = np.full(C, spec.down_latency[n - 1] if spec.down_latency else 0.0)
             if n == 1 and trace is not None:
@@ -148,6 +149,7 @@ class SystemModel:
                     if vals is not None:
                         rows = mine & ~np.isnan(vals)
                         arr[lt.child[rows]] = vals[rows]
+            up_rate, down_rate = up_rate * factor, down_rate * factor  # inf stays inf: no downlink time
             shared = bool(spec.shared[n - 1]) if spec.shared else False
             ingress = (spec.ingress_rate[n - 1] if spec.ingress_rate else 0.0) or latency.uplink_rate[n - 1]
             links.append(LinkTimes(up_rate, up_lat, down_rate, down_lat, shared, float(ingress)))
@@ -166,7 +168,7 @@ class RoundClock:
     start: np.ndarray                   # per aggregation of the plan
     end: np.ndarray
     link_busy: np.ndarray               # per link: seconds of transfer (bits over rate, summed over messages)
-    device_finish: list[float] = field(default_factory=list)   # each trained device's finish time
+    device_finish: list[float] = field(default_factory=list)   # each timed device's finish (dropped too)
     last: list[int] = field(default_factory=list)              # per aggregation: the participant it waited for last
     keep: list[np.ndarray] = field(default_factory=list)       # per aggregation: mask of the participants kept
     online: list[np.ndarray] = field(default_factory=list)     # per aggregation: mask of the participants online
@@ -198,7 +200,8 @@ class RoundClock:
         return out
 
     def finish_percentiles(self, q: Sequence[float]) -> np.ndarray:
-        """Percentiles ``q`` of the trained devices' finish times (NaN when none trained)."""
+        """Percentiles ``q`` of the finish times of the devices that took part, dropped ones included (they were
+        timed: the spread the policies cut); NaN when none did."""
         if not self.device_finish:
             return np.full(len(q), np.nan)
         return np.percentile(np.asarray(self.device_finish), q)

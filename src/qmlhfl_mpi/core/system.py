@@ -198,6 +198,9 @@ class DeviceTrace:
         order = np.argsort(t["device"], kind="stable")
         if len(np.unique(t["device"])) != len(t["device"]):
             raise TraceError(f"{where}: a device appears on several rows; give one row per device")
+        if not np.array_equal(t["device"][order], np.arange(len(order))):
+            raise TraceError(f"{where}: the device column holds {len(order)} rows, so it must list the ids "
+                             f"0..{len(order) - 1} (any order); device d of the tree takes row d mod {len(order)}")
         _positive(where, "step_seconds", t["step_seconds"])
         nan = np.full(len(order), math.nan)
         for c in ("up_rate", "down_rate"):
@@ -233,6 +236,12 @@ class LinkTrace:
         child = np.empty(len(link), dtype=np.int64)
         for i, n in enumerate(link):
             child[i] = _ids(where, "child", t["child"][i : i + 1], children[n - 1], f"layer-{n - 1} node")[0]
+        pairs = set()
+        for i, pair in enumerate(zip(link.tolist(), child.tolist())):
+            if pair in pairs:
+                raise TraceError(f"{where}: line {i + 2}: link {pair[0]}, child {pair[1]} appears on an earlier "
+                                 "row too; give one row per (link, child)")
+            pairs.add(pair)
         for c in cls.COLUMNS:
             if c in t:
                 _positive(where, c, t[c], allow_zero=c.endswith("latency"))
@@ -242,7 +251,8 @@ class LinkTrace:
 @dataclass(frozen=True)
 class Availability:
     """When each device is online: per listed device, sorted ``[online, offline)`` intervals in virtual seconds
-    (a device without rows is always online); with ``period > 0`` the pattern repeats every ``period`` s."""
+    (a device without rows is always online; an empty interval lists one that never is); with ``period > 0``
+    the pattern repeats every ``period`` s."""
 
     intervals: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     period: float = 0.0
@@ -253,10 +263,11 @@ class Availability:
         where = f"config key '{key}' = {path!r}"
         dev = _ids(where, "device", t["device"], devices, "device")
         on, off = t["online"], t["offline"]
-        if (on < 0).any() or (off <= on).any():
-            i = int(np.flatnonzero((on < 0) | (off <= on))[0])
+        if (on < 0).any() or (off < on).any():
+            i = int(np.flatnonzero((on < 0) | (off < on))[0])
             raise TraceError(f"{where}: line {i + 2}: online {on[i]:g}, offline {off[i]:g}; expected "
-                             "0 <= online < offline (seconds of virtual time)")
+                             "0 <= online <= offline (seconds of virtual time; online = offline lists a device "
+                             "that is never online)")
         if period > 0 and (off > period).any():
             i = int(np.flatnonzero(off > period)[0])
             raise TraceError(f"{where}: line {i + 2}: offline {off[i]:g} is after the end of the period "

@@ -61,7 +61,7 @@ def availability_rows(shape: TraceShape, seed: int) -> dict[str, np.ndarray]:
     for d in range(shape.devices):
         if g.random() < shape.always_online:
             continue
-        t, up = 0.0, bool(g.random() < p_on)
+        t, up, listed = 0.0, bool(g.random() < p_on), False
         while t < shape.horizon:
             span = float(g.exponential(shape.mean_online if up else shape.mean_offline))
             end = min(t + span, shape.horizon)
@@ -69,7 +69,12 @@ def availability_rows(shape: TraceShape, seed: int) -> dict[str, np.ndarray]:
                 dev.append(d)
                 on.append(t)
                 off.append(end)
+                listed = True
             t, up = end, not up
+        if not listed:  # offline throughout: listed with an empty interval (unlisted devices are always online)
+            dev.append(d)
+            on.append(0.0)
+            off.append(0.0)
     return {"device": np.array(dev, dtype=np.int64), "online": np.array(on), "offline": np.array(off)}
 
 

@@ -11,8 +11,8 @@ from .checkpoint import (
 )
 from .output import output_problem
 from .reader import REQUIRED_METRICS, ResultsFileError, read_run
-from .writer import LINK_METRICS, SCALAR_METRICS, ResultsWriter, read_status
+from .writer import INT_SCALARS, LINK_METRICS, SCALAR_METRICS, ResultsWriter, read_status
 
-__all__ = ["Checkpoint", "CheckpointError", "LINK_METRICS", "REQUIRED_METRICS", "ResultsFileError", "ResultsWriter",
-           "SCALAR_METRICS", "checkpoint_path", "output_problem", "read_checkpoint", "read_run", "read_status",
+__all__ = ["Checkpoint", "CheckpointError", "INT_SCALARS", "LINK_METRICS", "REQUIRED_METRICS", "ResultsFileError",
+           "ResultsWriter", "SCALAR_METRICS", "checkpoint_path", "output_problem", "read_checkpoint", "read_run", "read_status",
            "write_checkpoint"]

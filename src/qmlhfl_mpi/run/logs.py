@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.exitcodes import EXIT_IO
-from ..results import LINK_METRICS, SCALAR_METRICS
+from ..results import INT_SCALARS, LINK_METRICS, SCALAR_METRICS
 from ..results.space import require_space
 from .callbacks import Callback, Record
 from .errors import RunError
@@ -77,7 +77,7 @@ class CSVLog(Callback):
             return
         with _log_io(self.path, "CSV log"):
             require_space(self.path.parent, LOG_ROW_BYTES, f"the CSV log {str(self.path)!r}")
-            self._writer.writerow([repr(float(record[k])) if k != "round" else int(record[k]) for k in SCALAR_METRICS]
+            self._writer.writerow([int(record[k]) if k in INT_SCALARS else repr(float(record[k])) for k in SCALAR_METRICS]
                                   + [int(b) for k in LINK_METRICS for b in record[k]])
             self._file.flush()
 

@@ -50,7 +50,8 @@ class Session:
     :class:`RunError` on every rank if any rank cannot.
 
     Callbacks may read ``comm``, ``config``, ``runtime``, ``rounds``, ``start_round``, ``round`` (the last
-    finished round, -1 before the first), ``model_vector`` (the cloud model after it) and the runtime's parts
+    finished round, -1 before the first), ``model_vector`` (the cloud model after it), ``virtual_time`` (the
+    virtual clock after it, seconds since the run started: docs/system.md) and the runtime's parts
     by name: ``rank``, ``size``, ``tree``, ``layout``, ``devices``, ``data``, ``device``, ``model``,
     ``trainer``, ``clients``, ``links``, ``codecs``, ``planner``, ``vectors``, ``executor``, ``num_params``, ...
     """
