@@ -44,8 +44,14 @@ def final(path):
 @pytest.fixture(scope="module")
 def reference(reference_run):
     """The uninterrupted run every restart must reproduce bit for bit (messages dropped, devices offline)."""
-    got = final(reference_run(**SECTIONS))
-    assert (got[3]["dropped"].sum(axis=0)[:2] > 0).all() and got[3]["offline"].sum() > 0
+    path = reference_run(**SECTIONS)
+    got = final(path)
+    m = got[3]
+    assert (m["dropped"].sum(axis=0)[:2] > 0).all() and m["offline"].sum() > 0
+    # exact bytes: every message sent counts, the dropped ones too (docs/system.md, "What counts as sent")
+    with h5py.File(path, "r") as f:
+        size = f["quantizer/message_bytes"][()]
+    assert np.array_equal(m["uplink_bytes"], m["messages"] * size) and (m["messages"] >= m["dropped"]).all()
     return got
 
 

@@ -163,6 +163,9 @@ def test_report_groups_runs_by_seed(sweeps, tmp_path, capsys, monkeypatch):
         assert (int(g["rounds_to_target"]), int(g["rounds_to_target_min"]), int(g["rounds_to_target_max"])) == (
             int(np.median(rounds)), min(rounds), max(rounds))
         assert g["reached_target"] == "3/3"
+        virtual = [float(r["virtual_s_to_target"]) for r in per_run]  # the clock's seconds: median and range
+        assert (float(g["virtual_s_to_target"]), float(g["virtual_s_to_target_min"]),
+                float(g["virtual_s_to_target_max"])) == (float(np.median(virtual)), min(virtual), max(virtual))
         # the table shows mean±std and n
         line = next(ln for ln in printed.splitlines() if ln.startswith(g["run"] + " "))
         cells = line.split()
