@@ -58,19 +58,20 @@ def modelled_round(sets: list[str]) -> float:
     return round_time(D_MLP200, cfg.tau, build.codecs(cfg), cfg.build_tree(), lat)
 
 
-def write(study: str, header: str, report: str, variants: list[tuple[str, list[str]]]) -> None:
+def write(study: str, header: str, report: str, variants: list[tuple[str, list[str]]],
+          seeds: tuple[int, ...] = SEEDS) -> None:
     lines = [f"# Study '{study}' of docs/experiments.md, written by studies/generate.py; run with",
              f"#   .venv/bin/qmlhfl-mpi sweep --file studies/{study}.txt --jobs 2 --continue",
              *(f"# {h}" for h in header.strip().splitlines()),
              f"# report: --out {IMG} --prefix {study} --csv {IMG}/{study}.csv {report}"]
     for name, sets in variants:
-        for s in SEEDS:
+        for s in seeds:
             words = [BASE, *(w for x in sets for w in ("--set", x)), "--set", f"train.seed={s}",
                      "--set", f"output.path={OUT}/{study}/{name}-seed{s}.h5"]
             lines.append(" ".join(words))
     path = REPO / "studies" / f"{study}.txt"
     path.write_text("\n".join(lines) + "\n")
-    print(f"{path.relative_to(REPO)}: {len(variants)} variants x {len(SEEDS)} seeds = {len(variants) * len(SEEDS)} runs")
+    print(f"{path.relative_to(REPO)}: {len(variants)} variants x {len(seeds)} seeds = {len(variants) * len(seeds)} runs")
 
 
 DEPTH_DEADLINE = 40.0  # modelled seconds
@@ -163,8 +164,38 @@ N = 3: 32 devices, 2 regional servers of 2 edges of 8 devices; tau = (4, 2, 2); 
           "--target 0.8 --last 5 --label-keys data.partition.kind,data.partition.alpha", variants)
 
 
+STRAGGLER_STEP = 0.05      # seconds per SGD step of the median device
+STRAGGLER_DEADLINE = 0.45  # seconds after an edge sends its model: 1.5x the median device's arrival
+STRAGGLER_AT = 40.0        # virtual seconds of the accuracy-at-time comparison
+STRAGGLER_SEEDS = (0, 1, 2, 3, 4)  # 3 seeds left effects under a point (docs/experiments.md, study 7)
+
+
+def stragglers(seeds: tuple[int, ...] = STRAGGLER_SEEDS) -> None:
+    """Device speeds lognormal(sigma), sigma 0 / 0.5 / 1, x the edges' policy: all, deadline, first_k."""
+    # The median device (speed factor 1 at every sigma) trains tau_1 = 4 steps in 0.2 s and its message
+    # (101,165 bytes at 10 Mbit/s + 20 ms) arrives 0.301 s after its edge sent the model; the deadline is
+    # 1.5x that (devices more than 1.75x slower than the median miss it); first_k keeps 6 of the 8 devices.
+    variants = []
+    for sigma in ("0", "0.5", "1"):
+        for name, sets in (("all", ["aggregation.policy=[all,all]"]),
+                           ("deadline", ["aggregation.policy=[deadline,all]",
+                                         f"aggregation.deadline=[{STRAGGLER_DEADLINE},0]",
+                                         "aggregation.min_children=[4,1]"]),
+                           ("first_k", ["aggregation.policy=[first_k,all]", "aggregation.k=[6,0]"])):
+            variants.append((f"sigma{sigma}-{name}", [f"latency.step_time={STRAGGLER_STEP}",
+                                                      f"system.speed=lognormal({sigma})", *sets,
+                                                      "train.rounds=40"]))
+    write("stragglers", f"""
+N = 2: 32 devices in 4 edges of 8; tau = (4, 4); QSGD s = (4, 8), bucket 512; shards of 2 classes per device;
+device speeds lognormal(sigma), sigma 0 / 0.5 / 1, drawn once per device (median {STRAGGLER_STEP} s per step, no
+jitter); the edges wait for all 8 devices (all), for those within {STRAGGLER_DEADLINE} s of sending their model, at
+least 4 (deadline), or for the first 6 (first_k); the cloud waits for all 4 edges; 40 rounds; accuracy at
+{STRAGGLER_AT:g} virtual seconds.""", f"--target 0.75 --last 5 --at-time {STRAGGLER_AT:g} "
+          "--label-keys system.speed,aggregation.policy", variants, seeds)
+
+
 STUDIES = {"depth": depth, "quant_layers": quant_layers, "biased": biased, "selection": selection,
-           "hetero": hetero}
+           "hetero": hetero, "stragglers": stragglers}
 
 
 def main() -> None:
