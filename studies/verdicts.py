@@ -20,19 +20,31 @@ import numpy as np
 
 RES = Path(__file__).resolve().parents[1] / "results" / "studies"
 SEEDS = (0, 1, 2)
+VIRTUAL = ("stragglers",)  # studies read on the virtual clock
+
+
+SEEDS_OF = {"stragglers": (0, 1, 2, 3, 4)}  # studies with more seeds than SEEDS
+
+
+def seeds(study: str) -> tuple[int, ...]:
+    return SEEDS_OF.get(study, SEEDS)
 
 
 def curve(study: str, variant: str, seed: int) -> dict[str, np.ndarray]:
+    """Test accuracy and loss per round, and the time after each round: the virtual clock's
+    (``/metrics/virtual_time``, docs/system.md) where the study uses a system model, else the
+    closed form's cumulative ``modelled_time`` (the two agree when every device and link is alike)."""
     with h5py.File(RES / study / f"{variant}-seed{seed}.h5", "r") as f:
-        return {"acc": f["metrics/test_accuracy"][()], "loss": f["metrics/test_loss"][()],
-                "t": np.cumsum(f["metrics/modelled_time"][()]), "status": str(f.attrs["status"])}
+        m = f["metrics"]
+        t = m["virtual_time"][()] if study in VIRTUAL else np.cumsum(m["modelled_time"][()])
+        return {"acc": m["test_accuracy"][()], "loss": m["test_loss"][()], "t": t, "status": str(f.attrs["status"])}
 
 
 def diverged(study: str, variant: str) -> list[int]:
     """Rounds done by the seeds whose run stopped as 'diverged' (the engine stops a run whose loss or
     model is no longer finite; its last accuracies then count as they are)."""
     out = []
-    for s in SEEDS:
+    for s in seeds(study):
         c = curve(study, variant, s)
         if c["status"] == "diverged":
             out.append(len(c["acc"]))
@@ -68,7 +80,15 @@ def final_loss(c: dict[str, np.ndarray]) -> float:
 
 
 def values(study: str, variant: str, metric) -> np.ndarray:
-    return np.array([metric(curve(study, variant, s)) for s in SEEDS])
+    return np.array([metric(curve(study, variant, s)) for s in seeds(study)])
+
+
+def time_to(target: float):
+    """Time (virtual or modelled seconds) when the test accuracy first reached ``target`` (inf if never)."""
+    def f(c: dict[str, np.ndarray]) -> float:
+        hit = np.flatnonzero(c["acc"] >= target)
+        return float(c["t"][hit[0]]) if hit.size else math.inf
+    return f
 
 
 def verdict(diff: np.ndarray, sign: int) -> tuple[float, float, str]:
@@ -219,8 +239,24 @@ def optvsrandom() -> list[str]:
     return out
 
 
+def stragglers() -> list[str]:
+    s = "stragglers"
+    out = [HEAD]
+    for p in ("deadline", "first_k"):
+        for sg in ("1", "0.5"):
+            out.append(compare(s, f"sigma {sg}: {p} reaches 75% sooner (virtual s)", f"sigma{sg}-{p}",
+                               f"sigma{sg}-all", time_to(0.75), unit="s", sign=-1, scale=1.0))
+            out.append(compare(s, f"sigma {sg}: {p} costs accuracy per round (rounds 36-40)", f"sigma{sg}-all",
+                               f"sigma{sg}-{p}", window(36, 40)))
+            out.append(compare(s, f"sigma {sg}: {p} is more accurate at 40 virtual s", f"sigma{sg}-{p}",
+                               f"sigma{sg}-all", at_time(40)))
+        out.append(compare(s, f"sigma 0: {p} changes nothing (rounds 36-40; refuted either way if it does)",
+                           f"sigma0-{p}", "sigma0-all", window(36, 40)))
+    return out
+
+
 STUDIES = {"depth": depth, "quant_layers": quant_layers, "biased": biased, "selection": selection,
-           "hetero": hetero, "optvsrandom": optvsrandom}
+           "hetero": hetero, "optvsrandom": optvsrandom, "stragglers": stragglers}
 
 
 def main() -> None:
