@@ -38,12 +38,11 @@ def plan_ms(cfg, rounds: int) -> float:
     from qmlhfl_mpi.config import build
 
     clock = ClockModel(cfg, cfg.build_tree(), build.model_dim(cfg))
-    sched, t0, times = clock.scheduler(cfg.tau), 0.0, []
-    for t in range(rounds):
+    timeline, times = clock.scheduler(cfg.tau).timeline(), []
+    for _ in range(rounds):
         s = time.perf_counter()
-        timed = sched.round(t, t0)
+        next(timeline)
         times.append(time.perf_counter() - s)
-        t0 += timed.duration
     return 1e3 * statistics.median(times)
 
 

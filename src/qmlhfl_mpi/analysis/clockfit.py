@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 
@@ -59,37 +60,28 @@ class ClockModel:
         self.up_bits = tuple(message_bits(dim, codecs))
         self.down_bits = tuple(8 * (4 * dim if c is None else c.nbytes(dim)) for c in builders.downlink_codecs(cfg))
 
-    def scheduler(self, tau: Sequence[int], system: SystemModel | None = None) -> RoundScheduler:
-        planner = Planner(self.tree, tuple(int(t) for t in tau), self.participation, self.cfg.train.seed)
+    def scheduler(self, tau: Sequence[int], system: SystemModel | None = None,
+                  samples: np.ndarray | None = None) -> RoundScheduler:
+        """Rounds of ``tau`` on ``system`` (default: the configured one); ``samples`` weight children by samples."""
+        planner = Planner(self.tree, tuple(int(t) for t in tau), self.participation, self.cfg.train.seed, samples)
         return RoundScheduler(planner, system or self.system, self.policies, self.up_bits, self.down_bits)
 
     def durations(self, tau: Sequence[int], rounds: int, system: SystemModel | None = None) -> np.ndarray:
         """The virtual seconds of rounds ``0 .. rounds-1`` run one after another."""
-        sched, t0, out = self.scheduler(tau, system), 0.0, []
-        for t in range(rounds):
-            d = sched.round(t, t0).duration
-            out.append(d)
-            t0 += d
-        return np.array(out)
+        return np.array([timed.duration for _, timed in islice(self.scheduler(tau, system).timeline(), rounds)])
 
     def rounds_within(self, tau: Sequence[int], deadline: float, cap: int = 100_000) -> int:
         """How many whole rounds of ``tau`` end within ``deadline`` virtual seconds (at most ``cap``)."""
-        sched, t0 = self.scheduler(tau), 0.0
-        for t in range(cap):
-            t0 += sched.round(t, t0).duration
-            if t0 > deadline:
+        for t, (t0, timed) in enumerate(islice(self.scheduler(tau).timeline(), cap)):
+            if t0 + timed.duration > deadline:
                 return t
         return cap
 
     def dominance(self, tau: Sequence[int], rounds: int) -> Dominance:
         """The mean round time, and what it would be without compute and without each link's time."""
-        base = self.scheduler(tau)
-        t0, last = 0.0, []
-        times = []
-        for t in range(rounds):
-            timed = base.round(t, t0)
+        times, last = [], []
+        for _, timed in islice(self.scheduler(tau).timeline(), rounds):
             times.append(timed.duration)
-            t0 += timed.duration
             last.append(int(timed.critical_path()[0]))
         free = [dataclasses.replace(lk, up_rate=np.full_like(lk.up_rate, np.inf), up_latency=np.zeros_like(lk.up_latency),
                                     down_rate=np.full_like(lk.down_rate, np.inf),

@@ -13,7 +13,6 @@ of one global round"); the rounds before ``T`` are timed for its start.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -23,7 +22,7 @@ from ..config import Config
 from ..config import build as builders
 from ..core.exitcodes import EXIT_OK
 from ..core.plan import OPEN
-from ..core.scheduler import RoundScheduler, TimedRound
+from ..core.scheduler import TimedRound
 from ..core.topology import Tree
 from .clockfit import ClockModel
 
@@ -120,12 +119,8 @@ def cmd_plan(args: argparse.Namespace, write: Callable[[str], None]) -> int:
         raise ValueError(f"--round {args.round}: give a global round >= 0")
     tree = cfg.build_tree()
     dim = builders.model_dim(cfg)
-    sched = ClockModel(cfg, tree, dim).scheduler(cfg.tau)
-    sched = RoundScheduler(dataclasses.replace(sched.planner, samples=_samples(cfg, tree)), sched.system,
-                           sched.policies, sched.up_bits, sched.down_bits)
-    t0 = 0.0
-    for t in range(args.round):
-        t0 += sched.round(t, t0).duration
+    sched = ClockModel(cfg, tree, dim).scheduler(cfg.tau, samples=_samples(cfg, tree))
+    t0 = sched.start_of(args.round)
     for line in plan_lines(cfg, sched.round(args.round, t0), tree, dim, args.max_children, t0):
         write(line)
     return EXIT_OK

@@ -153,9 +153,7 @@ class Planner:
             if key not in self._weights:
                 self._weights[key] = self.tree.weights(n, u, self.samples).astype(np.float32)
             return self._weights[key]
-        if len(chosen) == 0:
-            return np.zeros(0, dtype=np.float32)
-        return self.participation.weights(n, self.tree.child_sizes(n, u, self.samples), chosen)
+        return self.reweight(n, u, chosen)
 
     def reweight(self, n: int, u: int, positions: np.ndarray) -> np.ndarray:
         """Float32 weights of the children of ``u`` at ``positions`` when only those are aggregated

@@ -10,7 +10,9 @@ offline device sends nothing.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 
@@ -80,6 +82,22 @@ class RoundScheduler:
             extra_d = sent.downlinks(tree) - plan.downlinks(tree)
         return TimedRound(plan, drawn, clock, extra_m, extra_d)
 
+    def timeline(self, t0: float = 0.0) -> Iterator[tuple[float, TimedRound]]:
+        """Rounds 0, 1, 2, ... one after another: each with the virtual time it starts at (from ``t0``)."""
+        t = 0
+        while True:
+            timed = self.round(t, t0)
+            yield t0, timed
+            t0 += timed.duration
+            t += 1
+
+    def start_of(self, t: int) -> float:
+        """The virtual time round ``t`` starts at: rounds ``0 .. t-1`` timed again (nothing is trained)."""
+        t0 = 0.0
+        for _, timed in islice(self.timeline(), t):
+            t0 += timed.duration
+        return t0
+
     def unmet_deadlines(self, timed: TimedRound) -> list[tuple[int, float]]:
         """``(layer, earliest arrival after the model was sent)`` for each ``deadline`` layer with
         ``min_children: 0`` whose aggregations in ``timed`` kept no child although children took part."""
@@ -92,4 +110,3 @@ class RoundScheduler:
             if live and not any(timed.clock.keep[i].any() for i in idx):
                 out.append((n, float(min(timed.clock.earliest[i] for i in live))))
         return out
-

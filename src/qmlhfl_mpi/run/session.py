@@ -143,12 +143,7 @@ class Session:
         if m is not None and "virtual_time" in m and len(m["virtual_time"]) >= done:
             t0 = float(m["virtual_time"][done - 1])
         t0 = float(sum_over_ranks(self.comm, np.array([t0 if rt.rank == 0 else 0.0]))[0])
-        if math.isfinite(t0):
-            return t0
-        t0 = 0.0
-        for r in range(done):
-            t0 += rt.scheduler.round(r, t0).duration
-        return t0
+        return t0 if math.isfinite(t0) else rt.scheduler.start_of(done)
 
     def _round(self, t: int, w: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """One global round and its record (the same on every rank).  Collective."""
