@@ -82,9 +82,9 @@ class _Faulty:
     def __init__(self, clients, fault):
         self.clients, self.fault = clients, fault
 
-    def train(self, v, devices, round_, calls, group):
+    def train(self, v, devices, round_, calls, peers):
         self.fault(round_)
-        return self.clients.train(v, devices, round_, calls, group)
+        return self.clients.train(v, devices, round_, calls, peers)
 
 
 def fill(directory: Path, leave: int) -> Path:

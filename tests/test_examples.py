@@ -1,7 +1,8 @@
 """The plug-in examples in examples/: each config runs under real ``mpiexec -n 2``
 and in process on one rank (``Session`` on ``COMM_SELF``) and gives the same
-results; bad plug-in references fail cleanly.  The configs use repo-relative
-plug-in paths, so every job runs with ``cwd=REPO``."""
+results; bad plug-in references fail cleanly.  The Arrow example runs in process
+on data its generator writes.  The configs use repo-relative plug-in paths, so
+every job runs with ``cwd=REPO``."""
 from __future__ import annotations
 
 import importlib.util
@@ -20,7 +21,7 @@ import yaml
 from helpers import REPO, run_cli
 
 EXIT_OK, EXIT_USAGE, EXIT_PREEMPTED = 0, 2, 75
-CONFIGS = {name: f"examples/{name}.yaml" for name in ("model", "natural", "callback")}
+CONFIGS = {name: f"examples/{name}.yaml" for name in ("model", "natural", "callback", "arrow")}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -223,6 +224,31 @@ def test_natural_split_with_fewer_writers_than_devices_fails_cleanly(tmp_path):
     assert proc.stderr.count("qmlhfl-mpi: error:") == 1, proc.stderr
     assert f"{D - 1} owners" in proc.stderr and f"{D} devices" in proc.stderr
     assert not out.exists()
+
+
+def test_arrow_example_runs_on_the_data_its_generator_writes(tmp_path):
+    """examples/make_arrow.py writes a DatasetDict in seconds; examples/arrow.yaml trains on it (in process, with
+    data.root pointed at it) with the writers dealt to the devices by the natural rule."""
+    pytest.importorskip("datasets")
+    pytest.importorskip("pyarrow")
+    cfg = _config("arrow")
+    args = cfg["data"]["args"]
+    assert cfg["data"]["name"] == "arrow" and cfg["data"]["partition"]["kind"] == "natural"
+    assert cfg["data"]["root"] == "results/examples" and args["path"] == "arrow-data"  # make_arrow.py's default
+    make = _import_file(REPO / "examples" / "make_arrow.py")
+    make.write(tmp_path / "data" / args["path"])
+    out = tmp_path / "x.h5"
+    proc = _in_process(CONFIGS["arrow"], (f"output.path={out}", f"data.root={tmp_path / 'data'}"), resume=False)
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]
+    res = _read(out)
+    assert res["status"] == "completed" and len(res["train_loss"]) == cfg["train"]["rounds"]
+    assert np.isfinite(res["train_loss"]).all() and res["test_accuracy"][-1] > 0.5  # 5 classes
+    writers = make.generate()["train"][args["owner"]]
+    D = _num_devices(cfg)
+    assert np.unique(writers).size == 50 >= D
+    assert np.array_equal(res["samples"], _owner_counts(writers, D))
+    module = _resolve(cfg["model"]["name"])((20,), 5, **cfg["model"].get("args", {}))
+    assert res["num_params"] == sum(p.numel() for p in module.parameters()) == res["final"].size
 
 
 def _expected_stop(acc: np.ndarray, patience: int, target: float | None) -> int | None:

@@ -69,7 +69,7 @@ STAGES = [
     ("preflight", preflight_module, "preflight"),
     ("disk space", preflight_module, "require_space"),
     ("config callbacks", Session, "config_callbacks"),
-    ("class counts", runtime_module.Runtime, "class_counts"),
+    ("class counts", runtime_module.Runtime, "new_class_counts"),
     ("space reserve", recorder_module.Reserve, "take"),
     ("results attributes", writer_module, "_set_attrs"),  # the HDF5 file exists, half written
     ("results datasets", writer_module, "_clean_array"),

@@ -39,6 +39,28 @@ def test_a_device_result_does_not_depend_on_which_devices_this_rank_hosts(traine
             assert np.array_equal(part[k][0], full[d][0]) and part[k][1] == full[d][1], (hosted, d)
 
 
+def test_sampled_peers_form_one_batch_whatever_their_ids_and_hosts(trainer, monkeypatch):
+    """Ten devices drawn from a node of 10,000 train in one batch of ten (the layout follows the draw, not the
+    tree), each with the same bits whichever of them this rank hosts."""
+    peers = np.array([17, 905, 1999, 2048, 4100, 5003, 6400, 7001, 8191, 9999])
+    vt = VectorTrainer(trainer)
+    sizes = []
+    real = vt._train_slots
+    monkeypatch.setattr(vt, "_train_slots", lambda start, slots, *a, **k: (sizes.append(len(slots)),
+                                                                            real(start, slots, *a, **k))[1])
+    v = trainer.get_vector()
+    full = vt.train_many(v, data(peers.tolist()), 3, peers.tolist(), 1, [0] * 10, peers)
+    assert sizes == [10]
+    for hosted in ([17, 905], [2048, 9999], [6400]):
+        part = vt.train_many(v, data(hosted), 3, hosted, 1, [0] * len(hosted), peers)
+        for k, d in enumerate(hosted):
+            j = peers.tolist().index(d)
+            assert np.array_equal(part[k][0], full[j][0]) and part[k][1] == full[j][1], (hosted, d)
+    assert sizes == [10] * 4
+    with pytest.raises(ValueError, match="not among the aggregation's peers"):
+        vt.train_many(v, data([18]), 3, [18], 1, [0], peers)
+
+
 def test_batched_agrees_with_unbatched_to_round_off(trainer):
     v = trainer.get_vector()
     devices = [0, 1, 2, 3]

@@ -105,7 +105,7 @@ class FakeClients:
     def __init__(self, dim):
         self.dim = dim
 
-    def train(self, v, devices, round_, calls, group):
+    def train(self, v, devices, round_, calls, peers):
         for device, call in zip(devices, calls):
             g = rng.stream(99, rng.BATCH, device, round_, call)
             yield v * np.float32(0.9) + g.standard_normal(self.dim).astype(np.float32), 1.0, 1

@@ -221,6 +221,12 @@ BATCHED = {
         quantizer={"levels": [8, 8, 16], "bucket": 16, "error_feedback": [True, False, False], "downlink": [0, 0, 8]},
         participation={"fraction": [0.7, 1.0, 1.0]}, server={"optimizer": ["avg", "momentum", "avg"]},
         train={"rounds": 3, "vectorize": "on", "momentum": 0.9, "weight_decay": 1e-3, "lr_schedule": "cosine"}),
+    # cross-device: 4 of an edge's 40 devices drawn, spread over the ranks the edge spans; batches follow the
+    # draw; a cache too small for one device (every device made again when drawn) and a test set of 8 devices
+    "vectorize-sampling-lazy": dict(
+        topology={"branching": [2, 40]}, tau=[3, 2], quantizer={"levels": [4, 16], "bucket": 8},
+        participation={"fraction": [0.1, 1.0]}, data={"cache_mb": 0.001, "test_devices": 8},
+        train={"rounds": 3, "vectorize": "on"}),
 }
 
 
@@ -231,6 +237,14 @@ def test_batched_training_is_rank_invariant_on_both_backends(mpi_tmp_path, case)
     got = same_on_every_size(mpi_tmp_path, case, raw, device={"aggregate_on": "device"})
     if WORLD.rank == 0:
         assert got["model"].size > 0
+        tables = []
+        for path in sorted(mpi_tmp_path.glob(f"{case}-*.h5")):
+            with h5py.File(path, "r") as f:
+                tables.append(f["topology/class_counts"][()])
+        assert all(np.array_equal(t, tables[0]) for t in tables), case  # the same devices made on any size
+        if case == "vectorize-sampling-lazy":  # devices never drawn nor tested are never made: their rows are -1
+            made = (tables[0] >= 0).all(axis=1)
+            assert 8 <= made.sum() < 80 and (tables[0][~made] == -1).all()
 
 
 @pytest.mark.mpi(min_size=4)

@@ -110,8 +110,7 @@ def estimate_heterogeneity(cfg: Config, max_nodes: int = 8, max_children: int = 
                 needed.update(devs(n - 1, c))
         picks.append(chosen)
     order = sorted(needed)
-    # local_data iterates over its ``devices`` argument; a sorted list of ids works like a range
-    data = builders.local_data(cfg, tree, order, 0, 1)  # type: ignore[arg-type]
+    data = builders.local_data(cfg, tree, order, 0, 1)
     model = builders.model(cfg, data.input_shape, data.num_classes)
     params = [p for p in model.parameters()]
     samples = np.asarray(data.samples, dtype=np.float64)

@@ -98,6 +98,18 @@ def gather_named_vectors(comm: MPI.Intracomm, entries: dict[str, np.ndarray], di
     return {k: recv[i * dim : (i + 1) * dim].copy() for i, k in enumerate(flat)}
 
 
+def gather_rows(comm: MPI.Intracomm, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every rank's ``(ids, rows)`` (int64 ids, one row each) on rank 0, sorted by id (``None`` elsewhere); for
+    sparse per-device facts (class counts of the devices made so far).  Collective."""
+    parts = comm.gather((np.asarray(ids, dtype=np.int64), np.asarray(rows)), root=0)
+    if parts is None:
+        return None
+    all_ids = np.concatenate([p[0] for p in parts])
+    all_rows = np.concatenate([p[1] for p in parts])
+    order = np.argsort(all_ids, kind="stable")
+    return all_ids[order], all_rows[order]
+
+
 def scatter_named_vectors(comm: MPI.Intracomm, per_rank: Sequence[dict[str, np.ndarray]] | None, dim: int
                           ) -> dict[str, np.ndarray]:
     """Rank 0's ``per_rank[r]`` (named float32 vectors of length ``dim``) to rank ``r``: the names as

@@ -68,7 +68,7 @@ class RoundExecutor:
         self._zero: Vec | None = None
         self.server_state: dict[tuple[int, int], dict[str, Vec]] = {}
         self.residuals: dict[tuple[int, int], Vec] = {}
-        self.stats = RoundStats(tree.num_devices, tree.N)
+        self.stats = RoundStats(np.zeros(0, dtype=np.int64), tree.N)
         self._mine = [layout.nodes_of(rank, n) for n in range(tree.N + 1)]  # nodes this rank hosts part of
         # while a round runs: the nodes' models, the leaders' accumulators, pending receives and sends
         self._model: dict[tuple[int, int], Vec] = {}
@@ -102,7 +102,7 @@ class RoundExecutor:
         """Carry out ``plan`` from the cloud model ``w`` (a host array); every rank returns the new cloud model.
         Collective."""
         N = self.tree.N
-        self.stats = RoundStats(self.tree.num_devices, N)
+        self.stats = RoundStats(plan.devices(), N)
         self._model = {(N, 0): self.vectors.from_host(w)}
         for kind, a in plan:
             if not self.involved(a.layer, a.node):
@@ -142,10 +142,9 @@ class RoundExecutor:
         st = self.stats
         t0 = time.perf_counter()
         for j, dev, (x, loss_sum, steps) in zip(local, devices, self.clients.train(
-                v, devices, plan.round, calls, self.tree.device_range(1, u))):
+                v, devices, plan.round, calls, a.children)):
             st.t_compute += time.perf_counter() - t0
-            st.loss[dev] += loss_sum
-            st.steps[dev] += steps
+            st.add(dev, loss_sum, steps)
             self._send_up(plan, a, j, x, v)
             t0 = time.perf_counter()
 

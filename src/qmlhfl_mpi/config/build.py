@@ -8,6 +8,7 @@ these raise.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -207,11 +208,16 @@ def _pooled(cfg: Config, obj: Any, train: bool) -> Pooled:
     return load_pooled(obj, cfg.data.name, cfg.data.root, train, args)
 
 
-def local_data(cfg: Config, tree: Tree, devices: range, rank: int, num_ranks: int) -> LocalData:
-    """The data of the devices ``devices`` that ``rank`` of ``num_ranks`` hosts."""
+def local_data(cfg: Config, tree: Tree, devices: Sequence[int], rank: int, num_ranks: int,
+               all_samples: bool = True) -> LocalData:
+    """The data of the devices ``devices`` that ``rank`` of ``num_ranks`` hosts, made when drawn.
+    ``all_samples``: count every device's training samples on this rank (else a generated data set counts only
+    ``devices``' and leaves the sum over ranks to the caller: :attr:`LocalData.samples_complete`)."""
     obj = dataset(cfg)
+    cache = int(cfg.data.cache_mb * (1 << 20))
     if is_generated(obj):
-        return generated_local_data(generated(cfg, obj), tree.num_devices, devices)
+        return generated_local_data(generated(cfg, obj), tree.num_devices, devices, cache_bytes=cache,
+                                    test_devices=cfg.data.test_devices, all_samples=all_samples)
     train = _pooled(cfg, obj, True)
     test = _pooled(cfg, obj, False)
     if test.input_shape != train.input_shape:
@@ -229,7 +235,7 @@ def local_data(cfg: Config, tree: Tree, devices: range, rank: int, num_ranks: in
     except ValueError as e:
         raise DataError(f"data.partition.kind {p.kind!r} on data set {cfg.data.name!r} "
                         f"({len(train)} training samples, {tree.num_devices} devices): {e}") from None
-    return pooled_local_data(train, test, parts, devices, rank, num_ranks)
+    return pooled_local_data(train, test, parts, devices, rank, num_ranks, cache_bytes=cache)
 
 
 def data_spec(cfg: Config) -> tuple[tuple[int, ...], int]:

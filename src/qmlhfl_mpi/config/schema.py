@@ -156,9 +156,16 @@ class PartitionConfig:
 @dataclass(frozen=True)
 class DataConfig:
     name: str = fld("synthetic", registry=DATASETS, doc="data set: a built-in or a plug-in f(root, train, **args)")
-    root: str = fld("data", doc="local data directory (torchvision layout, or Debian's for Fashion-MNIST)")
+    root: str = fld("data", doc="local data directory (torchvision layout, or Debian's for Fashion-MNIST); arrow's "
+                                "relative data.args.path is taken from it")
     download: bool = fld(False, doc="let torchvision download into root (needs internet)")
-    args: Any = fld({}, doc="keyword arguments passed to a data-set plug-in")
+    args: Any = fld({}, doc="keyword arguments passed to the data set: a plug-in's, or arrow's path, features, label, "
+                            "owner, ... (docs/api.md, 'Arrow and Parquet data sets')")
+    cache_mb: float = fld(512.0, lo=0, doc="MiB per rank of drawn devices' training data kept for later rounds "
+                                           "(least recently used go first); data of devices never drawn is never "
+                                           "made (docs/hpc.md, 'Sizing')")
+    test_devices: int = fld(0, lo=0, doc="generated data sets: the test set is the held-out part of this many "
+                                         "devices spread evenly over the tree; 0 = every device")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
 

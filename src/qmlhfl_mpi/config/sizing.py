@@ -4,7 +4,8 @@ rank has available on this node.  Not collective; the session agrees on the verd
 Nothing large is built here: the tree is counted from its specification
 (:class:`~qmlhfl_mpi.core.topology.TreeShape`), the data from the data set's
 description (generated data sets' expected sizes, the built-in image sets'
-known sizes), and the model once (its parameters).  A plug-in pooled data
+known sizes, an ``arrow`` data set's row counts from its files' metadata),
+and the model once (its parameters).  A plug-in pooled data
 set's training split cannot be sized before it is loaded: its test split is,
 and a note says so.
 """
@@ -20,6 +21,7 @@ from ..core.memory import MemoryEstimate, MemoryEstimateError, Sizing, estimate_
 from ..core.registry import PluginError
 from ..core.server_opt import make_server_optimizer
 from ..core.topology import TreeShape
+from ..data.arrow import arrow, arrow_sizes
 from ..data.registry import POOLED_SIZES
 from ..learning.models import num_parameters
 from ..learning.vectorized import CHUNK, use_vectorized
@@ -60,6 +62,12 @@ def sizing(cfg: Config, ranks: int) -> Sizing:
         features = math.prod(in_shape)
         per_device = n_train / max(D, 1)
         pooled, pooled_bytes = True, (n_train + n_test) * features + 4 * features * -(-n_test // ranks)
+    elif obj is arrow:
+        in_shape, classes = builders.data_spec(cfg)
+        n_train, n_test, held = arrow_sizes(cfg.data.root, **cfg.data.args)
+        per_device = n_train / max(D, 1)
+        pooled, pooled_bytes = True, held + 4 * math.prod(in_shape) * -(-n_test // ranks)
+        notes.append("the arrow data set's memory-mapped Arrow files are page cache and not counted; Parquet columns are")
     else:
         in_shape, classes = builders.data_spec(cfg)
         per_device, pooled = 0.0, True
@@ -83,7 +91,10 @@ def sizing(cfg: Config, ranks: int) -> Sizing:
     return Sizing(devices=D, nodes=sum(shape.nodes[1:]), ranks=ranks, hosted=hosted, classes=classes, params=d,
                   layers=N, sample_bytes=sample_bytes, samples_per_device=per_device, pooled_bytes=pooled_bytes,
                   pooled=pooled, message_buffers=buffers, state_vectors=state,
-                  batch_devices=min(CHUNK, hosted, shape.max_children[1]) if batched else 0, notes=tuple(notes))
+                  batch_devices=min(CHUNK, hosted, shape.max_children[1]) if batched else 0, notes=tuple(notes),
+                  cache_bytes=int(cfg.data.cache_mb * (1 << 20)),
+                  test_devices=-1 if pooled or not 0 < cfg.data.test_devices < D else cfg.data.test_devices,
+                  test_fraction=cfg.data.synthetic.test_fraction if not pooled else 0.0)
 
 
 def memory_estimate(cfg: Config, ranks: int) -> MemoryEstimate:

@@ -24,19 +24,20 @@ measured peak of a small run that trains one device at a time is about 0.65 GB."
 BATCHED_BASE_BYTES = 200 * MiB
 """What batched training (``torch.func.vmap``) adds once, whatever the batch: a small batched run peaks at
 about 0.84 GB."""
-PER_DEVICE_BYTES = 112
-"""Every rank holds arrays over all devices: the tree, sample counts, the round's per-device losses and
-steps (and their sum over ranks), and lists built while starting."""
-PER_DEVICE_CLASS_BYTES = 24
-"""Per device and class: the class counts summed over ranks when the results file is opened (float64 twice,
-int64 once)."""
+PER_DEVICE_BYTES = 48
+"""Every rank holds arrays over all devices: the tree's boundaries and the sample counts (and their sum over
+ranks at start-up)."""
+PER_DEVICE_CLASS_BYTES = 16
+"""Per device and class: the class-count table rank 0 writes into the results file (int64, and h5py's copy)."""
 PER_PARTITION_BYTES = 160
 """A pooled data set's partition: one index array object per device, on every rank (plus 8 bytes a sample)."""
 HOSTED_DATA_COPIES = 1.25
-"""A hosted device's samples are held once as float32 tensors; its test share is copied once more into the
-rank's test set (a fifth of the samples by default), and the generator's float64 draws pass through."""
-PER_HOSTED_BYTES = 1024
-"""Per hosted device: its tensors' and dictionary entries' own objects."""
+"""A device's training samples are held once as float32 tensors while it is cached; the generator's float64
+draws pass through."""
+PER_HOSTED_BYTES = 120
+"""Per hosted device: its entry in the class counts known but not yet written (pooled data: all of them)."""
+PER_CACHED_BYTES = 1024
+"""Per cached device: its tensors' and the cache's own objects."""
 MODEL_COPIES = 12
 """Float32 copies of the model a rank keeps at once besides the per-layer ones: the torch module's
 parameters and gradients, the flat vectors of the trainer, the cloud model, the evaluation's copy."""
@@ -65,6 +66,9 @@ class Sizing:
     samples_per_device: float   # mean samples of a device (training and test)
     pooled_bytes: int = 0       # a pooled data set's arrays, loaded on every rank (0: generated data)
     pooled: bool = False        # a pooled data set (partitioned by index arrays)
+    cache_bytes: int = 1 << 62  # data.cache_mb: the most bytes of drawn devices' data a rank keeps
+    test_devices: int = -1      # devices whose held-out samples are the test set (-1: every device; generated data)
+    test_fraction: float = 0.2  # share of a generated device's samples held out
     message_buffers: int = 0    # bytes of messages a rank may receive at once (posted receives)
     state_vectors: int = 0      # vectors of per-node state on the busiest rank (residuals, server state)
     batch_devices: int = 0      # devices trained together in one batch (0: one at a time)
@@ -120,18 +124,28 @@ def estimate_memory(s: Sizing) -> MemoryEstimate:
     per_device = PER_DEVICE_BYTES + PER_DEVICE_CLASS_BYTES * max(s.classes, 1) + \
         (PER_PARTITION_BYTES if s.pooled else 0)
     layer_copies = MODEL_COPIES + LAYER_COPIES * s.layers
+    device_bytes = HOSTED_DATA_COPIES * s.samples_per_device * s.sample_bytes
+    train_bytes = device_bytes * (1 - s.test_fraction) if not s.pooled else device_bytes
+    cached = min(s.hosted, int(s.cache_bytes // max(train_bytes, 1)) + 1)
+    tested = s.hosted if s.test_devices < 0 else min(s.hosted, -(-s.test_devices // max(s.ranks, 1)))
     terms = [
         Term("interpreter, torch, numba, MPI, h5py", BASE_BYTES, 1),
         Term(f"arrays over all {s.devices:,} devices of the tree (every rank holds them)", per_device, s.devices,
              "devices in the tree", "a smaller tree (topology.branching / topology.tree)"),
         Term(f"{s.nodes:,} aggregation nodes", 64, s.nodes, "nodes", "a smaller tree"),
-        Term(f"training and test data of the {s.hosted:,} devices on this rank ({s.samples_per_device:.4g} samples "
-             f"of {s.sample_bytes:,} bytes each)",
-             HOSTED_DATA_COPIES * s.samples_per_device * s.sample_bytes + PER_HOSTED_BYTES, s.hosted,
-             "devices per rank", "more ranks, or fewer samples per device"),
+        Term(f"training data of the devices drawn on this rank, kept up to data.cache_mb "
+             f"({s.samples_per_device:.4g} samples of {s.sample_bytes:,} bytes a device)",
+             min(float(s.cache_bytes), s.hosted * train_bytes) + PER_CACHED_BYTES * cached, 1,
+             "", "a smaller data.cache_mb"),
+        Term(f"bookkeeping of the {s.hosted:,} devices on this rank", PER_HOSTED_BYTES, s.hosted,
+             "devices per rank", "more ranks"),
         Term(f"model vectors (d = {s.params:,} float32, {layer_copies} copies)", 4 * layer_copies, s.params,
              "model parameters", "a smaller model"),
     ]
+    if not s.pooled and tested:
+        terms.append(Term(f"held-out data of the {tested:,} test devices on this rank", device_bytes * s.test_fraction,
+                          tested, "devices per rank" if s.test_devices < 0 else "",
+                          "data.test_devices (a sample of the devices for the test set)"))
     if s.pooled_bytes:
         terms.append(Term("the pooled data set, loaded on every rank", s.pooled_bytes, 1))
     if s.message_buffers:

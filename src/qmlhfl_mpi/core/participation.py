@@ -120,15 +120,16 @@ def inclusion(part: Participation, n: int, children: int) -> float:
 def expected_messages(tree: Tree, tau: Sequence[int], n: int, part: Participation | None) -> float:
     """Expected uplink messages over link ``n`` in one global round: for every layer-``(n-1)``
     node, ``prod(tau_{n+1..N})`` times its own and its ancestors' inclusion probabilities
-    (the exact count :func:`~.topology.messages_per_round` when everyone takes part)."""
+    (the exact count :func:`~.topology.messages_per_round` when everyone takes part).  Vectorised over the
+    nodes of each layer (a million devices take milliseconds)."""
     if part is None or part.is_full:
         return float(messages_per_round(tree, tau, n))
-    total = 0.0
-    for c in range(tree.num_nodes(n - 1)):
-        prob, m, node = 1.0, n, c
-        while m <= tree.N:  # node is at layer m-1; its parent at layer m
-            parent = tree.parent(m - 1, node) if m - 1 < tree.N else 0
-            prob *= inclusion(part, m, len(tree.children(m, parent)))
-            node, m = parent, m + 1
-        total += prob
-    return total * aggregations_per_round(tau, n)
+    prob = np.ones(1)  # the inclusion probability of every node of layer m (the cloud: 1)
+    for m in range(tree.N, n - 1, -1):  # down to layer n-1: each child takes its parent's times its own
+        starts = tree.starts[m - 1]
+        kid_bounds = np.searchsorted(starts, tree.starts[m])  # node u's children: kid_bounds[u]..kid_bounds[u+1]
+        counts = np.diff(kid_bounds)
+        sizes, inverse = np.unique(counts, return_inverse=True)
+        own = np.array([inclusion(part, m, int(c)) for c in sizes])[inverse.reshape(-1)]
+        prob = np.repeat(prob * own, counts)
+    return float(prob.sum()) * aggregations_per_round(tau, n)

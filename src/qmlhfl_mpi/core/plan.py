@@ -113,6 +113,11 @@ class RoundPlan:
                     out[c] = out.get(c, 0) + 1
         return out
 
+    def devices(self) -> np.ndarray:
+        """The devices that train in this round, ascending (int64)."""
+        parts = [a.children for a in self.aggregations if a.layer == 1 and len(a.children)]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
     def __iter__(self) -> Iterator[tuple[int, Aggregation]]:
         """The events in order, as ``(OPEN or CLOSE, aggregation)``."""
         for kind, i in self.events:

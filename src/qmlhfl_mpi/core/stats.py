@@ -1,9 +1,11 @@
 """What a global round measures, typed: one rank's :class:`RoundStats`, and the :class:`RoundTotals` every rank
 agrees on after :meth:`RoundStats.reduce`.  Pure: the reduction over ranks is given as two functions.
 
-Losses and steps are kept per device (each entry filled by the one rank that
-hosts the device), so that summing them over ranks and then over devices in
-device order gives the same float for any number of ranks.  Bytes and
+Losses and steps are kept per device that trains in the round (each entry
+filled by the one rank that hosts the device; the round's devices, sorted, are
+the plan's :meth:`~qmlhfl_mpi.core.plan.RoundPlan.devices`), so that summing
+them over ranks and then over devices in device order gives the same float for
+any number of ranks, and the cost follows the drawn devices, not the population.  Bytes and
 messages are counted per link where they are sent; times are the slowest
 rank's.
 """
@@ -23,10 +25,10 @@ Reduce = Callable[[np.ndarray], np.ndarray]
 class RoundStats:
     """What one rank did in one global round (see the module doc)."""
 
-    num_devices: int
+    devices: np.ndarray                             # int64, ascending: the devices that train in the round
     num_links: int
-    loss: np.ndarray = field(init=False)            # per device: sum of its step losses
-    steps: np.ndarray = field(init=False)           # per device: SGD steps
+    loss: np.ndarray = field(init=False)            # per device of ``devices``: sum of its step losses
+    steps: np.ndarray = field(init=False)           # per device of ``devices``: SGD steps
     uplink_bytes: np.ndarray = field(init=False)    # per link: bytes of the messages this rank sent up
     messages: np.ndarray = field(init=False)        # per link: messages this rank sent up
     downlink_bytes: np.ndarray = field(init=False)  # per link: bytes of the models its nodes sent down
@@ -35,11 +37,20 @@ class RoundStats:
     t_comm: float = 0.0
 
     def __post_init__(self) -> None:
-        self.loss = np.zeros(self.num_devices)
-        self.steps = np.zeros(self.num_devices)
+        self.devices = np.asarray(self.devices, dtype=np.int64)
+        self.loss = np.zeros(self.devices.size)
+        self.steps = np.zeros(self.devices.size)
         self.uplink_bytes = np.zeros(self.num_links, dtype=np.int64)
         self.messages = np.zeros(self.num_links, dtype=np.int64)
         self.downlink_bytes = np.zeros(self.num_links, dtype=np.int64)
+
+    def add(self, device: int, loss_sum: float, steps: int) -> None:
+        """One local run of ``device`` (one of :attr:`devices`): its sum of step losses and its steps."""
+        i = int(np.searchsorted(self.devices, device))
+        if i >= self.devices.size or self.devices[i] != device:
+            raise ValueError(f"device {device} does not train in this round (devices {self.devices[:8].tolist()}...)")
+        self.loss[i] += loss_sum
+        self.steps[i] += steps
 
     _SUMMED = ("loss", "steps", "uplink_bytes", "messages", "downlink_bytes")
     _PEAKS = ("t_compute", "t_codec", "t_comm")

@@ -21,6 +21,9 @@ DATASETS.register("mnist", "qmlhfl_mpi.data.images:mnist", "MNIST from data.root
 DATASETS.register("fashion-mnist", "qmlhfl_mpi.data.images:fashion_mnist",
                   "Fashion-MNIST from data.root (Debian: /usr/share/datasets/fashion-mnist)")
 DATASETS.register("cifar10", "qmlhfl_mpi.data.images:cifar10", "CIFAR-10 (python batches) from data.root")
+DATASETS.register("arrow", "qmlhfl_mpi.data.arrow:arrow",
+                  "Arrow/Parquet files under data.root (Hugging Face save_to_disk, DatasetDict, .parquet, .feather): "
+                  "data.args path, features, label, owner")
 
 # The built-in pooled data sets' sizes, known before they are loaded (for the memory estimate): training
 # samples, test samples, input shape, classes; pixels are held as one byte each.

@@ -2,19 +2,20 @@
 batches.  Not collective; no MPI.
 
 :class:`~qmlhfl_mpi.core.clients.Clients` is the protocol the round's executor trains through
-(:mod:`qmlhfl_mpi.comm.executor`): ``train(v, devices, round, calls, group)``
+(:mod:`qmlhfl_mpi.comm.executor`): ``train(v, devices, round, calls, peers)``
 yields, for each device in order, its model after ``tau_1`` local steps from
 ``v``, the sum of its step losses and its step count.  :class:`OneByOne` runs
 :meth:`LocalTrainer.train` lazily, device after device (one result in memory
 at a time); :class:`Batched` trains the devices of one layer-1 node together
-(:class:`~.vectorized.VectorTrainer`, batches laid out by the tree), so both
-give each device the same bits on any number of ranks.
+(:class:`~.vectorized.VectorTrainer`, batches laid out by the aggregation's
+participants), so both give each device the same bits on any number of ranks.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..core.clients import Clients
@@ -33,7 +34,7 @@ class OneByOne:
     def __init__(self, trainer: LocalTrainer, data: Data, steps: int) -> None:
         self.trainer, self.data, self.steps = trainer, data, steps
 
-    def train(self, v: Vec, devices: Sequence[int], round_: int, calls: Sequence[int], group: range
+    def train(self, v: Vec, devices: Sequence[int], round_: int, calls: Sequence[int], peers: np.ndarray
               ) -> Iterator[tuple[Vec, float, int]]:
         for dev, call in zip(devices, calls):
             x, y = self.data[dev]
@@ -47,9 +48,9 @@ class Batched:
     def __init__(self, trainer: LocalTrainer, data: Data, steps: int) -> None:
         self.batched, self.data, self.steps = VectorTrainer(trainer), data, steps
 
-    def train(self, v: Vec, devices: Sequence[int], round_: int, calls: Sequence[int], group: range
+    def train(self, v: Vec, devices: Sequence[int], round_: int, calls: Sequence[int], peers: np.ndarray
               ) -> Iterator[tuple[Vec, float, int]]:
         results = self.batched.train_many(v, [self.data[d] for d in devices], self.steps, devices, round_, calls,
-                                          group)
+                                          peers)
         for x, loss_sum in results:
             yield x, loss_sum, self.steps

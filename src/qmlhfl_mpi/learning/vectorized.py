@@ -10,12 +10,16 @@ as the model grows (docs/performance.md, "Batched devices").
 Every device draws its minibatches from the same stream as the unbatched
 path, ``(seed, BATCH, device, round, call)``.  Batched products are not
 bitwise independent of where in the batch a device sits (kernels take
-other paths for other alignments), so batches are laid out by the tree: a
-device's slot and its batch's size depend only on its place among the
-devices of its layer-1 node, and slots of devices on other ranks hold dummy
-data.  Results are therefore identical for any rank count (tested on 1 to 4
-ranks with edges split over ranks) and agree with the unbatched path to
-float32 round-off.  Devices with fewer samples than ``batch_size`` train on
+other paths for other alignments), so batches are laid out by the round's
+plan: a device's slot and its batch's size depend only on its place among the
+devices that train in the same layer-1 aggregation (its *peers*, the same on
+every rank), and slots of peers on other ranks hold dummy data.  Results are
+therefore identical for any rank count (tested on 1 to 4 ranks with edges
+split over ranks, with and without sampling) and agree with the unbatched
+path to float32 round-off.  Because the layout follows the drawn devices, not
+the tree, a batch holds only devices that train: with 10 of an edge's 10,000
+devices drawn, one batch of 10 (a layout by the tree would train 10 chunks of
+64 slots, mostly padding).  Devices with fewer samples than ``batch_size`` train on
 the unbatched path.
 
 Which models qualify: any module without data-dependent control flow or
@@ -84,42 +88,46 @@ class VectorTrainer:
         self._step = vmap(grad_and_value(loss_one))
 
     def train_many(self, v: np.ndarray | torch.Tensor, data: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int,
-                   devices: Sequence[int], round_: int, calls: Sequence[int], group: range
+                   devices: Sequence[int], round_: int, calls: Sequence[int], peers: np.ndarray
                    ) -> list[tuple[Any, float]]:
-        """``steps`` SGD steps from ``v`` for every device ``devices[k]`` (all in ``group``, the
-        devices of one layer-1 node) on ``data[k]``; returns ``(new vector, sum of step losses)``
-        per device, in order, the vectors of ``v``'s kind (host arrays, or tensors on the device).
+        """``steps`` SGD steps from ``v`` for every device ``devices[k]`` (all in ``peers``, the devices of
+        every rank that train in this layer-1 aggregation, ascending) on ``data[k]``; returns ``(new vector,
+        sum of step losses)`` per device, in order, the vectors of ``v``'s kind (host arrays, or tensors on
+        the device).
 
-        Batches are laid out by the tree, not by the rank: device ``d`` always sits in slot
-        ``(d - group.start) % CHUNK`` of batch ``(d - group.start) // CHUNK``, whose size is
-        fixed by ``group`` alone; slots of devices another rank hosts get dummy data.  So a
-        device sees the same batched computation on any number of ranks.  Devices with fewer
-        samples than the batch size train on the unbatched path.
+        Batches are laid out by the plan, not by the rank: the device at position ``p`` of ``peers`` always
+        sits in slot ``p % CHUNK`` of batch ``p // CHUNK``, whose size is fixed by ``len(peers)`` alone; slots
+        of peers another rank hosts get dummy data.  So a device sees the same batched computation on any
+        number of ranks.  Devices with fewer samples than the batch size train on the unbatched path.
         """
         base = self.base
         out: list[tuple[Any, float] | None] = [None] * len(devices)
         chunks: dict[int, list[int]] = {}
+        peers = np.asarray(peers, dtype=np.int64)
+        position = np.searchsorted(peers, np.asarray(devices, dtype=np.int64))
         for k, ((x, y), dev) in enumerate(zip(data, devices)):
             if len(y) < base.batch_size:
                 out[k] = base.train(v, x, y, steps, dev, round_, calls[k])
             else:
-                chunks.setdefault((dev - group.start) // CHUNK, []).append(k)
+                if position[k] >= peers.size or peers[position[k]] != dev:
+                    raise ValueError(f"device {dev} is not among the aggregation's peers")
+                chunks.setdefault(int(position[k]) // CHUNK, []).append(k)
         on_device = isinstance(v, torch.Tensor)
         start = (v.reshape(-1) if isinstance(v, torch.Tensor)
                  else torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))).to(base.device)
         lr = base.lr_at(round_)
         for c, members in chunks.items():
-            first = group.start + c * CHUNK
-            size = min(CHUNK, group.stop - first)
+            first = c * CHUNK
+            size = min(CHUNK, peers.size - first)
             slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * size
             for k in members:
                 x, y = data[k]
                 ix = torch.from_numpy(base._batches(len(y), steps, rng.stream(base.seed, rng.BATCH, devices[k],
                                                                                 round_, calls[k])))
-                slots[devices[k] - first] = (x[ix.to(x.device)], y[ix.to(y.device)])
+                slots[int(position[k]) - first] = (x[ix.to(x.device)], y[ix.to(y.device)])
             results = self._train_slots(start, slots, steps, lr, on_device)
             for k in members:
-                out[k] = results[devices[k] - first]
+                out[k] = results[int(position[k]) - first]
         return [r for r in out if r is not None]
 
     def _train_slots(self, start: torch.Tensor, slots: Sequence[tuple[torch.Tensor, torch.Tensor] | None],

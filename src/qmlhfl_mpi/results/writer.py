@@ -9,7 +9,9 @@ Schema (documented for users in docs/results.md)::
     /topology/starts_<n>   device boundaries of the nodes of layer n (n = 0..N)
     /topology/rank_blocks  device boundaries of the ranks' blocks
     /topology/samples      training samples per device
-    /topology/class_counts training samples per device and class (devices x classes)
+    /topology/class_counts training samples per device and class (devices x classes; -1 for a device
+                           of a generated data set whose data was never made)
+    (per-device arrays of 4096 entries or more are stored chunked and gzip-compressed)
     /quantizer/levels, bucket, kind, message_bytes, messages_per_round, q   (per link)
     /metrics/round, test_accuracy, test_loss, train_loss,
              uplink_bytes, messages, downlink_bytes, dropped (each rounds x N),
@@ -69,6 +71,19 @@ def _clean_array(v: Any) -> Any:
     return v
 
 
+COMPRESS_FROM = 4096  # entries: per-device arrays this large are stored chunked and compressed
+
+
+def _create(group: h5py.Group, name: str, value: Any) -> None:
+    """A dataset holding ``value``; a large numeric array chunked and gzip-compressed (with shuffle), which
+    turns a million devices' sample counts into a few MB and their mostly unknown class counts into KB."""
+    arr = np.asarray(value)
+    if arr.dtype.kind in "iuf" and arr.size >= COMPRESS_FROM:
+        group.create_dataset(name, data=arr, chunks=True, compression="gzip", compression_opts=4, shuffle=True)
+    else:
+        group.create_dataset(name, data=value)
+
+
 def _set_attrs(f: h5py.File, attrs: Mapping[str, Any]) -> None:
     """Attributes with every string cleaned (:func:`~qmlhfl_mpi.core.text.clean_text`: no NUL or control
     characters reach HDF5)."""
@@ -102,7 +117,7 @@ class ResultsWriter:
         self.f.attrs["status_message"] = ""
         g = self.f.create_group("topology")
         for k, v in topology.items():
-            g.create_dataset(k, data=_clean_array(v))
+            _create(g, k, _clean_array(v))
         q = self.f.create_group("quantizer")
         for k, v in quantizer.items():
             q.create_dataset(k, data=_clean_array(v))
@@ -191,6 +206,14 @@ class ResultsWriter:
     def rounds(self) -> int:
         """Rounds the file holds."""
         return int(self.f["metrics"]["round"].shape[0])
+
+    def update_rows(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+        """Set rows ``rows`` (ascending ids) of ``/topology/<name>`` to ``values``."""
+        with _io(self.path, f"writing /topology/{name} to"):
+            ds = self.f["topology"][name]
+            for lo in range(0, len(rows), 65536):  # h5py selects rows by a list: a bounded list at a time
+                ds[rows[lo : lo + 65536].tolist()] = values[lo : lo + 65536]
+            self.f.flush()
 
     def write_model(self, name: str, vec: np.ndarray) -> None:
         with _io(self.path, f"writing /model/{name} to"):

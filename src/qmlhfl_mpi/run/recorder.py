@@ -192,6 +192,13 @@ class ResultsFile:
                                                           f"{str(self.path)!r}")
             self.writer.append_round(record)
 
+    def class_counts(self, devices: np.ndarray, counts: np.ndarray) -> None:
+        """The class counts of ``devices`` (ascending), learnt since the file was opened."""
+        assert self.writer is not None
+        if len(devices):
+            with self._advice(None):
+                self.writer.update_rows("class_counts", devices, counts)
+
     def final(self, model: np.ndarray) -> None:
         assert self.writer is not None
         with self._advice(None):

@@ -106,8 +106,11 @@ class Runtime:
              stage="estimating the memory per rank")
         devices = layout.devices(rank)
         torch.set_num_threads(threads_per_rank(cfg.train.threads))
-        data = step(lambda: builders.local_data(cfg, tree, devices, rank, size), (DataError, ValueError, OSError),
-                    stage="loading the data")
+        data = step(lambda: builders.local_data(cfg, tree, devices, rank, size, all_samples=size == 1),
+                    (DataError, ValueError, OSError), stage="loading the data")
+        if not data.samples_complete:  # each rank counted its own devices' samples: add them up
+            data.samples = sum_over_ranks(comm, data.samples.astype(np.float64)).astype(np.int64)
+            data.samples_complete = True
         device = step(lambda: select_device(comm, cfg.train.device, cfg.train.share_gpus), (PlacementError,),
                       stage="choosing the training device")
         if device.type != "cpu":
@@ -196,22 +199,19 @@ class Runtime:
             "train_device": str(self.device), "aggregation": self.vectors.name,
         }
 
-    def class_counts(self) -> np.ndarray:
-        """Training samples per device and class of this rank's devices (zero rows for the others' devices)."""
-        data = self.data
-        counts = np.zeros((self.tree.num_devices, max(data.num_classes, 1)))
-        for k, (_, y) in data.train.items():
-            labels = y.cpu().numpy() if not y.is_floating_point() else np.zeros(len(y), dtype=np.int64)
-            counts[k] = np.bincount(labels, minlength=counts.shape[1])
-        return counts
+    def new_class_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(devices, counts)``: training samples per class of this rank's devices whose counts became known since
+        the last call (all hosted devices of a pooled data set at once; a generated one's as they are made)."""
+        return self.data.train.take_counts()
 
-    def topology(self, class_counts: np.ndarray) -> dict[str, np.ndarray]:
-        """The results file's ``/topology``: node boundaries, rank blocks, and per device its samples and
-        ``class_counts`` (every rank's :meth:`class_counts`, summed)."""
+    def topology(self, devices: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+        """The results file's ``/topology``: node boundaries, rank blocks, and per device its samples and class
+        counts (``counts`` of ``devices``, every rank's :meth:`new_class_counts`; -1 for the other devices)."""
         tree = self.tree
         topo = {f"starts_{n}": tree.starts[n] for n in range(tree.N + 1)}
-        topo.update(rank_blocks=self.layout.bounds, samples=self.data.samples,
-                    class_counts=class_counts.astype(np.int64))
+        table = np.full((tree.num_devices, max(self.data.num_classes, 1)), -1, dtype=np.int64)
+        table[devices] = counts
+        topo.update(rank_blocks=self.layout.bounds, samples=self.data.samples, class_counts=table)
         return topo
 
     def quantizer(self) -> dict[str, np.ndarray]:

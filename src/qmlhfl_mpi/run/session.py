@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from ..comm.collectives import max_over_ranks, sum_over_ranks
+from ..comm.collectives import gather_rows, max_over_ranks, sum_over_ranks
 from ..comm.watchdog import PeerFailed, RoundTimeout
 from ..config import Config
 from ..core.exitcodes import EXIT_ABORT, EXIT_TIMEOUT
@@ -167,6 +167,12 @@ class Session:
         self.virtual_time += timed.duration
         return w, record
 
+    def _record_class_counts(self, results: ResultsFile) -> None:
+        """The class counts of the devices made since the last time, into the results file.  Collective."""
+        got = gather_rows(self.comm, *self.agreement.step(self.runtime.new_class_counts, (),
+                                                          stage="counting the devices' classes"))
+        self.agreement.on_rank0("writing the class counts", lambda: results.class_counts(*got) if got else None)
+
     def _end_guard(self) -> None:
         if self.runtime.watchdog is not None:
             self.runtime.watchdog.stop()
@@ -212,10 +218,11 @@ class Session:
         try:  # from here on, rank 0 records any failure in the results file (or removes a file with no round)
             callbacks = agreement.step(self.config_callbacks, (PluginError, RunError),
                                        stage="building the config's callbacks") + callbacks
-            counts = agreement.step(rt.class_counts, (), stage="counting the devices' classes")
-            topology = rt.topology(sum_over_ranks(self.comm, counts))
+            counts = gather_rows(self.comm, *agreement.step(rt.new_class_counts, (),
+                                                            stage="counting the devices' classes"))
             agreement.on_rank0("opening the results file", lambda: results.open(
-                overwrite=overwrite, start=self.start_round, attrs=rt.attributes(), topology=topology,
+                overwrite=overwrite, start=self.start_round, attrs=rt.attributes(),
+                topology=rt.topology(*counts) if counts is not None else {},
                 quantizer=rt.quantizer(), num_links=rt.tree.N, metrics=start.metrics, rebuild=start.rebuild,
                 initial=rt.initial_vector if cfg.model.init == "module" else None))
             agreement.hooks(callbacks, "on_run_start", self)
@@ -235,6 +242,7 @@ class Session:
                                f"--set train.lr={cfg.train.lr / 4:g} (now {cfg.train.lr:g})")
                     break
                 if ckpt.due(done, self.rounds, stop):
+                    self._record_class_counts(results)
                     state = gather_state(self.comm, rt.executor, rt.num_params)
                     agreement.on_rank0("writing the checkpoint", ckpt.write, w, done, state, results)
                 if stop and done < self.rounds:
@@ -244,6 +252,7 @@ class Session:
                                "--resume")
                     break
             if status != "preempted":  # completed, or diverged: the file keeps the model it ended with
+                self._record_class_counts(results)
                 agreement.on_rank0("writing the final model", results.final, w)
                 agreement.on_rank0("removing the checkpoint", ckpt.remove)
         except RoundTimeout as e:
