@@ -57,3 +57,5 @@ model_vector
 # clock drives the results (issue 20: /metrics/virtual_time, the critical path)
 duration
 critical_path
+# DeviceStore.made: how many devices' data a rank made (public; asserted by tests/test_scale.py)
+made

@@ -242,9 +242,9 @@ def test_batched_training_is_rank_invariant_on_both_backends(mpi_tmp_path, case)
             with h5py.File(path, "r") as f:
                 tables.append(f["topology/class_counts"][()])
         assert all(np.array_equal(t, tables[0]) for t in tables), case  # the same devices made on any size
-        if case == "vectorize-sampling-lazy":  # devices never drawn nor tested are never made: their rows are -1
+        if case == "vectorize-sampling-lazy":  # devices never drawn are never made: their rows are -1
             made = (tables[0] >= 0).all(axis=1)
-            assert 8 <= made.sum() < 80 and (tables[0][~made] == -1).all()
+            assert 0 < made.sum() < 80 and (tables[0][~made] == -1).all()
 
 
 @pytest.mark.mpi(min_size=4)

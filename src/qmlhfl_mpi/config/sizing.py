@@ -44,6 +44,18 @@ def _model_params(cfg: Config, shape: tuple[int, ...], classes: int) -> tuple[in
     return d, batched
 
 
+def _sends_bound(cfg: Config, children: int, parents: int, n: int) -> int:
+    """An upper bound on the distinct layer-``(n-1)`` children that ever send over link ``n`` in the run: each round
+    draws about ``children * prod(fraction_m, m >= n)`` of them (at least one per parent) ``prod(tau_{n+1..N})``
+    times."""
+    fractions = cfg.participation.fraction or (1.0,) * cfg.N
+    share = math.prod(fractions[n - 1 :])
+    if share >= 1:
+        return children
+    per_round = max(math.ceil(children * share * 1.25) + 1, parents)  # rounding: a margin
+    return per_round * math.prod(cfg.tau[n:]) * cfg.train.rounds
+
+
 def sizing(cfg: Config, ranks: int) -> Sizing:
     """What drives the memory of the busiest of ``ranks`` ranks.  Raises what the config's own builders raise
     for a bad tree, data set or model."""
@@ -81,8 +93,8 @@ def sizing(cfg: Config, ranks: int) -> Sizing:
     ef = cfg.quantizer.error_feedback or (False,) * N
     server = cfg.server.optimizer or ("avg",) * N
     for n in range(1, N + 1):
-        if ef[n - 1]:
-            state += -(-shape.nodes[n - 1] // ranks)
+        if ef[n - 1]:  # a residual exists once a child has sent: at most the sends the run can make
+            state += -(-min(shape.nodes[n - 1], _sends_bound(cfg, shape.nodes[n - 1], shape.nodes[n], n)) // ranks)
         try:
             kept = len(make_server_optimizer(server[n - 1]).state_names)
         except (PluginError, TypeError, ValueError):

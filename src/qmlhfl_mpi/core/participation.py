@@ -24,6 +24,7 @@ child never changes it.  Weights among the participants (``a(c)``):
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from .topology import Tree, aggregations_per_round, messages_per_round
 WEIGHTINGS = ("renormalize", "unbiased")
 
 
+@functools.lru_cache(maxsize=4096)
 def sample_size(fraction: float, children: int) -> int:
     """``max(1, round_half_up(fraction * children))`` (at most ``children``), computed exactly
     on the fraction's shortest decimal form (as ``topk`` counts its ``k``)."""
@@ -94,15 +96,18 @@ class Participation:
     def weights(self, n: int, sizes: Sequence[float] | np.ndarray, chosen: np.ndarray) -> np.ndarray:
         """Float32 weights of the children at positions ``chosen``, from the children's sizes ``D(c)``."""
         sizes = np.asarray(sizes, dtype=np.float64)
-        total = sizes.sum()
+        return self.weights_of(n, sizes[chosen], float(sizes.sum()), len(sizes))
+
+    def weights_of(self, n: int, chosen_sizes: np.ndarray, total: float, children: int) -> np.ndarray:
+        """:meth:`weights` from the participants' sizes, the node's size ``D(u)`` (the sum over all its
+        ``children``) and their number: the cost follows the participants, not the children."""
         if self.weighting == "unbiased" and not self.layer_is_full(n):
-            C = len(sizes)
-            pi = sample_size(self.fraction[n - 1], C) / C * self.availability[n - 1]
-            return (sizes[chosen] / total / pi).astype(np.float32)
-        part = sizes[chosen].sum()
+            pi = sample_size(self.fraction[n - 1], children) / children * self.availability[n - 1]
+            return (chosen_sizes / total / pi).astype(np.float32)
+        part = chosen_sizes.sum()
         if part <= 0:  # the participants hold no samples: they add nothing (the node keeps its model)
-            return np.zeros(len(chosen), dtype=np.float32)
-        return (sizes[chosen] / part).astype(np.float32)
+            return np.zeros(len(chosen_sizes), dtype=np.float32)
+        return (chosen_sizes / part).astype(np.float32)
 
     def expected_messages(self, n: int, children: int) -> float:
         """Expected number of layer-``n`` children that send per aggregation of a node with ``children``."""

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import rng
 from .participation import Participation
-from .topology import Tree
+from .topology import TopologyError, Tree
 
 __all__ = ["CLOSE", "OPEN", "Aggregation", "Planner", "RoundPlan"]
 
@@ -137,12 +137,31 @@ class Planner:
     seed: int
     samples: np.ndarray | None = None
     _weights: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+    _calls: list[np.ndarray] = field(default_factory=list, repr=False)  # see plan()
 
     def __post_init__(self) -> None:
         N = self.tree.N
         if len(self.tau) != N or len(self.participation.fraction) != N:
             raise ValueError(f"the tree has N={N} layers but tau has {len(self.tau)} values and participation "
                              f"{len(self.participation.fraction)}")
+        # cumulative training samples (exact integers in float64): a node's or a child's size in O(1)
+        self._cum = None if self.samples is None else \
+            np.concatenate([[0], np.cumsum(np.asarray(self.samples, dtype=np.float64))])
+
+    def _sizes(self, n: int, u: int, positions: np.ndarray | None = None) -> np.ndarray:
+        """Float64 sizes ``D(c)`` (devices or training samples) of ``u``'s children at ``positions`` (all)."""
+        kids, b = self.tree.children(n, u), self.tree.starts[n - 1]
+        if positions is None:
+            lo, hi = b[kids.start : kids.stop], b[kids.start + 1 : kids.stop + 1]
+        else:
+            idx = kids.start + np.asarray(positions, dtype=np.int64)
+            lo, hi = b[idx], b[idx + 1]
+        return (hi - lo).astype(np.float64) if self._cum is None else self._cum[hi] - self._cum[lo]
+
+    def _total(self, n: int, u: int) -> float:
+        """``D(u)``: the node's devices or training samples (exactly the sum of its children's)."""
+        lo, hi = self.tree.starts[n][u], self.tree.starts[n][u + 1]
+        return float(hi - lo) if self._cum is None else float(self._cum[hi] - self._cum[lo])
 
     def participants(self, n: int, u: int, round_: int, call: int) -> np.ndarray:
         """Positions (ascending) among ``u``'s children of those that take part in its ``call``-th aggregation."""
@@ -156,7 +175,11 @@ class Planner:
         if self.participation.layer_is_full(n):
             key = (n, u)
             if key not in self._weights:
-                self._weights[key] = self.tree.weights(n, u, self.samples).astype(np.float32)
+                sizes = self._sizes(n, u)
+                total = sizes.sum()
+                if total <= 0:
+                    raise TopologyError(f"node {u} of layer {n} has no training samples: cannot weight its children")
+                self._weights[key] = (sizes / total).astype(np.float32)
             return self._weights[key]
         return self.reweight(n, u, chosen)
 
@@ -165,7 +188,8 @@ class Planner:
         (``participation.weights`` over them: renormalised, or the unbiased estimator's)."""
         if len(positions) == 0:
             return np.zeros(0, dtype=np.float32)
-        return self.participation.weights(n, self.tree.child_sizes(n, u, self.samples), positions)
+        return self.participation.weights_of(n, self._sizes(n, u, positions), self._total(n, u),
+                                             len(self.tree.children(n, u)))
 
     def prune(self, plan: RoundPlan, keep: Sequence[np.ndarray]) -> RoundPlan:
         """``plan`` with only the participants ``keep[i]`` (a mask over aggregation ``i``'s children) of every
@@ -202,8 +226,13 @@ class Planner:
         aggs: list[Aggregation] = []
         events: list[tuple[int, int]] = []
         agg_calls: dict[tuple[int, int], int] = {}
-        msg_calls = [np.zeros(tree.num_nodes(n - 1), dtype=np.int64) for n in range(1, tree.N + 1)]
-        train_calls = np.zeros(tree.num_devices, dtype=np.int64)
+        # call counters over whole layers, kept between plans and reset where this plan touched them (a fresh
+        # array per plan would cost a page fault per drawn device of a large population)
+        if not self._calls:
+            self._calls = [np.zeros(tree.num_nodes(n - 1), dtype=np.int64) for n in range(1, tree.N + 1)]
+            self._calls.append(np.zeros(tree.num_devices, dtype=np.int64))
+        msg_calls, train_calls = self._calls[:-1], self._calls[-1]
+        touched: list[tuple[int, np.ndarray]] = []
         empty_i, empty_f = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
 
         def aggregate(n: int, u: int, parent: int, slot: int, first: bool, last: bool) -> None:
@@ -218,6 +247,7 @@ class Planner:
             if n == 1 and len(kids):
                 tcalls = train_calls[kids].copy()
                 train_calls[kids] += 1
+                touched.append((tree.N, kids))
             elif len(kids):
                 reps = tau[n - 1]  # tau_n aggregations of each child node
                 for j, c in enumerate(kids.tolist()):
@@ -226,9 +256,14 @@ class Planner:
             mcalls = msg_calls[n - 1][kids].copy() if len(kids) else empty_i
             if len(kids):
                 msg_calls[n - 1][kids] += 1
+                touched.append((n - 1, kids))
             aggs[index] = Aggregation(n, u, k, parent, slot, first, last, kids.astype(np.int64),
                                       self.weights(n, u, chosen) if len(kids) else empty_f, mcalls, tcalls)
             events.append((CLOSE, index))
 
-        aggregate(tree.N, 0, -1, -1, True, False)
+        try:
+            aggregate(tree.N, 0, -1, -1, True, False)
+        finally:
+            for i, kids in touched:
+                self._calls[i][kids] = 0
         return RoundPlan(round_, self.seed, tuple(aggs), tuple(events), tree.N)

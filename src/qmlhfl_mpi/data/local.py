@@ -87,7 +87,7 @@ class DeviceStore(Mapping[int, tuple[torch.Tensor, torch.Tensor]]):
         return self._cache[key] if key in self._cache else (x, y)
 
     def put(self, key: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Keep device ``key``'s training data (made elsewhere, e.g. with its test part) and note its classes."""
+        """Keep device ``key``'s training data and note its classes."""
         if self._device is not None:
             x, y = x.to(self._device), y.to(self._device)
         if key not in self.made_devices:
@@ -157,16 +157,17 @@ class LocalData:
 def generated_local_data(ds: GeneratedDataset, num_devices: int, devices: Sequence[int], *, cache_bytes: int,
                          test_devices: int = 0, all_samples: bool = True) -> LocalData:
     """The devices ``devices`` of a generated data set, made when drawn.  The test set is the held-out part of
-    :func:`evaluation_devices` (``test_devices``), one evaluation chunk per such device; their training parts
-    start the cache.  ``all_samples``: count every device's training samples here (else only ``devices``')."""
+    :func:`evaluation_devices` (``test_devices``), one evaluation chunk per such device.  Training data always
+    come from ``ds.train_data`` when a device is drawn (never from the test set's draw), so a device trains on
+    the same bits whatever the cache holds.  ``all_samples``: count every device's training samples here (else
+    only ``devices``')."""
     samples = np.zeros(num_devices, dtype=np.int64)
     for k in (range(num_devices) if all_samples else devices):
         samples[k] = ds.train_size(k)
 
     def make(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = ds.device(k)
-        n = int(samples[k])
-        return torch.from_numpy(x[:n]), torch.from_numpy(y[:n])
+        x, y = ds.train_data(k, int(samples[k]) if samples[k] else None)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
     store = DeviceStore(devices, make, cache_bytes, ds.num_classes)
     evaluated = evaluation_devices(num_devices, test_devices)
@@ -178,8 +179,7 @@ def generated_local_data(ds: GeneratedDataset, num_devices: int, devices: Sequen
         if k not in devices:
             continue
         x, y = ds.device(k)
-        n = int(samples[k])
-        store.put(k, torch.from_numpy(x[:n]), torch.from_numpy(y[:n]))
+        n = ds.train_size(k)
         tx.append(x[n:])
         ty.append(y[n:])
         chunks.append((cid, off, off + len(y) - n))

@@ -47,6 +47,14 @@ class GeneratedDataset(ABC):
     @abstractmethod
     def device(self, device: int) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def train_data(self, device: int, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The training samples of ``device`` (what it trains on when drawn; ``size``: its ``train_size`` if
+        known): by default the first ``train_size`` of :meth:`device`; override when they can be made without
+        the held-out ones."""
+        x, y = self.device(device)
+        n = self.train_size(device) if size is None else size
+        return x[:n], y[:n]
+
     def expected_samples(self) -> float:
         """Mean samples (train and test) of a device, for the memory estimate; by default from the first
         32 devices' training sizes and a 20% test share.  Override when the mean is known in closed form."""

@@ -48,7 +48,15 @@ class Synthetic(GeneratedDataset):
         return n - n_test
 
     def device(self, device: int) -> tuple[np.ndarray, np.ndarray]:
-        n = self.size(device)
+        return self._samples(device, self.size(device))
+
+    def train_data(self, device: int, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The training samples alone: the first ``train_size`` rows of :meth:`device`, drawn without the
+        held-out ones (the features fill row after row from the device's stream; a label depends on its row)."""
+        return self._samples(device, self.train_size(device) if size is None else size)
+
+    def _samples(self, device: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` samples of the device."""
         g = rng.stream(self.seed, rng.DATA, device)
         u = g.normal(0.0, np.sqrt(self.alpha)) if self.alpha > 0 else 0.0
         bmean = g.normal(0.0, np.sqrt(self.beta)) if self.beta > 0 else 0.0
@@ -69,6 +77,10 @@ class LeastSquares(Synthetic):
     @property
     def num_classes(self) -> int:
         return 1
+
+    def train_data(self, device: int, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The first rows of :meth:`device` (its noise is drawn after all features: no shortcut)."""
+        return GeneratedDataset.train_data(self, device, size)
 
     def device(self, device: int) -> tuple[np.ndarray, np.ndarray]:
         n = self.size(device)
