@@ -13,7 +13,9 @@ slower ranks) and the quantized/float32 ratio of the round time.  Without
 Fashion-MNIST it uses the embedded synthetic data with the MLP only.
 ``--aggregate-on device`` runs the aggregation as torch tensors on the training
 device (the GPU code path; here the CPU) instead of numpy on the host.
-``--smoke`` runs one tiny case in seconds (the test suite's smoke test).
+``--smoke`` runs one tiny case in seconds, its two runs at once and with
+``train.vectorize=off`` (the first batched step imports ``torch._dynamo``, about
+a second a process): the test suite's smoke test.
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import h5py
 
@@ -35,6 +40,17 @@ TOPOLOGIES = {"flat": ("topology.branching=[16]", "tau=[5]"), "two-layer": ("top
 def mpiexec() -> str:
     here = Path(sys.executable).parent / "mpiexec"
     return str(here) if here.exists() else "mpiexec"
+
+
+def results(fn: Callable[..., Any], calls: Iterable[tuple], at_once: bool) -> Iterator[Any]:
+    """``fn(*args)`` for each ``args`` of ``calls``, in order: one after another (lazily: the first failure
+    stops), or all at once (the smoke's jobs: their times are not compared)."""
+    calls = list(calls)
+    if not at_once or len(calls) < 2:
+        yield from (fn(*a) for a in calls)
+        return
+    with ThreadPoolExecutor(len(calls)) as pool:
+        yield from pool.map(lambda a: fn(*a), calls)
 
 
 def run(ranks: int, out: Path, sets: list[str]) -> dict[str, float]:
@@ -79,11 +95,12 @@ def main() -> None:
                 N = 1 if tname == "flat" else 2
                 r_model = rounds if label == "cnn" or args.smoke else 5 * rounds  # cheap rounds: more of them
                 base = [*data, *mset, *tset, f"train.rounds={r_model}", "train.eval_every=1000", "quantizer.bucket=512",
-                        f"train.aggregate_on={args.aggregate_on}"]
+                        f"train.aggregate_on={args.aggregate_on}", *(["train.vectorize=off"] if args.smoke else [])]
                 res = {}
-                for links, levels in (("float32", ["none"] * N), (f"s={args.levels}", [str(args.levels)] * N)):
-                    sets = [*base, f"quantizer.levels=[{','.join(levels)}]"]
-                    r = run(args.ranks, Path(tmp) / f"{label}-{tname}-{links}.h5", sets)
+                cases = (("float32", ["none"] * N), (f"s={args.levels}", [str(args.levels)] * N))
+                calls = [(args.ranks, Path(tmp) / f"{label}-{tname}-{links}.h5",
+                          [*base, f"quantizer.levels=[{','.join(levels)}]"]) for links, levels in cases]
+                for (links, _), r in zip(cases, results(run, calls, args.smoke)):
                     res[links] = r
                     ratio = r["time_round"] / res["float32"]["time_round"]
                     print(f"{label:<8} {tname:<10} {links:<7} {r['params']:>9} {r['time_round']:>8.3f} "

@@ -6,6 +6,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "two_ranks: tests/mpi only: run by the 2-rank pytest-mpi launch and not by the 4-rank one "
+        "(tests/test_pytest_mpi.py): more ranks exercise nothing more; rank invariance from 1 to 4 ranks is "
+        "tests/mpi/test_engine_matrix.py's")
+
+
 def pytest_ignore_collect(collection_path, config):
     """tests/mpi runs only under mpiexec with --with-mpi (tests/test_pytest_mpi.py launches it)."""
     if collection_path.name == "mpi" and collection_path.is_dir():

@@ -66,6 +66,7 @@ def final(path):
         return f["model/final"][()], f["metrics/train_loss"][()], f.attrs["status"]
 
 
+@pytest.mark.two_ranks
 @pytest.mark.mpi
 @pytest.mark.parametrize("which", ["world", "dup"])
 def test_session_runs_in_process_with_a_counting_callback(mpi_tmp_path, which):
@@ -83,6 +84,7 @@ def test_session_runs_in_process_with_a_counting_callback(mpi_tmp_path, which):
         comm.Free()
 
 
+@pytest.mark.two_ranks
 @pytest.mark.mpi
 def test_same_model_on_world_and_on_a_duplicate_and_on_self(mpi_tmp_path):
     """The communicator does not change the result: COMM_WORLD, a Dup of it, and COMM_SELF (rank 0 alone)."""
@@ -99,6 +101,7 @@ def test_same_model_on_world_and_on_a_duplicate_and_on_self(mpi_tmp_path):
     assert np.array_equal(ref, final(mpi_tmp_path / "s.h5")[0])
 
 
+@pytest.mark.two_ranks
 @pytest.mark.mpi
 @pytest.mark.parametrize("stopper_rank", [None, "last"])
 def test_callback_stop_is_agreed_checkpointed_and_resumes_bit_identically(mpi_tmp_path, stopper_rank):
@@ -152,6 +155,7 @@ def test_bad_input_raises_the_same_run_error_on_every_rank(mpi_tmp_path):
     assert len(set(msgs)) == 1
 
 
+@pytest.mark.two_ranks
 @pytest.mark.mpi
 def test_public_names():
     for name in ("load_config", "Session", "Callback", "RunSummary", "RunError", "MODELS", "DATASETS",

@@ -25,8 +25,11 @@
 #   JobRequeue=1                        batch jobs may be requeued; there is no
 #                                       RequeueExit: jobs/run.sbatch requeues
 #                                       itself, as it must on real clusters
-#   AuthInfo=cred_expire=10             a requeued job may start again after
-#                                       11 s instead of the default 121 s, and
+#   AuthInfo=cred_expire=5              a requeued job may start again after
+#                                       6 s instead of the default 121 s (5 is
+#                                       the least slurmctld accepts; it is also
+#                                       how long a step credential is valid:
+#                                       ample on localhost), and
 #   SchedulerParameters=sched_interval=1 is started within a second of that
 #
 #   cgroup.conf: CgroupPlugin=cgroup/v1, CgroupAutomount=no
@@ -108,7 +111,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
