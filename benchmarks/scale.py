@@ -18,7 +18,9 @@ not count), its ratio to the 10^3-device row of the same tau, each rank's peak
 RSS at the end, the memory check's estimate of the busiest rank, and the
 results file's size scaled to 100 rounds (measured size, minus the per-round
 rows, plus 100 of them).  ``--profile D`` runs one rank of D devices under
-cProfile instead and prints where a round's time goes.
+cProfile instead and prints where a round's time goes; ``--cache-mb 0`` makes
+every row make its drawn devices' data each time they are drawn (the 10^3 row
+then pays for its data as the larger rows do).
 """
 from __future__ import annotations
 
@@ -39,20 +41,22 @@ DRAWN_PER_EDGE = 10
 TEST_DEVICES = 1000
 
 
-def settings(devices: int, tau: str, rounds: int, out: Path) -> list[str]:
+def settings(devices: int, tau: str, rounds: int, out: Path, cache_mb: float | None = None) -> list[str]:
     leaf = max(1, devices // 100)
     fraction = min(1.0, DRAWN_PER_EDGE / leaf)
-    return [f"output.path={out}", f"topology.branching=[10,10,{leaf}]", f"tau=[{tau}]", f"train.rounds={rounds}",
+    return [*([f"data.cache_mb={cache_mb}"] if cache_mb is not None else []),
+            f"output.path={out}", f"topology.branching=[10,10,{leaf}]", f"tau=[{tau}]", f"train.rounds={rounds}",
             f"participation.fraction=[{fraction!r}, 1, 1]", "train.eval_every=1000",
             f"data.test_devices={TEST_DEVICES}", "output.checkpoint_every=0"]
 
 
-def run(devices: int, tau: str, ranks: int, rounds: int, tmp: Path) -> dict[str, object]:
+def run(devices: int, tau: str, ranks: int, rounds: int, tmp: Path, cache_mb: float | None = None
+        ) -> dict[str, object]:
     from qmlhfl_mpi import load_config
     from qmlhfl_mpi.config.sizing import memory_estimate
 
     out, mem = tmp / f"scale-{devices}.h5", tmp / f"mem-{devices}.json"
-    run_sets = settings(devices, tau, rounds, out)
+    run_sets = settings(devices, tau, rounds, out, cache_mb)
     estimate = memory_estimate(load_config(str(REPO / "configs" / "quickstart.yaml"), run_sets), ranks).total
     sets = [*run_sets, f"callbacks=[{{ref: '{REPO / 'benchmarks' / 'memory_probe.py'}:PeakMemory', "
                        f"args: {{path: '{mem}'}}}}]"]
@@ -102,6 +106,7 @@ def main() -> None:
     ap.add_argument("--tau", nargs="+", default=["1,1,1", "5,2,2"])
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--cache-mb", type=float, help="data.cache_mb for every row (default: the config's, 512)")
     ap.add_argument("--smoke", action="store_true", help="10,000 devices, tau 1,1,1, two rounds")
     ap.add_argument("--profile", type=int, metavar="DEVICES", help="profile one rank of this many devices")
     args = ap.parse_args()
@@ -115,7 +120,7 @@ def main() -> None:
         for tau in taus:
             base = None
             for D in sizes:
-                r = run(D, tau, args.ranks, rounds, Path(tmp))
+                r = run(D, tau, args.ranks, rounds, Path(tmp), args.cache_mb)
                 base = r["round_s"] if base is None else base
                 fraction = min(1.0, DRAWN_PER_EDGE / max(1, D // 100))
                 print(f"{r['devices']:>8} {tau:>6} {fraction:>8g} {r['startup_s']:>9.1f} {r['round_s']:>8.3f} "

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from qmlhfl_mpi import Session, load_config
+from qmlhfl_mpi import Callback, Session, load_config
 from qmlhfl_mpi.core.participation import Participation, expected_messages, inclusion
 from qmlhfl_mpi.core.stats import RoundStats
 from qmlhfl_mpi.core.topology import Tree, aggregations_per_round
@@ -127,3 +127,42 @@ def test_a_hundred_thousand_devices_make_only_the_drawn_ones(tmp_path):
         x, y = ds.device(k)
         assert counts[k].tolist() == np.bincount(y[: ds.train_size(k)], minlength=3).tolist()
     assert samples[12345] == ds.train_size(12345) and samples.shape == (10**5,)
+
+
+class StopAfter(Callback):
+    def __init__(self, k):
+        self.k = k
+
+    def on_round_end(self, session, record):
+        return int(record["round"]) == self.k
+
+
+def test_a_sampled_run_with_lazy_data_resumes_exactly_and_keeps_its_class_counts(tmp_path):
+    """Stopped after round 1 (checkpoint) and resumed: the same model, metrics and class-count table as the run
+    that went through, with a cache too small to hold one device (every draw makes its device again)."""
+    def config(out):
+        return load_config({
+            "topology": {"branching": [4, 500]}, "tau": [2, 2], "quantizer": {"levels": [4, 16]},
+            "participation": {"fraction": [0.01, 1.0]},
+            "data": {"name": "synthetic", "test_devices": 20, "cache_mb": 0.001,
+                     "synthetic": {"dim": 6, "classes": 3, "samples": 20}},
+            "model": {"name": "logreg"}, "train": {"rounds": 3, "batch_size": 4, "seed": 2, "eval_every": 1,
+                                                   "vectorize": "on"},
+            "output": {"path": str(out), "checkpoint_every": 1}})
+
+    def read(out):
+        with h5py.File(out, "r") as f:
+            return (f["model/final"][()], f["topology/class_counts"][()],
+                    {k: f["metrics"][k][()] for k in ("train_loss", "test_loss", "uplink_bytes", "virtual_time")})
+
+    whole, parts = tmp_path / "whole.h5", tmp_path / "parts.h5"
+    assert Session(config(whole), MPI.COMM_SELF).run().status == "completed"
+    assert Session(config(parts), MPI.COMM_SELF).run(callbacks=[StopAfter(0)]).status == "preempted"
+    resumed = Session(config(parts), MPI.COMM_SELF)
+    assert resumed.run(resume=True).status == "completed"
+    a, b = read(whole), read(parts)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    for key in a[2]:
+        assert np.array_equal(a[2][key], b[2][key]), key
+    assert 0 < (a[1] >= 0).all(axis=1).sum() < 2000  # drawn devices only
+    assert resumed.runtime.data.train.cached == 1

@@ -57,6 +57,10 @@ def test_sampled_peers_form_one_batch_whatever_their_ids_and_hosts(trainer, monk
             j = peers.tolist().index(d)
             assert np.array_equal(part[k][0], full[j][0]) and part[k][1] == full[j][1], (hosted, d)
     assert sizes == [10] * 4
+    for j in (0, 5, 9):  # and each agrees with its unbatched run to round-off
+        x, y = data([int(peers[j])])[0]
+        ref, loss = trainer.train(v, x, y, 3, int(peers[j]), 1, 0)
+        assert np.max(np.abs(full[j][0] - ref)) <= 1e-6 and full[j][1] == pytest.approx(loss, rel=1e-6)
     with pytest.raises(ValueError, match="not among the aggregation's peers"):
         vt.train_many(v, data([18]), 3, [18], 1, [0], peers)
 
