@@ -59,3 +59,6 @@ duration
 critical_path
 # DeviceStore.made: how many devices' data a rank made (public; asserted by tests/test_scale.py)
 made
+# Membership.moved: the devices off their tree edge (tests/test_membership.py); the results' record of the tree of
+# the moment (issue 22, /topology/parents) reads it
+moved

@@ -163,3 +163,52 @@ def test_named_vectors_gather_to_rank_0_and_scatter_back():
     assert sorted(back) == sorted(f"residual.1.{src * 10 + j}" for j in range(src % 3))
     assert all(np.array_equal(v, np.full(dim, src + int(k.split(".")[2]) % 10 / 10, dtype=np.float32))
                for k, v in back.items())
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name", sorted(TREES))
+def test_devices_under_other_edges_give_the_same_model_on_any_rank_count(name):
+    """Rounds on the tree of the moment (devices under edges led by other ranks, some sitting out, with
+    sampling, error feedback on the devices' link and a quantized downlink): the same model on COMM_WORLD
+    and COMM_SELF; and on the tree's own membership the point-to-point path gives the model of the plain
+    path bit for bit."""
+    from qmlhfl_mpi.core.membership import Membership
+
+    comm = MPI.COMM_WORLD
+    tree = TREES[name]()
+    dim = 29
+    tau = [2] + [1 + (n % 2) for n in range(1, tree.N)]
+    links = [Link(make_codec(s, 8), error_feedback=n == 0, downlink=make_codec(16, 8) if n == 0 else None)
+             for n, s in enumerate([3, 0, 16][: tree.N])]
+    part = Participation((0.7,) + (1.0,) * (tree.N - 1), (1.0,) * tree.N)
+    planner = Planner(tree, tau, part, 5)
+    D, E = tree.num_devices, tree.num_nodes(1)
+    g = np.random.default_rng(11)
+
+    def moved(t):
+        edge_of = Membership.of_tree(tree).edge_of.copy()
+        move = g.random(D) < 0.5
+        edge_of[move] = g.integers(-1, E, move.sum())  # -1: sits the round out
+        return Membership(edge_of, E)
+
+    memberships = [moved(t) for t in range(3)]
+
+    def rounds(c, plans):
+        layout = RankLayout.build(tree, c.size)
+        comms = build_layer_comms(c, layout)
+        executor = RoundExecutor(layout, c.rank, comms, links, dim, FakeClients(dim), HostVectors(), world=c)
+        w = np.linspace(-1, 1, dim, dtype=np.float32)
+        for plan in plans:
+            w = executor.run(plan, w)
+        for lc in comms[1:]:
+            if lc is not None:
+                lc.free()
+        return w
+
+    moving = [planner.plan(t, memberships[t]) for t in range(3)]
+    w_all, w_one = rounds(comm, moving), rounds(MPI.COMM_SELF, moving)
+    assert np.array_equal(w_all, w_one) and np.isfinite(w_all).all()
+    same = [planner.plan(t, Membership.of_tree(tree)) for t in range(2)]
+    plain = [planner.plan(t) for t in range(2)]
+    assert np.array_equal(rounds(comm, same), rounds(comm, plain))
+    assert not np.array_equal(rounds(comm, moving[:2]), rounds(comm, plain))

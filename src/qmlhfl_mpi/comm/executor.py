@@ -54,7 +54,8 @@ class RoundExecutor:
     optimisers' vectors, error-feedback residuals) lives on the rank that leads the node or sender."""
 
     def __init__(self, layout: RankLayout, rank: int, comms: Sequence[LayerComms | None], links: Sequence[Link],
-                 dim: int, clients: Clients, vectors: Vectors, guard: Watchdog | None = None) -> None:
+                 dim: int, clients: Clients, vectors: Vectors, guard: Watchdog | None = None,
+                 world: MPI.Intracomm | None = None) -> None:
         tree = layout.tree
         if len(links) != tree.N:
             raise ValueError(f"need {tree.N} links, got {len(links)}")
@@ -75,6 +76,11 @@ class RoundExecutor:
         self._acc: dict[tuple[int, int], Vec] = {}
         self._remote: dict[tuple[int, int], list[tuple[np.ndarray, MPI.Request]]] = {}
         self._parts: dict[tuple[int, int], list[np.ndarray]] = {}
+        # the tree of the moment (plans with ``members``): layer 1 moves point to point on the run's communicator
+        self.world = world
+        self._moving: dict[int, dict[int, np.ndarray]] = {}             # edge -> child position -> its message
+        self._moving_recv: dict[int, list[tuple[int, np.ndarray, MPI.Request]]] = {}
+        self._sends: list[tuple[np.ndarray, MPI.Request]] = []          # until the round ends
 
     # ---- who does what ----------------------------------------------------------
     def involved(self, n: int, u: int) -> bool:
@@ -104,16 +110,128 @@ class RoundExecutor:
         N = self.tree.N
         self.stats = RoundStats(plan.devices(), N)
         self._model = {(N, 0): self.vectors.from_host(w)}
+        moving = plan.members is not None
+        if moving and self.world is None and self.layout.num_ranks > 1:
+            raise ValueError("a plan on the tree of the moment needs the run's communicator (world=)")
         for kind, a in plan:
+            if moving and a.layer == 1:
+                if kind == OPEN:
+                    self._open_moving(plan, a)
+                    continue
+                if self.leads(1, a.node):
+                    self._close_moving(plan, a)
+                if N == 1 and self.layout.num_ranks > 1:  # the edge is the cloud: its model goes to every rank
+                    assert self.world is not None
+                    mine = self._model.get((1, 0)) if self.leads(1, 0) else None
+                    got = broadcast_vector(self.world, None if mine is None else self.vectors.to_host(mine),
+                                           self.dim, self.guard)
+                    self._model[(1, 0)] = mine if mine is not None else self.vectors.from_host(got)
+                continue
             if not self.involved(a.layer, a.node):
                 continue
             if kind == OPEN:
                 self._open(plan, a)
             else:
                 self._close(plan, a)
+        for _, req in self._sends:
+            wait(req, self.guard)
+        self._sends.clear()
         out = self._model.pop((N, 0))
         self._model.clear()
         return self.vectors.to_host(out)
+
+    # ---- layer 1 on the tree of the moment ----------------------------------------
+    def _tag(self, u: int) -> int:
+        return 1024 + u % 8192  # one tag per edge (modulo): messages of one edge keep their order per sender
+
+    def _open_moving(self, plan: RoundPlan, a: Aggregation) -> None:
+        """Edge ``u``'s aggregation when its devices may live anywhere: its leader sends the edge's model to every
+        other rank hosting a participant and posts a receive per remote participant, in child order; each host
+        trains its participants and sends (or, on the leader, keeps) their messages."""
+        u, lead = a.node, self.layout.leader(1, a.node)
+        me = self.rank
+        if a.first and a.parent >= 0 and me == lead:
+            self._model[(1, u)] = self._model[(2, self.tree.parent(1, u))]
+        if a.empty:
+            return
+        hosts = np.searchsorted(self.layout.bounds, a.children, side="right") - 1
+        if me != lead and me not in hosts:
+            return
+        tag = self._tag(u)
+        if me == lead:
+            v = self._model[(1, u)]
+            host_v = np.array(self.vectors.to_host(v), dtype=np.float32)  # a copy: sent while v lives on
+            for h in sorted(set(hosts.tolist()) - {me}):
+                assert self.world is not None
+                self._sends.append((host_v, self.world.Isend([host_v, MPI.FLOAT], dest=h, tag=tag)))
+            self._acc[(1, u)] = self.vectors.zeros(self.dim)
+            self._moving[u] = {}
+            recvs = []
+            for j in np.flatnonzero(hosts != me).tolist():
+                assert self.world is not None
+                buf = np.empty(self.msg_len[0], dtype=np.uint8)
+                recvs.append((j, buf, self.world.Irecv([buf, MPI.BYTE], source=int(hosts[j]), tag=tag)))
+            self._moving_recv[u] = recvs
+        else:
+            assert self.world is not None
+            got = np.empty(self.dim, dtype=np.float32)
+            t0 = time.perf_counter()
+            wait(self.world.Irecv([got, MPI.FLOAT], source=lead, tag=tag), self.guard)
+            self.stats.t_comm += time.perf_counter() - t0
+            v = self.vectors.from_host(got)
+        local = np.flatnonzero(hosts == me).tolist()
+        if local:
+            devices = [int(a.children[j]) for j in local]
+            calls = [int(a.train_calls[j]) for j in local]
+            st = self.stats
+            t0 = time.perf_counter()
+            for j, dev, (x, loss_sum, steps) in zip(local, devices, self.clients.train(
+                    v, devices, plan.round, calls, a.children)):
+                st.t_compute += time.perf_counter() - t0
+                st.add(dev, loss_sum, steps)
+                t1 = time.perf_counter()
+                msg = self._encode(1, dev, x, v, plan.message_key(a, j), None, None)
+                assert msg is not None
+                if me == lead:
+                    self._moving[u][j] = msg
+                else:
+                    assert self.world is not None
+                    self._sends.append((msg, self.world.Isend([msg, MPI.BYTE], dest=lead, tag=tag)))
+                st.t_codec += time.perf_counter() - t1
+                st.uplink_bytes[0] += self.msg_len[0]
+                st.messages[0] += 1
+                t0 = time.perf_counter()
+        if me != lead:
+            self._model.pop((1, u), None)
+
+    def _close_moving(self, plan: RoundPlan, a: Aggregation) -> None:
+        """On edge ``u``'s leader: every participant's message in child order, the server step, and the new model
+        kept for the edge's next aggregation (whose opening sends it on) or sent up."""
+        u = a.node
+        v = self._model[(1, u)]
+        new = v
+        if not a.empty:
+            st, codec = self.stats, self._up[0]
+            acc = self._acc.pop((1, u))
+            kept = self._moving.pop(u)
+            for j, buf, req in self._moving_recv.pop(u):
+                t0 = time.perf_counter()
+                wait(req, self.guard)
+                st.t_comm += time.perf_counter() - t0
+                kept[j] = buf
+            t0 = time.perf_counter()
+            for j in range(len(a.children)):
+                codec.decode_add(kept[j], a.weights[j], acc)
+            new = self._update(1, u, v, acc)
+            st.t_codec += time.perf_counter() - t0
+            if a.down:
+                self._model[(1, u)] = self._downlink(plan, a, v, new, None, True)
+                return
+        if a.last and a.parent >= 0:
+            parent = plan.aggregations[a.parent]
+            self._send_up(plan, parent, a.slot, new, self._model[(2, parent.node)])
+        if a.last:
+            self._model.pop((1, u), None)
 
     def _open(self, plan: RoundPlan, a: Aggregation) -> None:
         n, u = a.layer, a.node
@@ -250,12 +368,12 @@ class RoundExecutor:
                   leads: bool) -> Vec:
         """Send node ``u``'s new model down to its subtree; every member returns the same vector.
 
-        Counted on link ``n``: one message of :attr:`down_len` bytes per child of ``u``."""
-        n, u = a.layer, a.node
+        Counted on link ``n``: one message of :attr:`down_len` bytes per child of the node in this round."""
+        n = a.layer
         st, codec = self.stats, self._down[n - 1]
         spanning = lc is not None and lc.subtree is not None
         if leads:
-            st.downlink_bytes[n - 1] += self.down_len[n - 1] * len(self.tree.children(n, u))
+            st.downlink_bytes[n - 1] += self.down_len[n - 1] * plan.fanout(self.tree, a)
         if codec is None:
             if spanning:
                 assert lc is not None and lc.subtree is not None

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import rng
+from .membership import Membership
 from .participation import Participation
 from .topology import TopologyError, Tree
 
@@ -79,6 +80,13 @@ class RoundPlan:
     aggregations: tuple[Aggregation, ...]
     events: tuple[tuple[int, int], ...]   # (OPEN or CLOSE, index into aggregations), in execution order
     num_links: int
+    members: Membership | None = None     # the tree of the moment (devices under other edges); None: the tree's
+
+    def fanout(self, tree: Tree, agg: Aggregation) -> int:
+        """How many children ``agg``'s node has in this round (its downlink reaches all of them)."""
+        if agg.layer == 1 and self.members is not None:
+            return len(self.members.members(agg.node))
+        return len(tree.children(agg.layer, agg.node))
 
     def message_key(self, agg: Aggregation, j: int) -> tuple[int, ...]:
         """The codec key of participant ``j``'s message in ``agg``: ``(seed, QUANT, n, c, t, call)``."""
@@ -101,7 +109,7 @@ class RoundPlan:
         out = np.zeros(self.num_links, dtype=np.int64)
         for a in self.aggregations:
             if a.down:
-                out[a.layer - 1] += len(tree.children(a.layer, a.node))
+                out[a.layer - 1] += self.fanout(tree, a)
         return out
 
     def trained(self) -> dict[int, int]:
@@ -163,9 +171,10 @@ class Planner:
         lo, hi = self.tree.starts[n][u], self.tree.starts[n][u + 1]
         return float(hi - lo) if self._cum is None else float(self._cum[hi] - self._cum[lo])
 
-    def participants(self, n: int, u: int, round_: int, call: int) -> np.ndarray:
-        """Positions (ascending) among ``u``'s children of those that take part in its ``call``-th aggregation."""
-        C = len(self.tree.children(n, u))
+    def participants(self, n: int, u: int, round_: int, call: int, children: int | None = None) -> np.ndarray:
+        """Positions (ascending) among ``u``'s children (``children`` of them; by default the tree's) of those
+        that take part in its ``call``-th aggregation."""
+        C = len(self.tree.children(n, u)) if children is None else children
         if self.participation.layer_is_full(n):
             return np.arange(C, dtype=np.int64)
         return self.participation.participants(self.seed, n, u, round_, call, C)
@@ -183,11 +192,32 @@ class Planner:
             return self._weights[key]
         return self.reweight(n, u, chosen)
 
-    def reweight(self, n: int, u: int, positions: np.ndarray) -> np.ndarray:
+    def _moment(self, n: int, u: int, members: Membership) -> np.ndarray:
+        """Float64 sizes of all of ``u``'s children in the tree of the moment ``members``."""
+        if n == 1:
+            devices = members.members(u)
+            return np.ones(devices.size) if self.samples is None else \
+                np.asarray(self.samples, dtype=np.float64)[devices]
+        kids = self.tree.children(n, u)
+        return members.node_sizes(self.tree, n - 1, self.samples)[kids.start : kids.stop]
+
+    def weights_in(self, n: int, u: int, chosen: np.ndarray, members: Membership) -> np.ndarray:
+        """Float32 weights of ``u``'s children at ``chosen`` in the tree of the moment (the same floats as
+        :meth:`weights` when it is the tree's); a node whose children hold nothing gives them weight 0."""
+        sizes = self._moment(n, u, members)
+        total = sizes.sum()
+        if self.participation.layer_is_full(n):
+            return np.zeros(sizes.size, dtype=np.float32) if total <= 0 else (sizes / total).astype(np.float32)
+        return self.participation.weights_of(n, sizes[chosen], float(total), sizes.size)
+
+    def reweight(self, n: int, u: int, positions: np.ndarray, members: Membership | None = None) -> np.ndarray:
         """Float32 weights of the children of ``u`` at ``positions`` when only those are aggregated
         (``participation.weights`` over them: renormalised, or the unbiased estimator's)."""
         if len(positions) == 0:
             return np.zeros(0, dtype=np.float32)
+        if members is not None:
+            sizes = self._moment(n, u, members)
+            return self.participation.weights_of(n, sizes[positions], float(sizes.sum()), sizes.size)
         return self.participation.weights_of(n, self._sizes(n, u, positions), self._total(n, u),
                                              len(self.tree.children(n, u)))
 
@@ -210,18 +240,22 @@ class Planner:
             k = keep[i]
             if k.all():
                 weights = a.weights
+            elif a.layer == 1 and plan.members is not None:
+                positions = np.searchsorted(plan.members.members(a.node), a.children[k])
+                weights = self.reweight(a.layer, a.node, positions, plan.members)
             else:
                 positions = a.children[k] - self.tree.children(a.layer, a.node).start
-                weights = self.reweight(a.layer, a.node, positions)
+                weights = self.reweight(a.layer, a.node, positions, plan.members)
             out.append(Aggregation(a.layer, a.node, a.call, int(new_index[a.parent]) if a.parent >= 0 else -1,
                                    int(slot_map[a.parent][a.slot]) if a.parent >= 0 else -1, a.first, a.last,
                                    a.children[k], weights, a.message_calls[k],
                                    a.train_calls[k] if a.layer == 1 else a.train_calls))
         events = tuple((kind, int(new_index[i])) for kind, i in plan.events if new_index[i] >= 0)
-        return RoundPlan(plan.round, plan.seed, tuple(out), events, plan.num_links)
+        return RoundPlan(plan.round, plan.seed, tuple(out), events, plan.num_links, plan.members)
 
-    def plan(self, round_: int) -> RoundPlan:
-        """The plan of global round ``round_`` (pure: the same on every rank)."""
+    def plan(self, round_: int, members: Membership | None = None) -> RoundPlan:
+        """The plan of global round ``round_`` (pure: the same on every rank), on the tree of the moment
+        ``members`` when given (devices under other edges than the tree's, or none)."""
         tree, tau = self.tree, self.tau
         aggs: list[Aggregation] = []
         events: list[tuple[int, int]] = []
@@ -238,8 +272,13 @@ class Planner:
         def aggregate(n: int, u: int, parent: int, slot: int, first: bool, last: bool) -> None:
             k = agg_calls.get((n, u), 0)
             agg_calls[(n, u)] = k + 1
-            chosen = self.participants(n, u, round_, k)
-            kids = tree.children(n, u).start + chosen
+            if n == 1 and members is not None:
+                here = members.members(u)
+                chosen = self.participants(n, u, round_, k, here.size)
+                kids = here[chosen]
+            else:
+                chosen = self.participants(n, u, round_, k)
+                kids = tree.children(n, u).start + chosen
             index = len(aggs)
             aggs.append(None)  # type: ignore[arg-type]  # filled in below, once the nested calls are counted
             events.append((OPEN, index))
@@ -257,8 +296,10 @@ class Planner:
             if len(kids):
                 msg_calls[n - 1][kids] += 1
                 touched.append((n - 1, kids))
-            aggs[index] = Aggregation(n, u, k, parent, slot, first, last, kids.astype(np.int64),
-                                      self.weights(n, u, chosen) if len(kids) else empty_f, mcalls, tcalls)
+            weights = empty_f if not len(kids) else \
+                self.weights(n, u, chosen) if members is None else self.weights_in(n, u, chosen, members)
+            aggs[index] = Aggregation(n, u, k, parent, slot, first, last, kids.astype(np.int64), weights, mcalls,
+                                      tcalls)
             events.append((CLOSE, index))
 
         try:
@@ -266,4 +307,4 @@ class Planner:
         finally:
             for i, kids in touched:
                 self._calls[i][kids] = 0
-        return RoundPlan(round_, self.seed, tuple(aggs), tuple(events), tree.N)
+        return RoundPlan(round_, self.seed, tuple(aggs), tuple(events), tree.N, members)

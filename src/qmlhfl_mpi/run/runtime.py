@@ -138,7 +138,8 @@ class Runtime:
         comms = build_layer_comms(comm, layout)
         watchdog = Watchdog(comm, cfg.train.round_timeout) if size > 1 or cfg.train.round_timeout > 0 else None
         try:
-            executor = step(lambda: RoundExecutor(layout, rank, comms, links, dim, clients, vectors, watchdog),
+            executor = step(lambda: RoundExecutor(layout, rank, comms, links, dim, clients, vectors, watchdog,
+                                                  world=comm),
                             (ValueError,), stage="building the executor")
         except BaseException:
             _free(comms, watchdog)
