@@ -24,6 +24,7 @@ DOWN = 10      # downlink quantizer: (seed, DOWN, layer, node, round, call)
 SYSTEM = 11    # the system model: (seed, SYSTEM, SPEED), (seed, SYSTEM, JITTER, round) per device,
                # (seed, SYSTEM, LINK, n) per child of link n, (seed, SYSTEM, TRACE, ...) generated traces
 SPEED, JITTER, LINK, TRACE = 0, 1, 2, 3  # the system model's sub-purposes (core/system.py)
+MOBILITY = 12  # devices moving between edge servers: (seed, MOBILITY, round), counters 2d and 2d + 1
 
 
 def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:

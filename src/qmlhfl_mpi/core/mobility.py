@@ -1,0 +1,168 @@
+"""Devices that move between edge servers (pure): the tree of the moment, round after round.
+
+A model turns round ``t - 1``'s edge of every device into round ``t``'s; round 0 is the tree's own
+(:meth:`~.membership.Membership.of_tree`).  Every random choice is counter-based, keyed
+``(seed, MOBILITY, round)`` at counters ``2d`` (whether device ``d`` moves) and ``2d + 1`` (where to), so
+a round's moves are the same on every rank and cost a few vectorised operations per device.
+
+* ``static``: nobody moves.
+* ``random(p, neighbours)``: each device moves with probability ``p``; ``uniform`` to any other edge
+  (uniformly), ``ring`` to the edge before or after it (edges in id order, wrapping), ``grid`` to one of its
+  neighbours (up, down, left, right) on a grid of ``ceil(sqrt(E))`` columns filled row by row.
+* ``markov(matrix)``: edge ``i``'s row of an ``E x E`` transition matrix (rows sum to 1) gives the
+  probabilities of being under each edge next round.
+* ``trace(rows)``: ``(round, device, edge)`` rows; a device sits under its row's edge from that round on.
+
+Not yet reachable from the config (issue 22 wires it with ``mobility:``); :class:`Mobility` keeps the last
+round it computed, so a run stepping through its rounds pays one step per round.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import rng
+from .codecs.stream import key_words, uniforms_at
+from .membership import Membership
+from .topology import Tree
+
+__all__ = ["MarkovMoves", "Mobility", "MobilityModel", "RandomMoves", "Static", "TraceMoves"]
+
+NEIGHBOURS = ("uniform", "ring", "grid")
+
+
+class MobilityModel(ABC):
+    """One step of the tree of the moment."""
+
+    @abstractmethod
+    def step(self, edge_of: np.ndarray, round_: int, num_edges: int) -> np.ndarray:
+        """Round ``round_``'s edge of every device from round ``round_ - 1``'s ``edge_of`` (not modified)."""
+
+
+class Static(MobilityModel):
+    def step(self, edge_of: np.ndarray, round_: int, num_edges: int) -> np.ndarray:
+        return edge_of
+
+
+def _draws(seed: int, round_: int, devices: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two uniforms in (0, 1) per device: whether it moves, and where to."""
+    k0, k1 = key_words((seed, rng.MOBILITY, round_))
+    counters = np.arange(devices, dtype=np.int64)
+    half = 2.0 ** -25  # the 24-bit draws moved to the middle of their cells: in (0, 1)
+    return (uniforms_at(k0, k1, 2 * counters).astype(np.float64) + half,
+            uniforms_at(k0, k1, 2 * counters + 1).astype(np.float64) + half)
+
+
+class RandomMoves(MobilityModel):
+    """With probability ``p`` a device moves to another edge: any (``uniform``), next to it on a ring of the
+    edges (``ring``) or on a grid (``grid``)."""
+
+    def __init__(self, p: float, neighbours: str, seed: int) -> None:
+        if not 0 <= p <= 1:
+            raise ValueError(f"mobility p = {p!r}: expected a probability in [0, 1]")
+        if neighbours not in NEIGHBOURS:
+            raise ValueError(f"mobility neighbours = {neighbours!r}: expected one of {', '.join(NEIGHBOURS)}")
+        self.p, self.neighbours, self.seed = p, neighbours, seed
+
+    def step(self, edge_of: np.ndarray, round_: int, num_edges: int) -> np.ndarray:
+        if self.p == 0 or num_edges < 2:
+            return edge_of
+        move, where = _draws(self.seed, round_, edge_of.size)
+        out = edge_of.copy()
+        m = (move < self.p) & (edge_of >= 0)
+        cur, w = edge_of[m], where[m]
+        if self.neighbours == "uniform":  # one of the other E - 1 edges
+            k = np.minimum((w * (num_edges - 1)).astype(np.int64), num_edges - 2)
+            out[m] = k + (k >= cur)
+        elif self.neighbours == "ring":
+            out[m] = (cur + np.where(w < 0.5, -1, 1)) % num_edges
+        else:
+            out[m] = _grid_step(cur, w, num_edges)
+        return out
+
+
+def _grid_step(cur: np.ndarray, w: np.ndarray, num_edges: int) -> np.ndarray:
+    """A uniformly drawn neighbour (up, down, left, right, those that exist) on a grid of ``ceil(sqrt(E))``
+    columns, edges numbered row by row."""
+    cols = math.ceil(math.sqrt(num_edges))
+    col = cur % cols
+    cand = np.stack([cur - cols, cur + cols, np.where(col > 0, cur - 1, -1), np.where(col < cols - 1, cur + 1, -1)],
+                    axis=1)
+    cand[(cand < 0) | (cand >= num_edges)] = -1
+    valid = cand >= 0
+    count = valid.sum(axis=1)
+    pick = np.minimum((w * count).astype(np.int64), count - 1)
+    order = np.argsort(~valid, axis=1, kind="stable")  # the valid neighbours first, in (up, down, left, right)
+    chosen = cand[np.arange(cur.size), order[np.arange(cur.size), pick]]
+    return np.where(count > 0, chosen, cur)
+
+
+class MarkovMoves(MobilityModel):
+    """Next round's edge drawn from row ``edge`` of a transition matrix."""
+
+    def __init__(self, matrix: np.ndarray, seed: int) -> None:
+        m = np.asarray(matrix, dtype=np.float64)
+        if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
+            raise ValueError(f"mobility matrix of shape {m.shape}: expected a square matrix, one row and column "
+                             "per edge server")
+        if not np.isfinite(m).all() or (m < 0).any():
+            raise ValueError("mobility matrix: every entry must be a finite probability >= 0")
+        sums = m.sum(axis=1)
+        bad = np.flatnonzero(np.abs(sums - 1) > 1e-9)
+        if bad.size:
+            raise ValueError(f"mobility matrix: row {int(bad[0])} sums to {sums[bad[0]]:.6g}; every row must sum to 1")
+        self.cum, self.seed = np.cumsum(m, axis=1), seed
+
+    def step(self, edge_of: np.ndarray, round_: int, num_edges: int) -> np.ndarray:
+        if self.cum.shape[0] != num_edges:
+            raise ValueError(f"mobility matrix has {self.cum.shape[0]} rows but the tree has {num_edges} edge servers")
+        _, where = _draws(self.seed, round_, edge_of.size)
+        out = edge_of.copy()
+        m = edge_of >= 0
+        rows = self.cum[edge_of[m]]
+        out[m] = np.minimum((rows < where[m, None]).sum(axis=1), num_edges - 1)
+        return out
+
+
+class TraceMoves(MobilityModel):
+    """``(round, device, edge)`` rows: from that round on the device sits under that edge."""
+
+    def __init__(self, rows: Sequence[tuple[int, int, int]] | np.ndarray, num_devices: int, num_edges: int) -> None:
+        table = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+        for col, (name, hi) in enumerate((("round", None), ("device", num_devices), ("edge", num_edges))):
+            vals = table[:, col]
+            if vals.size and (vals.min() < 0 or (hi is not None and vals.max() >= hi)):
+                bad = int(vals[(vals < 0) | (vals >= (hi if hi is not None else np.iinfo(np.int64).max))][0])
+                valid = ">= 0" if hi is None else f"0..{hi - 1}"
+                raise ValueError(f"mobility trace: {name} {bad} out of range (valid: {valid})")
+        order = np.lexsort((table[:, 1], table[:, 0]))
+        self.table = table[order]
+
+    def step(self, edge_of: np.ndarray, round_: int, num_edges: int) -> np.ndarray:
+        lo, hi = np.searchsorted(self.table[:, 0], [round_, round_ + 1])
+        if lo == hi:
+            return edge_of
+        out = edge_of.copy()
+        out[self.table[lo:hi, 1]] = self.table[lo:hi, 2]  # a device listed twice in a round: its last row
+        return out
+
+
+class Mobility:
+    """The tree of the moment of every round under ``model`` (round 0: the tree's own)."""
+
+    def __init__(self, tree: Tree, model: MobilityModel) -> None:
+        self.tree, self.model = tree, model
+        self._round, self._edges = 0, Membership.of_tree(tree).edge_of
+
+    def at(self, round_: int) -> Membership:
+        """Round ``round_``'s membership (stepping on from the last round asked for, or from round 0)."""
+        if round_ < self._round:
+            self._round, self._edges = 0, Membership.of_tree(self.tree).edge_of
+        E = self.tree.num_nodes(1)
+        while self._round < round_:
+            self._round += 1
+            self._edges = self.model.step(self._edges, self._round, E)
+        return Membership(self._edges, E)
