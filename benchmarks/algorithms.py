@@ -27,13 +27,11 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
+from jobs import mpiexec, results
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -63,20 +61,6 @@ def variants(N: int) -> dict[str, list[str]]:
     }
 
 
-def mpiexec() -> str:
-    here = Path(sys.executable).parent / "mpiexec"
-    return str(here) if here.exists() else "mpiexec"
-
-
-def results(fn: Callable[..., Any], calls: Iterable[tuple], at_once: bool) -> Iterator[Any]:
-    """``fn(*args)`` for each ``args`` of ``calls``, in order: one after another (lazily: the first failure
-    stops), or all at once (the smoke's jobs: their times are not compared)."""
-    calls = list(calls)
-    if not at_once or len(calls) < 2:
-        yield from (fn(*a) for a in calls)
-        return
-    with ThreadPoolExecutor(len(calls)) as pool:
-        yield from pool.map(lambda a: fn(*a), calls)
 
 
 def run(ranks: int, out: Path, sets: list[str]) -> tuple[float, float, float, float]:

@@ -32,20 +32,14 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
+from jobs import mpiexec, results
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def mpiexec() -> str:
-    here = Path(sys.executable).parent / "mpiexec"
-    return str(here) if here.exists() else "mpiexec"
 
 
 def fake_fashion_mnist(root: Path, train: int, test: int, seed: int = 0) -> None:
@@ -59,16 +53,6 @@ def fake_fashion_mnist(root: Path, train: int, test: int, seed: int = 0) -> None
         with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
             f.write(struct.pack(">ii", 0x801, n) + labels.tobytes())
 
-
-def results(fn: Callable[..., Any], calls: Iterable[tuple], at_once: bool) -> Iterator[Any]:
-    """``fn(*args)`` for each ``args`` of ``calls``, in order: one after another (lazily: the first failure
-    stops), or all at once (the smoke's jobs: their times are not compared)."""
-    calls = list(calls)
-    if not at_once or len(calls) < 2:
-        yield from (fn(*a) for a in calls)
-        return
-    with ThreadPoolExecutor(len(calls)) as pool:
-        yield from pool.map(lambda a: fn(*a), calls)
 
 
 def run(ranks: int, cfg: Path, out: Path, sets: list[str]) -> tuple[np.ndarray, dict[str, float], str]:

@@ -99,13 +99,21 @@ def gather_named_vectors(comm: MPI.Intracomm, entries: dict[str, np.ndarray], di
 
 
 def gather_rows(comm: MPI.Intracomm, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Every rank's ``(ids, rows)`` (int64 ids, one row each) on rank 0, sorted by id (``None`` elsewhere); for
-    sparse per-device facts (class counts of the devices made so far).  Collective."""
-    parts = comm.gather((np.asarray(ids, dtype=np.int64), np.asarray(rows)), root=0)
-    if parts is None:
+    """Every rank's ``(ids, rows)`` (int64 ids, one int64 row each, of one width on every rank) on rank 0, sorted by
+    id (``None`` elsewhere); for sparse per-device facts (class counts of the devices made so far): the counts as
+    small objects, the arrays with ``Gatherv``.  Collective."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    width = rows.shape[1] if rows.ndim == 2 else 1
+    counts = np.array(comm.gather(int(ids.size), root=0) or [], dtype=np.int64)  # one small int per rank
+    if comm.Get_rank() != 0:
+        comm.Gatherv(ids, None, root=0)
+        comm.Gatherv(rows.reshape(-1), None, root=0)
         return None
-    all_ids = np.concatenate([p[0] for p in parts])
-    all_rows = np.concatenate([p[1] for p in parts])
+    all_ids = np.empty(int(counts.sum()), dtype=np.int64)
+    all_rows = np.empty((all_ids.size, width), dtype=np.int64)
+    comm.Gatherv(ids, [all_ids, counts, MPI.INT64_T], root=0)
+    comm.Gatherv(rows.reshape(-1), [all_rows.reshape(-1), counts * width, MPI.INT64_T], root=0)
     order = np.argsort(all_ids, kind="stable")
     return all_ids[order], all_rows[order]
 

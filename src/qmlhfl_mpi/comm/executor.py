@@ -27,7 +27,7 @@ layer communicators.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -180,27 +180,19 @@ class RoundExecutor:
             self.stats.t_comm += time.perf_counter() - t0
             v = self.vectors.from_host(got)
         local = np.flatnonzero(hosts == me).tolist()
-        if local:
-            devices = [int(a.children[j]) for j in local]
-            calls = [int(a.train_calls[j]) for j in local]
-            st = self.stats
+        st = self.stats
+        for j, dev, x in self._trained(plan, a, local, v):
             t0 = time.perf_counter()
-            for j, dev, (x, loss_sum, steps) in zip(local, devices, self.clients.train(
-                    v, devices, plan.round, calls, a.children)):
-                st.t_compute += time.perf_counter() - t0
-                st.add(dev, loss_sum, steps)
-                t1 = time.perf_counter()
-                msg = self._encode(1, dev, x, v, plan.message_key(a, j), None, None)
-                assert msg is not None
-                if me == lead:
-                    self._moving[u][j] = msg
-                else:
-                    assert self.world is not None
-                    self._sends.append((msg, self.world.Isend([msg, MPI.BYTE], dest=lead, tag=tag)))
-                st.t_codec += time.perf_counter() - t1
-                st.uplink_bytes[0] += self.msg_len[0]
-                st.messages[0] += 1
-                t0 = time.perf_counter()
+            msg = self._encode(1, dev, x, v, plan.message_key(a, j), None, None)
+            assert msg is not None
+            if me == lead:
+                self._moving[u][j] = msg
+            else:
+                assert self.world is not None
+                self._sends.append((msg, self.world.Isend([msg, MPI.BYTE], dest=lead, tag=tag)))
+            st.t_codec += time.perf_counter() - t0
+            st.uplink_bytes[0] += self.msg_len[0]
+            st.messages[0] += 1
         if me != lead:
             self._model.pop((1, u), None)
 
@@ -255,6 +247,12 @@ class RoundExecutor:
         local = [j for j, c in enumerate(a.children.tolist()) if mine.start <= c < mine.stop]
         if not local:
             return
+        for j, _, x in self._trained(plan, a, local, v):
+            self._send_up(plan, a, j, x, v)
+
+    def _trained(self, plan: RoundPlan, a: Aggregation, local: list[int], v: Vec) -> Iterator[tuple[int, int, Vec]]:
+        """The participants at positions ``local`` of layer-1 aggregation ``a`` (this rank's) trained from ``v``,
+        one after another as ``(position, device, vector)``; their losses, steps and seconds counted."""
         devices = [int(a.children[j]) for j in local]
         calls = [int(a.train_calls[j]) for j in local]
         st = self.stats
@@ -263,7 +261,7 @@ class RoundExecutor:
                 v, devices, plan.round, calls, a.children)):
             st.t_compute += time.perf_counter() - t0
             st.add(dev, loss_sum, steps)
-            self._send_up(plan, a, j, x, v)
+            yield j, dev, x
             t0 = time.perf_counter()
 
     def _close(self, plan: RoundPlan, a: Aggregation) -> None:
