@@ -84,7 +84,7 @@ class DeviceStore(Mapping[int, tuple[torch.Tensor, torch.Tensor]]):
         x, y = self._make(key)
         self.made += 1
         self.put(key, x, y)
-        return self._cache[key] if key in self._cache else (x, y)
+        return self._cache[key]  # the device just put always stays (on the store's torch device)
 
     def put(self, key: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Keep device ``key``'s training data and note its classes."""
