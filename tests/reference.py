@@ -12,6 +12,10 @@ documented keys (docs/reproducibility in docs/results.md):
   downlink     key (seed, 10, layer, node, round, aggregation call), drawn by a qsgd codec
   speeds       SeedSequence([seed, 11, 0]).random((2, devices)): lognormal factor from (1 - u0, u1) (Box-Muller)
   jitter       the codec stream keyed (seed, 11, 1, round) at counters 2d and 2d + 1
+  mobility     the codec stream keyed (mobility seed, 12, round) at counters 2d (moves?) and 2d + 1 (where)
+The tree of the moment (docs/algorithms.md, "Devices that move", "Edge servers that fail") is rebuilt every
+round as nested lists from each device's edge; a node left with no device takes no part in its parent's
+aggregations.
 The virtual clock and the aggregation policies (docs/system.md) are a first pass over the round in plain
 loops that decides whom each aggregation keeps; the second pass trains only those, and the children it does
 not keep still advance their call counters (their keys are what they would have been).
@@ -114,6 +118,9 @@ class Reference:
         self.clock = clock  # a Clock: the system model and the policies; None = everyone is kept
         self.kept = {}      # (layer, node, call) -> positions kept, from the clock's pass
         self.virtual_time = 0.0
+        self.parents = []   # every device's edge in every round (with moves)
+        self.moves = None   # a Moves: every device's edge in a round (devices that move, edges that fail)
+        self.base = root
 
     def vector(self) -> np.ndarray:
         return torch.cat([p.detach().reshape(-1) for p in self.params]).numpy().copy()
@@ -177,6 +184,8 @@ class Reference:
         if p < 1:
             up = gen(self.seed, 9, n, u.index, t, call).random(C) < p
             picked = [j for j in picked if up[j]]
+        if n > 1:  # a child node with no device in this round's tree sends nothing
+            picked = [j for j in picked if u.children[j].devices]
         return picked, self.weights_of(u, picked, m)
 
     def weights_of(self, u, picked, m):
@@ -269,12 +278,97 @@ class Reference:
     def run(self, rounds):
         w = self.vector()
         for t in range(rounds):
+            if self.moves:
+                self.root = moment(self.base, self.moves.edges(t, self.virtual_time))
+                self.parents.append(list(self.moves.now))
             if self.clock:
                 self.calls = {}
                 self.virtual_time += self.clock.time_round(self, t, self.virtual_time)
             self.calls = {}
             w = self.aggregate(self.root, w, t)
         return w
+
+
+def moment(node, edge_of):
+    """The tree with every device under its edge of the moment (edge_of[d]; -1: nowhere)."""
+    if node.layer == 1:
+        ds = [d for d in range(len(edge_of)) if edge_of[d] == node.index]
+        return Node(1, node.index, [Node(0, d, devices=[d]) for d in ds], ds)
+    kids = [moment(c, edge_of) for c in node.children]
+    return Node(node.layer, node.index, kids, [d for c in kids for d in c.devices])
+
+
+class Moves:
+    """Devices that move (random uniform or ring, markov, trace) and edge servers that fail, in plain loops."""
+
+    def __init__(self, root, seed, model, p=0.0, neighbours="uniform", matrix=None, rows=(), outages=(),
+                 unit="rounds", fallback="nearest"):
+        self.edges_of_tree = []
+        self.parent = {}
+        def walk(node, parent):
+            if node.layer == 1:
+                self.parent[node.index] = parent
+                self.edges_of_tree += [node.index] * len(node.devices)
+            for c in node.children:
+                walk(c, node.index if node.layer == 2 else parent)
+        walk(root, 0)
+        self.E = len(self.parent)
+        self.seed, self.model, self.p, self.neighbours = seed, model, p, neighbours
+        self.matrix, self.rows = matrix, sorted(rows, key=lambda r: (r[0], r[1]))
+        self.outages, self.unit, self.fallback = list(outages), unit, fallback
+        self.own, self.round, self.now = list(self.edges_of_tree), 0, None
+        for r, d, e in self.rows:
+            if r == 0:
+                self.own[d] = e
+
+    def step(self, t):
+        k0, k1 = key_words((self.seed, 12, t))
+        out = list(self.own)
+        for d, cur in enumerate(self.own):
+            if self.model == "trace" or cur < 0:
+                continue
+            move = float(uniforms_at(k0, k1, np.array([2 * d]))[0]) + 2.0 ** -25
+            where = float(uniforms_at(k0, k1, np.array([2 * d + 1]))[0]) + 2.0 ** -25
+            if self.model == "markov":
+                acc, new = 0.0, 0
+                for e in range(self.E):
+                    acc += self.matrix[cur][e]
+                    if acc < where:
+                        new = e + 1
+                out[d] = min(new, self.E - 1)
+            elif move < self.p:
+                if self.neighbours == "ring":
+                    out[d] = (cur + (-1 if where < 0.5 else 1)) % self.E
+                else:
+                    k = min(int(where * (self.E - 1)), self.E - 2)
+                    out[d] = k + (1 if k >= cur else 0)
+        for r, d, e in self.rows:
+            if r == t:
+                out[d] = e
+        self.own = out
+
+    def edges(self, t, t0):
+        while self.round < t:
+            self.round += 1
+            self.step(self.round)
+        x = t if self.unit == "rounds" else t0
+        down = {e for e, a, b, _ in self.outages if a <= x < b}
+        named = {e: f for e, a, b, f in self.outages if a <= x < b and f is not None}
+
+        def nearest(e):
+            alive = [s for s in range(self.E) if self.parent[s] == self.parent[e] and s not in down]
+            return min(alive, key=lambda s: (abs(s - e), s)) if alive else -1
+
+        def target(e):
+            if e not in down:
+                return e
+            to = named.get(e, -1 if self.fallback == "sit_out" else nearest(e))
+            if to >= 0 and to in down:
+                to = -1 if self.fallback == "sit_out" else nearest(to)
+            return to
+
+        self.now = [target(e) for e in self.own]
+        return self.now
 
 
 class Clock:
@@ -378,7 +472,7 @@ def reference_for(cfg) -> Reference:
     client = {k: getattr(t, k) for k in ("momentum", "nesterov", "weight_decay", "prox_mu") if getattr(t, k)}
     schedule = build.lr_schedule(cfg)
     sizes = tuple(p.numel() for p in model.parameters())
-    return Reference(
+    ref = Reference(
         root, cfg.tau, q.levels, q.bucket, t.lr, t.batch_size, t.seed, model, data.train,
         data.samples if topo.weighting == "samples" else None,
         kinds=list(q.kind) or None, fraction=list(cfg.participation.fraction) or None,
@@ -386,6 +480,23 @@ def reference_for(cfg) -> Reference:
         server=server, error_feedback=list(q.error_feedback) or None, downlink=list(q.downlink) or None,
         client=client, lr_at=schedule.at if schedule else None,
         tensor_sizes=sizes, fractions=list(q.topk_fraction) or None, clock=clock_for(cfg, tree.num_devices, sizes))
+    ref.parents = []
+    m, f = cfg.mobility, cfg.failures
+    if m.model != "static" or f.intervals:
+        assert m.neighbours in ("uniform", "ring") and not f.trace
+        matrix = rows = None
+        if m.model == "markov":
+            with open(m.matrix) as fh:
+                rows_ = [line.split("#")[0].replace(",", " ").split() for line in fh]
+            matrix = [[float(x) for x in r] for r in rows_ if r]
+        if m.model == "trace":
+            import csv
+            with open(m.trace) as fh:
+                rows = [(int(r["round"]), int(r["device"]), int(r["edge"])) for r in csv.DictReader(fh)]
+        outages = [(int(r[0]), float(r[1]), float(r[2]), int(r[3]) if len(r) > 3 else None) for r in f.intervals]
+        ref.moves = Moves(root, cfg.train.seed if m.seed is None else m.seed, m.model, m.p, m.neighbours, matrix,
+                          rows or (), outages, f.unit, f.fallback)
+    return ref
 
 
 def _sigma(text):

@@ -56,8 +56,9 @@ def test_weights_and_downlinks_follow_the_tree_of_the_moment():
     by_node = {(a.layer, a.node): a for a in plan.aggregations}
     assert by_node[(1, 4)].children.tolist() == [0, 1, 2, 7]
     assert np.allclose(by_node[(1, 4)].weights, 0.25)
-    assert by_node[(1, 0)].empty  # nobody left under edge 0
-    assert np.allclose(by_node[(2, 0)].weights, [0.0, 1.0])  # region 0 holds edge 0 (0 devices) and edge 1 (1)
+    assert (1, 0) not in by_node  # nobody left under edge 0: it takes no part in its parent's aggregation
+    assert by_node[(2, 0)].children.tolist() == [1] and np.allclose(by_node[(2, 0)].weights, [1.0])
+    assert plan.messages()[1] == 5  # edges 1..5 send to their regions; the empty edge 0 sends nothing
     assert np.allclose(by_node[(2, 2)].weights, [1 / 7, 4 / 7, 2 / 7])  # edges of 1, 4 and 2 devices
     assert np.allclose(by_node[(3, 0)].weights, [0.1, 0.2, 0.7])
     plain = Planner(TREE, (1, 1, 1), Participation.full(3), 0).plan(0)

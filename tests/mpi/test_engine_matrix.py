@@ -110,16 +110,23 @@ def same_on_every_size(tmp: Path, name: str, raw: dict[str, Any], sizes: tuple[i
 AVAILABILITY = "availability.csv"  # written into the test's directory: device 1 online at first, device 4 late
 
 
+MATRIX = "moves.txt"  # a Markov matrix over 3 edges: mostly stay, edge 2 sends half of its devices to edge 0
+FILES = {AVAILABILITY: "device,online,offline\n1,0,0.05\n4,0.02,10\n",
+         MATRIX: "# from edge i (row) to edge j\n0.7 0.2 0.1\n0.1, 0.8, 0.1\n0.5 0 0.5\n"}
+
+
 def with_traces(sections: dict[str, Any], where: Path) -> dict[str, Any]:
-    """``sections`` with the availability trace written under ``where`` (by rank 0) and its path filled in."""
-    system = sections.get("system", {})
-    if system.get("availability_trace") != AVAILABILITY:
-        return sections
-    path = where / AVAILABILITY
-    if WORLD.rank == 0:
-        path.write_text("device,online,offline\n1,0,0.05\n4,0.02,10\n")
+    """``sections`` with the trace files they name written under ``where`` (by rank 0) and their paths filled
+    in."""
+    out = dict(sections)
+    for section, key in (("system", "availability_trace"), ("mobility", "matrix")):
+        name = sections.get(section, {}).get(key)
+        if name in FILES:
+            if WORLD.rank == 0:
+                (where / name).write_text(FILES[name])
+            out[section] = {**sections[section], key: str(where / name)}
     WORLD.Barrier()
-    return {**sections, "system": {**system, "availability_trace": str(path)}}
+    return out
 
 
 # the serial reference's arithmetic is the unbatched path's: these run with vectorize off
@@ -165,6 +172,24 @@ REFERENCE_CASES = {
                 "availability_trace": AVAILABILITY},
         aggregation={"policy": ["all", "deadline", "first_k"], "deadline": [0, 0.075, 0], "min_children": [1, 0, 1],
                      "k": [1, 1, 1]}),
+    # the tree of the moment (docs/algorithms.md): every device moves every round; an edge server down in round 1
+    # (its devices join the nearest alive sibling) and one down from the start (they sit out)
+    "N3-mobility-every-device-moves-failures": dict(
+        topology={"branching": [2, 3, 2]}, tau=[1, 2, 1],
+        quantizer={"levels": [3, 8, 16], "bucket": 8, "error_feedback": [True, True, False], "downlink": [4, 0, 0]},
+        participation={"fraction": [0.67, 1, 1]}, server={"optimizer": ["avg", "momentum", "avg"]},
+        mobility={"model": "random", "p": 1.0}, failures={"intervals": [[1, 1, 2], [3, 0, 2, -1]]}),
+    # Markov moves on the clock: failures counted in virtual seconds, a deadline, samples weighting
+    "N2-markov-clock-failures-in-seconds": dict(
+        topology={"branching": [3, 3], "weighting": "samples"}, tau=[2, 2], quantizer={"levels": [3, 8], "bucket": 16},
+        system={"speed": "lognormal(1)"}, aggregation={"policy": ["deadline", "all"], "deadline": [0.06, 0]},
+        mobility={"model": "markov", "matrix": MATRIX}, failures={"intervals": [[0, 0.05, 0.3]], "unit": "seconds"}),
+    # a ring of edges, sampling at the edges, and an outage whose devices sit out
+    "N2-ring-unbiased-sit-out": dict(
+        topology={"branching": [3, 3]}, tau=[2, 1], quantizer={"levels": [5, 4], "bucket": 16},
+        participation={"fraction": [0.5, 1.0], "weighting": "unbiased"},
+        mobility={"model": "random", "p": 0.4, "neighbours": "ring", "seed": 3},
+        failures={"intervals": [[2, 1, 3]], "fallback": "sit_out"}),
 }
 
 
@@ -183,6 +208,58 @@ def test_every_size_and_both_backends_equal_the_serial_reference(mpi_tmp_path, c
         if ref.clock is not None:  # the reference's plain-loop clock gives the same virtual time, bit for bit
             assert got["metrics"]["virtual_time"][-1] == ref.virtual_time
             assert got["metrics"]["dropped"].sum() > 0
+        if ref.moves is not None:  # the recorded trees are the reference's trees of the moment
+            assert recorded_trees(mpi_tmp_path / f"{case}-0.h5", raw["train"]["rounds"]) == ref.parents
+            if "every-device-moves" in case:
+                assert (np.array(ref.parents) != np.array(ref.moves.edges_of_tree)).any(axis=0).all()
+
+
+def recorded_trees(path: Path, rounds: int) -> list[list[int]]:
+    """Every device's edge in every round, from the file's ``/topology/parents`` change rows."""
+    with h5py.File(path, "r") as f:
+        edges = np.repeat(np.arange(len(f["topology/starts_1"]) - 1), np.diff(f["topology/starts_1"][()]))
+        rows = f["topology/parents"][()]
+    out = []
+    for t in range(rounds):
+        mine = rows[rows[:, 0] == t]
+        edges = edges.copy()
+        edges[mine[:, 1]] = mine[:, 2]
+        out.append(edges.tolist())
+    return out
+
+
+@pytest.mark.mpi(min_size=4)
+def test_the_recorded_trees_replayed_as_a_trace_give_the_same_run(mpi_tmp_path):
+    """A mobility run's ``/topology/parents`` is a mobility trace: run again from it (its failures then recorded
+    as devices sitting out), on 1 and 3 ranks, it gives the same model, bytes and messages; so does the run
+    stopped on 2 ranks and resumed on 3, whose file records the same trees."""
+    sections = copy.deepcopy(REFERENCE_CASES["N3-mobility-every-device-moves-failures"])
+    sections["train"] = {"rounds": 3, "vectorize": "off"}
+    raw = raw_config(mpi_tmp_path / "x.h5", **sections)
+    on(4, raw, mpi_tmp_path / "moving.h5")
+    trace = mpi_tmp_path / "parents.csv"
+    rows = None
+    if WORLD.rank == 0:
+        with h5py.File(mpi_tmp_path / "moving.h5", "r") as f:
+            rows = f["topology/parents"][()]
+        trace.write_text("round,device,edge\n" + "".join(f"{r},{d},{e}\n" for r, d, e in rows.tolist()))
+    WORLD.Barrier()
+    again = {**raw, "mobility": {"model": "trace", "trace": str(trace)}, "failures": {}}
+    for k in (1, 3):
+        on(k, again, mpi_tmp_path / f"replayed-{k}.h5")
+    # stopped after round 1 on 2 ranks, resumed on 3: the same model and the same recorded trees
+    on(2, raw, mpi_tmp_path / "resumed.h5", callbacks=[StopAfter(1)])
+    on(3, raw, mpi_tmp_path / "resumed.h5", resume=True)
+    if WORLD.rank == 0:
+        model, metrics, _ = read(mpi_tmp_path / "moving.h5")
+        for name in ("replayed-1", "replayed-3", "resumed"):
+            model_k, metrics_k, _ = read(mpi_tmp_path / f"{name}.h5")
+            assert np.array_equal(model_k, model), name
+            for key in ("uplink_bytes", "messages", "downlink_bytes", "train_loss"):
+                assert np.array_equal(metrics_k[key], metrics[key]), (name, key)
+        with h5py.File(mpi_tmp_path / "resumed.h5", "r") as f:
+            assert np.array_equal(f["topology/parents"][()], rows)
+            assert f.attrs["resumed_at_rounds"].tolist() == [2]
 
 
 EVERYTHING_RUN = dict(EVERYTHING, train={"rounds": 6, "momentum": 0.9, "vectorize": "off", "aggregate_on": "host"})

@@ -19,6 +19,7 @@ import numpy as np
 from ..config import Config
 from ..config import build as builders
 from ..core.clock import LinkTimes, SystemModel
+from ..core.mobility import Mobility
 from ..core.plan import Planner
 from ..core.scheduler import RoundScheduler
 from ..core.theory import LatencyModel, message_bits
@@ -56,6 +57,7 @@ class ClockModel:
         self.system = builders.system(cfg, tree)
         self.policies = builders.policies(cfg)
         self.participation = builders.participation(cfg)
+        self.mobility = builders.mobility(cfg, tree)
         codecs = builders.codecs(cfg)
         self.up_bits = tuple(message_bits(dim, codecs))
         self.down_bits = tuple(8 * (4 * dim if c is None else c.nbytes(dim)) for c in builders.downlink_codecs(cfg))
@@ -64,7 +66,8 @@ class ClockModel:
                   samples: np.ndarray | None = None) -> RoundScheduler:
         """Rounds of ``tau`` on ``system`` (default: the configured one); ``samples`` weight children by samples."""
         planner = Planner(self.tree, tuple(int(t) for t in tau), self.participation, self.cfg.train.seed, samples)
-        return RoundScheduler(planner, system or self.system, self.policies, self.up_bits, self.down_bits)
+        mobility = Mobility(self.tree, self.mobility.model, self.mobility.failures)  # its own: it keeps a state
+        return RoundScheduler(planner, system or self.system, self.policies, self.up_bits, self.down_bits, mobility)
 
     def durations(self, tau: Sequence[int], rounds: int, system: SystemModel | None = None) -> np.ndarray:
         """The virtual seconds of rounds ``0 .. rounds-1`` run one after another."""

@@ -155,6 +155,12 @@ def _outside_bound(cfg: Config) -> list[str]:
         out.append("error feedback")
     if any(q.downlink):
         out.append("downlink quantization")
+    if cfg.mobility.model != "static":
+        out.append(f"devices that move (mobility.model {cfg.mobility.model}: the tree, its weights D(c)/D(u) and the "
+                   "per-layer heterogeneity change from round to round; the bound assumes one fixed tree)")
+    if cfg.failures.intervals or cfg.failures.trace:
+        out.append("edge servers that fail (their devices move or sit out, so the weights and the devices taking "
+                   "part change while they are down)")
     return out
 
 
@@ -222,7 +228,7 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     outside = _outside_bound(cfg)
     if outside:
         write(f"outside the bound's assumptions (full participation, plain local SGD, averaging servers, "
-              f"unbiased uplinks, exact downlinks): {', '.join(outside)}; the bound below ignores them")
+              f"unbiased uplinks, exact downlinks, a fixed tree): {', '.join(outside)}; the bound below ignores them")
     write(f"SGD steps per device per round: {math.prod(cfg.tau)}; closed-form round time {parts.total:.4g} s "
           f"(compute {parts.compute:.4g} s)")
     clock = ClockModel(cfg, tree, dim)

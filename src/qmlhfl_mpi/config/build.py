@@ -18,13 +18,15 @@ from torch import nn
 from ..accel import TorchVectors
 from ..core.clock import SystemModel
 from ..core.codecs import Codec, link_codecs, make_codec
+from ..core.failures import EdgeFailures, Outage
 from ..core.links import Link
+from ..core.mobility import MarkovMoves, Mobility, MobilityModel, RandomMoves, Static, TraceMoves
 from ..core.participation import Participation
 from ..core.partition import partition
 from ..core.policy import Policy, make_policy
 from ..core.schedule import LRSchedule
 from ..core.server_opt import ServerOptimizer, make_server_optimizer
-from ..core.system import Availability, DeviceTrace, LinkTrace, SystemSpec
+from ..core.system import Availability, DeviceTrace, LinkTrace, SystemSpec, TraceError, read_table
 from ..core.theory import LatencyModel
 from ..core.topology import Tree
 from ..core.vectors import HostVectors, Vectors
@@ -38,10 +40,10 @@ from ..data.registry import DATASETS
 from ..data.source import DataError, GeneratedDataset, Pooled, load_pooled
 from ..learning.models import build_model, num_parameters
 from ..learning.train import ClientOptimizer
-from .schema import Config, server_betas, system_distributions
+from .schema import Config, ConfigError, outages, server_betas, system_distributions
 
 __all__ = ["client_optimizer", "codecs", "data_seed", "data_spec", "downlink_codecs", "latency", "links",
-           "local_data", "lr_schedule", "model", "model_dim", "participation", "policies", "server_optimizers",
+           "local_data", "lr_schedule", "mobility", "model", "model_dim", "participation", "policies", "server_optimizers",
            "system", "tensor_sizes", "vectors"]
 
 
@@ -173,6 +175,58 @@ def policies(cfg: Config) -> tuple[Policy, ...]:
         out.append(make_policy(a.policy[n] if a.policy else "all", deadline=a.deadline[n] if a.deadline else 0.0,
                                min_children=a.min_children[n] if a.min_children else 1, k=a.k[n] if a.k else 1))
     return tuple(out)
+
+
+def mobility(cfg: Config, tree: Tree) -> Mobility:
+    """The tree of the moment of every round (``mobility:`` and ``failures:``), its files read; raises
+    :class:`~qmlhfl_mpi.core.system.TraceError` or :class:`~.schema.ConfigError` naming the key."""
+    m, E = cfg.mobility, tree.num_nodes(1)
+    seed = cfg.train.seed if m.seed is None else m.seed
+    model: MobilityModel = Static()
+    try:
+        if m.model == "random":
+            model = RandomMoves(m.p, m.neighbours, seed)
+        elif m.model == "markov":
+            model = MarkovMoves(_matrix(m.matrix, "mobility.matrix"), seed)
+            if model.cum.shape[0] != E:
+                raise ValueError(f"{model.cum.shape[0]} rows but the tree has {E} edge servers: give an {E} x {E} "
+                                 "matrix, row i the probabilities of moving from edge i to each edge")
+        elif m.model == "trace":
+            t = read_table(m.trace, "mobility.trace", ("round", "device", "edge"))
+            rows = np.stack([t["round"], t["device"], t["edge"]], axis=1)
+            if (rows != np.round(rows)).any():
+                raise ValueError("round, device and edge must be integers")
+            model = TraceMoves(rows.astype(np.int64), tree.num_devices, E)
+    except TraceError:
+        raise
+    except ValueError as e:
+        key = {"markov": "mobility.matrix", "trace": "mobility.trace"}.get(m.model, "mobility.p")
+        raise ConfigError(f"config key '{key}' = {getattr(m, key.split('.')[1])!r}: {e}") from None
+    f = cfg.failures
+    spans = outages(f.intervals, E)
+    if f.trace:
+        t = read_table(f.trace, "failures.trace", ("edge", "start", "end"), ("fallback",))
+        fb = t.get("fallback", np.full(len(t["edge"]), np.nan))
+        raw = [[e, a, b] + ([x] if np.isfinite(x) else []) for e, a, b, x in
+               zip(t["edge"].tolist(), t["start"].tolist(), t["end"].tolist(), fb.tolist(), strict=True)]
+        spans += outages(raw, E, f"failures.trace ({f.trace})")
+    parent = np.searchsorted(tree.starts[2], tree.starts[1][:-1], side="right") - 1 if tree.N >= 2 \
+        else np.zeros(E, dtype=np.int64)
+    failures = EdgeFailures([Outage(*r) for r in spans], E, parent, f.unit, f.fallback)
+    return Mobility(tree, model, failures)
+
+
+def _matrix(path: str, key: str) -> np.ndarray:
+    """A text matrix (spaces or commas, ``#`` comments); raises :class:`TraceError` naming ``key``."""
+    try:
+        with open(path) as fh:
+            rows = [line.split("#", 1)[0].replace(",", " ").split() for line in fh]
+        return np.array([[float(x) for x in r] for r in rows if r], dtype=np.float64)
+    except OSError as e:
+        raise TraceError(f"config key '{key}' = {path!r}: cannot be read ({e.strerror or e}); give the path of a "
+                         "text file of E rows of E probabilities") from None
+    except ValueError as e:
+        raise TraceError(f"config key '{key}' = {path!r}: not a matrix of numbers, one row per line ({e})") from None
 
 
 def dataset(cfg: Config) -> Any:

@@ -18,6 +18,9 @@ from typing import Any
 import yaml
 
 from ..core.codecs import CODECS
+from ..core.failures import FALLBACKS, UNITS
+from ..core.mobility import MODELS as MOBILITY_MODELS
+from ..core.mobility import NEIGHBOURS
 from ..core.participation import WEIGHTINGS
 from ..core.partition import PARTITIONERS
 from ..core.policy import POLICIES
@@ -226,6 +229,34 @@ class AggregationConfig:
 
 
 @dataclass(frozen=True)
+class MobilityConfig:
+    model: str = fld("static", choices=MOBILITY_MODELS,
+                     doc="how devices move between edge servers from round to round: static (never), random, "
+                         "markov or trace (docs/algorithms.md, 'Devices that move')")
+    p: float = fld(0.0, lo=0, hi=1, doc="random: probability that a device moves in a round")
+    neighbours: str = fld("uniform", choices=NEIGHBOURS,
+                          doc="random: where a device moves: any other edge (uniform), the edge before or after "
+                              "it (ring), or a neighbour on a grid of ceil(sqrt(E)) columns (grid)")
+    matrix: str = fld("", doc="markov: text file of E rows of E transition probabilities (rows sum to 1; spaces or "
+                              "commas; # comments)")
+    trace: str = fld("", doc="trace: CSV file with columns round, device, edge; a device sits under that edge "
+                             "from that round on")
+    seed: int | None = fld(None, lo=0, hi=2**63 - 1, doc="seed of the moves; null = train.seed")
+
+
+@dataclass(frozen=True)
+class FailuresConfig:
+    intervals: Any = fld([], doc="outages of edge servers: [[edge, start, end], ...], down for start <= x < end; "
+                                 "a fourth entry names the edge its devices join meanwhile (-1: they sit out)")
+    trace: str = fld("", doc="CSV file with columns edge, start, end[, fallback]: more outages")
+    unit: str = fld("rounds", choices=UNITS, doc="what start and end count: global rounds, or virtual seconds "
+                                                 "(an edge is down in a round that starts inside its interval)")
+    fallback: str = fld("nearest", choices=FALLBACKS,
+                        doc="where the devices of a down edge go when its outage names no edge: the nearest alive "
+                            "sibling (same parent, closest id) or nowhere (sit_out)")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     path: str = fld("results/run.h5", doc="HDF5 results file")
     checkpoint_every: int = fld(1, lo=0, doc="write the checkpoint every k global rounds; 0 = only on SIGTERM/SIGUSR1")
@@ -246,6 +277,8 @@ class Config:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    mobility: MobilityConfig = field(default_factory=MobilityConfig)
+    failures: FailuresConfig = field(default_factory=FailuresConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     callbacks: Any = fld([], doc="extra callbacks: a list of 'module:attr' / 'file.py:attr' references, or "
                                  "{ref: REF, args: {...}} mappings; attr(**args) must give a qmlhfl_mpi.Callback")
@@ -472,7 +505,51 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {value!r}: expected a mapping of argument names to values, "
                               "e.g. {hidden: 200}")
     _validate_system(cfg, N)
+    _validate_moves(cfg, shape.nodes[1])
     callback_specs(cfg.callbacks)
+
+
+def _validate_moves(cfg: Config, edges: int) -> None:
+    """The ``mobility`` and ``failures`` sections: each model's file, the outages' shape and edge ids."""
+    m = cfg.mobility
+    for model, key in (("markov", "matrix"), ("trace", "trace")):
+        given = bool(getattr(m, key))
+        if (m.model == model) != given:
+            raise ConfigError(f"config key 'mobility.{key}' = {getattr(m, key)!r} with mobility.model = "
+                              f"{m.model!r}: " + (f"the {model} model needs its file" if not given else
+                                                  f"only the {model} model reads it; set mobility.model: {model} "
+                                                  "or drop the key"))
+    if m.model == "random" and not m.p > 0:
+        raise ConfigError("config key 'mobility.p' = 0 with mobility.model = 'random': nobody would move; give a "
+                          "probability 0 < p <= 1, or use mobility.model: static")
+    outages(cfg.failures.intervals, edges)
+
+
+def outages(raw: Any, edges: int, key: str = "failures.intervals") -> list[tuple[int, float, float, int | None]]:
+    """``failures.intervals`` (or a trace's rows) as ``(edge, start, end, fallback or None)``; raises
+    :class:`ConfigError` naming the entry."""
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"config key '{key}' = {raw!r}: expected a list of [edge, start, end] or [edge, start, "
+                          "end, fallback] entries")
+    out = []
+    for i, row in enumerate(raw):
+        ok = isinstance(row, (list, tuple)) and len(row) in (3, 4) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in row)
+        if ok:
+            edge, start, end = int(row[0]), float(row[1]), float(row[2])
+            fallback = int(row[3]) if len(row) == 4 else None
+            ok = row[0] == edge and (len(row) == 3 or row[3] == fallback) and 0 <= start < end
+        if not ok:
+            raise ConfigError(f"config key '{key}[{i}]' = {row!r}: expected [edge, start, end] or [edge, start, end, "
+                              "fallback] with integer edge ids and 0 <= start < end")
+        if not 0 <= edge < edges:
+            raise ConfigError(f"config key '{key}[{i}]' = {list(row)}: edge server {edge} out of range; the tree "
+                              f"has {edges} edge servers (0..{edges - 1})")
+        if fallback is not None and not (-1 <= fallback < edges and fallback != edge):
+            raise ConfigError(f"config key '{key}[{i}]' = {list(row)}: fallback {fallback} must be another edge "
+                              f"server (0..{edges - 1}) or -1 (its devices sit out)")
+        out.append((edge, start, end, fallback))
+    return out
 
 
 def _validate_system(cfg: Config, N: int) -> None:

@@ -31,6 +31,7 @@ class Membership:
     num_edges: int
     _order: np.ndarray = field(init=False, repr=False)
     _bounds: np.ndarray = field(init=False, repr=False)
+    _sizes: dict[bool, np.ndarray] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         edge_of = np.asarray(self.edge_of, dtype=np.int64)
@@ -56,7 +57,14 @@ class Membership:
         return self._order[self._bounds[u] : self._bounds[u + 1]]
 
     def edge_sizes(self, samples: np.ndarray | None = None) -> np.ndarray:
-        """Float64 size of every edge: its devices, or their training ``samples``."""
+        """Float64 size of every edge: its devices, or their training ``samples`` (the run's, the same array
+        every call: kept after the first)."""
+        got = self._sizes.get(samples is None)
+        if got is None:
+            got = self._sizes[samples is None] = self._edge_sizes(samples)
+        return got
+
+    def _edge_sizes(self, samples: np.ndarray | None) -> np.ndarray:
         kept = self.edge_of >= 0
         weights = None if samples is None else np.asarray(samples, dtype=np.float64)[kept]
         return np.bincount(self.edge_of[kept], weights=weights, minlength=self.num_edges).astype(np.float64)

@@ -1,7 +1,7 @@
 """Devices that move between edge servers (pure): the tree of the moment, round after round.
 
 A model turns round ``t - 1``'s edge of every device into round ``t``'s; round 0 is the tree's own
-(:meth:`~.membership.Membership.of_tree`).  Every random choice is counter-based, keyed
+(:meth:`~.membership.Membership.of_tree`), but for a trace's round-0 rows.  Every random choice is counter-based, keyed
 ``(seed, MOBILITY, round)`` at counters ``2d`` (whether device ``d`` moves) and ``2d + 1`` (where to), so
 a round's moves are the same on every rank and cost a few vectorised operations per device.
 
@@ -11,10 +11,12 @@ a round's moves are the same on every rank and cost a few vectorised operations 
   neighbours (up, down, left, right) on a grid of ``ceil(sqrt(E))`` columns filled row by row.
 * ``markov(matrix)``: edge ``i``'s row of an ``E x E`` transition matrix (rows sum to 1) gives the
   probabilities of being under each edge next round.
-* ``trace(rows)``: ``(round, device, edge)`` rows; a device sits under its row's edge from that round on.
+* ``trace(rows)``: ``(round, device, edge)`` rows; a device sits under its row's edge from that round on (edge
+  ``-1``: it sits out).  ``/topology/parents`` of a results file is such a trace.
 
-Not yet reachable from the config (issue 22 wires it with ``mobility:``); :class:`Mobility` keeps the last
-round it computed, so a run stepping through its rounds pays one step per round.
+:class:`Mobility` (the config's ``mobility:`` and ``failures:``) keeps the last round it computed, so a run
+stepping through its rounds pays one step per round; edge servers that are down
+(:class:`~.failures.EdgeFailures`) are a view applied on top of each round's edges, not a move.
 """
 from __future__ import annotations
 
@@ -26,12 +28,14 @@ import numpy as np
 
 from . import rng
 from .codecs.stream import key_words, uniforms_at
+from .failures import EdgeFailures
 from .membership import Membership
 from .topology import Tree
 
 __all__ = ["MarkovMoves", "Mobility", "MobilityModel", "RandomMoves", "Static", "TraceMoves"]
 
 NEIGHBOURS = ("uniform", "ring", "grid")
+MODELS = ("static", "random", "markov", "trace")
 
 
 class MobilityModel(ABC):
@@ -40,6 +44,10 @@ class MobilityModel(ABC):
     @abstractmethod
     def step(self, edge_of: np.ndarray, round_: int, num_edges: int) -> np.ndarray:
         """Round ``round_``'s edge of every device from round ``round_ - 1``'s ``edge_of`` (not modified)."""
+
+    def start(self, edge_of: np.ndarray, num_edges: int) -> np.ndarray:
+        """Round 0's edges from the tree's (its own, but for a trace's round-0 rows)."""
+        return edge_of
 
 
 class Static(MobilityModel):
@@ -132,14 +140,19 @@ class TraceMoves(MobilityModel):
 
     def __init__(self, rows: Sequence[tuple[int, int, int]] | np.ndarray, num_devices: int, num_edges: int) -> None:
         table = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
-        for col, (name, hi) in enumerate((("round", None), ("device", num_devices), ("edge", num_edges))):
+        big = np.iinfo(np.int64).max
+        for col, (name, lo, hi) in enumerate((("round", 0, big), ("device", 0, num_devices),
+                                              ("edge", -1, num_edges))):
             vals = table[:, col]
-            if vals.size and (vals.min() < 0 or (hi is not None and vals.max() >= hi)):
-                bad = int(vals[(vals < 0) | (vals >= (hi if hi is not None else np.iinfo(np.int64).max))][0])
-                valid = ">= 0" if hi is None else f"0..{hi - 1}"
-                raise ValueError(f"mobility trace: {name} {bad} out of range (valid: {valid})")
+            wrong = (vals < lo) | (vals >= hi)
+            if wrong.any():
+                valid = ">= 0" if hi == big else f"0..{hi - 1}" + (" or -1 (sits out)" if lo < 0 else "")
+                raise ValueError(f"mobility trace: {name} {int(vals[wrong][0])} out of range (valid: {valid})")
         order = np.lexsort((table[:, 1], table[:, 0]))
         self.table = table[order]
+
+    def start(self, edge_of: np.ndarray, num_edges: int) -> np.ndarray:
+        return self.step(edge_of, 0, num_edges)
 
     def step(self, edge_of: np.ndarray, round_: int, num_edges: int) -> np.ndarray:
         lo, hi = np.searchsorted(self.table[:, 0], [round_, round_ + 1])
@@ -151,18 +164,29 @@ class TraceMoves(MobilityModel):
 
 
 class Mobility:
-    """The tree of the moment of every round under ``model`` (round 0: the tree's own)."""
+    """The tree of the moment of every round under ``model`` (round 0: the tree's own), with the edge servers
+    that are down (``failures``) left empty."""
 
-    def __init__(self, tree: Tree, model: MobilityModel) -> None:
-        self.tree, self.model = tree, model
-        self._round, self._edges = 0, Membership.of_tree(tree).edge_of
+    def __init__(self, tree: Tree, model: MobilityModel, failures: EdgeFailures | None = None) -> None:
+        self.tree, self.model, self.failures = tree, model, failures
+        self._round, self._edges = 0, self._first()
 
-    def at(self, round_: int) -> Membership:
-        """Round ``round_``'s membership (stepping on from the last round asked for, or from round 0)."""
+    def _first(self) -> np.ndarray:
+        return self.model.start(Membership.of_tree(self.tree).edge_of, self.tree.num_nodes(1))
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether any round's tree can differ from the tree's own."""
+        return not isinstance(self.model, Static) or bool(self.failures)
+
+    def at(self, round_: int, t0: float = 0.0) -> Membership:
+        """Round ``round_``'s membership (stepping on from the last round asked for, or from round 0); the
+        round starts at virtual time ``t0`` (failures counted in seconds)."""
         if round_ < self._round:
-            self._round, self._edges = 0, Membership.of_tree(self.tree).edge_of
+            self._round, self._edges = 0, self._first()
         E = self.tree.num_nodes(1)
         while self._round < round_:
             self._round += 1
             self._edges = self.model.step(self._edges, self._round, E)
-        return Membership(self._edges, E)
+        edges = self.failures.apply(self._edges, round_, t0) if self.failures else self._edges
+        return Membership(edges, E)

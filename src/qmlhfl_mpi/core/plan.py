@@ -207,7 +207,9 @@ class Planner:
         sizes = self._moment(n, u, members)
         total = sizes.sum()
         if self.participation.layer_is_full(n):
-            return np.zeros(sizes.size, dtype=np.float32) if total <= 0 else (sizes / total).astype(np.float32)
+            if total <= 0:
+                return np.zeros(len(chosen), dtype=np.float32)
+            return (sizes / total).astype(np.float32)[chosen]
         return self.participation.weights_of(n, sizes[chosen], float(total), sizes.size)
 
     def reweight(self, n: int, u: int, positions: np.ndarray, members: Membership | None = None) -> np.ndarray:
@@ -278,6 +280,9 @@ class Planner:
                 kids = here[chosen]
             else:
                 chosen = self.participants(n, u, round_, k)
+                if members is not None:  # a child node holding no device of the moment takes no part
+                    held = members.node_sizes(tree, n - 1)[tree.children(n, u).start + chosen]
+                    chosen = chosen[held > 0]
                 kids = tree.children(n, u).start + chosen
             index = len(aggs)
             aggs.append(None)  # type: ignore[arg-type]  # filled in below, once the nested calls are counted

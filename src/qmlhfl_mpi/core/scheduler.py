@@ -7,6 +7,10 @@ Bytes (docs/system.md, "What counts as sent"): a dropped child's message, and ev
 child's subtree, crossed the wire (the clock timed it, the link was busy), so it counts in ``uplink_bytes``,
 ``messages`` and ``downlink_bytes`` like any other; ``dropped`` counts the messages a parent discarded.  An
 offline device sends nothing.
+
+With ``mobility`` (:class:`~.mobility.Mobility`: devices that move, edge servers that fail) each round is planned
+on its tree of the moment, which :meth:`RoundScheduler.parent_changes` lists for the results
+(``/topology/parents``).
 """
 from __future__ import annotations
 
@@ -17,10 +21,12 @@ from itertools import islice
 import numpy as np
 
 from .clock import RoundClock, SystemModel, round_clock
+from .membership import Membership
+from .mobility import Mobility
 from .plan import Planner, RoundPlan
 from .policy import Deadline, Policy
 
-__all__ = ["FINISH_PERCENTILES", "RoundScheduler", "TimedRound"]
+__all__ = ["FINISH_PERCENTILES", "RoundScheduler", "TimedRound", "changed_rows"]
 
 FINISH_PERCENTILES = (0.0, 10.0, 50.0, 90.0, 100.0)
 
@@ -66,10 +72,20 @@ class RoundScheduler:
     policies: tuple[Policy, ...]
     up_bits: tuple[int, ...]
     down_bits: tuple[int, ...]
+    mobility: Mobility | None = None
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the tree of the moment can differ from the tree (devices move or edge servers fail)."""
+        return self.mobility is not None and self.mobility.dynamic
+
+    def members(self, t: int, t0: float) -> Membership | None:
+        """Round ``t``'s tree of the moment (``None``: the tree's own, nothing moves or fails)."""
+        return self.mobility.at(t, t0) if self.mobility is not None and self.mobility.dynamic else None
 
     def round(self, t: int, t0: float = 0.0) -> TimedRound:
         """Round ``t``, starting at virtual time ``t0`` (seconds since the run started)."""
-        drawn = self.planner.plan(t)
+        drawn = self.planner.plan(t, self.members(t, t0))
         clock = round_clock(drawn, int(self.planner.tau[0]), self.system, self.up_bits, self.down_bits,
                             self.policies, t0)
         plan = self.planner.prune(drawn, clock.keep)
@@ -98,6 +114,24 @@ class RoundScheduler:
             t0 += timed.duration
         return t0
 
+    def edges(self, timed: TimedRound) -> np.ndarray:
+        """The edge of every device in ``timed``'s round (-1: it sits out)."""
+        m = timed.drawn.members
+        return (m if m is not None else Membership.of_tree(self.planner.tree)).edge_of
+
+    def parent_changes(self, rounds: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, edges)``: the ``(round, device, edge)`` rows of rounds ``0 .. rounds-1`` in which a device's
+        edge differs from the round before (round 0: from the tree's), and every device's edge in round
+        ``rounds - 1``; the rounds are timed again (nothing is trained)."""
+        edges = Membership.of_tree(self.planner.tree).edge_of
+        parts = [np.zeros((0, 3), dtype=np.int64)]
+        if self.dynamic:
+            for t, (_, timed) in enumerate(islice(self.timeline(), rounds)):
+                now = self.edges(timed)
+                parts.append(changed_rows(edges, now, t))
+                edges = now
+        return np.concatenate(parts), edges
+
     def unmet_deadlines(self, timed: TimedRound) -> list[tuple[int, float]]:
         """``(layer, earliest arrival after the model was sent)`` for each ``deadline`` layer with
         ``min_children: 0`` whose aggregations in ``timed`` kept no child although children took part."""
@@ -110,3 +144,9 @@ class RoundScheduler:
             if live and not any(timed.clock.keep[i].any() for i in idx):
                 out.append((n, float(min(timed.clock.earliest[i] for i in live))))
         return out
+
+
+def changed_rows(before: np.ndarray, now: np.ndarray, t: int) -> np.ndarray:
+    """``(t, device, edge)`` int64 rows of the devices whose edge in ``now`` differs from ``before``."""
+    d = np.flatnonzero(before != now)
+    return np.stack([np.full(d.size, t, dtype=np.int64), d.astype(np.int64), now[d].astype(np.int64)], axis=1)

@@ -11,6 +11,9 @@ Schema (documented for users in docs/results.md)::
     /topology/samples      training samples per device
     /topology/class_counts training samples per device and class (devices x classes; -1 for a device
                            of a generated data set whose data was never made)
+    /topology/parents      int64 rows (round, device, edge): from that round on the device sits under that
+                           edge server (-1: it sits the round out); a row for every device whose edge differs
+                           from the round before (round 0: from starts_1); empty when nothing moves or fails
     (per-device arrays of 4096 entries or more are stored chunked and gzip-compressed)
     /quantizer/levels, bucket, kind, message_bytes, messages_per_round, q   (per link)
     /metrics/round, test_accuracy, test_loss, train_loss,
@@ -118,6 +121,7 @@ class ResultsWriter:
         g = self.f.create_group("topology")
         for k, v in topology.items():
             _create(g, k, _clean_array(v))
+        self._parents(g)
         q = self.f.create_group("quantizer")
         for k, v in quantizer.items():
             q.create_dataset(k, data=_clean_array(v))
@@ -213,6 +217,24 @@ class ResultsWriter:
             ds = self.f["topology"][name]
             for lo in range(0, len(rows), 65536):  # h5py selects rows by a list: a bounded list at a time
                 ds[rows[lo : lo + 65536].tolist()] = values[lo : lo + 65536]
+            self.f.flush()
+
+    @staticmethod
+    def _parents(g: h5py.Group) -> h5py.Dataset:
+        if "parents" not in g:
+            g.create_dataset("parents", shape=(0, 3), maxshape=(None, 3), dtype=np.int64, chunks=(4096, 3),
+                             compression="gzip", compression_opts=4, shuffle=True)
+        return g["parents"]
+
+    def set_parents(self, rows: np.ndarray, append: bool = False) -> None:
+        """``/topology/parents``: replaced by ``rows`` (the changes of the rounds so far), or ``rows`` appended
+        (one more round's)."""
+        with _io(self.path, "writing /topology/parents to"):
+            ds = self._parents(self.f["topology"])
+            i = ds.shape[0] if append else 0
+            ds.resize((i + len(rows), 3))
+            if len(rows):
+                ds[i:] = np.asarray(rows, dtype=np.int64)
             self.f.flush()
 
     def write_model(self, name: str, vec: np.ndarray) -> None:

@@ -118,12 +118,14 @@ class ResultsFile:
 
     def open(self, *, overwrite: bool, start: int, attrs: Mapping[str, Any], topology: Mapping[str, np.ndarray],
              quantizer: Mapping[str, np.ndarray], num_links: int, initial: np.ndarray | None,
-             metrics: Mapping[str, np.ndarray] | None = None, rebuild: bool = False) -> None:
+             metrics: Mapping[str, np.ndarray] | None = None, rebuild: bool = False,
+             parents: np.ndarray | None = None) -> None:
         """Create the file, or reopen it after ``start`` rounds (its rows after ``start`` dropped, missing ones
         filled from the checkpoint's ``metrics``), or with ``rebuild`` write it anew from those ``metrics``
         (the damaged file, if any, is renamed first; nothing is overwritten).  ``initial`` is stored as
         ``/model/initial`` when given (the model cannot be recomputed from the seed).  On failure nothing of
-        this call stays behind: a file it created is removed, the space reserve released."""
+        this call stays behind: a file it created is removed, the space reserve released.  ``parents``: the
+        ``/topology/parents`` rows of the rounds before ``start`` (they replace the file's)."""
         with self._advice(None):
             try:
                 self.reserve.take()
@@ -131,6 +133,8 @@ class ResultsFile:
                     self.writer = ResultsWriter.reopen(self.path, start, attrs)
                     if self.writer.rounds < start and metrics:  # rows the file lost: the checkpoint has them
                         self.writer.append_rows({k: v[self.writer.rounds : start] for k, v in metrics.items()})
+                    if parents is not None:
+                        self.writer.set_parents(parents)
                     return
                 provenance: dict[str, Any] = {}
                 if rebuild:
@@ -147,6 +151,8 @@ class ResultsFile:
                     assert metrics is not None
                     self.writer.append_rows(metrics)
                     self.writer.mark_resumed(start)
+                if parents is not None and len(parents):
+                    self.writer.set_parents(parents)
             except BaseException:
                 self._discard()
                 raise
@@ -191,6 +197,13 @@ class ResultsFile:
             require_space(self.path.parent, APPEND_BYTES, f"appending round {int(record['round'])} to "
                                                           f"{str(self.path)!r}")
             self.writer.append_round(record)
+
+    def parents(self, rows: np.ndarray) -> None:
+        """One round's ``/topology/parents`` rows (the devices whose edge changed)."""
+        assert self.writer is not None
+        if len(rows):
+            with self._advice(int(rows[0, 0])):
+                self.writer.set_parents(rows, append=True)
 
     def class_counts(self, devices: np.ndarray, counts: np.ndarray) -> None:
         """The class counts of ``devices`` (ascending), learnt since the file was opened."""

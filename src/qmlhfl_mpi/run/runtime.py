@@ -244,7 +244,8 @@ def _scheduler(cfg: Config, tree: Tree, planner: Planner, executor: RoundExecuto
     except (PluginError, ValueError, TypeError) as e:
         raise ConfigError(f"config key 'aggregation.policy' = {list(cfg.aggregation.policy)}: {e}") from None
     scheduler = RoundScheduler(planner, builders.system(cfg, tree), policies,
-                               tuple(8 * b for b in executor.msg_len), tuple(8 * b for b in executor.down_len))
+                               tuple(8 * b for b in executor.msg_len), tuple(8 * b for b in executor.down_len),
+                               builders.mobility(cfg, tree))
     for n, earliest in scheduler.unmet_deadlines(scheduler.round(0)):
         raise ConfigError(
             f"config key 'aggregation.deadline' = {list(cfg.aggregation.deadline)}: no child of a layer-{n} node "

@@ -24,6 +24,7 @@ from ..comm.watchdog import PeerFailed, RoundTimeout
 from ..config import Config
 from ..core.exitcodes import EXIT_ABORT, EXIT_TIMEOUT
 from ..core.registry import PluginError
+from ..core.scheduler import changed_rows
 from ..results import CheckpointError
 from .agreement import Agreement
 from .callbacks import Callback, RunSummary, configured_callbacks
@@ -65,6 +66,8 @@ class Session:
         self.virtual_time = 0.0  # seconds of the virtual clock at the end of the last finished round
         self.model_vector = self.runtime.initial_vector
         self._ran = False
+        self._edges: np.ndarray | None = None    # rank 0, a dynamic tree: every device's edge in the last round
+        self._moved = np.zeros((0, 3), dtype=np.int64)  # rank 0: the last round's /topology/parents rows
         self._lock = OutputLock(cfg.output.path)
 
     def __getattr__(self, name: str) -> Any:
@@ -165,7 +168,19 @@ class Session:
         record["uplink_bytes"] = totals.uplink_bytes + timed.extra_messages * np.array(ex.msg_len)
         record["downlink_bytes"] = totals.downlink_bytes + timed.extra_downlinks * np.array(ex.down_len)
         self.virtual_time += timed.duration
+        if self._edges is not None:  # rank 0 records the devices whose edge changed
+            now = rt.scheduler.edges(timed)
+            self._moved, self._edges = changed_rows(self._edges, now, t), now
         return w, record
+
+    def _parents_so_far(self) -> np.ndarray | None:
+        """Rank 0: the ``/topology/parents`` rows of the rounds before the start (timed again), and from here on
+        it tracks every device's edge; ``None`` when the tree never changes."""
+        sched = self.runtime.scheduler
+        if not sched.dynamic:
+            return None
+        rows, self._edges = sched.parent_changes(self.start_round)
+        return rows
 
     def _record_class_counts(self, results: ResultsFile) -> None:
         """The class counts of the devices made since the last time, into the results file.  Collective."""
@@ -224,7 +239,7 @@ class Session:
                 overwrite=overwrite, start=self.start_round, attrs=rt.attributes(),
                 topology=rt.topology(*counts) if counts is not None else {},
                 quantizer=rt.quantizer(), num_links=rt.tree.N, metrics=start.metrics, rebuild=start.rebuild,
-                initial=rt.initial_vector if cfg.model.init == "module" else None))
+                initial=rt.initial_vector if cfg.model.init == "module" else None, parents=self._parents_so_far()))
             agreement.hooks(callbacks, "on_run_start", self)
             for t in range(self.start_round, self.rounds):
                 w, record = self._round(t, w)
@@ -232,6 +247,8 @@ class Session:
                 if np.isfinite(record["test_accuracy"]):
                     acc = float(record["test_accuracy"])
                 agreement.on_rank0(f"writing round {t} to the results file", results.append, record)
+                if rt.scheduler.dynamic:  # (collective: every rank agrees; rank 0 holds the rows)
+                    agreement.on_rank0(f"writing round {t}'s tree to the results file", results.parents, self._moved)
                 diverged = not (math.isfinite(record["train_loss"]) and np.isfinite(w).all())
                 stop = agreement.hooks(callbacks, "on_round_end", self, record)
                 self._end_guard()
