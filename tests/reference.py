@@ -119,6 +119,8 @@ class Reference:
         self.kept = {}      # (layer, node, call) -> positions kept, from the clock's pass
         self.virtual_time = 0.0
         self.parents = []   # every device's edge in every round (with moves)
+        self.only = None    # a buffered cloud's job: the one child of the root that takes part
+        self.buffered = None  # (k, staleness function) of a buffered cloud
         self.moves = None   # a Moves: every device's edge in a round (devices that move, edges that fail)
         self.base = root
 
@@ -174,6 +176,8 @@ class Reference:
 
     def chosen(self, u, t, call):
         """Positions of the children of u that take part, and their weights."""
+        if self.only is not None and u is self.root:  # one job of a buffered cloud: that child alone
+            return [self.only], [np.float32(1)]
         n, C = u.layer, len(u.children)
         f, p = self.fraction[n - 1], self.availability[n - 1]
         picked = list(range(C))
@@ -275,7 +279,62 @@ class Reference:
             dl.decode_add(msg, np.float32(1), new)
         return new
 
+    def run_buffered(self, rounds):
+        """The buffered cloud (docs/algorithms.md) in plain loops: jobs from the newest model, the buffer, the
+        staleness weights; ties at one instant: every arrival (by child id) before any restart."""
+        k, stale = self.buffered
+        root, N = self.root, self.root.layer
+        C = len(root.children)
+        per_round = -(-C // k)
+        w = self.vector()
+        version, done = 0, 0
+        jobs, since, arrive, pending, buffer = [0] * C, [0] * C, [0.0] * C, {}, []
+        codec = self.codecs[N - 1]
+
+        def start(c, now):
+            j, child = jobs[c], root.children[c]
+            self.only, self.calls = c, {}
+            arrive[c] = now + self.clock.time_round(self, j, now)
+            self.calls = {}
+            self.count(("agg", N, 0))
+            x = self.work(child, w, j)
+            key = (self.seed, 4, N, child.index, j, self.count(("up", N, child.index)))
+            if self.error_feedback[N - 1]:
+                z = (x - w) + self.residual.get((N, child.index), np.zeros_like(w))
+                pending[c] = codec.encode(z, np.zeros_like(w), key)
+                self.residual[(N, child.index)] = z - codec.decode(pending[c], w.size)
+            else:
+                pending[c] = codec.encode(x, w, key)
+            since[c] = version
+            self.only = None
+
+        for c in range(C):
+            start(c, 0.0)
+        while True:
+            now = min(arrive)
+            group = [c for c in range(C) if arrive[c] == now]
+            for c in group:
+                buffer.append((c, since[c], pending.pop(c)))
+                if len(buffer) == k:
+                    total = sum(self.size(root.children[b]) for b, _, _ in buffer)
+                    acc = np.zeros_like(w)
+                    for b, v, msg in buffer:
+                        weight = np.float32(self.size(root.children[b]) / total * stale(version - v))
+                        codec.decode_add(msg, weight, acc)
+                    w = self.server_step(N, root, w, acc)
+                    version, buffer = version + 1, []
+                    if version % per_round == 0:
+                        done += 1
+                        self.virtual_time = now
+                        if done == rounds:
+                            return w
+            for c in group:
+                jobs[c] += 1
+                start(c, now)
+
     def run(self, rounds):
+        if self.buffered:
+            return self.run_buffered(rounds)
         w = self.vector()
         for t in range(rounds):
             if self.moves:
@@ -481,6 +540,9 @@ def reference_for(cfg) -> Reference:
         client=client, lr_at=schedule.at if schedule else None,
         tensor_sizes=sizes, fractions=list(q.topk_fraction) or None, clock=clock_for(cfg, tree.num_devices, sizes))
     ref.parents = []
+    ag = cfg.aggregation
+    if ag.policy and ag.policy[-1] == "buffered":
+        ref.buffered = (ag.buffer[-1], staleness_function(ag.staleness[-1] if ag.staleness else "constant"))
     m, f = cfg.mobility, cfg.failures
     if m.model != "static" or f.intervals:
         assert m.neighbours in ("uniform", "ring") and not f.trace
@@ -497,6 +559,17 @@ def reference_for(cfg) -> Reference:
         ref.moves = Moves(root, cfg.train.seed if m.seed is None else m.seed, m.model, m.p, m.neighbours, matrix,
                           rows or (), outages, f.unit, f.fallback)
     return ref
+
+
+def staleness_function(text):
+    """constant, polynomial(a): (1 + s)^-a, hinge(a, b): 1 for s <= b else 1 / (a (s - b) + 1)."""
+    name, _, rest = text.replace(" ", "").partition("(")
+    args = [float(x) for x in rest.rstrip(")").split(",")] if rest else []
+    if name == "polynomial":
+        return lambda s: (1.0 + s) ** -args[0]
+    if name == "hinge":
+        return lambda s: 1.0 if s <= args[1] else 1.0 / (args[0] * (s - args[1]) + 1.0)
+    return lambda s: 1.0
 
 
 def _sigma(text):

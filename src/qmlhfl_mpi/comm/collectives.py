@@ -58,12 +58,12 @@ def send_messages(comm: MPI.Intracomm, parts: Sequence[np.ndarray], tag: int, gu
         wait(req, guard)
 
 
-def broadcast_vector(comm: MPI.Intracomm, vec: np.ndarray | None, dim: int, guard: Watchdog | None = None
-                     ) -> np.ndarray:
-    """Broadcast a float32 vector from rank 0 of ``comm`` (``Ibcast`` and :func:`wait`).  Collective."""
-    if comm.Get_rank() != 0:
+def broadcast_vector(comm: MPI.Intracomm, vec: np.ndarray | None, dim: int, guard: Watchdog | None = None,
+                     root: int = 0) -> np.ndarray:
+    """Broadcast a float32 vector from rank ``root`` of ``comm`` (``Ibcast`` and :func:`wait`).  Collective."""
+    if comm.Get_rank() != root:
         vec = np.empty(dim, dtype=np.float32)
-    wait(comm.Ibcast([vec, MPI.FLOAT], root=0), guard)
+    wait(comm.Ibcast([vec, MPI.FLOAT], root=root), guard)
     assert vec is not None
     return vec
 

@@ -81,6 +81,11 @@ class RoundExecutor:
         self._moving: dict[int, dict[int, np.ndarray]] = {}             # edge -> child position -> its message
         self._moving_recv: dict[int, list[tuple[int, np.ndarray, MPI.Request]]] = {}
         self._sends: list[tuple[np.ndarray, MPI.Request]] = []          # until the round ends
+        # a buffered cloud (core/asynchrony.py), on the cloud's leader: each busy child's message (made when its
+        # job started, in the cloud's hands when it arrives) and the buffer of arrived ones
+        self.hold = False
+        self.held: dict[int, np.ndarray] = {}
+        self.buffer: dict[int, np.ndarray] = {}
 
     # ---- who does what ----------------------------------------------------------
     def involved(self, n: int, u: int) -> bool:
@@ -104,11 +109,14 @@ class RoundExecutor:
         return out
 
     # ---- the round --------------------------------------------------------------
-    def run(self, plan: RoundPlan, w: np.ndarray) -> np.ndarray:
+    def run(self, plan: RoundPlan, w: np.ndarray, stats: RoundStats | None = None, hold: bool = False) -> np.ndarray:
         """Carry out ``plan`` from the cloud model ``w`` (a host array); every rank returns the new cloud model.
-        Collective."""
+        ``stats``: count into these (else a fresh :class:`RoundStats` of the plan's devices).  ``hold``: the plan
+        is one job of a buffered cloud (one participant): its message stays on the cloud's leader
+        (:attr:`held`, by child) and the cloud model is returned unchanged.  Collective."""
         N = self.tree.N
-        self.stats = RoundStats(plan.devices(), N)
+        self.stats = RoundStats(plan.devices(), N) if stats is None else stats
+        self.hold = hold
         self._model = {(N, 0): self.vectors.from_host(w)}
         moving = plan.members is not None
         if moving and self.world is None and self.layout.num_ranks > 1:
@@ -268,6 +276,9 @@ class RoundExecutor:
         n, u = a.layer, a.node
         leads = self.leads(n, u)
         v = self._model[(n, u)]
+        if self.hold and n == self.tree.N:
+            self._hold(a, leads)
+            return
         new = v if a.empty else None
         if not a.empty:
             lc = self._spanning(n, u)
@@ -288,13 +299,61 @@ class RoundExecutor:
         if a.last:
             self._model.pop((n, u), None)
 
+    def _hold(self, a: Aggregation, leads: bool) -> None:
+        """The close of a buffered cloud's job: its one message reaches the cloud's leader and is kept there
+        (:attr:`held`); nothing is aggregated, nothing goes down."""
+        n, u = a.layer, a.node
+        lc = self._spanning(n, u)
+        parts = self._parts.pop((n, u), [])
+        if a.empty:
+            return
+        if lc is not None and lc.leaders is not None and not leads:
+            send_messages(lc.leaders, parts, tag=n, guard=self.guard)
+        if leads:
+            self._acc.pop((n, u), None)
+            got = list(parts)
+            for msg, req in self._remote.pop((n, u), []):
+                wait(req, self.guard)
+                got.append(msg)
+            assert len(got) == 1, f"a buffered cloud's job has one message, got {len(got)}"
+            self.held[int(a.children[0])] = np.array(got[0], dtype=np.uint8)
+
+    def arrive(self, c: int) -> None:
+        """Child ``c``'s held message reaches the buffered cloud (on its leader; counted on link N there)."""
+        N = self.tree.N
+        if self.leads(N, 0):
+            self.buffer[c] = self.held.pop(c)
+            self.stats.uplink_bytes[N - 1] += self.msg_len[N - 1]
+            self.stats.messages[N - 1] += 1
+
+    def flush(self, entries: Sequence[tuple[int, np.float32]], w: np.ndarray) -> np.ndarray:
+        """The buffered cloud's update from cloud model ``w``: the buffered messages ``entries`` ``(child, weight)``
+        decoded into one float32 sum in that order, then the cloud's server optimiser; every rank returns the new
+        model.  Collective over the run's communicator."""
+        N, st = self.tree.N, self.stats
+        new = None
+        if self.leads(N, 0):
+            t0 = time.perf_counter()
+            v = self.vectors.from_host(w)
+            acc = self.vectors.zeros(self.dim)
+            for c, weight in entries:
+                self._up[N - 1].decode_add(self.buffer.pop(c), weight, acc)
+            new = np.array(self.vectors.to_host(self._update(N, 0, v, acc)), dtype=np.float32)
+            st.t_codec += time.perf_counter() - t0
+        if self.world is not None and self.world.Get_size() > 1:
+            t0 = time.perf_counter()
+            new = broadcast_vector(self.world, new, self.dim, self.guard, root=self.layout.leader(N, 0))
+            st.t_comm += time.perf_counter() - t0
+        assert new is not None
+        return new
+
     def _send_up(self, plan: RoundPlan, parent: Aggregation, j: int, x: Vec, v: Vec) -> None:
         """Participant ``j``'s message in ``parent``'s aggregation, made on the child's leader (this rank): added to
         the parent's accumulator when this rank leads the parent too, else kept to be sent at its close."""
         n, p = parent.layer, parent.node
         st = self.stats
         t0 = time.perf_counter()
-        acc = self._acc.get((n, p))
+        acc = None if self.hold and n == self.tree.N else self._acc.get((n, p))
         key = plan.message_key(parent, j)
         msg = self._encode(n, int(parent.children[j]), x, v, key, parent.weights[j] if acc is not None else None, acc)
         if msg is not None:
@@ -406,6 +465,9 @@ class RoundExecutor:
         host = self.vectors.to_host
         out = {f"server.{n}.{u}.{k}": host(x) for (n, u), st in self.server_state.items() for k, x in st.items()}
         out.update({f"residual.{n}.{c}": host(e) for (n, c), e in self.residuals.items()})
+        for c, msg in self.held.items():  # a buffered cloud's messages in flight, as float32 vectors of d values
+            for k, part in enumerate(_as_vectors(msg, self.dim)):
+                out[f"held.{self.tree.N}.{c}.{k}"] = part
         return out
 
     def state_vectors(self) -> int:
@@ -421,11 +483,23 @@ class RoundExecutor:
     def owner(self, name: str) -> int:
         """The rank that keeps the state entry ``name`` (of :meth:`state`) in this layout."""
         kind, n, u = name.split(".")[:3]
+        if kind == "held":
+            return self.layout.leader(self.tree.N, 0)
         return self.layout.leader(int(n), int(u)) if kind == "server" else self.layout.leader(int(n) - 1, int(u))
 
     def load_state(self, entries: dict[str, np.ndarray]) -> None:
         """Take over the entries of :meth:`state` that this rank keeps (after a resume)."""
+        held: dict[int, list[tuple[int, np.ndarray]]] = {}
         for name, x in entries.items():
+            if name.startswith("held.") and self.owner(name) == self.rank:
+                child, k = (int(i) for i in name.split(".")[2:4])
+                held.setdefault(child, []).append((k, np.asarray(x, dtype=np.float32).reshape(-1)))
+        for child, pieces in held.items():
+            self.held[child] = np.concatenate([p for _, p in sorted(pieces, key=lambda kp: kp[0])]).view(np.uint8)[
+                : self.msg_len[-1]].copy()
+        for name, x in entries.items():
+            if name.startswith("held."):
+                continue
             if self.owner(name) != self.rank:
                 continue
             parts = name.split(".")
@@ -438,3 +512,12 @@ class RoundExecutor:
                 self.residuals[(int(parts[1]), int(parts[2]))] = self.vectors.from_host(vec)
             else:
                 raise ValueError(f"checkpoint state {name!r} is of no known kind (server., residual.)")
+
+
+def _as_vectors(msg: np.ndarray, dim: int) -> list[np.ndarray]:
+    """A message's bytes as float32 vectors of ``dim`` values (zero-padded), for the checkpoint."""
+    raw = np.asarray(msg, dtype=np.uint8)
+    parts = max(1, -(-raw.size // (4 * dim)))
+    padded = np.zeros(parts * 4 * dim, dtype=np.uint8)
+    padded[: raw.size] = raw
+    return [p.copy() for p in padded.view(np.float32).reshape(parts, dim)]

@@ -173,7 +173,9 @@ def policies(cfg: Config) -> tuple[Policy, ...]:
     out = []
     for n in range(N):
         out.append(make_policy(a.policy[n] if a.policy else "all", deadline=a.deadline[n] if a.deadline else 0.0,
-                               min_children=a.min_children[n] if a.min_children else 1, k=a.k[n] if a.k else 1))
+                               min_children=a.min_children[n] if a.min_children else 1, k=a.k[n] if a.k else 1,
+                               buffer=a.buffer[n] if a.buffer else 1,
+                               staleness=a.staleness[n] if a.staleness else "constant"))
     return tuple(out)
 
 

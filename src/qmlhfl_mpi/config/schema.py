@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ..core.asynchrony import Staleness
 from ..core.codecs import CODECS
 from ..core.failures import FALLBACKS, UNITS
 from ..core.mobility import MODELS as MOBILITY_MODELS
@@ -226,6 +227,11 @@ class AggregationConfig:
     min_children: tuple[int, ...] = fld((), lo=0, doc="per layer: a deadline layer waits past its deadline for at "
                                                       "least this many children; empty = 1")
     k: tuple[int, ...] = fld((), lo=0, doc="per layer: a first_k layer aggregates the first k arrivals (>= 1 there)")
+    buffer: tuple[int, ...] = fld((), lo=0, doc="per layer: a buffered layer updates every this many arrivals (k_n, "
+                                                "1 <= k_n <= its children; 0 elsewhere)")
+    staleness: tuple[str, ...] = fld((), doc="per layer: a buffered layer's weight of an update its sender started "
+                                             "s versions ago: constant, polynomial(a) = (1 + s)^-a or hinge(a, b); "
+                                             "empty = constant")
 
 
 @dataclass(frozen=True)
@@ -558,7 +564,8 @@ def _validate_system(cfg: Config, N: int) -> None:
     lists = {"system.link_spread": s.link_spread, "system.down_rate": s.down_rate,
              "system.down_latency": s.down_latency, "system.contention": s.contention,
              "system.ingress_rate": s.ingress_rate, "aggregation.policy": a.policy,
-             "aggregation.deadline": a.deadline, "aggregation.min_children": a.min_children, "aggregation.k": a.k}
+             "aggregation.deadline": a.deadline, "aggregation.min_children": a.min_children, "aggregation.k": a.k,
+             "aggregation.buffer": a.buffer, "aggregation.staleness": a.staleness}
     for key, vals in lists.items():
         if vals and len(vals) != N:
             raise ConfigError(f"config key '{key}' = {list(vals)}: the tree has N={N} layers, so give {N} values "
@@ -574,10 +581,47 @@ def _validate_system(cfg: Config, N: int) -> None:
         if name == "first_k" and not (a.k and a.k[n] >= 1):
             raise ConfigError(f"config key 'aggregation.k' = {list(a.k)}: layer {n + 1} has policy first_k, so give "
                               f"it k >= 1 children (entry {n + 1} of {N})")
+    _validate_buffered(cfg, N)
     if s.availability_period and not s.availability_trace:
         raise ConfigError(f"config key 'system.availability_period' = {s.availability_period:g} repeats an "
                           "availability trace, but system.availability_trace is empty; give the trace or drop the "
                           "period")
+
+
+def _validate_buffered(cfg: Config, N: int) -> None:
+    """A ``buffered`` layer: the cloud only, a buffer of 1..its children, a staleness function, every child busy
+    (no sampling there), a float32 downlink, a fixed tree."""
+    a = cfg.aggregation
+    for n, text in enumerate(a.staleness):
+        try:
+            Staleness(text)
+        except ValueError as e:
+            raise ConfigError(f"config key 'aggregation.staleness[{n}]' = {text!r}: {e}") from None
+    for n, name in enumerate(a.policy, start=1):
+        if name != "buffered":
+            continue
+        if n != N:
+            raise ConfigError(f"config key 'aggregation.policy' = {list(a.policy)}: buffered on layer {n}; this "
+                              f"version buffers the cloud only (layer {N}, the last entry), with any synchronous "
+                              "policy below it")
+        children = TreeShape.of(cfg.topology.branching, cfg.topology.tree).max_children[N]
+        k = a.buffer[N - 1] if a.buffer else 0
+        if not 1 <= k <= children:
+            raise ConfigError(f"config key 'aggregation.buffer' = {list(a.buffer)}: the buffered cloud needs "
+                              f"1 <= k <= {children} (its children); entry {N} is {k}")
+        p, q = cfg.participation, cfg.quantizer
+        if (p.fraction and p.fraction[N - 1] < 1) or (p.availability and p.availability[N - 1] < 1):
+            raise ConfigError("config key 'participation.fraction'/'availability': the buffered cloud keeps every "
+                              f"child busy, so give 1 for layer {N} (sample below it instead)")
+        if q.downlink and q.downlink[N - 1]:
+            raise ConfigError(f"config key 'quantizer.downlink' = {list(q.downlink)}: the buffered cloud sends its "
+                              f"model to each child when the child starts a job, in float32; give 0 for link {N}")
+        if N == 1 and cfg.system.availability_trace:
+            raise ConfigError("config key 'system.availability_trace' with a buffered cloud over devices (N = 1): a "
+                              "job of an offline device would send nothing; put the devices under edge servers")
+        if cfg.mobility.model != "static" or cfg.failures.intervals or cfg.failures.trace:
+            raise ConfigError("config section 'mobility'/'failures' with a buffered cloud: this version moves "
+                              "devices between synchronous rounds only; use a synchronous cloud policy")
 
 
 def system_distributions(cfg: Config) -> tuple[Distribution, Distribution, tuple[Distribution, ...]]:

@@ -166,6 +166,10 @@ class Planner:
             lo, hi = b[idx], b[idx + 1]
         return (hi - lo).astype(np.float64) if self._cum is None else self._cum[hi] - self._cum[lo]
 
+    def child_sizes(self, n: int, u: int) -> np.ndarray:
+        """Float64 sizes ``D(c)`` of all of node ``u``'s children (devices or training samples)."""
+        return self._sizes(n, u)
+
     def _total(self, n: int, u: int) -> float:
         """``D(u)``: the node's devices or training samples (exactly the sum of its children's)."""
         lo, hi = self.tree.starts[n][u], self.tree.starts[n][u + 1]
@@ -255,9 +259,11 @@ class Planner:
         events = tuple((kind, int(new_index[i])) for kind, i in plan.events if new_index[i] >= 0)
         return RoundPlan(plan.round, plan.seed, tuple(out), events, plan.num_links, plan.members)
 
-    def plan(self, round_: int, members: Membership | None = None) -> RoundPlan:
+    def plan(self, round_: int, members: Membership | None = None, only: int | None = None) -> RoundPlan:
         """The plan of global round ``round_`` (pure: the same on every rank), on the tree of the moment
-        ``members`` when given (devices under other edges than the tree's, or none)."""
+        ``members`` when given (devices under other edges than the tree's, or none).  ``only``: the cloud's one
+        participant, its child at that position (weight 1): one job of a buffered cloud (:mod:`.asynchrony`),
+        its keys those of round ``round_``."""
         tree, tau = self.tree, self.tau
         aggs: list[Aggregation] = []
         events: list[tuple[int, int]] = []
@@ -274,7 +280,10 @@ class Planner:
         def aggregate(n: int, u: int, parent: int, slot: int, first: bool, last: bool) -> None:
             k = agg_calls.get((n, u), 0)
             agg_calls[(n, u)] = k + 1
-            if n == 1 and members is not None:
+            if only is not None and n == tree.N:
+                chosen = np.array([only], dtype=np.int64)
+                kids = tree.children(n, u).start + chosen
+            elif n == 1 and members is not None:
                 here = members.members(u)
                 chosen = self.participants(n, u, round_, k, here.size)
                 kids = here[chosen]
@@ -301,8 +310,8 @@ class Planner:
             if len(kids):
                 msg_calls[n - 1][kids] += 1
                 touched.append((n - 1, kids))
-            weights = empty_f if not len(kids) else \
-                self.weights(n, u, chosen) if members is None else self.weights_in(n, u, chosen, members)
+            weights = empty_f if not len(kids) else np.ones(1, dtype=np.float32) if only is not None and n == tree.N \
+                else self.weights(n, u, chosen) if members is None else self.weights_in(n, u, chosen, members)
             aggs[index] = Aggregation(n, u, k, parent, slot, first, last, kids.astype(np.int64), weights, mcalls,
                                       tcalls)
             events.append((CLOSE, index))

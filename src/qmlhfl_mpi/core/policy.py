@@ -16,9 +16,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .asynchrony import Staleness
 from .registry import Registry
 
-__all__ = ["POLICIES", "All", "Deadline", "FirstK", "Policy", "make_policy"]
+__all__ = ["POLICIES", "All", "Buffered", "Deadline", "FirstK", "Policy", "make_policy"]
 
 
 class Policy(Protocol):
@@ -90,11 +91,29 @@ class FirstK:
         return _first(arrive, min(self.k, len(arrive)))
 
 
+class Buffered:
+    """The buffered (semi-asynchronous) cloud of :mod:`.asynchrony`: it never waits for a set of children; each of
+    its aggregations in the clock's sense has one child (a job), kept when it arrives."""
+
+    name = "buffered"
+
+    def __init__(self, buffer: int = 1, staleness: str = "constant", **_: Any) -> None:
+        if buffer < 1:
+            raise ValueError(f"buffer = {buffer!r}: expected an integer >= 1")
+        self.buffer, self.staleness = int(buffer), Staleness(staleness)
+
+    def select(self, arrive: np.ndarray, start: float) -> tuple[np.ndarray, float, int]:
+        last = int(np.argmax(arrive))
+        return np.ones(len(arrive), dtype=bool), float(arrive[last]), last
+
+
 POLICIES = Registry("aggregation policy", "aggregation.policy")
 POLICIES.register("all", All, "wait for every participating child (the paper's)")
 POLICIES.register("deadline", Deadline, "the children whose messages arrive within aggregation.deadline s of the "
                                         "node sending its model, at least aggregation.min_children")
 POLICIES.register("first_k", FirstK, "the first aggregation.k arrivals (over-selection)")
+POLICIES.register("buffered", Buffered, "the cloud only: semi-asynchronous, an update every aggregation.buffer "
+                                        "arrivals weighted by aggregation.staleness (docs/algorithms.md)")
 
 
 def make_policy(name: str, **params: Any) -> Policy:

@@ -20,11 +20,12 @@ from itertools import islice
 
 import numpy as np
 
+from .asynchrony import BufferedSchedule
 from .clock import RoundClock, SystemModel, round_clock
 from .membership import Membership
 from .mobility import Mobility
 from .plan import Planner, RoundPlan
-from .policy import Deadline, Policy
+from .policy import Buffered, Deadline, Policy
 
 __all__ = ["FINISH_PERCENTILES", "RoundScheduler", "TimedRound", "changed_rows"]
 
@@ -83,9 +84,25 @@ class RoundScheduler:
         """Round ``t``'s tree of the moment (``None``: the tree's own, nothing moves or fails)."""
         return self.mobility.at(t, t0) if self.mobility is not None and self.mobility.dynamic else None
 
-    def round(self, t: int, t0: float = 0.0) -> TimedRound:
-        """Round ``t``, starting at virtual time ``t0`` (seconds since the run started)."""
-        drawn = self.planner.plan(t, self.members(t, t0))
+    @property
+    def buffered(self) -> Buffered | None:
+        """The cloud's buffered policy, if it has one."""
+        top = self.policies[-1]
+        return top if isinstance(top, Buffered) else None
+
+    def schedule(self) -> BufferedSchedule:
+        """The events of the buffered cloud (:mod:`.asynchrony`); each START's payload is its job's
+        :class:`TimedRound`."""
+        policy = self.buffered
+        assert policy is not None
+        tree = self.planner.tree
+        return BufferedSchedule(self.planner.child_sizes(tree.N, 0), policy.buffer, policy.staleness,
+                                lambda c, j, t0: _timed(self.round(j, t0, only=c)))
+
+    def round(self, t: int, t0: float = 0.0, only: int | None = None) -> TimedRound:
+        """Round ``t``, starting at virtual time ``t0`` (seconds since the run started); ``only``: the cloud's
+        child at that position alone (a buffered cloud's job)."""
+        drawn = self.planner.plan(t, self.members(t, t0), only)
         clock = round_clock(drawn, int(self.planner.tau[0]), self.system, self.up_bits, self.down_bits,
                             self.policies, t0)
         plan = self.planner.prune(drawn, clock.keep)
@@ -109,6 +126,9 @@ class RoundScheduler:
 
     def start_of(self, t: int) -> float:
         """The virtual time round ``t`` starts at: rounds ``0 .. t-1`` timed again (nothing is trained)."""
+        if self.buffered is not None:  # the end of a buffered cloud's round t - 1
+            ends = [events[-1].time for events in islice(self.schedule().rounds(), t)]
+            return float(ends[-1]) if ends else 0.0
         t0 = 0.0
         for _, timed in islice(self.timeline(), t):
             t0 += timed.duration
@@ -144,6 +164,10 @@ class RoundScheduler:
             if live and not any(timed.clock.keep[i].any() for i in idx):
                 out.append((n, float(min(timed.clock.earliest[i] for i in live))))
         return out
+
+
+def _timed(timed: TimedRound) -> tuple[float, TimedRound]:
+    return timed.duration, timed
 
 
 def changed_rows(before: np.ndarray, now: np.ndarray, t: int) -> np.ndarray:
