@@ -194,8 +194,46 @@ least 4 (deadline), or for the first 6 (first_k); the cloud waits for all 4 edge
           "--label-keys system.speed,aggregation.policy", variants, seeds)
 
 
+def asynchrony(seeds: tuple[int, ...] = SEEDS) -> None:
+    """Study 8: under lognormal(1) device speeds, edges that wait for all, edges with a deadline, and a buffered
+    cloud (k = 2 or 1 of its 4 edges, polynomial(0.5) staleness) over edges that wait for all."""
+    base = [f"latency.step_time={STRAGGLER_STEP}", "system.speed=lognormal(1)", "train.rounds=40"]
+    variants = [
+        ("all", [*base, "aggregation.policy=[all,all]"]),
+        ("deadline", [*base, "aggregation.policy=[deadline,all]", f"aggregation.deadline=[{STRAGGLER_DEADLINE},0]",
+                      "aggregation.min_children=[4,1]"]),
+        ("buffered-k2", [*base, "aggregation.policy=[all,buffered]", "aggregation.buffer=[0,2]",
+                         "aggregation.staleness=[constant,polynomial(0.5)]"]),
+        ("buffered-k1", [*base, "aggregation.policy=[all,buffered]", "aggregation.buffer=[0,1]",
+                         "aggregation.staleness=[constant,polynomial(0.5)]"]),
+    ]
+    write("asynchrony", f"""
+N = 2: 32 devices in 4 edges of 8; tau = (4, 4); QSGD s = (4, 8), bucket 512; shards of 2 classes per device;
+device speeds lognormal(1) (median {STRAGGLER_STEP} s per step); the edges wait for all 8 devices (all) or for
+those within {STRAGGLER_DEADLINE} s, at least 4 (deadline), under a synchronous cloud; or a buffered cloud over
+edges that wait for all, updating every 2 (k2) or every arriving edge (k1), stale updates weighted
+(1 + s)^-0.5; a buffered round is ceil(4 / k) cloud updates; 40 rounds; accuracy at {STRAGGLER_AT:g} virtual
+seconds.""", f"--target 0.75 --last 5 --at-time {STRAGGLER_AT:g} --label-keys aggregation.policy,aggregation.buffer",
+          variants, seeds)
+
+
+def mobility(seeds: tuple[int, ...] = SEEDS) -> None:
+    """Study 9: devices moving between edges (random, uniform) with probability p per round under edge-level
+    heterogeneity (edge-shards)."""
+    base = [f"latency.step_time={STRAGGLER_STEP}", "system.speed=lognormal(0.5)", "data.partition.kind=edge-shards",
+            "train.rounds=40"]
+    variants = [("p0", [*base, "mobility.model=static"])]
+    variants += [(f"p{p}", [*base, "mobility.model=random", f"mobility.p={p}"]) for p in ("0.05", "0.2", "1")]
+    write("mobility", f"""
+N = 2: 32 devices in 4 edges of 8; tau = (4, 4); QSGD s = (4, 8), bucket 512; edge-shards (each edge's devices
+share a pool of 4 classes, 2 per device): edge-level heterogeneity; device speeds lognormal(0.5) (median
+{STRAGGLER_STEP} s per step); each round every device moves to another edge (uniformly) with probability p in
+0 / 0.05 / 0.2 / 1, taking its data along; 40 rounds; accuracy per round and at {STRAGGLER_AT:g} virtual seconds.""",
+          f"--target 0.7 --last 5 --at-time {STRAGGLER_AT:g} --label-keys mobility.model,mobility.p", variants, seeds)
+
+
 STUDIES = {"depth": depth, "quant_layers": quant_layers, "biased": biased, "selection": selection,
-           "hetero": hetero, "stragglers": stragglers}
+           "hetero": hetero, "stragglers": stragglers, "asynchrony": asynchrony, "mobility": mobility}
 
 
 def main() -> None:

@@ -71,11 +71,21 @@ class ClockModel:
 
     def durations(self, tau: Sequence[int], rounds: int, system: SystemModel | None = None) -> np.ndarray:
         """The virtual seconds of rounds ``0 .. rounds-1`` run one after another."""
-        return np.array([timed.duration for _, timed in islice(self.scheduler(tau, system).timeline(), rounds)])
+        sched = self.scheduler(tau, system)
+        if sched.buffered is not None:  # a buffered cloud's rounds end with their last update
+            ends = [events[-1].time for events in islice(sched.schedule().rounds(), rounds)]
+            return np.diff(np.array([0.0, *ends]))
+        return np.array([timed.duration for _, timed in islice(sched.timeline(), rounds)])
 
     def rounds_within(self, tau: Sequence[int], deadline: float, cap: int = 100_000) -> int:
         """How many whole rounds of ``tau`` end within ``deadline`` virtual seconds (at most ``cap``)."""
-        for t, (t0, timed) in enumerate(islice(self.scheduler(tau).timeline(), cap)):
+        sched = self.scheduler(tau)
+        if sched.buffered is not None:
+            for t, events in enumerate(islice(sched.schedule().rounds(), cap)):
+                if events[-1].time > deadline:
+                    return t
+            return cap
+        for t, (t0, timed) in enumerate(islice(sched.timeline(), cap)):
             if t0 + timed.duration > deadline:
                 return t
         return cap

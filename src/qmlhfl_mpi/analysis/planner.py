@@ -158,6 +158,10 @@ def _outside_bound(cfg: Config) -> list[str]:
     if cfg.mobility.model != "static":
         out.append(f"devices that move (mobility.model {cfg.mobility.model}: the tree, its weights D(c)/D(u) and the "
                    "per-layer heterogeneity change from round to round; the bound assumes one fixed tree)")
+    if cfg.aggregation.policy and cfg.aggregation.policy[-1] == "buffered":
+        out.append("a buffered cloud (updates from stale models, weighted by aggregation.staleness: the bound assumes "
+                   "every child starts from the cloud's newest model; it still holds for the synchronous layers below "
+                   "within one job)")
     if cfg.failures.intervals or cfg.failures.trace:
         out.append("edge servers that fail (their devices move or sit out, so the weights and the devices taking "
                    "part change while they are down)")
@@ -237,8 +241,13 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     write(f"virtual time per round under the system model (docs/system.md, {rounds} rounds): mean "
           f"{times.mean():.4g} s, min {times.min():.4g} s, max {times.max():.4g} s; {cfg.train.rounds} rounds "
           f"take about {times.mean() * cfg.train.rounds:.4g} s")
-    for line in clock.dominance(cfg.tau, rounds).lines():
-        write(f"  {line}")
+    if cfg.aggregation.policy and cfg.aggregation.policy[-1] == "buffered":
+        a = cfg.aggregation
+        write(f"  a buffered cloud: an update every {a.buffer[-1]} arrivals, a round = ceil(children / "
+              f"{a.buffer[-1]}) updates; no round waits for a set of children")
+    else:
+        for line in clock.dominance(cfg.tau, rounds).lines():
+            write(f"  {line}")
     L, how = _smoothness(cfg, args.L)
     terms = condition_terms(cfg.tau, qs, tree)
     bound = max_lr(L, cfg.tau, qs, tree)

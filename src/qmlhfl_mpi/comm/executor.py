@@ -84,6 +84,7 @@ class RoundExecutor:
         # a buffered cloud (core/asynchrony.py), on the cloud's leader: each busy child's message (made when its
         # job started, in the cloud's hands when it arrives) and the buffer of arrived ones
         self.hold = False
+        self.held_slots = 0  # the float32 vectors the held messages may take in a checkpoint (set by the runtime)
         self.held: dict[int, np.ndarray] = {}
         self.buffer: dict[int, np.ndarray] = {}
 
@@ -472,7 +473,7 @@ class RoundExecutor:
 
     def state_vectors(self) -> int:
         """How many float32 vectors of the model's length the per-node state may hold (all ranks together)."""
-        tree, out = self.tree, 0
+        tree, out = self.tree, self.held_slots
         for n, lk in enumerate(self.links, start=1):
             if not isinstance(lk.server, Average):
                 out += tree.num_nodes(n) * len(lk.server.state_names)
