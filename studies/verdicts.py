@@ -20,7 +20,7 @@ import numpy as np
 
 RES = Path(__file__).resolve().parents[1] / "results" / "studies"
 SEEDS = (0, 1, 2)
-VIRTUAL = ("stragglers",)  # studies read on the virtual clock
+VIRTUAL = ("stragglers", "asynchrony", "mobility")  # studies read on the virtual clock
 
 
 SEEDS_OF = {"stragglers": (0, 1, 2, 3, 4)}  # studies with more seeds than SEEDS
@@ -255,8 +255,41 @@ def stragglers() -> list[str]:
     return out
 
 
+def asynchrony() -> list[str]:
+    """Study 8 (claims fixed before the runs): a buffered cloud reaches 75% sooner than synchronous edges that
+    wait for all, and is more accurate at 40 virtual s; it costs accuracy per round (stale updates); against
+    edges with a deadline, no prior direction."""
+    s = "asynchrony"
+    out = [HEAD]
+    for b in ("buffered-k2", "buffered-k1"):
+        out.append(compare(s, f"{b} reaches 75% sooner than all (virtual s)", b, "all", time_to(0.75), unit="s",
+                           sign=-1, scale=1.0))
+        out.append(compare(s, f"{b} is more accurate than all at 40 virtual s", b, "all", at_time(40)))
+        out.append(compare(s, f"{b} costs accuracy per round (rounds 36-40)", "all", b, window(36, 40)))
+        out.append(compare(s, f"{b} reaches 75% sooner than deadline (virtual s)", b, "deadline", time_to(0.75),
+                           unit="s", sign=-1, scale=1.0))
+        out.append(compare(s, f"{b} is more accurate than deadline at 40 virtual s", b, "deadline", at_time(40)))
+    out.append(compare(s, "k1 is more accurate than k2 at 40 virtual s", "buffered-k1", "buffered-k2", at_time(40)))
+    return out
+
+
+def mobility() -> list[str]:
+    """Study 9 (claims fixed before the runs): under edge-shards, devices that move mix the edges' data and help
+    (MACFL), per round and at 40 virtual s."""
+    s = "mobility"
+    out = [HEAD]
+    for p in ("0.05", "0.2", "1"):
+        out.append(compare(s, f"p = {p} is more accurate per round than p = 0 (rounds 36-40)", f"p{p}", "p0",
+                           window(36, 40)))
+        out.append(compare(s, f"p = {p} is more accurate than p = 0 at 40 virtual s", f"p{p}", "p0", at_time(40)))
+        out.append(compare(s, f"p = {p} reaches 70% in fewer rounds than p = 0", f"p{p}", "p0", rounds_to(0.7, 40),
+                           unit="rounds", sign=-1, scale=1.0))
+    return out
+
+
 STUDIES = {"depth": depth, "quant_layers": quant_layers, "biased": biased, "selection": selection,
-           "hetero": hetero, "optvsrandom": optvsrandom, "stragglers": stragglers}
+           "hetero": hetero, "optvsrandom": optvsrandom, "stragglers": stragglers, "asynchrony": asynchrony,
+           "mobility": mobility}
 
 
 def main() -> None:

@@ -86,7 +86,7 @@ class RoundExecutor:
         self.hold = False
         self.held_slots = 0  # the float32 vectors the held messages may take in a checkpoint (set by the runtime)
         self.held: dict[int, np.ndarray] = {}
-        self.buffer: dict[int, np.ndarray] = {}
+        self.buffer: list[tuple[int, np.ndarray]] = []  # in arrival order: a fast child may be in it twice
 
     # ---- who does what ----------------------------------------------------------
     def involved(self, n: int, u: int) -> bool:
@@ -323,7 +323,7 @@ class RoundExecutor:
         """Child ``c``'s held message reaches the buffered cloud (on its leader; counted on link N there)."""
         N = self.tree.N
         if self.leads(N, 0):
-            self.buffer[c] = self.held.pop(c)
+            self.buffer.append((c, self.held.pop(c)))
             self.stats.uplink_bytes[N - 1] += self.msg_len[N - 1]
             self.stats.messages[N - 1] += 1
 
@@ -337,8 +337,12 @@ class RoundExecutor:
             t0 = time.perf_counter()
             v = self.vectors.from_host(w)
             acc = self.vectors.zeros(self.dim)
-            for c, weight in entries:
-                self._up[N - 1].decode_add(self.buffer.pop(c), weight, acc)
+            got, self.buffer = self.buffer, []
+            if [c for c, _ in got] != [c for c, _ in entries]:
+                raise RuntimeError(f"the buffer holds children {[c for c, _ in got]} but the update expects "
+                                   f"{[c for c, _ in entries]}")
+            for (_, msg), (_, weight) in zip(got, entries, strict=True):
+                self._up[N - 1].decode_add(msg, weight, acc)
             new = np.array(self.vectors.to_host(self._update(N, 0, v, acc)), dtype=np.float32)
             st.t_codec += time.perf_counter() - t0
         if self.world is not None and self.world.Get_size() > 1:
