@@ -23,7 +23,7 @@ SEEDS = (0, 1, 2)
 VIRTUAL = ("stragglers", "asynchrony", "mobility")  # studies read on the virtual clock
 
 
-SEEDS_OF = {"stragglers": (0, 1, 2, 3, 4)}  # studies with more seeds than SEEDS
+SEEDS_OF = {"stragglers": (0, 1, 2, 3, 4), "asynchrony": (0, 1, 2, 3, 4)}  # studies with more seeds than SEEDS
 
 
 def seeds(study: str) -> tuple[int, ...]:
