@@ -7,7 +7,8 @@ The tree of benchmarks/scale.py (10 regions x 10 edges x D/100 devices, tau = (1
 model and codecs), a share ``--fraction`` of every edge's devices drawn per aggregation, on a heterogeneous
 system: device speeds lognormal(0.5), a lognormal(0.2) jitter every round, a downlink of 4e7 bits/s on
 link 1, and each policy at the edges (all; a deadline of 1.5x the median arrival with at least one child;
-first_k = 1).  Prints, per size and policy, the median milliseconds of ``RoundScheduler.round`` (drawing the
+first_k = 1), and ``moving``: all, with 10% of the devices moving to another edge every round and edge 0 down
+(its devices join its neighbour).  Prints, per size and policy, the median milliseconds of ``RoundScheduler.round`` (drawing the
 round, its clock and the kept plan: every rank does this once per round) and, with ``--engine-rounds``, the
 median seconds of the whole round as the engine measures it (``time_round``, one rank, in this process)
 and the share the plan and clock take of it.
@@ -23,7 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = {"all": [], "deadline": ["aggregation.policy=[deadline,all,all]", "aggregation.deadline=[DL,0,0]"],
-            "first_k": ["aggregation.policy=[first_k,all,all]", "aggregation.k=[1,0,0]"]}
+            "first_k": ["aggregation.policy=[first_k,all,all]", "aggregation.k=[1,0,0]"],
+            # the tree of the moment (docs/algorithms.md): 10% of the devices move every round, an edge is down
+            "moving": ["mobility.model=random", "mobility.p=0.1", "failures.intervals=[[0,0,1000]]"]}
 
 
 def sets(devices: int, fraction: float) -> list[str]:

@@ -152,3 +152,16 @@ def test_the_example_sigkilled_mid_run_resumes_on_another_rank_count_bit_for_bit
         m = b["metrics"]
         assert (m["uplink_bytes"][()] == m["messages"][()] * b["quantizer/message_bytes"][()]).all()
         assert (m["messages"][()][:, 1] == 3 * 2).all()  # 3 updates of 2 arrivals a round
+
+
+def test_plan_prints_a_buffered_rounds_events(capsys):
+    """``qmlhfl-mpi plan`` of a buffered config lists the round's events: starts, arrivals, updates with their
+    staleness-discounted weights (nothing trained)."""
+    from qmlhfl_mpi.cli import main
+
+    assert main(["plan", str(REPO / "configs/examples/buffered.yaml"), "--round", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("round 2 of a buffered cloud (k = 2)")
+    updates = [ln for ln in lines if " update " in ln]
+    assert len(updates) == 3 and updates[-1].endswith("(ends the round)")  # ceil(6 / 2) updates a round
+    assert any(" start " in ln for ln in lines) and any(" arrive " in ln for ln in lines)

@@ -133,6 +133,6 @@ def test_the_mobility_example_runs_under_mpiexec_and_records_its_trees(tmp_path,
         edges[mine[:, 1]] = mine[:, 2]
         assert (edges == 2).any() == (t < 3), t
         assert messages[t, 0] == 2 * 48 and messages[t, 1] == 6 - (t >= 3)  # tau_2 = 2 local runs of everyone
-    assert main(["check", "configs/examples/mobility.yaml", "--L", "1"]) == 0
+    assert main(["check", str(REPO / "configs/examples/mobility.yaml"), "--L", "1"]) == 0
     said = capsys.readouterr().out
     assert "devices that move (mobility.model random" in said and "edge servers that fail" in said

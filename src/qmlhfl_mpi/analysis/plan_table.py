@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from itertools import islice
 
 import numpy as np
 
 from .. import config as config_mod
 from ..config import Config
 from ..config import build as builders
+from ..core.asynchrony import ARRIVE, START, AsyncEvent
 from ..core.exitcodes import EXIT_OK
 from ..core.plan import OPEN
 from ..core.scheduler import TimedRound
 from ..core.topology import Tree
 from .clockfit import ClockModel
 
-__all__ = ["add_arguments", "cmd_plan", "plan_lines"]
+__all__ = ["add_arguments", "buffered_lines", "cmd_plan", "plan_lines"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,8 +90,8 @@ def plan_lines(cfg: Config, timed: TimedRound, tree: Tree, dim: int, max_childre
         if a.empty:
             then = "nobody takes part: keeps its model" + (", goes up" if a.last else "")
         elif a.down:
-            then = f"down to {tree.num_devices_of(n, a.node)} devices"
-            down_bytes[n - 1] += down[n - 1] * len(tree.children(n, a.node))
+            then = f"down to {plan.fanout(tree, a)} children"
+            down_bytes[n - 1] += down[n - 1] * plan.fanout(tree, a)
         else:
             then = f"up to {n + 1}:{tree.parent(n, a.node)}"
         if inside:
@@ -112,6 +114,25 @@ def plan_lines(cfg: Config, timed: TimedRound, tree: Tree, dim: int, max_childre
     return out
 
 
+def buffered_lines(cfg: Config, t: int, events: list[AsyncEvent], t0: float) -> list[str]:
+    """The events of a buffered cloud's round ``t`` (docs/algorithms.md, "Buffered cloud"), which starts at
+    virtual time ``t0``: jobs started, messages arrived, updates with their weights."""
+    out = [f"round {t} of a buffered cloud (k = {cfg.aggregation.buffer[-1]}): {len(events)} events from {t0:.6g} s "
+           "(children of the cloud by position; a job is one synchronous round of the child's subtree)"]
+    for e in events:
+        if e.kind == START:
+            timed = e.payload
+            out.append(f"{e.time:>12.6g} s  start   child {e.child} job {e.job} from version {e.version}; arrives "
+                       f"at {e.time + timed.duration:.6g} s; {int(timed.plan.messages().sum())} messages inside")
+        elif e.kind == ARRIVE:
+            out.append(f"{e.time:>12.6g} s  arrive  child {e.child} job {e.job} (started from version {e.version})")
+        else:
+            weights = ", ".join(f"{c}({w:.3g})" for c, w in e.entries)
+            out.append(f"{e.time:>12.6g} s  update  -> version {e.version}: {weights}" +
+                       ("  (ends the round)" if e.round_end else ""))
+    return out
+
+
 def cmd_plan(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     """Print the plan of ``args.round``; returns the exit code."""
     cfg = config_mod.load(args.config, args.set)
@@ -121,6 +142,11 @@ def cmd_plan(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     dim = builders.model_dim(cfg)
     sched = ClockModel(cfg, tree, dim).scheduler(cfg.tau, samples=_samples(cfg, tree))
     t0 = sched.start_of(args.round)
-    for line in plan_lines(cfg, sched.round(args.round, t0), tree, dim, args.max_children, t0):
+    if sched.buffered is not None:
+        events = next(islice(sched.schedule().rounds(), args.round, None))
+        lines = buffered_lines(cfg, args.round, events, t0)
+    else:
+        lines = plan_lines(cfg, sched.round(args.round, t0), tree, dim, args.max_children, t0)
+    for line in lines:
         write(line)
     return EXIT_OK

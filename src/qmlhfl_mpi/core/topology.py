@@ -108,9 +108,6 @@ class Tree:
     def device_range(self, n: int, u: int) -> range:
         return range(int(self.starts[n][u]), int(self.starts[n][u + 1]))
 
-    def num_devices_of(self, n: int, u: int) -> int:
-        return int(self.starts[n][u + 1] - self.starts[n][u])
-
     def children(self, n: int, u: int) -> range:
         """Indices at layer ``n-1`` of the children of node ``u`` at layer ``n >= 1``."""
         lo = int(np.searchsorted(self.starts[n - 1], self.starts[n][u]))
