@@ -91,3 +91,22 @@ def test_bad_random_options():
         RandomMoves(1.5, "uniform", 0)
     with pytest.raises(ValueError, match="expected one of uniform, ring, grid"):
         RandomMoves(0.5, "torus", 0)
+
+
+def test_markov_draws_each_row_without_a_devices_by_edges_table():
+    """The Markov step searches each edge's cumulative row for its devices' draws (memory O(devices), not
+    O(devices x edges)); the same edges as comparing every device's draw with its whole row."""
+    from qmlhfl_mpi.core.mobility import _draws
+
+    rng = np.random.default_rng(1)
+    E = 30
+    m = rng.random((E, E))
+    m[:, 3] = 0  # nobody ever goes to edge 3
+    m /= m.sum(axis=1, keepdims=True)
+    moves = MarkovMoves(m, 5)
+    edge_of = rng.integers(-1, E, 5000)
+    got = moves.step(edge_of, 3, E)
+    on = np.flatnonzero(edge_of >= 0)
+    dense = edge_of.copy()
+    dense[on] = np.minimum((moves.cum[edge_of[on]] < _draws(5, 3, on, 1)[:, None]).sum(axis=1), E - 1)
+    assert np.array_equal(got, dense) and not (got == 3).any() and (got[edge_of < 0] == -1).all()

@@ -55,13 +55,12 @@ class Static(MobilityModel):
         return edge_of
 
 
-def _draws(seed: int, round_: int, devices: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two uniforms in (0, 1) per device: whether it moves, and where to."""
+def _draws(seed: int, round_: int, devices: np.ndarray, which: int) -> np.ndarray:
+    """A uniform in (0, 1) per device of ``devices``: whether it moves (``which`` 0: counter ``2d``) or where to
+    (1: counter ``2d + 1``); counter-based, so drawing some devices' gives the same numbers as drawing all."""
     k0, k1 = key_words((seed, rng.MOBILITY, round_))
-    counters = np.arange(devices, dtype=np.int64)
     half = 2.0 ** -25  # the 24-bit draws moved to the middle of their cells: in (0, 1)
-    return (uniforms_at(k0, k1, 2 * counters).astype(np.float64) + half,
-            uniforms_at(k0, k1, 2 * counters + 1).astype(np.float64) + half)
+    return uniforms_at(k0, k1, 2 * np.asarray(devices, dtype=np.int64) + which).astype(np.float64) + half
 
 
 class RandomMoves(MobilityModel):
@@ -78,10 +77,10 @@ class RandomMoves(MobilityModel):
     def step(self, edge_of: np.ndarray, round_: int, num_edges: int) -> np.ndarray:
         if self.p == 0 or num_edges < 2:
             return edge_of
-        move, where = _draws(self.seed, round_, edge_of.size)
+        move = _draws(self.seed, round_, np.arange(edge_of.size), 0)
         out = edge_of.copy()
-        m = (move < self.p) & (edge_of >= 0)
-        cur, w = edge_of[m], where[m]
+        m = np.flatnonzero((move < self.p) & (edge_of >= 0))  # where to: drawn for the movers only
+        cur, w = edge_of[m], _draws(self.seed, round_, m, 1)
         if self.neighbours == "uniform":  # one of the other E - 1 edges
             k = np.minimum((w * (num_edges - 1)).astype(np.int64), num_edges - 2)
             out[m] = k + (k >= cur)
@@ -127,11 +126,16 @@ class MarkovMoves(MobilityModel):
     def step(self, edge_of: np.ndarray, round_: int, num_edges: int) -> np.ndarray:
         if self.cum.shape[0] != num_edges:
             raise ValueError(f"mobility matrix has {self.cum.shape[0]} rows but the tree has {num_edges} edge servers")
-        _, where = _draws(self.seed, round_, edge_of.size)
         out = edge_of.copy()
-        m = edge_of >= 0
-        rows = self.cum[edge_of[m]]
-        out[m] = np.minimum((rows < where[m, None]).sum(axis=1), num_edges - 1)
+        m = np.flatnonzero(edge_of >= 0)
+        where, cur = _draws(self.seed, round_, m, 1), edge_of[m]
+        order = np.argsort(cur.astype(np.uint16) if num_edges < 1 << 16 else cur, kind="stable")  # radix sort
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(cur, minlength=num_edges))])
+        new = np.empty(m.size, dtype=np.int64)
+        for e in np.flatnonzero(np.diff(bounds)).tolist():  # per edge: the entries of its row below the draw
+            idx = order[bounds[e] : bounds[e + 1]]
+            new[idx] = np.searchsorted(self.cum[e], where[idx], side="left")  # = (cum[e] < w).sum(): rows rise
+        out[m] = np.minimum(new, num_edges - 1)
         return out
 
 
