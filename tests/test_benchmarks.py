@@ -56,5 +56,5 @@ def test_gpu_check_smoke_on_the_cpu():
 def test_clock_benchmark_smoke():
     out = bench("benchmarks/clock.py", "--smoke")
     rows = [ln.split() for ln in out.strip().splitlines() if ln.split() and ln.split()[0] == "200"]
-    assert [r[2] for r in rows] == ["all", "deadline", "first_k"]
+    assert [r[2] for r in rows] == ["all", "deadline", "first_k", "moving"]
     assert float(rows[0][3]) > 0 and float(rows[0][4]) > 0  # milliseconds of the plan, seconds of the round
