@@ -108,6 +108,7 @@ def test_the_files_are_read_and_their_errors_name_the_key(tmp_path):
         built(failures={"trace": str(tmp_path / "g.csv")})
 
 
+@pytest.mark.portable
 def test_the_mobility_example_runs_under_mpiexec_and_records_its_trees(tmp_path, capsys):
     """configs/examples/mobility.yaml on 2 ranks: edge server 2 is down in rounds 3-5, so its devices sit under
     edge 1 (its nearest alive sibling) then and nothing arrives from it; devices move on a ring every round; the
