@@ -137,3 +137,34 @@ def test_the_mobility_example_runs_under_mpiexec_and_records_its_trees(tmp_path,
     assert main(["check", str(REPO / "configs/examples/mobility.yaml"), "--L", "1"]) == 0
     said = capsys.readouterr().out
     assert "devices that move (mobility.model random" in said and "edge servers that fail" in said
+
+
+def test_a_trace_changed_between_checkpoint_and_resume_is_refused_naming_it(tmp_path):
+    """The checkpoint keeps the SHA-256 of every trace and matrix file the run reads (covered by its own
+    digest); --resume with a changed file is refused, naming the key and the file, and nothing is changed;
+    with the file restored it resumes."""
+    import h5py
+    from mpi4py import MPI
+
+    from qmlhfl_mpi import Callback, Session
+    from qmlhfl_mpi.run.errors import RunError
+
+    class StopAfter(Callback):
+        def on_round_end(self, session, record):
+            return int(record["round"]) == 0
+
+    trace = tmp_path / "moves.csv"
+    trace.write_text("round,device,edge\n1,0,1\n2,3,0\n")
+    cfg = small_config(tmp_path, mobility={"model": "trace", "trace": str(trace)}, train={"rounds": 3})
+    Session(load_config(cfg), MPI.COMM_SELF).run(callbacks=[StopAfter()])
+    ckpt = tmp_path / "out.h5.ckpt"
+    with h5py.File(ckpt) as f:
+        assert "mobility.trace" in f.attrs["inputs"]
+    before = ckpt.read_bytes()
+    trace.write_text("round,device,edge\n1,0,1\n2,4,0\n")  # another device moves in round 2
+    with pytest.raises(RunError, match=r"the file '.*moves.csv' of config key 'mobility.trace' changed since the "
+                                       r"checkpoint"):
+        Session(load_config(cfg), MPI.COMM_SELF).run(resume=True)
+    assert ckpt.read_bytes() == before
+    trace.write_text("round,device,edge\n1,0,1\n2,3,0\n")
+    assert Session(load_config(cfg), MPI.COMM_SELF).run(resume=True).status == "completed"

@@ -9,6 +9,7 @@ from .schema import (
                      apply_overrides,
                      callback_specs,
                      config_diff,
+                     input_files,
                      flatten,
                      from_dict,
                      load,
@@ -17,5 +18,5 @@ from .schema import (
                      validate,
 )
 
-__all__ = ["Config", "ConfigError", "RESUME_FREE_KEYS", "apply_overrides", "callback_specs", "config_diff",
+__all__ = ["Config", "ConfigError", "RESUME_FREE_KEYS", "apply_overrides", "callback_specs", "config_diff", "input_files",
            "flatten", "from_dict", "load", "load_config", "schema", "validate"]

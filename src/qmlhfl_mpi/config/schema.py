@@ -704,6 +704,17 @@ def callback_specs(raw: Any) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+# keys naming files whose contents change results (traces, matrices): a checkpoint keeps their SHA-256
+INPUT_FILE_KEYS = ("system.device_trace", "system.link_trace", "system.availability_trace", "mobility.matrix",
+                   "mobility.trace", "failures.trace")
+
+
+def input_files(cfg: Config) -> dict[str, str]:
+    """``{key: path}`` of the :data:`INPUT_FILE_KEYS` the config sets."""
+    flat = flatten(yaml.safe_load(cfg.to_yaml()))
+    return {k: str(flat[k]) for k in INPUT_FILE_KEYS if flat.get(k)}
+
+
 # keys that may change between a checkpoint and its resumption: they do not
 # change the trained model or the recorded metrics
 RESUME_FREE_KEYS = ("output.path", "output.checkpoint_every", "output.csv", "output.tensorboard", "train.rounds",

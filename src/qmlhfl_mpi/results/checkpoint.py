@@ -65,7 +65,7 @@ def _canonical(a: Any) -> np.ndarray:
 
 def checkpoint_digest(model: np.ndarray, rounds_done: int, config_yaml: str,
                       state: Mapping[str, np.ndarray] | None = None, *, fmt: str = FORMAT,
-                      metrics: Mapping[str, np.ndarray] | None = None) -> str:
+                      metrics: Mapping[str, np.ndarray] | None = None, inputs: str = "") -> str:
     """Hex SHA-256 over everything a restart uses, each field length-prefixed.
 
     In order: the format string; ``rounds_done`` as a little-endian int64; the
@@ -76,7 +76,9 @@ def checkpoint_digest(model: np.ndarray, rounds_done: int, config_yaml: str,
     dtype (``numpy`` ``dtype.str`` after conversion to little-endian), its shape
     and its raw C-order bytes.  Every variable-length piece is preceded by its
     length as a little-endian uint64, so no two different checkpoints hash the
-    same bytes.
+    same bytes.  A checkpoint that names its input files (``inputs``: JSON of the config key, path and SHA-256 of
+    each trace or matrix file the run reads) adds the marker ``inputs`` and that text last; one that does not
+    hashes as before.
     """
     h = hashlib.sha256()
 
@@ -100,12 +102,15 @@ def checkpoint_digest(model: np.ndarray, rounds_done: int, config_yaml: str,
         for name in sorted(entries):
             piece(name.encode("utf-8"))
             array(entries[name])
+    if inputs:
+        piece(b"inputs")
+        piece(inputs.encode("utf-8"))
     return h.hexdigest()
 
 
 def write_checkpoint(path: str | Path, *, model: np.ndarray, rounds_done: int, config_yaml: str,
                      state: Mapping[str, np.ndarray] | None = None,
-                     metrics: Mapping[str, np.ndarray] | None = None) -> None:
+                     metrics: Mapping[str, np.ndarray] | None = None, inputs: str = "") -> None:
     """Atomically replace the checkpoint at ``path`` (temp file, fsync, rename).
 
     ``state`` holds further named arrays (per-node optimiser state, ...) under
@@ -124,7 +129,9 @@ def write_checkpoint(path: str | Path, *, model: np.ndarray, rounds_done: int, c
         f.attrs["rounds_done"] = int(rounds_done)
         f.attrs["config_yaml"] = config_yaml
         f.attrs["format"] = FORMAT
-        f.attrs["sha256"] = checkpoint_digest(model32, rounds_done, config_yaml, arrays, metrics=rows)
+        f.attrs["sha256"] = checkpoint_digest(model32, rounds_done, config_yaml, arrays, metrics=rows, inputs=inputs)
+        if inputs:
+            f.attrs["inputs"] = inputs
         f.create_dataset("model", data=model32)
         for group, entries in (("state", arrays), ("metrics", rows)):
             g = f.create_group(group)
@@ -160,6 +167,7 @@ class Checkpoint:
     config_yaml: str
     state: dict[str, np.ndarray] = field(default_factory=dict)
     metrics: dict[str, np.ndarray] | None = None
+    inputs: str = ""  # JSON: the input files the run read, with their SHA-256 ("" in older checkpoints)
 
 
 def _text(value: Any) -> str:
@@ -188,6 +196,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             cfg = _text(f.attrs["config_yaml"])
             state = {k: np.asarray(f["state"][k][()]) for k in f["state"]} if "state" in f else {}
             metrics = {k: np.asarray(f["metrics"][k][()]) for k in f["metrics"]} if "metrics" in f else None
+            inputs = _text(f.attrs["inputs"]) if "inputs" in f.attrs else ""
     except CheckpointError:
         raise
     except Exception as e:  # h5py raises OSError/KeyError/ValueError (UnicodeDecodeError) on damaged files
@@ -200,7 +209,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {str(p)!r} is damaged: its format {fmt!r} needs a sha256 attribute, which "
                               f"is missing; {_FIX}")
     else:
-        found = checkpoint_digest(model, rounds, cfg, state, fmt=fmt, metrics=metrics)
+        found = checkpoint_digest(model, rounds, cfg, state, fmt=fmt, metrics=metrics, inputs=inputs)
         if found != stored:  # a digest beside the old format string: the format attribute is damaged
             raise CheckpointError(f"checkpoint {str(p)!r} is damaged: its content does not match its SHA-256 digest "
                                   f"(expected {stored[:16]}..., found {found[:16]}...); {_FIX}")
@@ -210,4 +219,4 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if fmt == FORMAT and (metrics is None or any(len(v) != rounds for v in metrics.values())):
         raise CheckpointError(f"checkpoint {str(p)!r} is inconsistent: its metrics do not hold {rounds} rounds; "
                               f"{_FIX}")
-    return Checkpoint(model, rounds, cfg, state, metrics if fmt == FORMAT else None)
+    return Checkpoint(model, rounds, cfg, state, metrics if fmt == FORMAT else None, inputs)

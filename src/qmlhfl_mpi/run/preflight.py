@@ -1,6 +1,9 @@
 """Rank 0's checks of the output (and of the checkpoint when resuming) before any work."""
 from __future__ import annotations
 
+import hashlib
+import json
+
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..config import Config, config_diff
+from ..config import Config, config_diff, input_files
 from ..results import (
     CheckpointError,
     checkpoint_path,
@@ -79,6 +82,11 @@ def preflight(cfg: Config, overwrite: bool, resume: bool, rebuild_results: bool 
         raise RunError(f"cannot resume {str(out)!r}: the config differs from the checkpoint's in keys that change "
                        f"results: {'; '.join(diff)}. Use the original config (the file's config_yaml attribute) "
                        "or start a new run with another output.path")
+    changed = changed_inputs(ckpt.inputs, cfg)
+    if changed:
+        raise RunError(f"cannot resume {str(out)!r}: {'; '.join(changed)}, so the rounds still to run would not "
+                       "continue the ones in the checkpoint. Restore the file as it was, or start a new run with "
+                       "another output.path")
     old_rounds = (yaml.safe_load(ckpt.config_yaml) or {}).get("train", {}).get("rounds")
     if cfg.train.lr_schedule == "cosine" and old_rounds is not None and old_rounds != cfg.train.rounds:
         raise RunError(f"cannot resume {str(out)!r} with train.rounds={cfg.train.rounds}: the cosine learning-rate "
@@ -90,6 +98,40 @@ def preflight(cfg: Config, overwrite: bool, resume: bool, rebuild_results: bool 
     if not os.access(out.parent if str(out.parent) else ".", os.W_OK):
         raise RunError(f"cannot resume {str(out)!r}: its directory is not writable")
     return Start(ckpt.rounds_done, ckpt.model, ckpt.state, ckpt.metrics, rebuild=problem is not None)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def input_digests(cfg: Config) -> str:
+    """JSON ``{key: {"path": ..., "sha256": ...}}`` of the trace and matrix files the config names (what a
+    checkpoint keeps; "" when it names none)."""
+    files = input_files(cfg)
+    return json.dumps({k: {"path": p, "sha256": _sha256(p)} for k, p in files.items()}, sort_keys=True) \
+        if files else ""
+
+
+def changed_inputs(recorded: str, cfg: Config) -> list[str]:
+    """What changed in the input files a checkpoint recorded (``recorded``: :func:`input_digests`' JSON)."""
+    if not recorded:
+        return []
+    out = []
+    for key, was in sorted(json.loads(recorded).items()):
+        path = input_files(cfg).get(key, was["path"])
+        try:
+            now = _sha256(path)
+        except OSError as e:
+            out.append(f"the file {path!r} of config key '{key}' cannot be read ({e.strerror or e})")
+            continue
+        if now != was["sha256"]:
+            out.append(f"the file {path!r} of config key '{key}' changed since the checkpoint (SHA-256 "
+                       f"{was['sha256'][:12]}... then, {now[:12]}... now)")
+    return out
 
 
 def claim_output(cfg: Config, lock: OutputLock, overwrite: bool, resume: bool, rebuild: bool,

@@ -72,9 +72,9 @@ class Checkpointer:
     """Writes ``<output>.ckpt`` every ``every`` rounds (0: only when a stop is agreed); checks the space
     first (the new checkpoint is written beside the previous one, which stays until the rename)."""
 
-    def __init__(self, output: str | Path, every: int, config_yaml: str) -> None:
+    def __init__(self, output: str | Path, every: int, config_yaml: str, inputs: str = "") -> None:
         self.path = checkpoint_path(output)
-        self.every, self.config_yaml = every, config_yaml
+        self.every, self.config_yaml, self.inputs = every, config_yaml, inputs  # inputs: the input files' digests
 
     def due(self, done: int, total: int, stop: bool) -> bool:
         """Whether to checkpoint after ``done`` of ``total`` rounds (never after the last)."""
@@ -89,7 +89,7 @@ class Checkpointer:
             require_space(self.path.parent, checkpoint_bytes(model.size, len(state or {}), self.config_yaml, done),
                           f"the checkpoint {str(self.path)!r}")
             write_checkpoint(self.path, model=model, rounds_done=done, config_yaml=self.config_yaml, state=state,
-                             metrics=metrics)
+                             metrics=metrics, inputs=self.inputs)
         except OSError as e:
             raise OSError(io_advice(self.path.parent, e, done - 1)) from None
 

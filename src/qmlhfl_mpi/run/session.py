@@ -32,7 +32,7 @@ from .agreement import Agreement
 from .callbacks import Callback, RunSummary, configured_callbacks
 from .errors import RunError
 from .lock import OutputLock
-from .preflight import Start, claim_output
+from .preflight import Start, claim_output, input_digests
 from .recorder import Checkpointer, ResultsFile, start_bytes
 from .runtime import Runtime, threads_per_rank
 from .state import gather_state, resume_from
@@ -282,7 +282,9 @@ class Session:
             for level, line in rt.describe(self.start_round):
                 log.log(level, "%s", line)
         results = ResultsFile(cfg.output.path)
-        ckpt = Checkpointer(cfg.output.path, cfg.output.checkpoint_every, cfg.to_yaml())
+        ckpt = Checkpointer(cfg.output.path, cfg.output.checkpoint_every, cfg.to_yaml(),
+                            inputs=agreement.step(lambda: input_digests(cfg) if rt.rank == 0 else "", (OSError,),
+                                                  stage="reading the input files' digests"))
         status, message, done, acc = "completed", "", self.start_round, float("nan")
         try:  # from here on, rank 0 records any failure in the results file (or removes a file with no round)
             callbacks = agreement.step(self.config_callbacks, (PluginError, RunError),
