@@ -40,7 +40,8 @@ from ..data.registry import DATASETS
 from ..data.source import DataError, GeneratedDataset, Pooled, load_pooled
 from ..learning.models import build_model, num_parameters
 from ..learning.train import ClientOptimizer
-from .schema import Config, ConfigError, outages, server_betas, system_distributions
+from .dynamics import outages
+from .schema import Config, ConfigError, server_betas, system_distributions
 
 __all__ = ["client_optimizer", "codecs", "data_seed", "data_spec", "downlink_codecs", "latency", "links",
            "local_data", "lr_schedule", "mobility", "model", "model_dim", "participation", "policies", "server_optimizers",

@@ -17,7 +17,6 @@ from typing import Any
 
 import yaml
 
-from ..core.asynchrony import Staleness
 from ..core.codecs import CODECS
 from ..core.failures import FALLBACKS, UNITS
 from ..core.mobility import MODELS as MOBILITY_MODELS
@@ -32,10 +31,8 @@ from ..core.system import Distribution, TraceError
 from ..core.topology import TopologyError, Tree, TreeShape
 from ..data.registry import DATASETS
 from ..learning.registry import MODELS
-
-
-class ConfigError(ValueError):
-    """Invalid configuration; the message names the key, the value and the fix."""
+from .dynamics import validate_buffered, validate_moves
+from .errors import ConfigError
 
 
 def fld(default: Any, *, lo: float | None = None, hi: float | None = None,
@@ -511,51 +508,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {value!r}: expected a mapping of argument names to values, "
                               "e.g. {hidden: 200}")
     _validate_system(cfg, N)
-    _validate_moves(cfg, shape.nodes[1])
+    validate_moves(cfg, shape.nodes[1])
     callback_specs(cfg.callbacks)
-
-
-def _validate_moves(cfg: Config, edges: int) -> None:
-    """The ``mobility`` and ``failures`` sections: each model's file, the outages' shape and edge ids."""
-    m = cfg.mobility
-    for model, key in (("markov", "matrix"), ("trace", "trace")):
-        given = bool(getattr(m, key))
-        if (m.model == model) != given:
-            raise ConfigError(f"config key 'mobility.{key}' = {getattr(m, key)!r} with mobility.model = "
-                              f"{m.model!r}: " + (f"the {model} model needs its file" if not given else
-                                                  f"only the {model} model reads it; set mobility.model: {model} "
-                                                  "or drop the key"))
-    if m.model == "random" and not m.p > 0:
-        raise ConfigError("config key 'mobility.p' = 0 with mobility.model = 'random': nobody would move; give a "
-                          "probability 0 < p <= 1, or use mobility.model: static")
-    outages(cfg.failures.intervals, edges)
-
-
-def outages(raw: Any, edges: int, key: str = "failures.intervals") -> list[tuple[int, float, float, int | None]]:
-    """``failures.intervals`` (or a trace's rows) as ``(edge, start, end, fallback or None)``; raises
-    :class:`ConfigError` naming the entry."""
-    if not isinstance(raw, (list, tuple)):
-        raise ConfigError(f"config key '{key}' = {raw!r}: expected a list of [edge, start, end] or [edge, start, "
-                          "end, fallback] entries")
-    out = []
-    for i, row in enumerate(raw):
-        ok = isinstance(row, (list, tuple)) and len(row) in (3, 4) and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in row)
-        if ok:
-            edge, start, end = int(row[0]), float(row[1]), float(row[2])
-            fallback = int(row[3]) if len(row) == 4 else None
-            ok = row[0] == edge and (len(row) == 3 or row[3] == fallback) and 0 <= start < end
-        if not ok:
-            raise ConfigError(f"config key '{key}[{i}]' = {row!r}: expected [edge, start, end] or [edge, start, end, "
-                              "fallback] with integer edge ids and 0 <= start < end")
-        if not 0 <= edge < edges:
-            raise ConfigError(f"config key '{key}[{i}]' = {list(row)}: edge server {edge} out of range; the tree "
-                              f"has {edges} edge servers (0..{edges - 1})")
-        if fallback is not None and not (-1 <= fallback < edges and fallback != edge):
-            raise ConfigError(f"config key '{key}[{i}]' = {list(row)}: fallback {fallback} must be another edge "
-                              f"server (0..{edges - 1}) or -1 (its devices sit out)")
-        out.append((edge, start, end, fallback))
-    return out
 
 
 def _validate_system(cfg: Config, N: int) -> None:
@@ -581,47 +535,11 @@ def _validate_system(cfg: Config, N: int) -> None:
         if name == "first_k" and not (a.k and a.k[n] >= 1):
             raise ConfigError(f"config key 'aggregation.k' = {list(a.k)}: layer {n + 1} has policy first_k, so give "
                               f"it k >= 1 children (entry {n + 1} of {N})")
-    _validate_buffered(cfg, N)
+    validate_buffered(cfg, N)
     if s.availability_period and not s.availability_trace:
         raise ConfigError(f"config key 'system.availability_period' = {s.availability_period:g} repeats an "
                           "availability trace, but system.availability_trace is empty; give the trace or drop the "
                           "period")
-
-
-def _validate_buffered(cfg: Config, N: int) -> None:
-    """A ``buffered`` layer: the cloud only, a buffer of 1..its children, a staleness function, every child busy
-    (no sampling there), a float32 downlink, a fixed tree."""
-    a = cfg.aggregation
-    for n, text in enumerate(a.staleness):
-        try:
-            Staleness(text)
-        except ValueError as e:
-            raise ConfigError(f"config key 'aggregation.staleness[{n}]' = {text!r}: {e}") from None
-    for n, name in enumerate(a.policy, start=1):
-        if name != "buffered":
-            continue
-        if n != N:
-            raise ConfigError(f"config key 'aggregation.policy' = {list(a.policy)}: buffered on layer {n}; this "
-                              f"version buffers the cloud only (layer {N}, the last entry), with any synchronous "
-                              "policy below it")
-        children = TreeShape.of(cfg.topology.branching, cfg.topology.tree).max_children[N]
-        k = a.buffer[N - 1] if a.buffer else 0
-        if not 1 <= k <= children:
-            raise ConfigError(f"config key 'aggregation.buffer' = {list(a.buffer)}: the buffered cloud needs "
-                              f"1 <= k <= {children} (its children); entry {N} is {k}")
-        p, q = cfg.participation, cfg.quantizer
-        if (p.fraction and p.fraction[N - 1] < 1) or (p.availability and p.availability[N - 1] < 1):
-            raise ConfigError("config key 'participation.fraction'/'availability': the buffered cloud keeps every "
-                              f"child busy, so give 1 for layer {N} (sample below it instead)")
-        if q.downlink and q.downlink[N - 1]:
-            raise ConfigError(f"config key 'quantizer.downlink' = {list(q.downlink)}: the buffered cloud sends its "
-                              f"model to each child when the child starts a job, in float32; give 0 for link {N}")
-        if N == 1 and cfg.system.availability_trace:
-            raise ConfigError("config key 'system.availability_trace' with a buffered cloud over devices (N = 1): a "
-                              "job of an offline device would send nothing; put the devices under edge servers")
-        if cfg.mobility.model != "static" or cfg.failures.intervals or cfg.failures.trace:
-            raise ConfigError("config section 'mobility'/'failures' with a buffered cloud: this version moves "
-                              "devices between synchronous rounds only; use a synchronous cloud policy")
 
 
 def system_distributions(cfg: Config) -> tuple[Distribution, Distribution, tuple[Distribution, ...]]:
