@@ -62,3 +62,6 @@ made
 # Membership.moved: the devices off their tree edge (tests/test_membership.py); the results' record of the tree of
 # the moment (issue 22, /topology/parents) reads it
 moved
+# TierEvent.tier: which buffered tier an event is at (core/tiers.py, groundwork; read by tests/test_tiers.py and by
+# the executor once the tiers are wired)
+tier
