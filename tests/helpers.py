@@ -139,3 +139,19 @@ def bench(*args: str, timeout: float = 180) -> str:
                           timeout=timeout, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
+
+
+def wait_until_released(lock: Path, timeout: float = 20.0) -> None:
+    """Until a killed job's output lock is gone or its holder's process has ended (Open MPI's mpiexec can return
+    while rank 0 is still being ended)."""
+    import json
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout
+    while lock.exists() and time.monotonic() < deadline:
+        try:
+            os.kill(int(json.loads(lock.read_text())["pid"]), 0)
+        except (ProcessLookupError, ValueError, KeyError, FileNotFoundError):
+            return
+        time.sleep(0.2)

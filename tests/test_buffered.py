@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from helpers import REPO, SMALL, run_cli, small_config
+from helpers import REPO, SMALL, run_cli, small_config, wait_until_released
 from qmlhfl_mpi import Session, load_config
 from qmlhfl_mpi.config import ConfigError
 from qmlhfl_mpi.core.asynchrony import ARRIVE, FLUSH, START, BufferedSchedule, Staleness
@@ -137,7 +137,7 @@ def test_the_example_sigkilled_mid_run_resumes_on_another_rank_count_bit_for_bit
                           f"output.path={tmp_path / 'killed.h5'}", "--set", fault("kill", rank=1, round=4)],
                       timeout=120, cwd=REPO)
     assert proc.returncode != 0, "the killed run ended normally"
-    _wait_until_released(tmp_path / "killed.h5.lock")  # (Open MPI returns while rank 0 is still being ended)
+    wait_until_released(tmp_path / "killed.h5.lock")  # (Open MPI returns while rank 0 is still being ended)
     with h5py.File(tmp_path / "killed.h5.ckpt") as f:
         done, names = int(f.attrs["rounds_done"]), sorted(f["state"])
     assert 1 <= done < 6 and any(n.startswith("held.2.") for n in names), (done, names)
@@ -151,21 +151,6 @@ def test_the_example_sigkilled_mid_run_resumes_on_another_rank_count_bit_for_bit
         m = b["metrics"]
         assert (m["uplink_bytes"][()] == m["messages"][()] * b["quantizer/message_bytes"][()]).all()
         assert (m["messages"][()][:, 1] == 3 * 2).all()  # 3 updates of 2 arrivals a round
-
-
-def _wait_until_released(lock, timeout: float = 20.0) -> None:
-    """Until the killed job's output lock is gone or its holder's process has ended."""
-    import json
-    import os
-    import time
-
-    deadline = time.monotonic() + timeout
-    while lock.exists() and time.monotonic() < deadline:
-        try:
-            os.kill(int(json.loads(lock.read_text())["pid"]), 0)
-        except (ProcessLookupError, ValueError, KeyError, FileNotFoundError):
-            return
-        time.sleep(0.2)
 
 
 def test_plan_prints_a_buffered_rounds_events(capsys):

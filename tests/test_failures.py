@@ -109,22 +109,33 @@ def test_the_files_are_read_and_their_errors_name_the_key(tmp_path):
 
 
 @pytest.mark.portable
-def test_the_mobility_example_runs_under_mpiexec_and_records_its_trees(tmp_path, capsys):
-    """configs/examples/mobility.yaml on 2 ranks: edge server 2 is down in rounds 3-5, so its devices sit under
-    edge 1 (its nearest alive sibling) then and nothing arrives from it; devices move on a ring every round; the
-    file records it; ``check`` says which assumptions of the bound no longer hold."""
+def test_the_mobility_example_under_mpiexec_sigkilled_resumes_and_records_its_trees(tmp_path, capsys):
+    """configs/examples/mobility.yaml on 2 ranks, rank 1 SIGKILLed in round 3 (the checkpoint holds rounds 0-2),
+    resumed on 1 rank (in this process): the model, metrics and recorded trees of an uninterrupted run. Edge server
+    2 is down in rounds 3-5, so its devices sit under edge 1 (its nearest alive sibling) then and nothing arrives
+    from it; devices move on a ring every round; ``check`` says which assumptions of the bound no longer hold."""
     import h5py
+    from mpi4py import MPI
 
-    from helpers import REPO, run_cli
+    from helpers import REPO, killed_run, wait_until_released
+    from qmlhfl_mpi import Session
     from qmlhfl_mpi.cli import main
 
+    example = str(REPO / "configs/examples/mobility.yaml")
+    sets = ["train.rounds=5", "train.eval_every=5"]
     out = tmp_path / "mobility.h5"
-    proc, _ = run_cli(2, ["run", "configs/examples/mobility.yaml", "--quiet", "--set", f"output.path={out}",
-                          "--set", "train.rounds=5", "--set", "train.eval_every=5"], timeout=120, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
-    with h5py.File(out) as f:
+    killed_run(2, REPO / "configs/examples/mobility.yaml", out, *sets, round_=3)
+    wait_until_released(tmp_path / "mobility.h5.lock")
+    Session(load_config(example, [*sets, f"output.path={out}"]), MPI.COMM_SELF).run(resume=True)
+    Session(load_config(example, [*sets, f"output.path={tmp_path / 'whole.h5'}"]), MPI.COMM_SELF).run()
+    with h5py.File(out) as f, h5py.File(tmp_path / "whole.h5") as g:
         rows, messages = f["topology/parents"][()], f["metrics/messages"][()]
         starts = f["topology/starts_1"][()]
+        assert f.attrs["resumed_at_rounds"].tolist() == [3]
+        assert np.array_equal(f["model/final"][()], g["model/final"][()])
+        assert np.array_equal(rows, g["topology/parents"][()])
+        for key in ("messages", "uplink_bytes", "downlink_bytes", "virtual_time", "train_loss"):
+            assert np.array_equal(f["metrics"][key][()], g["metrics"][key][()]), key
     edges = np.repeat(np.arange(6), np.diff(starts))
     for t in range(5):
         mine = rows[rows[:, 0] == t]
@@ -134,7 +145,7 @@ def test_the_mobility_example_runs_under_mpiexec_and_records_its_trees(tmp_path,
         edges[mine[:, 1]] = mine[:, 2]
         assert (edges == 2).any() == (t < 3), t
         assert messages[t, 0] == 2 * 48 and messages[t, 1] == 6 - (t >= 3)  # tau_2 = 2 local runs of everyone
-    assert main(["check", str(REPO / "configs/examples/mobility.yaml"), "--L", "1"]) == 0
+    assert main(["check", example, "--L", "1"]) == 0
     said = capsys.readouterr().out
     assert "devices that move (mobility.model random" in said and "edge servers that fail" in said
 
