@@ -42,6 +42,7 @@ from ..core.topology import RankLayout
 from ..core.vectors import LinkCodec, Vectors, through_host
 from .collectives import broadcast_bytes, broadcast_vector, post_receives, send_messages, wait
 from .communicators import LayerComms
+from .held import HeldMessages
 from .watchdog import Watchdog
 
 Vec = Any  # a vector of the backend: numpy array or torch tensor
@@ -84,9 +85,7 @@ class RoundExecutor:
         # a buffered cloud (core/asynchrony.py), on the cloud's leader: each busy child's message (made when its
         # job started, in the cloud's hands when it arrives) and the buffer of arrived ones
         self.hold = False
-        self.held_slots = 0  # the float32 vectors the held messages may take in a checkpoint (set by the runtime)
-        self.held: dict[int, np.ndarray] = {}
-        self.buffer: list[tuple[int, np.ndarray]] = []  # in arrival order: a fast child may be in it twice
+        self.cloud = HeldMessages(dim, self.msg_len[-1], tree.N)
 
     # ---- who does what ----------------------------------------------------------
     def involved(self, n: int, u: int) -> bool:
@@ -114,7 +113,7 @@ class RoundExecutor:
         """Carry out ``plan`` from the cloud model ``w`` (a host array); every rank returns the new cloud model.
         ``stats``: count into these (else a fresh :class:`RoundStats` of the plan's devices).  ``hold``: the plan
         is one job of a buffered cloud (one participant): its message stays on the cloud's leader
-        (:attr:`held`, by child) and the cloud model is returned unchanged.  Collective."""
+        (:attr:`cloud`, by child) and the cloud model is returned unchanged.  Collective."""
         N = self.tree.N
         self.stats = RoundStats(plan.devices(), N) if stats is None else stats
         self.hold = hold
@@ -302,7 +301,7 @@ class RoundExecutor:
 
     def _hold(self, a: Aggregation, leads: bool) -> None:
         """The close of a buffered cloud's job: its one message reaches the cloud's leader and is kept there
-        (:attr:`held`); nothing is aggregated, nothing goes down."""
+        (:attr:`cloud`); nothing is aggregated, nothing goes down."""
         n, u = a.layer, a.node
         lc = self._spanning(n, u)
         parts = self._parts.pop((n, u), [])
@@ -317,13 +316,13 @@ class RoundExecutor:
                 wait(req, self.guard)
                 got.append(msg)
             assert len(got) == 1, f"a buffered cloud's job has one message, got {len(got)}"
-            self.held[int(a.children[0])] = np.array(got[0], dtype=np.uint8)
+            self.cloud.keep(int(a.children[0]), got[0])
 
     def arrive(self, c: int) -> None:
         """Child ``c``'s held message reaches the buffered cloud (on its leader; counted on link N there)."""
         N = self.tree.N
         if self.leads(N, 0):
-            self.buffer.append((c, self.held.pop(c)))
+            self.cloud.arrive(c)
             self.stats.uplink_bytes[N - 1] += self.msg_len[N - 1]
             self.stats.messages[N - 1] += 1
 
@@ -337,11 +336,7 @@ class RoundExecutor:
             t0 = time.perf_counter()
             v = self.vectors.from_host(w)
             acc = self.vectors.zeros(self.dim)
-            got, self.buffer = self.buffer, []
-            if [c for c, _ in got] != [c for c, _ in entries]:
-                raise RuntimeError(f"the buffer holds children {[c for c, _ in got]} but the update expects "
-                                   f"{[c for c, _ in entries]}")
-            for (_, msg), (_, weight) in zip(got, entries, strict=True):
+            for msg, (_, weight) in zip(self.cloud.take([c for c, _ in entries]), entries, strict=True):
                 self._up[N - 1].decode_add(msg, weight, acc)
             new = np.array(self.vectors.to_host(self._update(N, 0, v, acc)), dtype=np.float32)
             st.t_codec += time.perf_counter() - t0
@@ -470,14 +465,12 @@ class RoundExecutor:
         host = self.vectors.to_host
         out = {f"server.{n}.{u}.{k}": host(x) for (n, u), st in self.server_state.items() for k, x in st.items()}
         out.update({f"residual.{n}.{c}": host(e) for (n, c), e in self.residuals.items()})
-        for c, msg in self.held.items():  # a buffered cloud's messages in flight, as float32 vectors of d values
-            for k, part in enumerate(_as_vectors(msg, self.dim)):
-                out[f"held.{self.tree.N}.{c}.{k}"] = part
+        out.update(self.cloud.state())  # a buffered cloud's messages in flight
         return out
 
     def state_vectors(self) -> int:
         """How many float32 vectors of the model's length the per-node state may hold (all ranks together)."""
-        tree, out = self.tree, self.held_slots
+        tree, out = self.tree, self.cloud.slots
         for n, lk in enumerate(self.links, start=1):
             if not isinstance(lk.server, Average):
                 out += tree.num_nodes(n) * len(lk.server.state_names)
@@ -494,14 +487,7 @@ class RoundExecutor:
 
     def load_state(self, entries: dict[str, np.ndarray]) -> None:
         """Take over the entries of :meth:`state` that this rank keeps (after a resume)."""
-        held: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for name, x in entries.items():
-            if name.startswith("held.") and self.owner(name) == self.rank:
-                child, k = (int(i) for i in name.split(".")[2:4])
-                held.setdefault(child, []).append((k, np.asarray(x, dtype=np.float32).reshape(-1)))
-        for child, pieces in held.items():
-            self.held[child] = np.concatenate([p for _, p in sorted(pieces, key=lambda kp: kp[0])]).view(np.uint8)[
-                : self.msg_len[-1]].copy()
+        self.cloud.load({k: x for k, x in entries.items() if k.startswith("held.") and self.owner(k) == self.rank})
         for name, x in entries.items():
             if name.startswith("held."):
                 continue
@@ -518,11 +504,3 @@ class RoundExecutor:
             else:
                 raise ValueError(f"checkpoint state {name!r} is of no known kind (server., residual.)")
 
-
-def _as_vectors(msg: np.ndarray, dim: int) -> list[np.ndarray]:
-    """A message's bytes as float32 vectors of ``dim`` values (zero-padded), for the checkpoint."""
-    raw = np.asarray(msg, dtype=np.uint8)
-    parts = max(1, -(-raw.size // (4 * dim)))
-    padded = np.zeros(parts * 4 * dim, dtype=np.uint8)
-    padded[: raw.size] = raw
-    return [p.copy() for p in padded.view(np.float32).reshape(parts, dim)]

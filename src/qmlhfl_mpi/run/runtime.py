@@ -247,7 +247,7 @@ def _scheduler(cfg: Config, tree: Tree, planner: Planner, executor: RoundExecuto
                                tuple(8 * b for b in executor.msg_len), tuple(8 * b for b in executor.down_len),
                                builders.mobility(cfg, tree))
     if scheduler.buffered is not None:  # every child's message may be in flight at a checkpoint
-        executor.held_slots = tree.num_nodes(tree.N - 1) * -(-executor.msg_len[-1] // (4 * executor.dim))
+        executor.cloud.slots = tree.num_nodes(tree.N - 1) * -(-executor.msg_len[-1] // (4 * executor.dim))
     for n, earliest in scheduler.unmet_deadlines(scheduler.round(0)):
         raise ConfigError(
             f"config key 'aggregation.deadline' = {list(cfg.aggregation.deadline)}: no child of a layer-{n} node "

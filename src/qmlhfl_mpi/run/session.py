@@ -192,8 +192,8 @@ class Session:
         if self._async is None:  # the schedule from the start: the rounds already done are timed again
             self._async = rounds = rt.scheduler.schedule().rounds()
             flying = BufferedSchedule.in_flight(next(rounds) for _ in range(t))
-            if ex.leads(N, 0) and set(flying) != set(ex.held):  # the checkpoint holds the messages in flight
-                raise RuntimeError(f"the checkpoint holds the messages in flight of children {sorted(ex.held)} but "
+            if ex.leads(N, 0) and set(flying) != set(ex.cloud.held):  # the checkpoint holds the messages in flight
+                raise RuntimeError(f"the checkpoint holds the messages in flight of children {sorted(ex.cloud.held)} but "
                                    f"the schedule has jobs in flight at {sorted(flying)} after round {t - 1}")
         events = next(self._async)
         jobs = [e.payload for e in events if e.kind == START]
