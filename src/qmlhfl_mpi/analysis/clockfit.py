@@ -73,16 +73,15 @@ class ClockModel:
         """The virtual seconds of rounds ``0 .. rounds-1`` run one after another."""
         sched = self.scheduler(tau, system)
         if sched.buffered is not None:  # a buffered cloud's rounds end with their last update
-            ends = [events[-1].time for events in islice(sched.schedule().rounds(), rounds)]
-            return np.diff(np.array([0.0, *ends]))
+            return np.diff(np.array([0.0, *islice(sched.buffered_ends(), rounds)]))
         return np.array([timed.duration for _, timed in islice(sched.timeline(), rounds)])
 
     def rounds_within(self, tau: Sequence[int], deadline: float, cap: int = 100_000) -> int:
         """How many whole rounds of ``tau`` end within ``deadline`` virtual seconds (at most ``cap``)."""
         sched = self.scheduler(tau)
         if sched.buffered is not None:
-            for t, events in enumerate(islice(sched.schedule().rounds(), cap)):
-                if events[-1].time > deadline:
+            for t, end in enumerate(islice(sched.buffered_ends(), cap)):
+                if end > deadline:
                     return t
             return cap
         for t, (t0, timed) in enumerate(islice(sched.timeline(), cap)):

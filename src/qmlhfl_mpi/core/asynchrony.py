@@ -30,13 +30,13 @@ from __future__ import annotations
 import heapq
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-__all__ = ["ARRIVE", "FLUSH", "START", "AsyncEvent", "BufferedSchedule", "Staleness"]
+__all__ = ["ARRIVE", "FLUSH", "START", "AsyncEvent", "BufferedSchedule", "Staleness", "buffer_weights", "by_round"]
 
 START, ARRIVE, FLUSH = 0, 1, 2
 
@@ -93,6 +93,33 @@ class AsyncEvent:
     payload: Any = field(default=None, compare=False, repr=False)
 
 
+def buffer_weights(sizes: np.ndarray, buffer: Sequence[tuple[int, int]], version: int,
+                   staleness: Staleness) -> tuple[tuple[int, np.float32], ...]:
+    """``(child, weight)`` of an update from ``buffer`` (``(child, version its job started from)``, in order) at
+    version ``version``: the child's share of the buffer's sizes times ``s(versions behind)``, in float32."""
+    got = np.array([sizes[c] for c, _ in buffer])
+    share = got / got.sum() if got.sum() > 0 else np.zeros(len(buffer))
+    return tuple((c, np.float32(share[i] * staleness(version - v))) for i, (c, v) in enumerate(buffer))
+
+
+class _RoundEvent(Protocol):
+    @property
+    def round_end(self) -> bool: ...
+
+
+E = TypeVar("E", bound=_RoundEvent)
+
+
+def by_round(events: Iterable[E]) -> Iterator[list[E]]:
+    """``events`` grouped by round: each list ends with an event whose ``round_end`` is set."""
+    out: list[E] = []
+    for e in events:
+        out.append(e)
+        if e.round_end:
+            yield out
+            out = []
+
+
 class BufferedSchedule:
     """The events of a buffered cloud with ``children`` children of sizes ``sizes``, buffer ``k`` and
     staleness ``staleness``; ``job(c, j, t0) -> (seconds, payload)`` times child ``c``'s job ``j`` started at
@@ -137,10 +164,7 @@ class BufferedSchedule:
                 yield AsyncEvent(ARRIVE, now, c, jobs[c], since[c], rnd)
                 buffer.append((c, since[c]))
                 if len(buffer) == self.k:
-                    sizes = np.array([self.sizes[b] for b, _ in buffer])
-                    share = sizes / sizes.sum() if sizes.sum() > 0 else np.zeros(len(buffer))
-                    entries = tuple((b, np.float32(share[i] * self.staleness(version - v)))
-                                    for i, (b, v) in enumerate(buffer))
+                    entries = buffer_weights(self.sizes, buffer, version, self.staleness)
                     version += 1
                     end = version % self.updates_per_round == 0
                     yield AsyncEvent(FLUSH, now, version=version, round=rnd, entries=entries, round_end=end)
@@ -153,12 +177,7 @@ class BufferedSchedule:
 
     def rounds(self) -> Iterator[list[AsyncEvent]]:
         """The events round by round: each list ends with the round's last update."""
-        out: list[AsyncEvent] = []
-        for e in self.events():
-            out.append(e)
-            if e.round_end:
-                yield out
-                out = []
+        return by_round(self.events())
 
     @staticmethod
     def in_flight(done: Iterable[list[AsyncEvent]]) -> dict[int, AsyncEvent]:

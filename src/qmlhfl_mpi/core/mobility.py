@@ -127,15 +127,12 @@ class MarkovMoves(MobilityModel):
         if self.cum.shape[0] != num_edges:
             raise ValueError(f"mobility matrix has {self.cum.shape[0]} rows but the tree has {num_edges} edge servers")
         out = edge_of.copy()
-        m = np.flatnonzero(edge_of >= 0)
-        where, cur = _draws(self.seed, round_, m, 1), edge_of[m]
-        order = np.argsort(cur.astype(np.uint16) if num_edges < 1 << 16 else cur, kind="stable")  # radix sort
-        bounds = np.concatenate([[0], np.cumsum(np.bincount(cur, minlength=num_edges))])
-        new = np.empty(m.size, dtype=np.int64)
-        for e in np.flatnonzero(np.diff(bounds)).tolist():  # per edge: the entries of its row below the draw
-            idx = order[bounds[e] : bounds[e + 1]]
-            new[idx] = np.searchsorted(self.cum[e], where[idx], side="left")  # = (cum[e] < w).sum(): rows rise
-        out[m] = np.minimum(new, num_edges - 1)
+        now = Membership(edge_of, num_edges)
+        for e in range(num_edges):  # per edge: the entries of its row below each of its devices' draws
+            devs = now.members(e)
+            if devs.size:  # searchsorted = (cum[e] < w).sum(): the row rises
+                new = np.searchsorted(self.cum[e], _draws(self.seed, round_, devs, 1), side="left")
+                out[devs] = np.minimum(new, num_edges - 1)
         return out
 
 

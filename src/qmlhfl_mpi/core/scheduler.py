@@ -99,6 +99,11 @@ class RoundScheduler:
         return BufferedSchedule(self.planner.child_sizes(tree.N, 0), policy.buffer, policy.staleness,
                                 lambda c, j, t0: _timed(self.round(j, t0, only=c)))
 
+    def buffered_ends(self) -> Iterator[float]:
+        """A buffered cloud's rounds 0, 1, 2, ...: the virtual time each ends at (its last update)."""
+        for events in self.schedule().rounds():
+            yield float(events[-1].time)
+
     def round(self, t: int, t0: float = 0.0, only: int | None = None) -> TimedRound:
         """Round ``t``, starting at virtual time ``t0`` (seconds since the run started); ``only``: the cloud's
         child at that position alone (a buffered cloud's job)."""
@@ -127,8 +132,8 @@ class RoundScheduler:
     def start_of(self, t: int) -> float:
         """The virtual time round ``t`` starts at: rounds ``0 .. t-1`` timed again (nothing is trained)."""
         if self.buffered is not None:  # the end of a buffered cloud's round t - 1
-            ends = [events[-1].time for events in islice(self.schedule().rounds(), t)]
-            return float(ends[-1]) if ends else 0.0
+            ends = list(islice(self.buffered_ends(), t))
+            return ends[-1] if ends else 0.0
         t0 = 0.0
         for _, timed in islice(self.timeline(), t):
             t0 += timed.duration

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .asynchrony import Staleness
+from .asynchrony import Staleness, buffer_weights, by_round
 
 __all__ = ["ADOPT", "ARRIVE", "FLUSH", "SEND", "START", "Tier", "TierEvent", "TieredSchedule"]
 
@@ -123,10 +123,7 @@ class TieredSchedule:
             t = tiers[i]
             while not t.paused and len(t.buffer) >= t.k:
                 taken, t.buffer = t.buffer[: t.k], t.buffer[t.k :]
-                sizes = np.array([t.sizes[p] for p, _ in taken])
-                share = sizes / sizes.sum() if sizes.sum() > 0 else np.zeros(len(taken))
-                entries = tuple((p, np.float32(share[j] * t.staleness(t.version - v)))
-                                for j, (p, v) in enumerate(taken))
+                entries = buffer_weights(t.sizes, taken, t.version, t.staleness)
                 t.version += 1
                 end = t.parent is None and t.version % self.per_round == 0
                 yield TierEvent(FLUSH, now, i, version=t.version, round=rnd[0], entries=entries, round_end=end)
@@ -196,9 +193,4 @@ class TieredSchedule:
 
     def rounds(self) -> Iterator[list[TierEvent]]:
         """The events round by round: each list ends with the round's last cloud update."""
-        out: list[TierEvent] = []
-        for e in self.events():
-            out.append(e)
-            if e.round_end:
-                yield out
-                out = []
+        return by_round(self.events())
