@@ -19,12 +19,17 @@ aggregations.
 The virtual clock and the aggregation policies (docs/system.md) are a first pass over the round in plain
 loops that decides whom each aggregation keeps; the second pass trains only those, and the children it does
 not keep still advance their call counters (their keys are what they would have been).
+Buffered layers (a top segment m..N; the buffered cloud is m = N) run as events in plain loops (run_tiered,
+after core/tiers.py's docstring): a layer-m node's child works in jobs, each one synchronous round of the node's
+subtree with that child alone (its counters and keys those of the child's place in the synchronous round); a
+node above buffers, updates every k arrivals, and works for its parent in jobs of tau updates.
 The options (sampling, availability, server optimisers, error feedback,
 downlink quantization, the client optimiser) follow docs/algorithm.md section 5 and
 docs/algorithms.md, written again here as plain loops.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -42,12 +47,41 @@ except ImportError:  # pragma: no cover - the module lives beside this one in te
     sgd_run = None
 
 
+ARRIVE, ADOPT, START = 0, 1, 2  # the phases of the buffered tiers' events at one instant
+
+
 @dataclass
 class Node:
     layer: int
     index: int
     children: list[Node] = field(default_factory=list)
     devices: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Tier:
+    """A node of a buffered layer in a run of the buffered tiers: its model ``x``, the model ``s`` it last
+    adopted, its version, whether it is paused (sent, not yet adopted again), its updates in the current job
+    (``done``), the jobs it has sent, the parent's version its job started from (``since``), its buffer of
+    (child position, version the child started at, message) and the children waiting to restart; a layer-m
+    tier's leaf children: their next job and the version each started at."""
+
+    node: Node
+    parent: Tier | None
+    slot: int          # its position among the parent's children
+    x: np.ndarray
+    s: np.ndarray
+    up: float          # seconds of its message to its parent
+    down: float        # seconds of the parent's model to it
+    version: int = 0
+    paused: bool = False
+    done: int = 0
+    job: int = 0
+    since: int = 0
+    buffer: list = field(default_factory=list)
+    waiting: list = field(default_factory=list)
+    jobs: list = field(default_factory=list)
+    started: list = field(default_factory=list)
 
 
 def build_tree(spec, branching=None) -> Node:
@@ -119,8 +153,8 @@ class Reference:
         self.kept = {}      # (layer, node, call) -> positions kept, from the clock's pass
         self.virtual_time = 0.0
         self.parents = []   # every device's edge in every round (with moves)
-        self.only = None    # a buffered cloud's job: the one child of the root that takes part
-        self.buffered = None  # (k, staleness function) of a buffered cloud
+        self.only = None    # a leaf job of a buffered tier (then the root): the one child of the root that takes part
+        self.buffered = None  # {layer: (k, staleness function)} of the buffered layers (a top segment m..N)
         self.moves = None   # a Moves: every device's edge in a round (devices that move, edges that fail)
         self.base = root
 
@@ -239,6 +273,16 @@ class Reference:
                 self.skip(c.children[j], t)
                 self.count(("up", c.layer, c.children[j].index))
 
+    def uplink(self, n, index, x, v, key):
+        """The message of child ``index`` on link n: x relative to v (error feedback: plus its residual)."""
+        codec = self.codecs[n - 1]
+        if not self.error_feedback[n - 1]:
+            return codec.encode(x, v, key)
+        z = (x - v) + self.residual.get((n, index), np.zeros_like(v))
+        msg = codec.encode(z, np.zeros_like(v), key)
+        self.residual[(n, index)] = z - codec.decode(msg, v.size)
+        return msg
+
     def aggregate(self, u, v, t, down=True):
         n = u.layer
         call = self.count(("agg", n, u.index))
@@ -263,13 +307,7 @@ class Reference:
             a = weight_of[j]
             x = self.work(c, v, t)
             k = self.count(("up", n, c.index))
-            key = (self.seed, 4, n, c.index, t, k)
-            if self.error_feedback[n - 1]:
-                z = (x - v) + self.residual.get((n, c.index), np.zeros_like(v))
-                msg = codec.encode(z, np.zeros_like(v), key)
-                self.residual[(n, c.index)] = z - codec.decode(msg, v.size)
-            else:
-                msg = codec.encode(x, v, key)
+            msg = self.uplink(n, c.index, x, v, (self.seed, 4, n, c.index, t, k))
             codec.decode_add(msg, a, acc)
         new = self.server_step(n, u, v, acc)
         dl = self.downlink[n - 1]
@@ -279,62 +317,166 @@ class Reference:
             dl.decode_add(msg, np.float32(1), new)
         return new
 
-    def run_buffered(self, rounds):
-        """The buffered cloud (docs/algorithms.md) in plain loops: jobs from the newest model, the buffer, the
-        staleness weights; ties at one instant: every arrival (by child id) before any restart."""
-        k, stale = self.buffered
+    def run_tiered(self, rounds):
+        """Buffered tiers on the top layers m..N (core/tiers.py's docstring is the specification) in plain loops.
+        Every node of layers m..N buffers what its children send and updates every k_n arrivals, weighted by its
+        share of the buffer's sizes times s(versions behind).  A layer-m node's children work in jobs: one
+        synchronous round of the node's subtree with that child alone, its counters offset as if the child's
+        earlier jobs of that round had happened.  A higher node's children are tiers: a job adopts the parent's
+        newest model, does tau updates, sends its delta up and pauses until it adopts again (``down`` seconds after
+        its message arrived, and not while the parent is paused).  Events in (time, phase, layer, node, child,
+        insertion) order: every arrival at an instant, then every adoption, then every job start.  m = N is the
+        buffered cloud."""
         root, N = self.root, self.root.layer
-        C = len(root.children)
-        per_round = -(-C // k)
-        w = self.vector()
-        version, done = 0, 0
-        jobs, since, arrive, pending, buffer = [0] * C, [0] * C, [0.0] * C, {}, []
-        codec = self.codecs[N - 1]
+        m = min(self.buffered)
+        assert sorted(self.buffered) == list(range(m, N + 1)), "the buffered layers must be a top segment"
+        w0 = self.vector()
+        P = math.prod(self.tau[m:])  # a leaf child's jobs per round: tau_(m+1) .. tau_N
+        tiers = {}                   # (layer, node index) -> its Tier
 
-        def start(c, now):
-            j, child = jobs[c], root.children[c]
-            self.only, self.calls = c, {}
-            arrive[c] = now + self.clock.time_round(self, j, now)
-            self.calls = {}
-            self.count(("agg", N, 0))
-            x = self.work(child, w, j)
-            key = (self.seed, 4, N, child.index, j, self.count(("up", N, child.index)))
-            if self.error_feedback[N - 1]:
-                z = (x - w) + self.residual.get((N, child.index), np.zeros_like(w))
-                pending[c] = codec.encode(z, np.zeros_like(w), key)
-                self.residual[(N, child.index)] = z - codec.decode(pending[c], w.size)
+        def make(node, parent, slot):
+            n, up, down = node.layer, 0.0, 0.0
+            if parent is not None and self.clock is not None:  # link n + 1: list entry n
+                ck = self.clock
+                up = ck.up_bits[n] / ck.up_rate[n] + ck.up_latency[n]
+                down = (ck.down_bits[n] / ck.down_rate[n] if ck.down_rate[n] else 0.0) + ck.down_latency[n]
+            tier = Tier(node, parent, slot, w0.copy(), w0.copy(), up, down)
+            tiers[(n, node.index)] = tier
+            if n == m:
+                tier.jobs, tier.started = [0] * len(node.children), [0] * len(node.children)
             else:
-                pending[c] = codec.encode(x, w, key)
-            since[c] = version
-            self.only = None
+                for pos, c in enumerate(node.children):
+                    make(c, tier, pos)
 
-        for c in range(C):
-            start(c, 0.0)
-        while True:
-            now = min(arrive)
-            group = [c for c in range(C) if arrive[c] == now]
-            for c in group:
-                buffer.append((c, since[c], pending.pop(c)))
-                if len(buffer) == k:
-                    total = sum(self.size(root.children[b]) for b, _, _ in buffer)
-                    acc = np.zeros_like(w)
-                    for b, v, msg in buffer:
-                        weight = np.float32(self.size(root.children[b]) / total * stale(version - v))
-                        codec.decode_add(msg, weight, acc)
-                    w = self.server_step(N, root, w, acc)
-                    version, buffer = version + 1, []
-                    if version % per_round == 0:
-                        done += 1
+        make(root, None, -1)
+        cloud = tiers[(N, root.index)]
+        per_round = -(-len(root.children) // self.buffered[N][0])
+        heap, seq = [], [0]
+        pending = {}    # (layer, node index, position) -> the message on its way to that tier from that child
+        ended = [0]     # rounds ended
+
+        def push(time, phase, tier, pos):
+            heapq.heappush(heap, (time, phase, tier.node.layer, tier.node.index, pos, seq[0]))
+            seq[0] += 1
+
+        def leaf_job(tier, pos, now):
+            """Job ``tier.jobs[pos]`` of child ``pos`` of a layer-m tier, from its model: (seconds, message)."""
+            u = tier.node
+            c = u.children[pos]
+            t, r = divmod(tier.jobs[pos], P)
+
+            def preset():  # the counters of round t after r earlier jobs of this child
+                self.calls = {("up", m, c.index): r, ("agg", m, u.index): r}
+                for d in c.devices:
+                    self.calls[("train", d)] = r * math.prod(self.tau[1:m])
+                todo = [c] if c.layer >= 1 else []
+                while todo:
+                    x = todo.pop()
+                    a = r * math.prod(self.tau[x.layer:m])
+                    self.calls[("agg", x.layer, x.index)] = a
+                    for y in x.children:
+                        self.calls[("up", x.layer, y.index)] = a
+                        if y.layer >= 1:
+                            todo.append(y)
+
+            saved, self.root, self.only = self.root, u, pos
+            preset()
+            seconds = self.clock.time_round(self, t, now) if self.clock is not None else 0.0
+            preset()
+            v = tier.x
+            x = self.work(c, v, t)
+            msg = self.uplink(m, c.index, x, v, (self.seed, 4, m, c.index, t, self.count(("up", m, c.index))))
+            self.root, self.only = saved, None
+            return seconds, msg
+
+        def send(tier):
+            """Tier ``tier`` (not the cloud) sends its job's delta to its parent."""
+            n, u = tier.node.layer, tier.node.index
+            t, r = divmod(tier.job, math.prod(self.tau[n + 1:]))  # the parent's updates per round
+            p = tier.parent.node
+            pending[(p.layer, p.index, tier.slot)] = self.uplink(n + 1, u, tier.x, tier.s,
+                                                                  (self.seed, 4, n + 1, u, t, r))
+
+        def flush(tier, now):
+            """Apply the first k buffered messages while the tier may; True when the last round has ended."""
+            u, n = tier.node, tier.node.layer
+            k, stale = self.buffered[n]
+            codec = self.codecs[n - 1]
+            while not tier.paused and len(tier.buffer) >= k:
+                taken, tier.buffer = tier.buffer[:k], tier.buffer[k:]
+                total = sum(self.size(u.children[pos]) for pos, _, _ in taken)
+                acc = np.zeros_like(tier.x)
+                for pos, v, msg in taken:
+                    share = self.size(u.children[pos]) / total if total > 0 else 0.0
+                    codec.decode_add(msg, np.float32(share * stale(tier.version - v)), acc)
+                tier.x = self.server_step(n, u, tier.x, acc)
+                tier.version += 1
+                if tier.parent is None:
+                    if tier.version % per_round == 0:
+                        ended[0] += 1
                         self.virtual_time = now
-                        if done == rounds:
-                            return w
-            for c in group:
-                jobs[c] += 1
-                start(c, now)
+                        if ended[0] == rounds:
+                            return True
+                    continue
+                tier.done += 1
+                if tier.done == self.tau[n]:
+                    tier.done, tier.paused = 0, True
+                    send(tier)
+                    tier.job += 1
+                    push(now + tier.up, ARRIVE, tier.parent, tier.slot)
+            return False
+
+        def restart(tier, pos, now):
+            if tier.node.layer == m:
+                push(now, START, tier, pos)
+            else:
+                c = tiers[(tier.node.layer - 1, tier.node.children[pos].index)]
+                push(now + c.down, ADOPT, c, -1)
+
+        for tier in tiers.values():
+            if tier.node.layer == m:
+                for pos in range(len(tier.node.children)):
+                    push(0.0, START, tier, pos)
+        while heap:
+            now, phase, layer, index, pos, _ = heapq.heappop(heap)
+            tier = tiers[(layer, index)]
+            if phase == ARRIVE:
+                if layer == m:
+                    v = tier.started[pos]
+                else:
+                    v = tiers[(layer - 1, tier.node.children[pos].index)].since
+                tier.buffer.append((pos, v, pending.pop((layer, index, pos))))
+                if flush(tier, now):
+                    return cloud.x
+                if layer == m:
+                    tier.jobs[pos] += 1
+                restart(tier, pos, now)
+            elif phase == ADOPT:
+                parent = tier.parent
+                if parent.paused:
+                    parent.waiting.append(tier.slot)
+                    continue
+                tier.version += 1
+                tier.since, tier.paused = parent.version, False
+                tier.x, tier.s = parent.x.copy(), parent.x.copy()
+                if flush(tier, now):
+                    return cloud.x
+                if not tier.paused:
+                    waiting, tier.waiting = sorted(tier.waiting), []
+                    for p in waiting:
+                        restart(tier, p, now)
+            else:  # START of a leaf job
+                if tier.paused:
+                    tier.waiting.append(pos)
+                    continue
+                tier.started[pos] = tier.version
+                seconds, pending[(layer, index, pos)] = leaf_job(tier, pos, now)
+                push(now + seconds, ARRIVE, tier, pos)
+        raise RuntimeError(f"the buffered tiers stopped after {ended[0]} of {rounds} rounds (a buffer never fills)")
 
     def run(self, rounds):
         if self.buffered:
-            return self.run_buffered(rounds)
+            return self.run_tiered(rounds)
         w = self.vector()
         for t in range(rounds):
             if self.moves:
@@ -541,8 +683,9 @@ def reference_for(cfg) -> Reference:
         tensor_sizes=sizes, fractions=list(q.topk_fraction) or None, clock=clock_for(cfg, tree.num_devices, sizes))
     ref.parents = []
     ag = cfg.aggregation
-    if ag.policy and ag.policy[-1] == "buffered":
-        ref.buffered = (ag.buffer[-1], staleness_function(ag.staleness[-1] if ag.staleness else "constant"))
+    if "buffered" in ag.policy:
+        ref.buffered = {n: (ag.buffer[n - 1], staleness_function(ag.staleness[n - 1] if ag.staleness else "constant"))
+                        for n in range(1, N + 1) if ag.policy[n - 1] == "buffered"}
     m, f = cfg.mobility, cfg.failures
     if m.model != "static" or f.intervals:
         assert m.neighbours in ("uniform", "ring") and not f.trace

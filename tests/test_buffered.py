@@ -14,7 +14,8 @@ from mpi4py import MPI
 from helpers import REPO, SMALL, run_cli, small_config, wait_until_released
 from qmlhfl_mpi import Session, load_config
 from qmlhfl_mpi.config import ConfigError
-from qmlhfl_mpi.core.asynchrony import ARRIVE, FLUSH, START, BufferedSchedule, Staleness
+from qmlhfl_mpi.core.asynchrony import Staleness
+from qmlhfl_mpi.core.tiers import ARRIVE, FLUSH, START, Tier, TieredSchedule
 
 
 def test_staleness_functions():
@@ -29,11 +30,12 @@ def test_staleness_functions():
 
 def schedule(times, k, staleness="constant", sizes=None):
     """A schedule whose child ``c`` takes ``times[c]`` seconds a job (or ``times[c](j)``)."""
-    def job(c, j, t0):
+    def job(i, c, j, t0):
         d = times[c](j) if callable(times[c]) else times[c]
         return d, (c, j, t0)
-    return BufferedSchedule(np.ones(len(times)) if sizes is None else np.asarray(sizes, float), k,
-                            Staleness(staleness), job)
+    cloud = Tier(1, 0, list(range(len(times))), np.ones(len(times)) if sizes is None else np.asarray(sizes, float),
+                 k, Staleness(staleness), leaf=True)
+    return TieredSchedule([cloud], job)
 
 
 def test_equal_times_and_a_full_buffer_are_synchronous_rounds():
@@ -50,7 +52,7 @@ def test_equal_times_and_a_full_buffer_are_synchronous_rounds():
 
 def test_a_fast_child_updates_more_often_and_stale_updates_weigh_less():
     sched = schedule([1.0, 3.0], 1, "polynomial(1)", sizes=[1, 3])
-    assert sched.updates_per_round == 2
+    assert sched.per_round == 2
     events = [e for _, e in zip(range(20), sched.events())]
     flushes = [e for e in events if e.kind == FLUSH]
     # t=1: child 0 (version 0 -> 1); t=2: child 0 again; t=3: child 0 (started at v2) and child 1 (v0), ids first
@@ -67,13 +69,16 @@ def test_what_is_in_flight_after_a_round():
     # round 1 at t=5 (c2, c0 | c0, c1); c0 and c1 restart at t=5 in round 2, so only c2 (restarted at 4) is busy
     done = [events for _, events in zip(range(2), schedule([1.0, 2.5, 4.0], 2).rounds())]
     assert [events[-1].time for events in done] == [3.0, 5.0]
-    busy = BufferedSchedule.in_flight(done)
-    assert list(busy) == [2] and busy[2].time == 4.0 and busy[2].job == 1
+    pending = schedule([1.0, 2.5, 4.0], 2).pending(done)
+    assert pending.flying == {(0, 2)} and pending.buffers == {0: []}
 
 
 def test_bad_buffers():
-    with pytest.raises(ValueError, match=r"buffer k = 4: expected 1 <= k <= 3"):
+    with pytest.raises(ValueError, match=r"buffer k = 4 at layer 1 node 0: expected 1 <= k <= 3"):
         schedule([1.0] * 3, 4)
+    with pytest.raises(ValueError, match="expected one cloud among the tiers, got 0"):
+        TieredSchedule([Tier(1, 0, [0], np.ones(1), 1, Staleness("constant"), leaf=True, parent=0)],
+                       lambda *a: (1.0, None))
 
 
 BUFFERED = dict(topology={"branching": [3, 2, 2]}, tau=[2, 2, 1],
@@ -106,9 +111,9 @@ def test_a_full_buffer_with_constant_staleness_and_speeds_is_the_synchronous_run
 
 
 @pytest.mark.parametrize("sections, message", [
-    ({"aggregation": {"policy": ["buffered", "all", "all"], "buffer": [2, 0, 0]}}, "buffers the cloud only"),
+    ({"aggregation": {"policy": ["buffered", "all", "all"], "buffer": [2, 0, 0]}}, "must be a top segment m..N"),
     ({"aggregation": {"policy": ["all", "all", "buffered"], "buffer": [0, 0, 4]}},
-     r"needs 1 <= k <= 3 \(its children\); entry 3 is 4"),
+     r"layer-3 node needs 1 <= k <= 3 \(its children\); entry 3 is 4"),
     ({"aggregation": {"policy": ["all", "all", "buffered"]}}, "entry 3 is 0"),
     ({"aggregation": {"policy": ["all", "all", "buffered"], "buffer": [0, 0, 2], "staleness": ["constant"] * 2
                       + ["hinge(1)"]}}, r"aggregation.staleness\[2\]' = 'hinge\(1\)'"),
@@ -160,7 +165,7 @@ def test_plan_prints_a_buffered_rounds_events(capsys):
 
     assert main(["plan", str(REPO / "configs/examples/buffered.yaml"), "--round", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("round 2 of a buffered cloud (k = 2)")
+    assert lines[0].startswith("round 2 of buffered layers 2..2 (k_2 = 2)")
     updates = [ln for ln in lines if " update " in ln]
     assert len(updates) == 3 and updates[-1].endswith("(ends the round)")  # ceil(6 / 2) updates a round
     assert any(" start " in ln for ln in lines) and any(" arrive " in ln for ln in lines)

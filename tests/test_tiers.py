@@ -1,5 +1,4 @@
-"""Buffered tiers at any depth (core/tiers.py, pure groundwork): the cloud-only case is the buffered cloud's
-schedule; full buffers with equal times are the synchronous rounds; the pause rule; every tie in one order."""
+"""Buffered layers at any depth (core/tiers.py; the cloud-only schedule: tests/test_buffered.py): full buffers with equal times are the synchronous rounds; the pause rule; every tie in one order."""
 from __future__ import annotations
 
 from itertools import islice
@@ -7,26 +6,10 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from qmlhfl_mpi.core.asynchrony import BufferedSchedule, Staleness
+from qmlhfl_mpi.core.asynchrony import Staleness
 from qmlhfl_mpi.core.tiers import ADOPT, ARRIVE, FLUSH, SEND, START, Tier, TieredSchedule
 
 CONST = Staleness("constant")
-
-
-def cloud_only(times, k, staleness="constant"):
-    tiers = [Tier(1, 0, list(range(len(times))), np.ones(len(times)), k, Staleness(staleness), leaf=True)]
-    return TieredSchedule(tiers, lambda i, c, j, t0: (times[c](j), None))
-
-
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_the_cloud_alone_is_the_buffered_clouds_schedule(k):
-    times = [lambda j: 1.0, lambda j: 2.5 + (j % 2), lambda j: 4.0]
-    old = BufferedSchedule(np.ones(3), k, Staleness("polynomial(1)"), lambda c, j, t0: (times[c](j), None))
-    new = cloud_only(times, k, "polynomial(1)")
-    for a, b in zip(islice(old.events(), 60), islice(new.events(), 60)):
-        assert (a.kind, a.time, a.child, a.version, a.round, a.round_end) == \
-            ({START: 0, ARRIVE: 1, FLUSH: 2}[b.kind], b.time, b.child, b.version, b.round, b.round_end)
-        assert [(c, float(w)) for c, w in a.entries] == [(c, float(w)) for c, w in b.entries]
 
 
 def two_levels(edge_times, updates, k_region=2, k_cloud=2, up=0.0, down=0.0):

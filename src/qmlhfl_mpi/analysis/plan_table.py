@@ -21,10 +21,10 @@ import numpy as np
 from .. import config as config_mod
 from ..config import Config
 from ..config import build as builders
-from ..core.asynchrony import ARRIVE, START, AsyncEvent
 from ..core.exitcodes import EXIT_OK
 from ..core.plan import OPEN
 from ..core.scheduler import TimedRound
+from ..core.tiers import ARRIVE, FLUSH, SEND, START, TieredSchedule, TierEvent
 from ..core.topology import Tree
 from .clockfit import ClockModel
 
@@ -114,22 +114,32 @@ def plan_lines(cfg: Config, timed: TimedRound, tree: Tree, dim: int, max_childre
     return out
 
 
-def buffered_lines(cfg: Config, t: int, events: list[AsyncEvent], t0: float) -> list[str]:
-    """The events of a buffered cloud's round ``t`` (docs/algorithms.md, "Buffered cloud"), which starts at
-    virtual time ``t0``: jobs started, messages arrived, updates with their weights."""
-    out = [f"round {t} of a buffered cloud (k = {cfg.aggregation.buffer[-1]}): {len(events)} events from {t0:.6g} s "
-           "(children of the cloud by position; a job is one synchronous round of the child's subtree)"]
+def buffered_lines(cfg: Config, t: int, schedule: TieredSchedule, events: list[TierEvent], t0: float) -> list[str]:
+    """The events of a buffered run's round ``t`` (docs/algorithms.md, "Buffered layers"), which starts at
+    virtual time ``t0``: jobs started, messages arrived, updates with their weights, deltas sent up, models
+    adopted; a node is ``layer:node``, a child its position among the node's children."""
+    tiers = schedule.tiers
+    m = min(x.layer for x in tiers)
+    ks = ", ".join(f"k_{n} = {cfg.aggregation.buffer[n - 1]}" for n in range(m, cfg.N + 1))
+    out = [f"round {t} of buffered layers {m}..{cfg.N} ({ks}): {len(events)} events from {t0:.6g} s (a job is one "
+           f"synchronous round of a layer-{m} node's child's subtree)"]
     for e in events:
+        x = tiers[e.tier]
+        node = f"{x.layer}:{x.node}"
         if e.kind == START:
             timed = e.payload
-            out.append(f"{e.time:>12.6g} s  start   child {e.child} job {e.job} from version {e.version}; arrives "
-                       f"at {e.time + timed.duration:.6g} s; {int(timed.plan.messages().sum())} messages inside")
+            out.append(f"{e.time:>12.6g} s  start   {node} child {e.child} job {e.job} from version {e.version}; "
+                       f"arrives at {e.time + timed.duration:.6g} s; {int(timed.plan.messages().sum())} messages inside")
         elif e.kind == ARRIVE:
-            out.append(f"{e.time:>12.6g} s  arrive  child {e.child} job {e.job} (started from version {e.version})")
-        else:
+            out.append(f"{e.time:>12.6g} s  arrive  {node} child {e.child} (started from version {e.version})")
+        elif e.kind == FLUSH:
             weights = ", ".join(f"{c}({w:.3g})" for c, w in e.entries)
-            out.append(f"{e.time:>12.6g} s  update  -> version {e.version}: {weights}" +
+            out.append(f"{e.time:>12.6g} s  update  {node} -> version {e.version}: {weights}" +
                        ("  (ends the round)" if e.round_end else ""))
+        elif e.kind == SEND:
+            out.append(f"{e.time:>12.6g} s  send    {node} job {e.job} up; arrives at {e.time + x.up:.6g} s")
+        else:
+            out.append(f"{e.time:>12.6g} s  adopt   {node} its parent's version {e.version}")
     return out
 
 
@@ -143,8 +153,9 @@ def cmd_plan(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     sched = ClockModel(cfg, tree, dim).scheduler(cfg.tau, samples=_samples(cfg, tree))
     t0 = sched.start_of(args.round)
     if sched.buffered is not None:
-        events = next(islice(sched.schedule().rounds(), args.round, None))
-        lines = buffered_lines(cfg, args.round, events, t0)
+        schedule = sched.schedule()
+        events = next(islice(schedule.rounds(), args.round, None))
+        lines = buffered_lines(cfg, args.round, schedule, events, t0)
     else:
         lines = plan_lines(cfg, sched.round(args.round, t0), tree, dim, args.max_children, t0)
     for line in lines:

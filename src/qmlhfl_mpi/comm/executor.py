@@ -82,10 +82,13 @@ class RoundExecutor:
         self._moving: dict[int, dict[int, np.ndarray]] = {}             # edge -> child position -> its message
         self._moving_recv: dict[int, list[tuple[int, np.ndarray, MPI.Request]]] = {}
         self._sends: list[tuple[np.ndarray, MPI.Request]] = []          # until the round ends
-        # a buffered cloud (core/asynchrony.py), on the cloud's leader: each busy child's message (made when its
-        # job started, in the cloud's hands when it arrives) and the buffer of arrived ones
+        # buffered layers (core/tiers.py): the messages in flight and buffered, each on the leader of the node
+        # it goes to; every buffered node's model and the model its job started from (below the cloud), on
+        # every rank
         self.hold = False
-        self.cloud = HeldMessages(dim, self.msg_len[-1], tree.N)
+        self._root = (tree.N, 0)
+        self.held = HeldMessages(dim, self.msg_len)
+        self.tier_models: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- who does what ----------------------------------------------------------
     def involved(self, n: int, u: int) -> bool:
@@ -109,15 +112,17 @@ class RoundExecutor:
         return out
 
     # ---- the round --------------------------------------------------------------
-    def run(self, plan: RoundPlan, w: np.ndarray, stats: RoundStats | None = None, hold: bool = False) -> np.ndarray:
-        """Carry out ``plan`` from the cloud model ``w`` (a host array); every rank returns the new cloud model.
-        ``stats``: count into these (else a fresh :class:`RoundStats` of the plan's devices).  ``hold``: the plan
-        is one job of a buffered cloud (one participant): its message stays on the cloud's leader
-        (:attr:`cloud`, by child) and the cloud model is returned unchanged.  Collective."""
+    def run(self, plan: RoundPlan, w: np.ndarray, stats: RoundStats | None = None, hold: bool = False,
+            root: tuple[int, int] | None = None) -> np.ndarray:
+        """Carry out ``plan`` from the model ``w`` (a host array) of its root ``root`` (default the cloud); every
+        rank returns the root's new model.  ``stats``: count into these (else a fresh :class:`RoundStats` of the
+        plan's devices).  ``hold``: the plan is one job of a buffered node (one participant): its message stays
+        on the node's leader (:attr:`held`) and ``w`` is returned unchanged.  Collective."""
         N = self.tree.N
         self.stats = RoundStats(plan.devices(), N) if stats is None else stats
         self.hold = hold
-        self._model = {(N, 0): self.vectors.from_host(w)}
+        self._root = root = root if root is not None else (N, 0)
+        self._model = {root: self.vectors.from_host(w)}
         moving = plan.members is not None
         if moving and self.world is None and self.layout.num_ranks > 1:
             raise ValueError("a plan on the tree of the moment needs the run's communicator (world=)")
@@ -144,7 +149,7 @@ class RoundExecutor:
         for _, req in self._sends:
             wait(req, self.guard)
         self._sends.clear()
-        out = self._model.pop((N, 0))
+        out = self._model.pop(root)
         self._model.clear()
         return self.vectors.to_host(out)
 
@@ -276,7 +281,7 @@ class RoundExecutor:
         n, u = a.layer, a.node
         leads = self.leads(n, u)
         v = self._model[(n, u)]
-        if self.hold and n == self.tree.N:
+        if self.hold and (n, u) == self._root:
             self._hold(a, leads)
             return
         new = v if a.empty else None
@@ -300,8 +305,8 @@ class RoundExecutor:
             self._model.pop((n, u), None)
 
     def _hold(self, a: Aggregation, leads: bool) -> None:
-        """The close of a buffered cloud's job: its one message reaches the cloud's leader and is kept there
-        (:attr:`cloud`); nothing is aggregated, nothing goes down."""
+        """The close of a buffered node's job: its one message reaches the node's leader and is kept there
+        (:attr:`held`); nothing is aggregated, nothing goes down."""
         n, u = a.layer, a.node
         lc = self._spanning(n, u)
         parts = self._parts.pop((n, u), [])
@@ -315,37 +320,84 @@ class RoundExecutor:
             for msg, req in self._remote.pop((n, u), []):
                 wait(req, self.guard)
                 got.append(msg)
-            assert len(got) == 1, f"a buffered cloud's job has one message, got {len(got)}"
-            self.cloud.keep(int(a.children[0]), got[0])
+            assert len(got) == 1, f"a buffered node's job has one message, got {len(got)}"
+            self.held.keep(n, int(a.children[0]), got[0])
 
-    def arrive(self, c: int) -> None:
-        """Child ``c``'s held message reaches the buffered cloud (on its leader; counted on link N there)."""
-        N = self.tree.N
-        if self.leads(N, 0):
-            self.cloud.arrive(c)
-            self.stats.uplink_bytes[N - 1] += self.msg_len[N - 1]
-            self.stats.messages[N - 1] += 1
+    # ---- buffered layers (core/tiers.py) --------------------------------------------
+    def arrive(self, n: int, u: int, c: int) -> None:
+        """Child ``c``'s message in flight reaches node ``u`` of buffered layer ``n`` (on its leader, counted on
+        link ``n`` there).  Not collective."""
+        if self.leads(n, u):
+            self.held.arrive(n, u, c)
+            self.stats.uplink_bytes[n - 1] += self.msg_len[n - 1]
+            self.stats.messages[n - 1] += 1
 
-    def flush(self, entries: Sequence[tuple[int, np.float32]], w: np.ndarray) -> np.ndarray:
-        """The buffered cloud's update from cloud model ``w``: the buffered messages ``entries`` ``(child, weight)``
-        decoded into one float32 sum in that order, then the cloud's server optimiser; every rank returns the new
-        model.  Collective over the run's communicator."""
-        N, st = self.tree.N, self.stats
+    def flush(self, n: int, u: int, entries: Sequence[tuple[int, np.float32]], w: np.ndarray) -> np.ndarray:
+        """Buffered node ``u``'s update from its model ``w``: its buffered messages ``entries`` ``(position,
+        weight)`` decoded into one float32 sum in that order, then its layer's server optimiser; every rank
+        returns the new model.  Collective over the run's communicator."""
+        st, first = self.stats, self.tree.children(n, u).start
         new = None
-        if self.leads(N, 0):
+        if self.leads(n, u):
             t0 = time.perf_counter()
             v = self.vectors.from_host(w)
             acc = self.vectors.zeros(self.dim)
-            for msg, (_, weight) in zip(self.cloud.take([c for c, _ in entries]), entries, strict=True):
-                self._up[N - 1].decode_add(msg, weight, acc)
-            new = np.array(self.vectors.to_host(self._update(N, 0, v, acc)), dtype=np.float32)
+            msgs = self.held.take(n, u, [first + pos for pos, _ in entries])
+            for msg, (_, weight) in zip(msgs, entries, strict=True):
+                self._up[n - 1].decode_add(msg, weight, acc)
+            new = np.array(self.vectors.to_host(self._update(n, u, v, acc)), dtype=np.float32)
             st.t_codec += time.perf_counter() - t0
         if self.world is not None and self.world.Get_size() > 1:
             t0 = time.perf_counter()
-            new = broadcast_vector(self.world, new, self.dim, self.guard, root=self.layout.leader(N, 0))
+            new = broadcast_vector(self.world, new, self.dim, self.guard, root=self.layout.leader(n, u))
             st.t_comm += time.perf_counter() - t0
         assert new is not None
         return new
+
+    def send(self, n: int, u: int, key: tuple[int, ...]) -> None:
+        """Buffered node ``u`` of layer ``n`` (below the cloud) sends its job's delta ``Q(x - start)`` up: made on
+        its leader (with its error feedback), moved to its parent's leader, held there until it arrives.
+        Collective over the two leaders (every rank may call it)."""
+        p = self.tree.parent(n, u)
+        me, src, dst = self.rank, self.layout.leader(n, u), self.layout.leader(n + 1, p)
+        if me not in (src, dst):
+            return
+        msg = None
+        if me == src:
+            t0 = time.perf_counter()
+            x, start = (self.vectors.from_host(v) for v in self.tier_models[(n, u)])
+            msg = self._encode(n + 1, u, x, start, key, None, None)
+            self.stats.t_codec += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if src != dst:
+            assert self.world is not None
+            if me == src:
+                wait(self.world.Isend([msg, MPI.BYTE], dest=dst, tag=2048 + n), self.guard)
+                return
+            msg = np.empty(self.msg_len[n], dtype=np.uint8)
+            wait(self.world.Irecv([msg, MPI.BYTE], source=src, tag=2048 + n), self.guard)
+        self.stats.t_comm += time.perf_counter() - t0
+        assert msg is not None
+        self.held.keep(n + 1, u, msg)
+
+    def adopt(self, n: int, u: int, w: np.ndarray) -> None:
+        """Buffered node ``u`` of layer ``n`` takes its parent's model ``w`` (on every rank; counted on link
+        ``n + 1`` by the parent's leader).  Not collective."""
+        self.tier_models[(n, u)] = (w.copy(), w.copy())
+        if self.leads(n + 1, self.tree.parent(n, u)):
+            self.stats.downlink_bytes[n] += self.down_len[n]
+
+    def share_tiers(self, nodes: Sequence[tuple[int, int]]) -> None:
+        """The models of the buffered nodes ``nodes`` (below the cloud) from each one's leader to every rank
+        (after a resume each leader loaded its own).  Collective over the run's communicator."""
+        if self.world is None or self.world.Get_size() == 1:
+            return
+        for (n, u) in nodes:
+            got = self.tier_models.get((n, u))
+            root = self.layout.leader(n, u)
+            pair = [broadcast_vector(self.world, None if got is None else got[i], self.dim, self.guard, root=root)
+                    for i in range(2)]
+            self.tier_models[(n, u)] = (pair[0], pair[1])
 
     def _send_up(self, plan: RoundPlan, parent: Aggregation, j: int, x: Vec, v: Vec) -> None:
         """Participant ``j``'s message in ``parent``'s aggregation, made on the child's leader (this rank): added to
@@ -353,7 +405,7 @@ class RoundExecutor:
         n, p = parent.layer, parent.node
         st = self.stats
         t0 = time.perf_counter()
-        acc = None if self.hold and n == self.tree.N else self._acc.get((n, p))
+        acc = None if self.hold and (n, p) == self._root else self._acc.get((n, p))
         key = plan.message_key(parent, j)
         msg = self._encode(n, int(parent.children[j]), x, v, key, parent.weights[j] if acc is not None else None, acc)
         if msg is not None:
@@ -461,16 +513,20 @@ class RoundExecutor:
 
     # ---- per-node state (server optimisers, error feedback) -----------------------
     def state(self) -> dict[str, np.ndarray]:
-        """The per-node state this rank keeps, by name (``server.n.u.name``, ``residual.n.c``), as host arrays."""
+        """The per-node state this rank keeps, by name (``server.n.u.name``, ``residual.n.c``; buffered layers:
+        ``tier.n.u.model``/``start``, ``held.*``, ``buffer.*``), as host arrays."""
         host = self.vectors.to_host
         out = {f"server.{n}.{u}.{k}": host(x) for (n, u), st in self.server_state.items() for k, x in st.items()}
         out.update({f"residual.{n}.{c}": host(e) for (n, c), e in self.residuals.items()})
-        out.update(self.cloud.state())  # a buffered cloud's messages in flight
+        for (n, u), (x, start) in self.tier_models.items():
+            if self.leads(n, u):
+                out[f"tier.{n}.{u}.model"], out[f"tier.{n}.{u}.start"] = x, start
+        out.update(self.held.state())
         return out
 
     def state_vectors(self) -> int:
         """How many float32 vectors of the model's length the per-node state may hold (all ranks together)."""
-        tree, out = self.tree, self.cloud.slots
+        tree, out = self.tree, self.held.slots
         for n, lk in enumerate(self.links, start=1):
             if not isinstance(lk.server, Average):
                 out += tree.num_nodes(n) * len(lk.server.state_names)
@@ -481,19 +537,24 @@ class RoundExecutor:
     def owner(self, name: str) -> int:
         """The rank that keeps the state entry ``name`` (of :meth:`state`) in this layout."""
         kind, n, u = name.split(".")[:3]
-        if kind == "held":
-            return self.layout.leader(self.tree.N, 0)
-        return self.layout.leader(int(n), int(u)) if kind == "server" else self.layout.leader(int(n) - 1, int(u))
+        layer, node = int(n), int(u)
+        if kind == "held":  # on the leader of the node it goes to
+            return self.layout.leader(layer, self.tree.parent(layer - 1, node))
+        if kind in ("server", "tier", "buffer"):
+            return self.layout.leader(layer, node)
+        if kind == "residual":
+            return self.layout.leader(layer - 1, node)
+        raise ValueError(f"state {name!r} is of no known kind (server., residual., tier., held., buffer.)")
 
     def load_state(self, entries: dict[str, np.ndarray]) -> None:
         """Take over the entries of :meth:`state` that this rank keeps (after a resume)."""
-        self.cloud.load({k: x for k, x in entries.items() if k.startswith("held.") and self.owner(k) == self.rank})
-        for name, x in entries.items():
-            if name.startswith("held."):
-                continue
-            if self.owner(name) != self.rank:
-                continue
+        mine = {k: x for k, x in entries.items() if self.owner(k) == self.rank}
+        self.held.load({k: x for k, x in mine.items() if k.split(".")[0] in ("held", "buffer")})
+        tiers: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        for name, x in mine.items():
             parts = name.split(".")
+            if parts[0] in ("held", "buffer"):
+                continue
             vec = np.array(x, dtype=np.float32).reshape(-1)
             if vec.size != self.dim:
                 raise ValueError(f"checkpoint state {name!r} has {vec.size} values, the model {self.dim}")
@@ -502,5 +563,8 @@ class RoundExecutor:
             elif parts[0] == "residual":
                 self.residuals[(int(parts[1]), int(parts[2]))] = self.vectors.from_host(vec)
             else:
-                raise ValueError(f"checkpoint state {name!r} is of no known kind (server., residual.)")
-
+                tiers.setdefault((int(parts[1]), int(parts[2])), {})[parts[3]] = vec
+        for key, got in tiers.items():
+            if set(got) != {"model", "start"}:
+                raise ValueError(f"checkpoint state of buffered node {key} has {sorted(got)}, expected model, start")
+            self.tier_models[key] = (got["model"], got["start"])

@@ -59,36 +59,44 @@ def outages(raw: Any, edges: int, key: str = "failures.intervals") -> list[tuple
 
 
 def validate_buffered(cfg: Config, N: int) -> None:
-    """A ``buffered`` layer: the cloud only, a buffer of 1..its children, a staleness function, every child busy
-    (no sampling there), a float32 downlink, a fixed tree."""
+    """``buffered`` layers: a top segment ``m..N``, each with a buffer of 1..its children and a staleness
+    function, every child busy (no sampling there), float32 models down those links, a fixed tree."""
     a = cfg.aggregation
     for n, text in enumerate(a.staleness):
         try:
             Staleness(text)
         except ValueError as e:
             raise ConfigError(f"config key 'aggregation.staleness[{n}]' = {text!r}: {e}") from None
-    for n, name in enumerate(a.policy, start=1):
-        if name != "buffered":
-            continue
-        if n != N:
-            raise ConfigError(f"config key 'aggregation.policy' = {list(a.policy)}: buffered on layer {n}; this "
-                              f"version buffers the cloud only (layer {N}, the last entry), with any synchronous "
-                              "policy below it")
-        children = TreeShape.of(cfg.topology.branching, cfg.topology.tree).max_children[N]
-        k = a.buffer[N - 1] if a.buffer else 0
+    layers = [n for n, name in enumerate(a.policy, start=1) if name == "buffered"]
+    if not layers:
+        return
+    m = layers[0]
+    if layers != list(range(m, N + 1)):
+        raise ConfigError(f"config key 'aggregation.policy' = {list(a.policy)}: the buffered layers must be a top "
+                          f"segment m..N (a buffered node works for a buffered parent), here layers {layers}; make "
+                          f"layers {m}..{N} buffered or use a synchronous policy above the last buffered layer")
+    shape = TreeShape.of(cfg.topology.branching, cfg.topology.tree)
+    for n in layers:
+        children = shape.max_children[n]
+        k = a.buffer[n - 1] if a.buffer else 0
         if not 1 <= k <= children:
-            raise ConfigError(f"config key 'aggregation.buffer' = {list(a.buffer)}: the buffered cloud needs "
-                              f"1 <= k <= {children} (its children); entry {N} is {k}")
-        p, q = cfg.participation, cfg.quantizer
-        if (p.fraction and p.fraction[N - 1] < 1) or (p.availability and p.availability[N - 1] < 1):
-            raise ConfigError("config key 'participation.fraction'/'availability': the buffered cloud keeps every "
-                              f"child busy, so give 1 for layer {N} (sample below it instead)")
-        if q.downlink and q.downlink[N - 1]:
-            raise ConfigError(f"config key 'quantizer.downlink' = {list(q.downlink)}: the buffered cloud sends its "
-                              f"model to each child when the child starts a job, in float32; give 0 for link {N}")
-        if N == 1 and cfg.system.availability_trace:
-            raise ConfigError("config key 'system.availability_trace' with a buffered cloud over devices (N = 1): a "
-                              "job of an offline device would send nothing; put the devices under edge servers")
-        if cfg.mobility.model != "static" or cfg.failures.intervals or cfg.failures.trace:
-            raise ConfigError("config section 'mobility'/'failures' with a buffered cloud: this version moves "
-                              "devices between synchronous rounds only; use a synchronous cloud policy")
+            raise ConfigError(f"config key 'aggregation.buffer' = {list(a.buffer)}: a buffered layer-{n} node needs "
+                              f"1 <= k <= {children} (its children); entry {n} is {k}")
+        if shape.min_children[n] < k:
+            raise ConfigError(f"config key 'aggregation.buffer' = {list(a.buffer)}: a layer-{n} node has only "
+                              f"{shape.min_children[n]} children, fewer than its buffer k = {k}; give "
+                              f"1 <= k <= {shape.min_children[n]}")
+    p, q = cfg.participation, cfg.quantizer
+    for n in layers:
+        if (p.fraction and p.fraction[n - 1] < 1) or (p.availability and p.availability[n - 1] < 1):
+            raise ConfigError("config key 'participation.fraction'/'availability': a buffered layer keeps every "
+                              f"child busy, so give 1 for layer {n} (sample below layer {m} instead)")
+        if q.downlink and q.downlink[n - 1]:
+            raise ConfigError(f"config key 'quantizer.downlink' = {list(q.downlink)}: a buffered layer sends its "
+                              f"model to each child when the child starts a job, in float32; give 0 for link {n}")
+    if m == 1 and cfg.system.availability_trace:
+        raise ConfigError("config key 'system.availability_trace' with buffered edges over devices (layer 1): a "
+                          "job of an offline device would send nothing; buffer from layer 2 up instead")
+    if cfg.mobility.model != "static" or cfg.failures.intervals or cfg.failures.trace:
+        raise ConfigError("config section 'mobility'/'failures' with a buffered layer: this version moves "
+                          "devices between synchronous rounds only; use synchronous policies")

@@ -259,12 +259,18 @@ class Planner:
         events = tuple((kind, int(new_index[i])) for kind, i in plan.events if new_index[i] >= 0)
         return RoundPlan(plan.round, plan.seed, tuple(out), events, plan.num_links, plan.members)
 
-    def plan(self, round_: int, members: Membership | None = None, only: int | None = None) -> RoundPlan:
+    def plan(self, round_: int, members: Membership | None = None, only: int | None = None,
+             root: tuple[int, int] | None = None, offset: int = 0) -> RoundPlan:
         """The plan of global round ``round_`` (pure: the same on every rank), on the tree of the moment
-        ``members`` when given (devices under other edges than the tree's, or none).  ``only``: the cloud's one
-        participant, its child at that position (weight 1): one job of a buffered cloud (:mod:`.asynchrony`),
-        its keys those of round ``round_``."""
+        ``members`` when given (devices under other edges than the tree's, or none).  ``only``: the root's one
+        participant, its child at that position (weight 1): one job of a buffered layer (:mod:`.tiers`).
+        ``root``: ``(layer, node)`` the plan starts at (default the cloud).  ``offset``: every call counter
+        below the root starts as if ``offset`` such jobs of the child had come before in round ``round_`` (a
+        layer-``n`` node aggregates ``prod(tau_{n+1..m})`` times a job under a layer-``m`` root), so a job's
+        keys are those the synchronous run gives the same work."""
         tree, tau = self.tree, self.tau
+        top, top_node = root if root is not None else (tree.N, 0)
+        per_job = [int(np.prod(tau[n:top], dtype=np.int64)) for n in range(top + 1)]  # aggregations a job, by layer
         aggs: list[Aggregation] = []
         events: list[tuple[int, int]] = []
         agg_calls: dict[tuple[int, int], int] = {}
@@ -278,9 +284,9 @@ class Planner:
         empty_i, empty_f = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
 
         def aggregate(n: int, u: int, parent: int, slot: int, first: bool, last: bool) -> None:
-            k = agg_calls.get((n, u), 0)
+            k = agg_calls.get((n, u), offset * per_job[n])
             agg_calls[(n, u)] = k + 1
-            if only is not None and n == tree.N:
+            if only is not None and n == top:
                 chosen = np.array([only], dtype=np.int64)
                 kids = tree.children(n, u).start + chosen
             elif n == 1 and members is not None:
@@ -298,7 +304,7 @@ class Planner:
             events.append((OPEN, index))
             tcalls = empty_i
             if n == 1 and len(kids):
-                tcalls = train_calls[kids].copy()
+                tcalls = train_calls[kids] + offset * per_job[1]
                 train_calls[kids] += 1
                 touched.append((tree.N, kids))
             elif len(kids):
@@ -306,18 +312,18 @@ class Planner:
                 for j, c in enumerate(kids.tolist()):
                     for r in range(reps):
                         aggregate(n - 1, c, index, j, r == 0, r == reps - 1)
-            mcalls = msg_calls[n - 1][kids].copy() if len(kids) else empty_i
+            mcalls = msg_calls[n - 1][kids] + offset * per_job[n] if len(kids) else empty_i
             if len(kids):
                 msg_calls[n - 1][kids] += 1
                 touched.append((n - 1, kids))
-            weights = empty_f if not len(kids) else np.ones(1, dtype=np.float32) if only is not None and n == tree.N \
+            weights = empty_f if not len(kids) else np.ones(1, dtype=np.float32) if only is not None and n == top \
                 else self.weights(n, u, chosen) if members is None else self.weights_in(n, u, chosen, members)
             aggs[index] = Aggregation(n, u, k, parent, slot, first, last, kids.astype(np.int64), weights, mcalls,
                                       tcalls)
             events.append((CLOSE, index))
 
         try:
-            aggregate(tree.N, 0, -1, -1, True, False)
+            aggregate(top, top_node, -1, -1, True, False)
         finally:
             for i, kids in touched:
                 self._calls[i][kids] = 0

@@ -20,12 +20,12 @@ from itertools import islice
 
 import numpy as np
 
-from .asynchrony import BufferedSchedule
 from .clock import RoundClock, SystemModel, round_clock
 from .membership import Membership
 from .mobility import Mobility
 from .plan import Planner, RoundPlan
 from .policy import Buffered, Deadline, Policy
+from .tiers import Tier, TieredSchedule
 
 __all__ = ["FINISH_PERCENTILES", "RoundScheduler", "TimedRound", "changed_rows"]
 
@@ -85,29 +85,71 @@ class RoundScheduler:
         return self.mobility.at(t, t0) if self.mobility is not None and self.mobility.dynamic else None
 
     @property
-    def buffered(self) -> Buffered | None:
-        """The cloud's buffered policy, if it has one."""
-        top = self.policies[-1]
-        return top if isinstance(top, Buffered) else None
+    def buffered(self) -> int | None:
+        """The lowest buffered layer ``m`` (layers ``m..N`` are; :mod:`.tiers`), or ``None``: every layer waits."""
+        m = None
+        for n in range(len(self.policies), 0, -1):
+            if not isinstance(self.policies[n - 1], Buffered):
+                break
+            m = n
+        return m
 
-    def schedule(self) -> BufferedSchedule:
-        """The events of the buffered cloud (:mod:`.asynchrony`); each START's payload is its job's
-        :class:`TimedRound`."""
-        policy = self.buffered
-        assert policy is not None
-        tree = self.planner.tree
-        return BufferedSchedule(self.planner.child_sizes(tree.N, 0), policy.buffer, policy.staleness,
-                                lambda c, j, t0: _timed(self.round(j, t0, only=c)))
+    def tiers(self) -> list[Tier]:
+        """The buffered layers' nodes as the schedule's tiers, parents before children: each with its children's
+        sizes, its layer's buffer and staleness, ``tau_{n+1}`` updates a job and the times of one message up and
+        of its parent's model down link ``n+1`` (alone on the link)."""
+        m = self.buffered
+        assert m is not None
+        tree, N = self.planner.tree, self.planner.tree.N
+        out: list[Tier] = []
+        index: dict[tuple[int, int], int] = {}
+        for n in range(N, m - 1, -1):
+            policy = self.policies[n - 1]
+            assert isinstance(policy, Buffered)
+            for u in range(tree.num_nodes(n)):
+                kids = tree.children(n, u)
+                tier = Tier(n, u, range(kids.start, kids.stop), self.planner.child_sizes(n, u), policy.buffer,
+                            policy.staleness, leaf=n == m)
+                if n < N:
+                    p = tree.parent(n, u)
+                    link, one = self.system.links[n], np.array([u])
+                    busy = float(self.up_bits[n] / (link.ingress_rate if link.shared else link.up_rate[u]))
+                    tier.parent, tier.slot, tier.updates = index[(n + 1, p)], u - tree.children(n + 1, p).start, \
+                        int(self.planner.tau[n])
+                    tier.up, tier.busy = busy + float(link.up_latency[u]), busy
+                    tier.down = float(link.down_seconds(one, self.down_bits[n])[0])
+                index[(n, u)] = len(out)
+                out.append(tier)
+        return out
+
+    def jobs_per_round(self) -> int:
+        """How many jobs a child of a lowest buffered node does in one synchronous round: ``prod(tau_{m+1..N})``."""
+        m = self.buffered
+        assert m is not None
+        return int(np.prod(self.planner.tau[m:], dtype=np.int64))
+
+    def schedule(self) -> TieredSchedule:
+        """The events of the buffered layers (:mod:`.tiers`); each START's payload is its job's
+        :class:`TimedRound`: job ``j`` of a child is the one-child plan of its node keyed as round
+        ``j // P``, offset ``j % P`` (``P`` = :meth:`jobs_per_round`)."""
+        tiers = self.tiers()
+        P = self.jobs_per_round()
+
+        def job(i: int, pos: int, j: int, t0: float) -> tuple[float, TimedRound]:
+            return _timed(self.round(j // P, t0, only=pos, root=(tiers[i].layer, tiers[i].node), offset=j % P))
+
+        return TieredSchedule(tiers, job)
 
     def buffered_ends(self) -> Iterator[float]:
-        """A buffered cloud's rounds 0, 1, 2, ...: the virtual time each ends at (its last update)."""
+        """A buffered run's rounds 0, 1, 2, ...: the virtual time each ends at (its last cloud update)."""
         for events in self.schedule().rounds():
             yield float(events[-1].time)
 
-    def round(self, t: int, t0: float = 0.0, only: int | None = None) -> TimedRound:
-        """Round ``t``, starting at virtual time ``t0`` (seconds since the run started); ``only``: the cloud's
-        child at that position alone (a buffered cloud's job)."""
-        drawn = self.planner.plan(t, self.members(t, t0), only)
+    def round(self, t: int, t0: float = 0.0, only: int | None = None, root: tuple[int, int] | None = None,
+              offset: int = 0) -> TimedRound:
+        """Round ``t``, starting at virtual time ``t0`` (seconds since the run started); ``only``, ``root``,
+        ``offset``: one job of a buffered node (:meth:`.Planner.plan`)."""
+        drawn = self.planner.plan(t, self.members(t, t0), only, root, offset)
         clock = round_clock(drawn, int(self.planner.tau[0]), self.system, self.up_bits, self.down_bits,
                             self.policies, t0)
         plan = self.planner.prune(drawn, clock.keep)
@@ -131,7 +173,7 @@ class RoundScheduler:
 
     def start_of(self, t: int) -> float:
         """The virtual time round ``t`` starts at: rounds ``0 .. t-1`` timed again (nothing is trained)."""
-        if self.buffered is not None:  # the end of a buffered cloud's round t - 1
+        if self.buffered is not None:  # the end of a buffered run's round t - 1
             ends = list(islice(self.buffered_ends(), t))
             return ends[-1] if ends else 0.0
         t0 = 0.0

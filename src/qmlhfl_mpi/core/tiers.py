@@ -1,5 +1,5 @@
-"""Buffered tiers at any depth, as a schedule of events (pure).  Groundwork for issue 22's item 1 beyond the
-buffered cloud (:mod:`.asynchrony`): not yet reachable from the config, and not yet carried out by the executor.
+"""Buffered (semi-asynchronous) layers at any depth, as a schedule of events (pure); docs/algorithms.md,
+"Buffered layers".
 
 The buffered layers are a top segment (layers ``m..N``; the layers below are synchronous).  Every buffered node
 buffers what its children send and updates every ``k_n`` arrivals, each weighted by its share of the buffer's
@@ -21,13 +21,17 @@ times and instant links, the run is the synchronous one.
 handled (bottom-up), then every adoption, then every job start; a cascade at one instant (an arrival fills a
 buffer, the update ends the node's job, its message arrives at once) keeps this order.
 
-A *round* is ``ceil(C / k_N)`` cloud updates, as for the buffered cloud.
+A *round* is ``ceil(C / k_N)`` cloud updates (``C`` the cloud's children).  It ends with its last update; the
+events at that instant after it belong to the next round.  Every time comes from the virtual clock, so the
+schedule is computed before anything is trained and is the same on every rank; what is in flight and buffered
+after some rounds (:meth:`TieredSchedule.pending`) is, with the tiers' models, the whole asynchronous state
+of a checkpoint.
 """
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +39,7 @@ import numpy as np
 
 from .asynchrony import Staleness, buffer_weights, by_round
 
-__all__ = ["ADOPT", "ARRIVE", "FLUSH", "SEND", "START", "Tier", "TierEvent", "TieredSchedule"]
+__all__ = ["ADOPT", "ARRIVE", "FLUSH", "SEND", "START", "Pending", "Tier", "TierEvent", "TieredSchedule"]
 
 ARRIVE, ADOPT, START = 0, 1, 2   # phases at one instant
 FLUSH, SEND = 3, 4               # emitted while an arrival or an adoption is handled
@@ -60,6 +64,7 @@ class Tier:
     updates: int = 1
     up: float = 0.0
     down: float = 0.0
+    busy: float = 0.0              # of ``up``, the seconds its message occupies the link (bits over rate)
     # the run's state (the schedule's own bookkeeping)
     version: int = field(default=0, init=False)
     paused: bool = field(default=False, init=False)
@@ -91,6 +96,15 @@ class TierEvent:
     payload: Any = field(default=None, compare=False, repr=False)
 
 
+@dataclass(frozen=True)
+class Pending:
+    """``flying``: ``(tier, position)`` of every message sent and not yet arrived; ``buffers``: by tier, the
+    positions of the messages arrived and not yet applied, in arrival order."""
+
+    flying: set[tuple[int, int]]
+    buffers: dict[int, list[int]]
+
+
 class TieredSchedule:
     """The events of the buffered tiers ``tiers`` (the cloud among them, parents before children);
     ``job(tier, position, j, t0) -> (seconds, payload)`` times a leaf job."""
@@ -106,6 +120,7 @@ class TieredSchedule:
                 raise ValueError(f"buffer k = {t.k} at layer {t.layer} node {t.node}: expected 1 <= k <= "
                                  f"{len(t.children)} (its children)")
         self.per_round = math.ceil(len(self.tiers[self.cloud].children) / self.tiers[self.cloud].k)
+        self._sub = {(t.parent, t.slot): j for j, t in enumerate(self.tiers) if t.parent is not None}
 
     def events(self) -> Iterator[TierEvent]:
         """Every event, in order, forever."""
@@ -186,10 +201,32 @@ class TieredSchedule:
                 push(now + seconds, ARRIVE, i, child)
 
     def _child_tier(self, i: int, pos: int) -> int:
-        for j, t in enumerate(self.tiers):
-            if t.parent == i and t.slot == pos:
-                return j
-        raise ValueError(f"tier {i} has no buffered child at position {pos}")
+        try:
+            return self._sub[(i, pos)]
+        except KeyError:
+            raise ValueError(f"tier {i} has no buffered child at position {pos}") from None
+
+    def child_tier(self, i: int, pos: int) -> int:
+        """The tier that is child ``pos`` of tier ``i``."""
+        return self._child_tier(i, pos)
+
+    def pending(self, done: Iterable[list[TierEvent]]) -> Pending:
+        """What is in flight and buffered after the rounds ``done`` (lists of :meth:`rounds`)."""
+        out = Pending(set(), {})
+        for events in done:
+            for e in events:
+                if e.kind == START:
+                    out.flying.add((e.tier, e.child))
+                elif e.kind == SEND:
+                    t = self.tiers[e.tier]
+                    assert t.parent is not None
+                    out.flying.add((t.parent, t.slot))
+                elif e.kind == ARRIVE:
+                    out.flying.discard((e.tier, e.child))
+                    out.buffers.setdefault(e.tier, []).append(e.child)
+                elif e.kind == FLUSH:
+                    out.buffers[e.tier] = out.buffers[e.tier][len(e.entries):]
+        return out
 
     def rounds(self) -> Iterator[list[TierEvent]]:
         """The events round by round: each list ends with the round's last cloud update."""

@@ -152,10 +152,11 @@ class Tree:
 class TreeShape:
     """How big a tree is, counted from its specification without building it (for the memory estimate):
     ``nodes[n]`` nodes at layer ``n`` (``nodes[0]`` devices) and ``max_children[n]`` the most children of
-    a node at layer ``n >= 1`` (``max_children[0] = 0``)."""
+    a node at layer ``n >= 1`` (``max_children[0] = 0``), ``min_children[n]`` the fewest."""
 
     nodes: tuple[int, ...]
     max_children: tuple[int, ...]
+    min_children: tuple[int, ...] = ()
 
     @property
     def devices(self) -> int:
@@ -173,9 +174,11 @@ class TreeShape:
                     raise TopologyError(f"topology.branching[{i}]={b!r}: every fan-out must be an integer >= 1")
             N = len(branching)
             nodes = [math.prod(branching[: N - n]) for n in range(N + 1)]
-            return cls(tuple(nodes), (0, *reversed(list(branching))))
+            fanout = (0, *reversed(list(branching)))
+            return cls(tuple(nodes), fanout, fanout)
         counts: dict[int, int] = {}
         most: dict[int, int] = {}
+        least: dict[int, int] = {}
 
         def walk(x: Any, path: str) -> int:  # the layer of x; the spec is small next to the tree it describes
             _check_spec_node(x, path)
@@ -183,14 +186,17 @@ class TreeShape:
                 counts[0] = counts.get(0, 0) + x
                 counts[1] = counts.get(1, 0) + 1
                 most[1] = max(most.get(1, 0), x)
+                least[1] = min(least.get(1, x), x)
                 return 1
             layer = _same_depth({walk(c, f"{path}[{i}]") for i, c in enumerate(x)}, path) + 1
             counts[layer] = counts.get(layer, 0) + 1
             most[layer] = max(most.get(layer, 0), len(x))
+            least[layer] = min(least.get(layer, len(x)), len(x))
             return layer
 
         N = walk(nested, "")
-        return cls(tuple(counts[n] for n in range(N + 1)), (0, *(most[n] for n in range(1, N + 1))))
+        return cls(tuple(counts[n] for n in range(N + 1)), (0, *(most[n] for n in range(1, N + 1))),
+                   (0, *(least[n] for n in range(1, N + 1))))
 
 
 def aggregations_per_round(tau: Sequence[int], n: int) -> int:

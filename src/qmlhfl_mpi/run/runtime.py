@@ -246,8 +246,11 @@ def _scheduler(cfg: Config, tree: Tree, planner: Planner, executor: RoundExecuto
     scheduler = RoundScheduler(planner, builders.system(cfg, tree), policies,
                                tuple(8 * b for b in executor.msg_len), tuple(8 * b for b in executor.down_len),
                                builders.mobility(cfg, tree))
-    if scheduler.buffered is not None:  # every child's message may be in flight at a checkpoint
-        executor.cloud.slots = tree.num_nodes(tree.N - 1) * -(-executor.msg_len[-1] // (4 * executor.dim))
+    m = scheduler.buffered
+    if m is not None:  # per child of a buffered node, a message in flight and one buffered; the nodes' models
+        held = executor.held
+        held.slots = sum(2 * tree.num_nodes(n - 1) * held.parts(n) for n in range(m, tree.N + 1)) \
+            + 2 * sum(tree.num_nodes(n) for n in range(m, tree.N))
     for n, earliest in scheduler.unmet_deadlines(scheduler.round(0)):
         raise ConfigError(
             f"config key 'aggregation.deadline' = {list(cfg.aggregation.deadline)}: no child of a layer-{n} node "

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,13 +22,12 @@ from mpi4py import MPI
 from ..comm.collectives import gather_rows, max_over_ranks, sum_over_ranks
 from ..comm.watchdog import PeerFailed, RoundTimeout
 from ..config import Config
-from ..core.asynchrony import ARRIVE, START, AsyncEvent, BufferedSchedule
 from ..core.exitcodes import EXIT_ABORT, EXIT_TIMEOUT
 from ..core.registry import PluginError
-from ..core.scheduler import FINISH_PERCENTILES, changed_rows
-from ..core.stats import RoundStats
+from ..core.scheduler import changed_rows
 from ..results import CheckpointError
 from .agreement import Agreement
+from .buffered import BufferedRounds
 from .callbacks import Callback, RunSummary, configured_callbacks
 from .errors import RunError
 from .lock import OutputLock
@@ -70,7 +69,7 @@ class Session:
         self._ran = False
         self._edges: np.ndarray | None = None    # rank 0, a dynamic tree: every device's edge in the last round
         self._moved = np.zeros((0, 3), dtype=np.int64)  # rank 0: the last round's /topology/parents rows
-        self._async: Iterator[list[AsyncEvent]] | None = None  # a buffered cloud's rounds of events
+        self._async: BufferedRounds | None = None  # buffered layers: the rounds of events
         self._lock = OutputLock(cfg.output.path)
 
     def __getattr__(self, name: str) -> Any:
@@ -159,7 +158,9 @@ class Session:
         t0 = time.perf_counter()
         timed = None
         if rt.scheduler.buffered is not None:
-            w, clock, extra_m, extra_d, end = self._buffered_round(t, w)
+            if self._async is None:
+                self._async = BufferedRounds(rt.scheduler, rt.executor, self.agreement, t, w)
+            w, clock, extra_m, extra_d, end = self._async.round(w)
         else:
             timed = rt.scheduler.round(t, self.virtual_time)
             w = rt.executor.run(timed.plan, w)
@@ -181,51 +182,6 @@ class Session:
             now = rt.scheduler.edges(timed)
             self._moved, self._edges = changed_rows(self._edges, now, t), now
         return w, record
-
-    def _buffered_round(self, t: int, w: np.ndarray) -> tuple[np.ndarray, dict[str, Any], np.ndarray, np.ndarray,
-                                                                  float]:
-        """Round ``t`` of a buffered cloud (core/asynchrony.py): its events in order (jobs started, messages
-        arrived, updates), each job carried out when it starts; returns the model, the clock's metrics, what was
-        sent but dropped below the cloud, and the round's end in virtual time.  Collective."""
-        rt = self.runtime
-        ex, N = rt.executor, rt.tree.N
-        if self._async is None:  # the schedule from the start: the rounds already done are timed again
-            self._async = rounds = rt.scheduler.schedule().rounds()
-            flying = BufferedSchedule.in_flight(next(rounds) for _ in range(t))
-            if ex.leads(N, 0) and set(flying) != set(ex.cloud.held):  # the checkpoint holds the messages in flight
-                raise RuntimeError(f"the checkpoint holds the messages in flight of children {sorted(ex.cloud.held)} but "
-                                   f"the schedule has jobs in flight at {sorted(flying)} after round {t - 1}")
-        events = next(self._async)
-        jobs = [e.payload for e in events if e.kind == START]
-        parts = [timed.plan.devices() for timed in jobs]
-        stats = RoundStats(np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64), N)
-        ex.stats = stats
-        extra_m, extra_d = np.zeros(N, dtype=np.int64), np.zeros(N, dtype=np.int64)
-        dropped, busy, offline = np.zeros(N, dtype=np.int64), np.zeros(N), 0
-        leads = ex.leads(N, 0)
-        for e in events:
-            if e.kind == START:
-                timed = e.payload
-                ex.run(timed.plan, w, stats=stats, hold=True)
-                if leads:  # the cloud's model goes to the child now; its message counts when it arrives
-                    stats.downlink_bytes[N - 1] += ex.down_len[N - 1]
-                    stats.messages[N - 1] -= 1
-                    stats.uplink_bytes[N - 1] -= ex.msg_len[N - 1]
-                extra_m += timed.extra_messages
-                extra_d += timed.extra_downlinks
-                dropped += timed.clock.dropped
-                busy += timed.clock.link_busy
-                offline += timed.clock.offline
-            elif e.kind == ARRIVE:
-                ex.arrive(e.child)
-            else:
-                w = ex.flush(e.entries, w)
-        ex.hold = False
-        end = float(events[-1].time)
-        clock = {"virtual_time": end, "dropped": dropped, "offline": offline, "link_busy": busy,
-                 "critical_path": np.full(N + 1, -1, dtype=np.int64),
-                 "finish_time": np.full(len(FINISH_PERCENTILES), np.nan)}
-        return w, clock, extra_m, extra_d, end
 
     def _parents_so_far(self) -> np.ndarray | None:
         """Rank 0: the ``/topology/parents`` rows of the rounds before the start (timed again), and from here on
