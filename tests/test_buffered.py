@@ -110,8 +110,33 @@ def test_a_full_buffer_with_constant_staleness_and_speeds_is_the_synchronous_run
     assert np.array_equal(m_one["uplink_bytes"], m_one["messages"] * np.array([56, 76, 76]))
 
 
+@pytest.mark.parametrize("policy, tau", [(["all", "buffered", "buffered"], [2, 2, 1]),
+                                         (["buffered", "buffered", "buffered"], [2, 1, 2])])
+def test_full_buffers_at_every_buffered_layer_are_the_synchronous_run(tmp_path, policy, tau):
+    """Buffered layers below the cloud (regions, or every layer down to the edges) with full buffers,
+    constant staleness and speeds: the synchronous model and messages, the keys of each job those of the
+    synchronous run's work; the models go down hop by hop (each job's start, each adoption)."""
+    sync, m_sync = run_here(tmp_path, "sync", tau=tau)
+    buffer = [k if p == "buffered" else 0 for p, k in zip(policy, [2, 2, 3])]  # every node's children
+    full, m_full = run_here(tmp_path, "tiers", tau=tau, aggregation={"policy": policy, "buffer": buffer})
+    assert np.array_equal(sync, full)
+    for key in ("messages", "uplink_bytes", "train_loss", "test_accuracy"):
+        assert np.array_equal(m_sync[key], m_full[key], equal_nan=True), key
+    np.testing.assert_allclose(m_full["virtual_time"], m_sync["virtual_time"], rtol=1e-12)
+    # the models go down hop by hop: one float32 model per job started on the lowest buffered link, one per
+    # adoption above it; after the first round (whose start has no adoption) as many as the messages up
+    m = policy.index("buffered") + 1
+    down = int(4 * full.size)
+    assert (m_full["downlink_bytes"][1:, m - 1:] == m_full["messages"][1:, m - 1:] * down).all()
+    assert (m_full["downlink_bytes"][0, m - 1] == m_full["messages"][0, m - 1] * down).all()
+
+
 @pytest.mark.parametrize("sections, message", [
     ({"aggregation": {"policy": ["buffered", "all", "all"], "buffer": [2, 0, 0]}}, "must be a top segment m..N"),
+    ({"aggregation": {"policy": ["all", "buffered", "all"], "buffer": [0, 2, 0]}}, r"here layers \[2\]; make layers 2..3"),
+    ({"topology": {"tree": [[2, 2], [2]]}, "aggregation": {"policy": ["all", "buffered", "buffered"],
+                                                            "buffer": [0, 2, 2]}},
+     r"the smallest layer-2 node has 1 child\(ren\), fewer than its buffer k = 2"),
     ({"aggregation": {"policy": ["all", "all", "buffered"], "buffer": [0, 0, 4]}},
      r"layer-3 node needs 1 <= k <= 3 \(its children\); entry 3 is 4"),
     ({"aggregation": {"policy": ["all", "all", "buffered"]}}, "entry 3 is 0"),

@@ -1,4 +1,5 @@
-"""Buffered layers at any depth (core/tiers.py; the cloud-only schedule: tests/test_buffered.py): full buffers with equal times are the synchronous rounds; the pause rule; every tie in one order."""
+"""Buffered layers at any depth (core/tiers.py; the cloud-only schedule: tests/test_buffered.py): full buffers
+with equal times are the synchronous rounds; the pause rule; every tie in one order."""
 from __future__ import annotations
 
 from itertools import islice

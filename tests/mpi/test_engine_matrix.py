@@ -190,14 +190,17 @@ REFERENCE_CASES = {
         participation={"fraction": [0.5, 1.0], "weighting": "unbiased"},
         mobility={"model": "random", "p": 0.4, "neighbours": "ring", "seed": 3},
         failures={"intervals": [[2, 1, 3]], "fallback": "sit_out"}),
-    # a buffered cloud (docs/algorithms.md): over edges with a deadline (stragglers dropped inside each job), error
-    # feedback and momentum at the cloud, stale updates discounted; and FedBuff over devices with jitter
-    "N3-buffered-cloud-over-deadline-edges": dict(
-        topology={"branching": [3, 2, 2]}, tau=[2, 2, 1],
-        quantizer={"levels": [3, 8, 8], "bucket": 16, "error_feedback": [False, True, True]},
-        server={"optimizer": ["avg", "avg", "momentum"]}, system={"speed": "lognormal(1)"},
-        aggregation={"policy": ["deadline", "all", "buffered"], "deadline": [0.03, 0, 0], "buffer": [0, 0, 2],
-                     "staleness": ["constant", "constant", "polynomial(0.5)"]}),
+    # buffered layers 2..4 (docs/algorithms.md, "Buffered layers") over edges with a deadline (stragglers dropped
+    # inside each job) and edge sampling: error feedback and momentum on the buffered links, Adam at the cloud,
+    # stale updates discounted, downlinks that take time; the checkpoint after round 1 holds buffers, messages
+    # in flight and the buffered nodes' models (resumed on another rank count below)
+    "N4-buffered-layers-over-deadline-edges": dict(
+        topology={"tree": [[[2, 3], [2]], [[1, 2], [3, 1]]]}, tau=[2, 1, 2, 1],
+        quantizer={"levels": [3, 8, 8, 8], "bucket": 16, "error_feedback": [False, True, True, False]},
+        server={"optimizer": ["avg", "momentum", "avg", "adam"], "lr": [1.0, 1.0, 1.0, 0.05]},
+        participation={"fraction": [0.6, 1, 1, 1]}, system={"speed": "lognormal(1)", "down_rate": [0, 1e6, 1e6, 1e6]},
+        aggregation={"policy": ["deadline", "buffered", "buffered", "buffered"], "deadline": [0.03, 0, 0, 0],
+                     "buffer": [0, 1, 2, 1], "staleness": ["constant", "polynomial(0.5)", "hinge(1, 1)", "constant"]}),
     # (speeds so spread that a fast device's message is twice in one buffer of 3, in rounds 0-2)
     "N1-fedbuff-hinge": dict(
         topology={"tree": 6}, tau=[3], quantizer={"levels": [4], "bucket": 16},
@@ -227,12 +230,25 @@ def test_every_size_and_both_backends_equal_the_serial_reference(mpi_tmp_path, c
 
             from qmlhfl_mpi.analysis.clockfit import ClockModel
             from qmlhfl_mpi.config.build import model_dim
-            from qmlhfl_mpi.core.asynchrony import FLUSH
+            from qmlhfl_mpi.core.tiers import FLUSH
             cfg = load_config(raw)
             sched = ClockModel(cfg, cfg.build_tree(), model_dim(cfg)).scheduler(cfg.tau).schedule()
             flushes = [[c for c, _ in e.entries] for events in islice(sched.rounds(), 3) for e in events
                        if e.kind == FLUSH]
             assert any(len(set(f)) < len(f) for f in flushes), flushes
+    if "buffered-layers" in case:  # stopped after round 1 on 3 ranks, resumed on 2: the uninterrupted run
+        out = mpi_tmp_path / "resumed.h5"
+        on(3, raw, out, callbacks=[StopAfter(1)])
+        if WORLD.rank == 0:
+            with h5py.File(str(out) + ".ckpt", "r") as f:
+                assert {"tier", "held", "buffer"} <= {k.split(".")[0] for k in f["state"]}, sorted(f["state"])
+        on(2, raw, out, resume=True)
+        if WORLD.rank == 0:
+            model, metrics, _ = read(out)
+            assert np.array_equal(model, got["model"])
+            for key in METRICS:
+                assert np.array_equal(metrics[key], got["metrics"][key], equal_nan=True), key
+    if WORLD.rank == 0:
         if ref.moves is not None:  # the recorded trees are the reference's trees of the moment
             assert recorded_trees(mpi_tmp_path / f"{case}-0.h5", raw["train"]["rounds"]) == ref.parents
             if "every-device-moves" in case:

@@ -72,7 +72,7 @@ class ClockModel:
     def durations(self, tau: Sequence[int], rounds: int, system: SystemModel | None = None) -> np.ndarray:
         """The virtual seconds of rounds ``0 .. rounds-1`` run one after another."""
         sched = self.scheduler(tau, system)
-        if sched.buffered is not None:  # a buffered cloud's rounds end with their last update
+        if sched.buffered is not None:  # a buffered run's rounds end with the cloud's last update
             return np.diff(np.array([0.0, *islice(sched.buffered_ends(), rounds)]))
         return np.array([timed.duration for _, timed in islice(sched.timeline(), rounds)])
 

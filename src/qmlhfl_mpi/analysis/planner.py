@@ -158,10 +158,11 @@ def _outside_bound(cfg: Config) -> list[str]:
     if cfg.mobility.model != "static":
         out.append(f"devices that move (mobility.model {cfg.mobility.model}: the tree, its weights D(c)/D(u) and the "
                    "per-layer heterogeneity change from round to round; the bound assumes one fixed tree)")
-    if cfg.aggregation.policy and cfg.aggregation.policy[-1] == "buffered":
-        out.append("a buffered cloud (updates from stale models, weighted by aggregation.staleness: the bound assumes "
-                   "every child starts from the cloud's newest model; it still holds for the synchronous layers below "
-                   "within one job)")
+    buffered = [n for n, p in enumerate(cfg.aggregation.policy, start=1) if p == "buffered"]
+    if buffered:
+        out.append(f"buffered layers {buffered[0]}..{cfg.N} (updates from stale models, weighted by "
+                   "aggregation.staleness: the bound assumes every child starts from its parent's newest model; it "
+                   "still holds for the synchronous layers below within one job)")
     if cfg.failures.intervals or cfg.failures.trace:
         out.append("edge servers that fail (their devices move or sit out, so the weights and the devices taking "
                    "part change while they are down)")
@@ -243,8 +244,10 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
           f"take about {times.mean() * cfg.train.rounds:.4g} s")
     if cfg.aggregation.policy and cfg.aggregation.policy[-1] == "buffered":
         a = cfg.aggregation
-        write(f"  a buffered cloud: an update every {a.buffer[-1]} arrivals, a round = ceil(children / "
-              f"{a.buffer[-1]}) updates; no round waits for a set of children")
+        ks = ", ".join(f"layer {n}: every {k}" for n, (p, k) in enumerate(zip(a.policy, a.buffer), start=1)
+                       if p == "buffered")
+        write(f"  buffered layers, an update every k arrivals ({ks}); a round = ceil(cloud children / "
+              f"{a.buffer[-1]}) cloud updates; no round waits for a set of children")
     else:
         for line in clock.dominance(cfg.tau, rounds).lines():
             write(f"  {line}")

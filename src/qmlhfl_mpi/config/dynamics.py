@@ -83,9 +83,9 @@ def validate_buffered(cfg: Config, N: int) -> None:
             raise ConfigError(f"config key 'aggregation.buffer' = {list(a.buffer)}: a buffered layer-{n} node needs "
                               f"1 <= k <= {children} (its children); entry {n} is {k}")
         if shape.min_children[n] < k:
-            raise ConfigError(f"config key 'aggregation.buffer' = {list(a.buffer)}: a layer-{n} node has only "
-                              f"{shape.min_children[n]} children, fewer than its buffer k = {k}; give "
-                              f"1 <= k <= {shape.min_children[n]}")
+            raise ConfigError(f"config key 'aggregation.buffer' = {list(a.buffer)}: the smallest layer-{n} node has "
+                              f"{shape.min_children[n]} child(ren), fewer than its buffer k = {k}, so it would never "
+                              f"update; give 1 <= k <= {shape.min_children[n]}")
     p, q = cfg.participation, cfg.quantizer
     for n in layers:
         if (p.fraction and p.fraction[n - 1] < 1) or (p.availability and p.availability[n - 1] < 1):

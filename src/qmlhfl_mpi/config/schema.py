@@ -217,8 +217,8 @@ class SystemConfig:
 @dataclass(frozen=True)
 class AggregationConfig:
     policy: tuple[str, ...] = fld((), registry=POLICIES,
-                                  doc="per layer 1..N (cloud last): all (wait for every child), deadline or first_k; "
-                                      "empty = all everywhere (docs/system.md)")
+                                  doc="per layer 1..N (cloud last): all (wait for every child), deadline, first_k or "
+                                      "buffered (layers m..N only); empty = all everywhere (docs/system.md)")
     deadline: tuple[float, ...] = fld((), lo=0, doc="per layer: seconds after a node sends its model within which "
                                                     "children's messages count (> 0 on deadline layers)")
     min_children: tuple[int, ...] = fld((), lo=0, doc="per layer: a deadline layer waits past its deadline for at "

@@ -92,7 +92,7 @@ class FirstK:
 
 
 class Buffered:
-    """The buffered (semi-asynchronous) cloud of :mod:`.asynchrony`: it never waits for a set of children; each of
+    """A buffered (semi-asynchronous) layer (:mod:`.tiers`): it never waits for a set of children; each of
     its aggregations in the clock's sense has one child (a job), kept when it arrives."""
 
     name = "buffered"
@@ -112,8 +112,9 @@ POLICIES.register("all", All, "wait for every participating child (the paper's)"
 POLICIES.register("deadline", Deadline, "the children whose messages arrive within aggregation.deadline s of the "
                                         "node sending its model, at least aggregation.min_children")
 POLICIES.register("first_k", FirstK, "the first aggregation.k arrivals (over-selection)")
-POLICIES.register("buffered", Buffered, "the cloud only: semi-asynchronous, an update every aggregation.buffer "
-                                        "arrivals weighted by aggregation.staleness (docs/algorithms.md)")
+POLICIES.register("buffered", Buffered, "layers m..N (a top segment): semi-asynchronous, an update every "
+                                        "aggregation.buffer arrivals weighted by aggregation.staleness "
+                                        "(docs/algorithms.md, \"Buffered layers\")")
 
 
 def make_policy(name: str, **params: Any) -> Policy:

@@ -3,7 +3,7 @@
 
 The buffered layers are a top segment (layers ``m..N``; the layers below are synchronous).  Every buffered node
 buffers what its children send and updates every ``k_n`` arrivals, each weighted by its share of the buffer's
-sizes times ``s(versions behind)``, as the buffered cloud does.  Its children are
+sizes times ``s(versions behind)`` (:func:`.asynchrony.buffer_weights`).  Its children are
 
 * *leaf jobs* (a layer-``m`` node's children: devices, or synchronous subtrees), each lasting what the clock
   gives its one-child plan (``job(node, child, j, t0) -> (seconds, payload)``); or
@@ -14,8 +14,8 @@ sizes times ``s(versions behind)``, as the buffered cloud does.  Its children ar
 ``down`` seconds after its message arrived (and not before the parent is itself unpaused): while paused it
 buffers arrivals without applying them, and its children that finish do not restart.  On adopting it applies
 its full buffers, then restarts its waiting children in id order.  So a node's children never start from a
-model its parent has not seen, and with every ``k_n`` = the node's children, constant staleness, equal job
-times and instant links, the run is the synchronous one.
+model its parent has not seen, and with every ``k_n`` = the node's children, constant staleness, equal (positive)
+job times and equal links per layer, the run is the synchronous one.
 
 **Ties.**  Events are ordered by ``(time, phase, layer, node, child)``: at one instant every arrival is
 handled (bottom-up), then every adoption, then every job start; a cascade at one instant (an arrival fills a
