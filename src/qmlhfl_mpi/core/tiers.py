@@ -206,10 +206,6 @@ class TieredSchedule:
         except KeyError:
             raise ValueError(f"tier {i} has no buffered child at position {pos}") from None
 
-    def child_tier(self, i: int, pos: int) -> int:
-        """The tier that is child ``pos`` of tier ``i``."""
-        return self._child_tier(i, pos)
-
     def pending(self, done: Iterable[list[TierEvent]]) -> Pending:
         """What is in flight and buffered after the rounds ``done`` (lists of :meth:`rounds`)."""
         out = Pending(set(), {})
