@@ -24,6 +24,7 @@ setup(
         "PyYAML>=6,<7",
         "matplotlib>=3.6,<4",
         "numba>=0.60,<0.70",
+        "dp-accounting>=0.4,<1",
     ],
     extras_require={
         "mpich": ["mpich>=4,<6"],

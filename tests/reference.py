@@ -156,6 +156,8 @@ class Reference:
         self.only = None    # a leaf job of a buffered tier (then the root): the one child of the root that takes part
         self.buffered = None  # {layer: (k, staleness function)} of the buffered layers (a top segment m..N)
         self.moves = None   # a Moves: every device's edge in a round (devices that move, edges that fail)
+        self.privacy = None  # {clip, sigma, layer (0: local), kappa}: docs/privacy.md
+        self.omega = {}     # (layer, node) -> the largest weight of a device in its last sum
         self.base = root
 
     def vector(self) -> np.ndarray:
@@ -273,6 +275,19 @@ class Reference:
                 self.skip(c.children[j], t)
                 self.count(("up", c.layer, c.children[j].index))
 
+    def private_update(self, device, x, v, t):
+        """DP-FedAvg at the device (docs/privacy.md): the update clipped to L2 norm C, plus N(0, (sigma C)^2) when
+        the noise is local (keyed by the device's training call of this run)."""
+        p = self.privacy
+        u = x - v
+        norm = float(np.sqrt(np.dot(u.astype(np.float64), u.astype(np.float64))))
+        u = u * np.float32(1.0 if norm <= p["clip"] else p["clip"] / norm)
+        if p["layer"] == 0:
+            call = self.calls[("train", device)] - 1
+            u = u + gen(self.seed, 13, 0, device, t, call).standard_normal(v.size, dtype=np.float32) \
+                * np.float32(p["sigma"] * p["clip"])
+        return u
+
     def uplink(self, n, index, x, v, key):
         """The message of child ``index`` on link n: x relative to v (error feedback: plus its residual)."""
         codec = self.codecs[n - 1]
@@ -294,6 +309,7 @@ class Reference:
             for j in picked:
                 self.skip(u.children[j], t)
                 self.count(("up", n, u.children[j].index))
+            self.omega[(n, u.index)] = 0.0
             return v
         acc = np.zeros_like(v)
         codec = self.codecs[n - 1]
@@ -307,8 +323,19 @@ class Reference:
             a = weight_of[j]
             x = self.work(c, v, t)
             k = self.count(("up", n, c.index))
-            msg = self.uplink(n, c.index, x, v, (self.seed, 4, n, c.index, t, k))
+            base = v
+            if self.privacy and c.layer == 0:  # the device's update clipped (and, local placement, noised)
+                x, base = self.private_update(c.devices[0], x, v, t), np.zeros_like(v)
+            msg = self.uplink(n, c.index, x, base, (self.seed, 4, n, c.index, t, k))
             codec.decode_add(msg, a, acc)
+        if self.privacy:  # the largest weight of a device in this sum; the noise at the privacy layer
+            self.omega[(n, u.index)] = max(
+                float(weight_of[j]) * (1.0 if n == 1 else self.omega[(n - 1, u.children[j].index)]) for j in kept)
+            if n == self.privacy["layer"]:
+                p = self.privacy
+                std = p["sigma"] * p["clip"] * p["kappa"] * self.omega[(n, u.index)]
+                acc = acc + gen(self.seed, 13, n, u.index, t, call).standard_normal(v.size, dtype=np.float32) \
+                    * np.float32(std)
         new = self.server_step(n, u, v, acc)
         dl = self.downlink[n - 1]
         if down and dl is not None:
@@ -686,6 +713,13 @@ def reference_for(cfg) -> Reference:
     if "buffered" in ag.policy:
         ref.buffered = {n: (ag.buffer[n - 1], staleness_function(ag.staleness[n - 1] if ag.staleness else "constant"))
                         for n in range(1, N + 1) if ag.policy[n - 1] == "buffered"}
+    p = cfg.privacy
+    if p.clip > 0:  # kappa: the link-1 qsgd codec moves a coordinate by at most one level of its bucket's norm
+        layer = {"local": 0, "edge": p.layer, "central": cfg.N}[p.placement]
+        d, s1 = sum(sizes), q.levels[0]
+        blen = d if not q.bucket or q.bucket >= d else q.bucket
+        kappa = 1.0 if layer == 0 or s1 == 0 else 1.0 + math.sqrt(blen) / s1
+        ref.privacy = {"clip": p.clip, "sigma": p.noise_multiplier, "layer": layer, "kappa": kappa}
     m, f = cfg.mobility, cfg.failures
     if m.model != "static" or f.intervals:
         assert m.neighbours in ("uniform", "ring") and not f.trace

@@ -193,6 +193,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if summary.status == "diverged":
             say("error", summary.message)
             return EXIT_DIVERGED
+        if summary.status == "budget_spent":
+            say("stopped", summary.message)
+            return EXIT_OK
         if rank == 0:
             print(f"done: {summary.rounds_done} rounds, final test accuracy {summary.final_accuracy:.4f}, "
                   f"results in {summary.path}", flush=True)

@@ -36,6 +36,7 @@ from mpi4py import MPI
 from ..core.clients import Clients
 from ..core.links import Link
 from ..core.plan import OPEN, Aggregation, RoundPlan
+from ..core.privacy import Mechanism, clip_scale, largest_device_weight
 from ..core.server_opt import Average
 from ..core.stats import RoundStats
 from ..core.topology import RankLayout
@@ -56,12 +57,13 @@ class RoundExecutor:
 
     def __init__(self, layout: RankLayout, rank: int, comms: Sequence[LayerComms | None], links: Sequence[Link],
                  dim: int, clients: Clients, vectors: Vectors, guard: Watchdog | None = None,
-                 world: MPI.Intracomm | None = None) -> None:
+                 world: MPI.Intracomm | None = None, privacy: Mechanism | None = None) -> None:
         tree = layout.tree
         if len(links) != tree.N:
             raise ValueError(f"need {tree.N} links, got {len(links)}")
         self.layout, self.tree, self.rank, self.comms = layout, tree, rank, list(comms)
         self.links, self.dim, self.clients, self.vectors, self.guard = tuple(links), dim, clients, vectors, guard
+        self.privacy = privacy  # docs/privacy.md: clipping (and local noise) at training, noise at its layer
         self.msg_len = [lk.codec.nbytes(dim) for lk in links]
         self.down_len = [4 * dim if lk.downlink is None else lk.downlink.nbytes(dim) for lk in links]
         self._up: list[LinkCodec] = [vectors.link_codec(lk.codec) for lk in links]
@@ -194,9 +196,10 @@ class RoundExecutor:
             v = self.vectors.from_host(got)
         local = np.flatnonzero(hosts == me).tolist()
         st = self.stats
-        for j, dev, x in self._trained(plan, a, local, v):
+        for j, dev, trained in self._trained(plan, a, local, v):
             t0 = time.perf_counter()
-            msg = self._encode(1, dev, x, v, plan.message_key(a, j), None, None)
+            x, base = self._private(plan, a, j, trained, v)
+            msg = self._encode(1, dev, x, base, plan.message_key(a, j), None, None)
             assert msg is not None
             if me == lead:
                 self._moving[u][j] = msg
@@ -261,7 +264,7 @@ class RoundExecutor:
         if not local:
             return
         for j, _, x in self._trained(plan, a, local, v):
-            self._send_up(plan, a, j, x, v)
+            self._send_up(plan, a, j, *self._private(plan, a, j, x, v))
 
     def _trained(self, plan: RoundPlan, a: Aggregation, local: list[int], v: Vec) -> Iterator[tuple[int, int, Vec]]:
         """The participants at positions ``local`` of layer-1 aggregation ``a`` (this rank's) trained from ``v``,
@@ -293,7 +296,7 @@ class RoundExecutor:
                 send_messages(lc.leaders, parts, tag=n, guard=self.guard)
                 self.stats.t_comm += time.perf_counter() - t0
             if leads:
-                new = self._apply(a, v)
+                new = self._apply(plan, a, v)
             if a.down:
                 self._model[(n, u)] = self._downlink(plan, a, v, new, lc, leads)
                 return
@@ -441,8 +444,25 @@ class RoundExecutor:
             return None
         return codec.encode(x, v, key)
 
-    def _apply(self, a: Aggregation, v: Vec) -> Vec:
-        """On the node's leader: the other ranks' messages in child order, then the layer's server step."""
+    def _private(self, plan: RoundPlan, a: Aggregation, j: int, x: Vec, v: Vec) -> tuple[Vec, Vec]:
+        """Participant ``j`` of layer-1 aggregation ``a`` trained to ``x`` from ``v``: with privacy, its update
+        clipped (and, placed locally, noised) as ``(update, 0)``, which the codec encodes like ``(x, v)``."""
+        mech = self.privacy
+        if mech is None:
+            return x, v
+        u = x - v
+        host = np.asarray(self.vectors.to_host(u), dtype=np.float64)
+        u *= float(clip_scale(float(np.sqrt(np.dot(host, host))), mech.clip))  # a float32 value
+        if mech.layer == 0:
+            key = (0, int(a.children[j]), plan.round, int(a.train_calls[j]))
+            u += self.vectors.from_host(mech.noise(self.dim, key, mech.local_std()))
+        if self._zero is None:
+            self._zero = self.vectors.zeros(self.dim)
+        return u, self._zero
+
+    def _apply(self, plan: RoundPlan, a: Aggregation, v: Vec) -> Vec:
+        """On the node's leader: the other ranks' messages in child order, then (at the privacy layer) the
+        noise, then the layer's server step."""
         n, u = a.layer, a.node
         st = self.stats
         acc = self._acc.pop((n, u))
@@ -459,6 +479,10 @@ class RoundExecutor:
                 st.t_comm += t1 - t0
                 st.t_codec += time.perf_counter() - t1
         t0 = time.perf_counter()
+        mech = self.privacy
+        if mech is not None and mech.layer == n:
+            std = mech.node_std(largest_device_weight(plan, plan.aggregations.index(a)))
+            acc += self.vectors.from_host(mech.noise(self.dim, (n, u, plan.round, a.call), std))
         new = self._update(n, u, v, acc)
         st.t_codec += time.perf_counter() - t0
         return new

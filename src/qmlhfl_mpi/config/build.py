@@ -21,9 +21,10 @@ from ..core.codecs import Codec, link_codecs, make_codec
 from ..core.failures import EdgeFailures, Outage
 from ..core.links import Link
 from ..core.mobility import MarkovMoves, Mobility, MobilityModel, RandomMoves, Static, TraceMoves
-from ..core.participation import Participation
+from ..core.participation import Participation, sample_size
 from ..core.partition import partition
 from ..core.policy import Policy, make_policy
+from ..core.privacy import Accountant, Mechanism
 from ..core.schedule import LRSchedule
 from ..core.server_opt import ServerOptimizer, make_server_optimizer
 from ..core.system import Availability, DeviceTrace, LinkTrace, SystemSpec, TraceError, read_table
@@ -40,7 +41,7 @@ from ..data.registry import DATASETS
 from ..data.source import DataError, GeneratedDataset, Pooled, load_pooled
 from ..learning.models import build_model, num_parameters
 from ..learning.train import ClientOptimizer
-from .dynamics import outages
+from .dynamics import noise_layer, outages
 from .schema import Config, ConfigError, server_betas, system_distributions
 
 __all__ = ["client_optimizer", "codecs", "data_seed", "data_spec", "downlink_codecs", "latency", "links",
@@ -315,3 +316,37 @@ def model_dim(cfg: Config) -> int:
     """Parameters of the configured model (the message length ``d``)."""
     shape, classes = data_spec(cfg)
     return num_parameters(model(cfg, shape, classes))
+
+
+def privacy(cfg: Config, tree: Tree, dim: int, uplinks: Sequence[Codec]) -> tuple[Mechanism, Accountant] | None:
+    """The privacy mechanism and its accountant (docs/privacy.md), or ``None`` without ``privacy.clip``; raises
+    :class:`~.schema.ConfigError` for a link-1 codec without a norm bound, a lossy link between the devices and
+    an edge or central noise layer, or a ``privacy.target_epsilon`` the first round already exceeds."""
+    p = cfg.privacy
+    if not p.clip > 0:
+        return None
+    L, q = noise_layer(cfg, tree.N), cfg.quantizer
+    kappa = 1.0
+    if L >= 1:
+        got = uplinks[0].norm_factor(dim)
+        if got is None:
+            raise ConfigError(f"config key 'quantizer.kind' = {list(q.kind)}: link 1's codec {uplinks[0].name} "
+                              f"has no known norm bound, so one device's share of the noised sum at layer {L} is "
+                              "unbounded; use qsgd, round, topk, sign or none on link 1, or privacy.placement: local")
+        kappa = float(got)
+        for n in range(2, L + 1):
+            c = uplinks[n - 1]
+            if c.variance(dim) != 0 or c.norm_factor(dim) != 1.0:
+                raise ConfigError(f"config key 'quantizer.levels' = {list(q.levels)}: link {n} ({c.name}) lies between "
+                                  f"the devices and the noise at layer {L}; quantizing a sum there breaks its "
+                                  f"sensitivity bound, so give it 0 levels (float32), or add the noise lower")
+    delta = p.delta or 1.0 / tree.num_devices
+    f1 = cfg.participation.fraction[0] if cfg.participation.fraction else 1.0
+    edges = {(n, sample_size(f1, n)) for n in (len(tree.children(1, e)) for e in range(tree.num_nodes(1))) if n}
+    accountant = Accountant.of(p.noise_multiplier, L, cfg.tau, sorted(edges), delta)
+    if p.target_epsilon and accountant.epsilon(1) > p.target_epsilon:
+        raise ConfigError(f"config key 'privacy.target_epsilon' = {p.target_epsilon:g} is unreachable: one round "
+                          f"already spends epsilon = {accountant.epsilon(1):.4g} at delta = {delta:.3g}; raise the "
+                          "target or privacy.noise_multiplier")
+    return Mechanism(p.clip, p.noise_multiplier, L, kappa, cfg.train.seed), accountant
+

@@ -1,5 +1,6 @@
-"""Validation of the config sections of issue 22: ``mobility:``, ``failures:`` and a ``buffered`` aggregation
-layer (docs/algorithms.md).  Called by :func:`.schema.validate`; raises :class:`~.errors.ConfigError`."""
+"""Validation of the config sections of the third stage: ``mobility:``, ``failures:``, ``buffered`` aggregation
+layers (docs/algorithms.md) and ``privacy:`` (docs/privacy.md).  Called by :func:`.schema.validate`; raises
+:class:`~.errors.ConfigError`."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .schema import Config
 
-__all__ = ["outages", "validate_buffered", "validate_moves"]
+__all__ = ["noise_layer", "outages", "validate_buffered", "validate_moves", "validate_privacy"]
 
 
 def validate_moves(cfg: Config, edges: int) -> None:
@@ -100,3 +101,58 @@ def validate_buffered(cfg: Config, N: int) -> None:
     if cfg.mobility.model != "static" or cfg.failures.intervals or cfg.failures.trace:
         raise ConfigError("config section 'mobility'/'failures' with a buffered layer: this version moves "
                           "devices between synchronous rounds only; use synchronous policies")
+
+
+def noise_layer(cfg: Config, N: int) -> int:
+    """The layer that adds the privacy noise: 0 (each device), ``privacy.layer`` (edge) or ``N`` (the cloud)."""
+    p = cfg.privacy
+    return {"local": 0, "edge": p.layer, "central": N}[p.placement]
+
+
+def validate_privacy(cfg: Config, N: int) -> None:
+    """The ``privacy`` section: a clip for any noise or budget, a noise layer inside the tree, and below an edge
+    or central noise layer what keeps one device's share of the noised sum within ``2 C kappa omega``: one
+    local run per noised sum, no error feedback, plain averaging, lossless links above link 1."""
+    p, q, s = cfg.privacy, cfg.quantizer, cfg.server
+    if not p.clip > 0:
+        if p.noise_multiplier or p.target_epsilon:
+            raise ConfigError(f"config key 'privacy.clip' = {p.clip:g}: privacy.noise_multiplier and "
+                              "privacy.target_epsilon need a clip norm C > 0 (the noise is calibrated to it); give "
+                              "e.g. privacy.clip: 1.0")
+        return
+    if p.target_epsilon and not p.noise_multiplier > 0:
+        raise ConfigError(f"config key 'privacy.target_epsilon' = {p.target_epsilon:g}: without noise "
+                          "(privacy.noise_multiplier 0) every round spends an infinite epsilon; give a noise "
+                          "multiplier > 0 or drop the target")
+    if p.placement == "edge" and not 1 <= p.layer <= N - 1:
+        raise ConfigError(f"config key 'privacy.layer' = {p.layer}: the edge placement adds noise at a layer "
+                          f"between the devices and the cloud, 1..{N - 1}" +
+                          ("; a tree with N = 1 has none: use privacy.placement: central" if N == 1 else ""))
+    L = noise_layer(cfg, N)
+    where = f"privacy.placement {p.placement}" + (f" at layer {L}" if p.placement == "edge" else "")
+    if "buffered" in cfg.aggregation.policy:
+        raise ConfigError(f"config section 'privacy' with buffered layers (aggregation.policy = "
+                          f"{list(cfg.aggregation.policy)}): this version accounts synchronous rounds only; use "
+                          "synchronous policies")
+    if cfg.mobility.model != "static" or cfg.failures.intervals or cfg.failures.trace:
+        raise ConfigError("config section 'privacy' with mobility/failures: this version accounts a fixed tree "
+                          "(each device under one edge of fixed size); drop the mobility and failures sections")
+    if L == 0:
+        return
+    bad_tau = [n for n in range(2, L + 1) if cfg.tau[n - 1] != 1]
+    if bad_tau:
+        raise ConfigError(f"config key 'tau' = {list(cfg.tau)} with {where}: a device must take part once in each "
+                          f"noised sum, so tau_2..tau_{L} must be 1 (the layers up to the noise aggregate once); "
+                          f"set tau_{bad_tau[0]} = 1, or add the noise lower (privacy.placement: edge, "
+                          "privacy.layer: 1) or at the devices (local)")
+    ef = [n for n in range(1, L + 1) if q.error_feedback and q.error_feedback[n - 1]]
+    if ef:
+        raise ConfigError(f"config key 'quantizer.error_feedback' = {list(q.error_feedback)} with {where}: a residual "
+                          f"carries un-noised updates into later messages; switch it off on links 1..{L} (link "
+                          f"{ef[0]} has it)")
+    opt = [n for n in range(1, L) if s.optimizer and s.optimizer[n - 1] != "avg"]
+    if opt:
+        raise ConfigError(f"config key 'server.optimizer' = {list(s.optimizer)} with {where}: a server optimiser's "
+                          f"state below the noise carries un-noised updates; use avg on layers 1..{L - 1} (layer "
+                          f"{opt[0]})")
+

@@ -31,7 +31,7 @@ from ..core.system import Distribution, TraceError
 from ..core.topology import TopologyError, Tree, TreeShape
 from ..data.registry import DATASETS
 from ..learning.registry import MODELS
-from .dynamics import validate_buffered, validate_moves
+from .dynamics import validate_buffered, validate_moves, validate_privacy
 from .errors import ConfigError
 
 
@@ -260,6 +260,22 @@ class FailuresConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    clip: float = fld(0.0, lo=0, doc="L2 norm C every device's update (x - v) from a local run is clipped to, before "
+                                     "its codec; 0 = no privacy (docs/privacy.md)")
+    noise_multiplier: float = fld(0.0, lo=0, doc="sigma: the Gaussian noise's standard deviation is sigma C (times "
+                                                 "the codec's norm factor and the largest device weight at edge and "
+                                                 "central placements); 0 = clipping only (epsilon = inf)")
+    placement: str = fld("central", choices=("local", "edge", "central"),
+                         doc="who adds the noise: every device (local), every node of privacy.layer (edge) or the "
+                             "cloud (central)")
+    layer: int = fld(1, lo=1, doc="edge placement: the layer whose nodes add the noise (1..N-1)")
+    delta: float = fld(0.0, lo=0, hi=0.5, doc="the delta of the reported (epsilon, delta); 0 = 1 / devices")
+    target_epsilon: float = fld(0.0, lo=0, doc="stop (with a checkpoint) before a round would spend more than this "
+                                               "epsilon; 0 = no budget")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     path: str = fld("results/run.h5", doc="HDF5 results file")
     checkpoint_every: int = fld(1, lo=0, doc="write the checkpoint every k global rounds; 0 = only on SIGTERM/SIGUSR1")
@@ -282,6 +298,7 @@ class Config:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     mobility: MobilityConfig = field(default_factory=MobilityConfig)
     failures: FailuresConfig = field(default_factory=FailuresConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     callbacks: Any = fld([], doc="extra callbacks: a list of 'module:attr' / 'file.py:attr' references, or "
                                  "{ref: REF, args: {...}} mappings; attr(**args) must give a qmlhfl_mpi.Callback")
@@ -509,6 +526,7 @@ def validate(cfg: Config) -> None:
                               "e.g. {hidden: 200}")
     _validate_system(cfg, N)
     validate_moves(cfg, shape.nodes[1])
+    validate_privacy(cfg, N)
     callback_specs(cfg.callbacks)
 
 
@@ -636,6 +654,7 @@ def input_files(cfg: Config) -> dict[str, str]:
 # keys that may change between a checkpoint and its resumption: they do not
 # change the trained model or the recorded metrics
 RESUME_FREE_KEYS = ("output.path", "output.checkpoint_every", "output.csv", "output.tensorboard", "train.rounds",
+                    "privacy.target_epsilon",
                     "train.threads", "train.share_gpus", "train.round_timeout", "train.memory_check",
                     "train.memory_limit_gb", "callbacks")
 

@@ -25,6 +25,8 @@ SYSTEM = 11    # the system model: (seed, SYSTEM, SPEED), (seed, SYSTEM, JITTER,
                # (seed, SYSTEM, LINK, n) per child of link n, (seed, SYSTEM, TRACE, ...) generated traces
 SPEED, JITTER, LINK, TRACE = 0, 1, 2, 3  # the system model's sub-purposes (core/system.py)
 MOBILITY = 12  # devices moving between edge servers: (seed, MOBILITY, round), counters 2d and 2d + 1
+NOISE = 13     # differential privacy's Gaussian noise: (seed, NOISE, layer, node, round, call); a device's
+               # (local placement): (seed, NOISE, 0, device, round, training call)
 
 
 def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:

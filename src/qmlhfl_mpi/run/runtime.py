@@ -30,6 +30,7 @@ from ..core.links import Link
 from ..core.memory import MemoryEstimateError
 from ..core.participation import Participation, expected_messages
 from ..core.plan import Planner
+from ..core.privacy import Accountant
 from ..core.registry import PluginError
 from ..core.scheduler import RoundScheduler
 from ..core.system import TraceError
@@ -85,6 +86,7 @@ class Runtime:
     num_params: int
     initial_vector: np.ndarray    # the cloud model before the first round
     modelled_round_time: float    # the closed-form round time of docs/theory.md
+    accountant: Accountant | None = None  # privacy's epsilon after each round (docs/privacy.md)
 
     @property
     def codecs(self) -> list[Codec]:
@@ -119,6 +121,8 @@ class Runtime:
                      stage="building the model")
         sizes = tuple(p.numel() for p in model.parameters())
         links = step(lambda: builders.links(cfg, sizes), (PluginError, ValueError), stage="building the links")
+        private = step(lambda: builders.privacy(cfg, tree, sum(sizes), [lk.codec for lk in links]), (ConfigError,),
+                       stage="building the privacy mechanism")
         trainer = step(lambda: LocalTrainer(model, cfg.train.lr, cfg.train.batch_size, cfg.train.seed, device,
                                             opt=builders.client_optimizer(cfg), schedule=builders.lr_schedule(cfg)),
                        (ValueError,), stage="building the trainer")
@@ -139,7 +143,7 @@ class Runtime:
         watchdog = Watchdog(comm, cfg.train.round_timeout) if size > 1 or cfg.train.round_timeout > 0 else None
         try:
             executor = step(lambda: RoundExecutor(layout, rank, comms, links, dim, clients, vectors, watchdog,
-                                                  world=comm),
+                                                  world=comm, privacy=private[0] if private else None),
                             (ValueError,), stage="building the executor")
         except BaseException:
             _free(comms, watchdog)
@@ -154,7 +158,8 @@ class Runtime:
             raise
         return cls(cfg, comm, rank, size, tree, layout, devices, data, device, model, trainer, clients, vectorized,
                    links, participation, planner, vectors, comms, watchdog, executor, scheduler, dim, initial,
-                   round_time(dim, cfg.tau, [lk.codec for lk in links], tree, builders.latency(cfg)))
+                   round_time(dim, cfg.tau, [lk.codec for lk in links], tree, builders.latency(cfg)),
+                   private[1] if private else None)
 
     def evaluate(self, w: np.ndarray, guard: Watchdog | None = None) -> tuple[float, float, float]:
         """(test accuracy, test loss, seconds) of the cloud model ``w`` on the test set: each rank scores its

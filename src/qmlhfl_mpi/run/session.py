@@ -70,6 +70,7 @@ class Session:
         self._edges: np.ndarray | None = None    # rank 0, a dynamic tree: every device's edge in the last round
         self._moved = np.zeros((0, 3), dtype=np.int64)  # rank 0: the last round's /topology/parents rows
         self._async: BufferedRounds | None = None  # buffered layers: the rounds of events
+        self._budget: int | None = None  # the rounds privacy.target_epsilon allows (computed once)
         self._lock = OutputLock(cfg.output.path)
 
     def __getattr__(self, name: str) -> Any:
@@ -168,10 +169,11 @@ class Session:
             end = self.virtual_time + timed.duration
         totals = rt.executor.stats.reduce(lambda x: sum_over_ranks(comm, x, guard),
                                           lambda x: max_over_ranks(comm, x, guard), time.perf_counter() - t0)
-        evaluate = (t + 1) % self.config.train.eval_every == 0 or t == self.rounds - 1
+        evaluate = (t + 1) % self.config.train.eval_every == 0 or t in (self.rounds - 1, self._budget_rounds() - 1)
         acc, test_loss, t_eval = rt.evaluate(w, guard) if evaluate else (float("nan"), float("nan"), 0.0)
         record = {"round": t, "test_accuracy": acc, "test_loss": test_loss, **totals.as_record(),
-                  "time_eval": t_eval, "modelled_time": rt.modelled_round_time, **clock}
+                  "time_eval": t_eval, "modelled_time": rt.modelled_round_time, **clock,
+                  "epsilon": rt.accountant.epsilon(t + 1) if rt.accountant is not None else float("nan")}
         # what was sent but not aggregated (dropped children, their subtrees) crossed the wire too
         ex = rt.executor
         record["messages"] = totals.messages + extra_m
@@ -182,6 +184,24 @@ class Session:
             now = rt.scheduler.edges(timed)
             self._moved, self._edges = changed_rows(self._edges, now, t), now
         return w, record
+
+    def _budget_rounds(self) -> int:
+        """How many rounds ``privacy.target_epsilon`` allows (``train.rounds`` without a budget)."""
+        acc, target = self.runtime.accountant, self.config.privacy.target_epsilon
+        if acc is None or not target:
+            return self.rounds
+        if self._budget is None:
+            self._budget = acc.rounds_within(target, self.rounds)
+        return self._budget
+
+    def _budget_message(self, done: int) -> str:
+        acc = self.runtime.accountant
+        assert acc is not None
+        p = self.config.privacy
+        return (f"stopped at the privacy budget after {done} rounds: epsilon = {acc.epsilon(done):.4g} at delta = "
+                f"{acc.delta:.3g} (privacy.target_epsilon = {p.target_epsilon:g}); round {done} would spend "
+                f"{acc.epsilon(done + 1):.4g}. The final model is the model after round {done - 1}; the checkpoint "
+                "is kept: raise privacy.target_epsilon and run with --resume to continue")
 
     def _parents_so_far(self) -> np.ndarray | None:
         """Rank 0: the ``/topology/parents`` rows of the rounds before the start (timed again), and from here on
@@ -253,7 +273,9 @@ class Session:
                 quantizer=rt.quantizer(), num_links=rt.tree.N, metrics=start.metrics, rebuild=start.rebuild,
                 initial=rt.initial_vector if cfg.model.init == "module" else None, parents=self._parents_so_far()))
             agreement.hooks(callbacks, "on_run_start", self)
-            for t in range(self.start_round, self.rounds):
+            if self.start_round >= self._budget_rounds() and self.start_round < self.rounds:
+                status, message = "budget_spent", self._budget_message(self.start_round)
+            for t in range(self.start_round, self.rounds if status == "completed" else self.start_round):
                 w, record = self._round(t, w)
                 self.model_vector, self.round, done = w, t, t + 1
                 if np.isfinite(record["test_accuracy"]):
@@ -270,7 +292,8 @@ class Session:
                                f"{bool(np.isfinite(w).all())}); lower the learning rate, e.g. "
                                f"--set train.lr={cfg.train.lr / 4:g} (now {cfg.train.lr:g})")
                     break
-                if ckpt.due(done, self.rounds, stop):
+                spent = done == self._budget_rounds() and done < self.rounds
+                if ckpt.due(done, self.rounds, stop or spent):
                     self._record_class_counts(results)
                     state = gather_state(self.comm, rt.executor, rt.num_params)
                     agreement.on_rank0("writing the checkpoint", ckpt.write, w, done, state, results)
@@ -280,10 +303,14 @@ class Session:
                                f"{str(ckpt.path)!r} holds {done} rounds. Continue with: qmlhfl-mpi run CONFIG "
                                "--resume")
                     break
-            if status != "preempted":  # completed, or diverged: the file keeps the model it ended with
+                if spent:
+                    status, message = "budget_spent", self._budget_message(done)
+                    break
+            if status != "preempted":  # completed, diverged or at the budget: the file keeps the model it ended with
                 self._record_class_counts(results)
                 agreement.on_rank0("writing the final model", results.final, w)
-                agreement.on_rank0("removing the checkpoint", ckpt.remove)
+                if status != "budget_spent":  # (kept: a larger budget continues from it)
+                    agreement.on_rank0("removing the checkpoint", ckpt.remove)
         except RoundTimeout as e:
             status, message = "failed", e.message
             self._timed_out(e, results, ckpt, w, done)  # does not return

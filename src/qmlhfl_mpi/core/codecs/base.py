@@ -51,6 +51,11 @@ class Codec(ABC):
     def variance(self, d: int) -> float:
         """Variance factor ``q``: ``E||Q(x) - x||^2 <= q ||x||^2`` (0 for lossless)."""
 
+    def norm_factor(self, d: int) -> float | None:
+        """``kappa`` with ``||decode(encode(x))|| <= kappa ||x||`` for every ``x`` and every draw (differential
+        privacy's sensitivity through the codec, docs/privacy.md); ``None``: no such bound is known."""
+        return None
+
     @abstractmethod
     def encode_vector(self, x: np.ndarray, gen: np.random.Generator | None) -> np.ndarray:
         """Message for the float32 vector ``x``, drawing randomness only from ``gen``."""

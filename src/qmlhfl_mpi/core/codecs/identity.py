@@ -32,6 +32,9 @@ class IdentityCodec(Codec):
     def variance(self, d: int) -> float:
         return 0.0
 
+    def norm_factor(self, d: int) -> float:
+        return 1.0
+
     def encode_vector(self, x: np.ndarray, gen: np.random.Generator | None = None) -> np.ndarray:
         return np.ascontiguousarray(x, dtype="<f4").view(np.uint8).reshape(-1).copy()
 

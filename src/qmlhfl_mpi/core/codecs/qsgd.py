@@ -119,6 +119,11 @@ class QSGDCodec(Codec):
         blen = d if nb <= 1 else self.bucket
         return nb, blen
 
+    def norm_factor(self, d: int) -> float:
+        """``1 + sqrt(B) / s`` (``B`` the bucket length): each coordinate moves by at most one level,
+        ``|Q(x)_i| <= |x_i| + ||x_bucket|| / s``."""
+        return 1.0 + math.sqrt(self._blocks(d)[1]) / self.levels
+
     def encode(self, child: np.ndarray, parent: np.ndarray, key: StreamKey) -> np.ndarray:
         """The message for ``child - parent`` in one fused pass (compiled kernel; the numpy
         reference :func:`encode_reference` where numba is missing).  Randomness from ``key``."""

@@ -20,6 +20,7 @@ biased, so the convergence bound does not apply.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,6 +61,10 @@ class RoundCodec(QSGDCodec):
             return 0.0
         _, blen = self._blocks(d)
         return min(1.0, blen / (4.0 * self.levels**2))
+
+    def norm_factor(self, d: int) -> float:
+        """``1 + sqrt(B) / (2 s)``: each coordinate moves by at most half a level."""
+        return 1.0 + math.sqrt(self._blocks(d)[1]) / (2 * self.levels)
 
     def encode(self, child: np.ndarray, parent: np.ndarray, key: StreamKey) -> np.ndarray:
         """The message for ``child - parent`` (float32); deterministic, ``key`` is unused."""

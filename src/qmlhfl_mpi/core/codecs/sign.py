@@ -70,6 +70,10 @@ class SignCodec(Codec):
         """``4 * nb + ceil(d / 8)``."""
         return 4 * num_buckets(d, self.bucket) + (d + 7) // 8
 
+    def norm_factor(self, d: int) -> float:
+        """1: a bucket's ``sqrt(B) mean|x|`` is at most its norm."""
+        return 1.0
+
     def variance(self, d: int) -> float:
         """The worst-case factor ``1 - 1/B`` of ``||Q(x) - x||^2 <= q ||x||^2`` (deterministic;
         ``B`` the bucket length, ``d`` for one global scale; 0 for ``d = 0``)."""

@@ -48,6 +48,8 @@ class SliceCodec(Protocol):
 
     def variance(self, d: int) -> float: ...
 
+    def norm_factor(self, d: int) -> float | None: ...
+
     def decode(self, buf: np.ndarray, d: int) -> np.ndarray: ...
 
     def decode_add(self, buf: np.ndarray, a: np.float32, acc: np.ndarray) -> None: ...
@@ -150,6 +152,12 @@ class TensorBucketCodec(Codec):
     def variance(self, d: int) -> float:
         self._check_d(d)
         return max(self.inner.variance(n) for n in self.sizes)
+
+    def norm_factor(self, d: int) -> float | None:
+        """The largest inner factor over the tensor lengths (the bound holds slice by slice)."""
+        self._check_d(d)
+        got = [self.inner.norm_factor(n) for n in self.sizes]
+        return None if any(k is None for k in got) else max(k for k in got if k is not None)
 
     def _checked(self, buf: np.ndarray, d: int) -> np.ndarray:
         self._check_d(d)

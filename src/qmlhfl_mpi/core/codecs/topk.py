@@ -128,6 +128,10 @@ class TopKCodec(Codec):
         k = self.k(d)
         return 4 * k + (k * index_bits(d) + 7) // 8
 
+    def norm_factor(self, d: int) -> float:
+        """1: it keeps a subset of the coordinates."""
+        return 1.0
+
     def variance(self, d: int) -> float:
         """The deterministic contraction factor ``1 - k/d`` (0 for ``d = 0``)."""
         return 0.0 if d == 0 else 1.0 - self.k(d) / d

@@ -1,0 +1,142 @@
+"""Client-level differential privacy (docs/privacy.md), pure: the mechanism's numbers and the accountant.
+
+DP-FedAvg (McMahan et al., ICLR 2018) placed in the hierarchy.  Every device's update from a local run,
+``x - v``, is clipped to L2 norm ``C`` before its codec.  Gaussian noise is added at one layer ``L``:
+
+* ``local`` (``L = 0``): each device adds ``N(0, (sigma C)^2 I)`` to its clipped update;
+* ``edge`` (``1 <= L < N``) and ``central`` (``L = N``): each layer-``L`` node adds
+  ``N(0, (sigma C kappa omega)^2 I)`` to the weighted sum of its children's messages, before its server
+  step; ``kappa`` is the link-1 codec's norm factor (:meth:`~.codecs.base.Codec.norm_factor`) and ``omega`` the
+  largest weight a participating device has in that sum (:func:`largest_device_weight`).
+
+**Neighbouring relation: replace one device's data** (the relation of our sampler, fixed-size sampling
+without replacement).  A device changes the noised sum by at most ``2 C kappa omega``, so every noised
+release is a Gaussian mechanism of noise multiplier ``sigma / 2`` with respect to that sensitivity; the
+accountant (Google's ``dp-accounting``, RDP) composes, per round, ``prod(tau_{L+1..N})`` such releases per
+device (``prod(tau_{2..N})`` local runs for ``local``, without amplification: each device's messages are
+seen), each amplified by the device's edge sampling ``m`` of ``C_e`` (sampled without replacement), the
+worst edge size counted.  Sampling above the edges, availability and dropped children only lower a device's
+participation and are not counted (a valid upper bound).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from . import rng
+from .plan import RoundPlan
+
+__all__ = ["PLACEMENTS", "Accountant", "Mechanism", "clip_scale", "largest_device_weight"]
+
+PLACEMENTS = {"local": "every device adds noise to its clipped update (trusts nobody)",
+              "edge": "every node of privacy.layer adds noise to its children's weighted sum (trusts that layer)",
+              "central": "the cloud adds noise to its children's weighted sum (trusts the cloud)"}
+
+
+def clip_scale(norm: float, clip: float) -> np.float32:
+    """The factor ``min(1, C / ||x - v||)`` that clips an update of norm ``norm`` to ``clip``, in float32."""
+    return np.float32(1.0 if norm <= clip else clip / norm)
+
+
+def largest_device_weight(plan: RoundPlan, i: int) -> float:
+    """The largest product of weights from aggregation ``i`` down to a participating device (its weight in
+    ``i``'s sum), over the plan's nested aggregations (one per child: the layers between aggregate once)."""
+    a = plan.aggregations[i]
+    if a.layer == 1:
+        return float(np.max(a.weights)) if len(a.weights) else 0.0
+    below: dict[int, int] = {}
+    for j in range(i + 1, len(plan.aggregations)):
+        b = plan.aggregations[j]
+        if b.parent == i:
+            below[b.slot] = j
+    return max((float(w) * largest_device_weight(plan, below[s]) for s, w in enumerate(a.weights) if s in below),
+               default=0.0)
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """The mechanism of a run: clip ``C``, noise multiplier ``sigma``, noise layer ``layer`` (0: local) and
+    the link-1 codec's norm factor ``kappa`` (1 when ``layer`` is 0: the noise goes in before the codec)."""
+
+    clip: float
+    sigma: float
+    layer: int
+    kappa: float
+    seed: int
+
+    def local_std(self) -> float:
+        return self.sigma * self.clip
+
+    def node_std(self, omega: float) -> float:
+        """The noise's standard deviation at a layer-``layer`` node whose largest device weight is ``omega``."""
+        return self.sigma * self.clip * self.kappa * omega
+
+    def noise(self, d: int, key: Sequence[int], std: float) -> np.ndarray:
+        """``N(0, std^2 I)`` in float32 from the stream ``(seed, NOISE, *key)``."""
+        z = rng.generator((self.seed, rng.NOISE, *key)).standard_normal(d, dtype=np.float32)
+        z *= np.float32(std)
+        return z
+
+
+@dataclass(frozen=True)
+class Accountant:
+    """Epsilon after ``t`` rounds at ``delta`` for a mechanism of noise multiplier ``sigma`` at layer
+    ``layer``: ``releases`` noised releases per device per round, each amplified by sampling ``m`` of ``n``
+    at the device's edge, for every ``(n, m)`` in ``edges`` (the worst counts)."""
+
+    sigma: float
+    releases: int
+    edges: tuple[tuple[int, int], ...]
+    delta: float
+
+    @classmethod
+    def of(cls, sigma: float, layer: int, tau: Sequence[int], edges: Sequence[tuple[int, int]],
+           delta: float) -> Accountant:
+        """The accountant of a run: ``tau`` the iteration counts, ``edges`` every edge's ``(devices, sampled)``."""
+        N = len(tau)
+        releases = math.prod(tau[1:]) if layer == 0 else math.prod(tau[layer:N])
+        pairs = tuple(sorted({(1, 1)} if layer == 0 else {(int(n), int(m)) for n, m in edges}))
+        return cls(float(sigma), int(releases), pairs, float(delta))
+
+    @cached_property
+    def _rdp(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The RDP orders and, per edge class, one round's RDP (``dp-accounting``, replace-one)."""
+        import dp_accounting as dpa
+        from dp_accounting import rdp
+
+        out = []
+        orders = np.array(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=np.float64)
+        for n, m in self.edges:
+            acc = rdp.RdpAccountant(orders, neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+            one = dpa.GaussianDpEvent(self.sigma / 2.0)
+            event = one if m == n else dpa.SampledWithoutReplacementDpEvent(n, m, one)
+            acc.compose(dpa.SelfComposedDpEvent(event, self.releases))
+            out.append(np.array(acc.rdp, dtype=np.float64))
+        return orders, out
+
+    def epsilon(self, rounds: int) -> float:
+        """Epsilon at :attr:`delta` after ``rounds`` rounds (``inf`` without noise, 0 after no round)."""
+        if rounds <= 0:
+            return 0.0
+        if self.sigma <= 0:
+            return math.inf
+        from dp_accounting import rdp
+
+        orders, per_round = self._rdp
+        return max(float(rdp.rdp_privacy_accountant.compute_epsilon(orders, rounds * r, self.delta)[0])
+                   for r in per_round)
+
+    def rounds_within(self, target: float, limit: int) -> int:
+        """The most rounds (up to ``limit``) whose epsilon stays within ``target`` (bisection: epsilon grows
+        with the rounds)."""
+        lo, hi = 0, limit
+        if self.epsilon(limit) <= target:
+            return limit
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.epsilon(mid) <= target else (lo, mid)
+        return lo
