@@ -201,6 +201,13 @@ REFERENCE_CASES = {
         participation={"fraction": [0.6, 1, 1, 1]}, system={"speed": "lognormal(1)", "down_rate": [0, 1e6, 1e6, 1e6]},
         aggregation={"policy": ["deadline", "buffered", "buffered", "buffered"], "deadline": [0.03, 0, 0, 0],
                      "buffer": [0, 1, 2, 1], "staleness": ["constant", "polynomial(0.5)", "hinge(1, 1)", "constant"]}),
+    # central differential privacy (docs/privacy.md) on an unequal tree: clipped device updates, edges that sample
+    # and drop stragglers, unbiased weights, the cloud's noise scaled to its largest device weight
+    "N2-dp-central-over-deadline-edges": dict(
+        topology={"tree": [3, 4, 2]}, tau=[2, 1], quantizer={"levels": [4, 0], "bucket": 16},
+        participation={"fraction": [0.7, 1.0], "weighting": "unbiased"}, system={"speed": "lognormal(1)"},
+        aggregation={"policy": ["deadline", "all"], "deadline": [0.03, 0]},
+        privacy={"clip": 0.5, "noise_multiplier": 1.5, "placement": "central"}),
     # (speeds so spread that a fast device's message is twice in one buffer of 3, in rounds 0-2)
     "N1-fedbuff-hinge": dict(
         topology={"tree": 6}, tau=[3], quantizer={"levels": [4], "bucket": 16},

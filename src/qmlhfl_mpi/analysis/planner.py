@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..config import build as builders
 from ..config.sizing import available_memory, sizing
+from ..core.codecs import Codec
 from ..core.exitcodes import EXIT_LR_VIOLATED, EXIT_OK, EXIT_USAGE
 from ..core.memory import estimate_memory, fits, format_bytes
 from ..core.optimize import optimize_tau
@@ -195,6 +196,32 @@ def _costs(latency: LatencyModel, clock: ClockModel) -> list[float]:
     return [b / r + lat for b, r, lat in zip(clock.up_bits, latency.uplink_rate, latency.uplink_latency)]
 
 
+def privacy_lines(cfg: Config, tree: Tree, dim: int, codecs: Sequence[Codec]) -> list[str]:
+    """What ``check`` says of the ``privacy`` section (docs/privacy.md): the mechanism, the epsilon the run
+    reaches and where a budget stops it; raises :class:`~qmlhfl_mpi.config.ConfigError` as the run would."""
+    got = builders.privacy(cfg, tree, dim, codecs)
+    if got is None:
+        return []
+    mech, acc = got
+    p, T = cfg.privacy, cfg.train.rounds
+    where = {"local": "at every device", "edge": f"at every layer-{mech.layer} node",
+             "central": "at the cloud"}[p.placement]
+    scale = "sigma C" if mech.layer == 0 else f"sigma C kappa omega (kappa = {mech.kappa:.4g}, link 1's codec; omega " \
+                                              "the largest device weight in the sum)"
+    out = [f"privacy: updates clipped to C = {p.clip:g}, Gaussian noise {where} with std {scale}, sigma = "
+           f"{p.noise_multiplier:g}; replace-one device, {acc.releases} noised release(s) per device per round, "
+           f"edge sampling {', '.join(f'{m} of {n}' for n, m in acc.edges)} (docs/privacy.md)"]
+    eps = acc.epsilon(T)
+    out.append(f"  epsilon after {T} rounds = {eps:.4g} at delta = {acc.delta:.3g} (RDP accountant, dp-accounting); "
+               f"after 1 round {acc.epsilon(1):.4g}")
+    if p.target_epsilon:
+        k = acc.rounds_within(p.target_epsilon, T)
+        out.append(f"  privacy.target_epsilon = {p.target_epsilon:g}: " + (
+            f"the run stops after {k} of {T} rounds (epsilon {acc.epsilon(k):.4g})" if k < T else
+            f"not reached in {T} rounds"))
+    return out
+
+
 def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     """Print the check report through ``write``; returns the exit code."""
     cfg = config_mod.load(args.config, args.set)
@@ -251,6 +278,8 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     else:
         for line in clock.dominance(cfg.tau, rounds).lines():
             write(f"  {line}")
+    for line in privacy_lines(cfg, tree, dim, codecs):
+        write(line)
     L, how = _smoothness(cfg, args.L)
     terms = condition_terms(cfg.tau, qs, tree)
     bound = max_lr(L, cfg.tau, qs, tree)

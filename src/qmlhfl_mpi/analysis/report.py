@@ -96,6 +96,7 @@ class Run:
     virtual: np.ndarray               # virtual seconds after each round (the clock's; may be NaN)
     label: str = ""                   # legend text: the config keys that differ
     name: str = ""                    # table name: file stem (the path if stems clash)
+    epsilon: np.ndarray | None = None  # privacy's epsilon after each round (NaN: no privacy; None: older file)
 
     @property
     def evaluated(self) -> np.ndarray:
@@ -140,6 +141,11 @@ class Run:
     @property
     def virtual_time(self) -> float:
         return float(self.virtual[-1]) if self.rounds_done else math.nan
+
+    @property
+    def final_epsilon(self) -> float:
+        """Epsilon after the last round (docs/privacy.md; NaN without privacy, inf without noise)."""
+        return float(self.epsilon[-1]) if self.epsilon is not None and self.rounds_done else math.nan
 
     # x values of the plots (all rounds; the plots keep the evaluated ones)
     @property
@@ -211,7 +217,7 @@ def load_run(path: str | Path) -> Run:
         raise ReportError(f"{str(p)!r}: the 'config_yaml' attribute does not hold a mapping")
     loss = col("test_loss") if "test_loss" in m else np.full(rounds.shape, np.nan)
     return Run(path=p, config=flatten(cfg), status=str(status), rounds=rounds, accuracy=acc, loss=loss,
-               uplink_bytes=ub, wall=wall, virtual=virtual)
+               uplink_bytes=ub, wall=wall, virtual=virtual, epsilon=col("epsilon") if "epsilon" in m else None)
 
 
 def _fmt_value(v: Any, key: str = "") -> str:
@@ -274,7 +280,8 @@ def table_rows(runs: Sequence[Run], target: float | None = None, extra: Extra = 
     """Header and raw rows (exact values: bytes as integers, seconds as floats)."""
     n_links = max((r.num_links for r in runs), default=0)
     header = ["run", "status", "rounds", "final_acc", *(c for c, _ in extra), "best_acc", "best_round", "final_loss"]
-    header += [f"uplink_bytes_L{n}" for n in range(1, n_links + 1)] + ["uplink_bytes_total", "wall_s", "virtual_s"]
+    header += [f"uplink_bytes_L{n}" for n in range(1, n_links + 1)] + ["uplink_bytes_total", "wall_s", "virtual_s",
+                                                                        "epsilon"]
     if target is not None:
         header += ["rounds_to_target", "wall_s_to_target", "virtual_s_to_target"]
     header.append("label")
@@ -285,7 +292,7 @@ def table_rows(runs: Sequence[Run], target: float | None = None, extra: Extra = 
         row: list[Any] = [r.name, r.status, r.rounds_done, r.final_accuracy, *(f(r) for _, f in extra), best,
                           best_round, r.final_loss]
         row += [int(totals[n]) if n < r.num_links else "" for n in range(n_links)]
-        row += [int(totals.sum()), r.wall_time, r.virtual_time]
+        row += [int(totals.sum()), r.wall_time, r.virtual_time, r.final_epsilon]
         if target is not None:
             hit = r.reached(target)
             row += list(hit) if hit else ["", "", ""]

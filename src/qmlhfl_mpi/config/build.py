@@ -318,10 +318,12 @@ def model_dim(cfg: Config) -> int:
     return num_parameters(model(cfg, shape, classes))
 
 
-def privacy(cfg: Config, tree: Tree, dim: int, uplinks: Sequence[Codec]) -> tuple[Mechanism, Accountant] | None:
+def privacy(cfg: Config, tree: Tree, dim: int, uplinks: Sequence[Codec], check_target: bool = True
+            ) -> tuple[Mechanism, Accountant] | None:
     """The privacy mechanism and its accountant (docs/privacy.md), or ``None`` without ``privacy.clip``; raises
     :class:`~.schema.ConfigError` for a link-1 codec without a norm bound, a lossy link between the devices and
-    an edge or central noise layer, or a ``privacy.target_epsilon`` the first round already exceeds."""
+    an edge or central noise layer, or (``check_target``: it takes the accountant) a ``privacy.target_epsilon``
+    the first round already exceeds."""
     p = cfg.privacy
     if not p.clip > 0:
         return None
@@ -344,7 +346,7 @@ def privacy(cfg: Config, tree: Tree, dim: int, uplinks: Sequence[Codec]) -> tupl
     f1 = cfg.participation.fraction[0] if cfg.participation.fraction else 1.0
     edges = {(n, sample_size(f1, n)) for n in (len(tree.children(1, e)) for e in range(tree.num_nodes(1))) if n}
     accountant = Accountant.of(p.noise_multiplier, L, cfg.tau, sorted(edges), delta)
-    if p.target_epsilon and accountant.epsilon(1) > p.target_epsilon:
+    if check_target and p.target_epsilon and accountant.epsilon(1) > p.target_epsilon:
         raise ConfigError(f"config key 'privacy.target_epsilon' = {p.target_epsilon:g} is unreachable: one round "
                           f"already spends epsilon = {accountant.epsilon(1):.4g} at delta = {delta:.3g}; raise the "
                           "target or privacy.noise_multiplier")

@@ -121,7 +121,8 @@ class Runtime:
                      stage="building the model")
         sizes = tuple(p.numel() for p in model.parameters())
         links = step(lambda: builders.links(cfg, sizes), (PluginError, ValueError), stage="building the links")
-        private = step(lambda: builders.privacy(cfg, tree, sum(sizes), [lk.codec for lk in links]), (ConfigError,),
+        private = step(lambda: builders.privacy(cfg, tree, sum(sizes), [lk.codec for lk in links],
+                                                check_target=rank == 0), (ConfigError,),
                        stage="building the privacy mechanism")
         trainer = step(lambda: LocalTrainer(model, cfg.train.lr, cfg.train.batch_size, cfg.train.seed, device,
                                             opt=builders.client_optimizer(cfg), schedule=builders.lr_schedule(cfg)),

@@ -70,7 +70,7 @@ class Session:
         self._edges: np.ndarray | None = None    # rank 0, a dynamic tree: every device's edge in the last round
         self._moved = np.zeros((0, 3), dtype=np.int64)  # rank 0: the last round's /topology/parents rows
         self._async: BufferedRounds | None = None  # buffered layers: the rounds of events
-        self._budget: int | None = None  # the rounds privacy.target_epsilon allows (computed once)
+        self._epsilons: np.ndarray | None = None  # privacy: epsilon after rounds 1, 2, ... (set by run)
         self._lock = OutputLock(cfg.output.path)
 
     def __getattr__(self, name: str) -> Any:
@@ -173,7 +173,7 @@ class Session:
         acc, test_loss, t_eval = rt.evaluate(w, guard) if evaluate else (float("nan"), float("nan"), 0.0)
         record = {"round": t, "test_accuracy": acc, "test_loss": test_loss, **totals.as_record(),
                   "time_eval": t_eval, "modelled_time": rt.modelled_round_time, **clock,
-                  "epsilon": rt.accountant.epsilon(t + 1) if rt.accountant is not None else float("nan")}
+                  "epsilon": float(self._epsilons[t]) if self._epsilons is not None else float("nan")}
         # what was sent but not aggregated (dropped children, their subtrees) crossed the wire too
         ex = rt.executor
         record["messages"] = totals.messages + extra_m
@@ -185,23 +185,33 @@ class Session:
             self._moved, self._edges = changed_rows(self._edges, now, t), now
         return w, record
 
+    def _privacy_epsilons(self) -> np.ndarray | None:
+        """Epsilon after rounds 1 .. train.rounds + 1 (docs/privacy.md): rank 0's accountant for every rank
+        (only it imports the accountant).  Collective."""
+        acc = self.runtime.accountant
+        if acc is None:
+            return None
+        T = self.rounds + 1
+        eps = self.agreement.step(lambda: acc.epsilons(T) if self.runtime.rank == 0 else np.zeros(T), (ValueError,),
+                                  stage="computing the privacy accountant's epsilons")
+        return sum_over_ranks(self.comm, eps)
+
     def _budget_rounds(self) -> int:
         """How many rounds ``privacy.target_epsilon`` allows (``train.rounds`` without a budget)."""
-        acc, target = self.runtime.accountant, self.config.privacy.target_epsilon
-        if acc is None or not target:
+        target = self.config.privacy.target_epsilon
+        if self._epsilons is None or not target:
             return self.rounds
-        if self._budget is None:
-            self._budget = acc.rounds_within(target, self.rounds)
-        return self._budget
+        return min(self.rounds, int(np.sum(self._epsilons <= target)))
 
     def _budget_message(self, done: int) -> str:
-        acc = self.runtime.accountant
-        assert acc is not None
+        acc, eps = self.runtime.accountant, self._epsilons
+        assert acc is not None and eps is not None
         p = self.config.privacy
-        return (f"stopped at the privacy budget after {done} rounds: epsilon = {acc.epsilon(done):.4g} at delta = "
-                f"{acc.delta:.3g} (privacy.target_epsilon = {p.target_epsilon:g}); round {done} would spend "
-                f"{acc.epsilon(done + 1):.4g}. The final model is the model after round {done - 1}; the checkpoint "
-                "is kept: raise privacy.target_epsilon and run with --resume to continue")
+        spent = f"epsilon = {eps[done - 1]:.4g}" if done else "nothing"
+        return (f"stopped at the privacy budget after {done} rounds: {spent} at delta = {acc.delta:.3g} "
+                f"(privacy.target_epsilon = {p.target_epsilon:g}); round {done} would spend {eps[done]:.4g}. The "
+                f"final model is the model after those rounds; the checkpoint is kept: raise "
+                "privacy.target_epsilon and run with --resume to continue")
 
     def _parents_so_far(self) -> np.ndarray | None:
         """Rank 0: the ``/topology/parents`` rows of the rounds before the start (timed again), and from here on
@@ -273,6 +283,7 @@ class Session:
                 quantizer=rt.quantizer(), num_links=rt.tree.N, metrics=start.metrics, rebuild=start.rebuild,
                 initial=rt.initial_vector if cfg.model.init == "module" else None, parents=self._parents_so_far()))
             agreement.hooks(callbacks, "on_run_start", self)
+            self._epsilons = self._privacy_epsilons()
             if self.start_round >= self._budget_rounds() and self.start_round < self.rounds:
                 status, message = "budget_spent", self._budget_message(self.start_round)
             for t in range(self.start_round, self.rounds if status == "completed" else self.start_round):

@@ -1,0 +1,198 @@
+"""Client-level differential privacy (core/privacy.py, docs/privacy.md): the accountant against a published value
+and its own rules, the codecs' norm factors, every placement against the serial reference, the budget stop and
+its resumption, one clear error per bad input.  On 1-4 ranks: tests/mpi/test_engine_matrix.py."""
+from __future__ import annotations
+
+import copy
+import math
+
+import h5py
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from helpers import SMALL
+from qmlhfl_mpi import Session, load_config
+from qmlhfl_mpi.config import ConfigError
+from qmlhfl_mpi.core.codecs import make_codec
+from qmlhfl_mpi.core.plan import Planner
+from qmlhfl_mpi.core.participation import Participation
+from qmlhfl_mpi.core.privacy import Accountant, Mechanism, clip_scale, largest_device_weight
+from qmlhfl_mpi.core.topology import Tree
+from qmlhfl_mpi.run.errors import RunError
+from reference import reference_for
+
+
+def test_the_accountant_reproduces_abadi_et_al():
+    """Abadi et al., "Deep Learning with Differential Privacy" (CCS 2016), section 3.1: q = 0.01, sigma = 4,
+    delta = 1e-5, T = 10000 steps gives epsilon ~ 1.26 with the moments accountant (integer orders up to 32,
+    epsilon = min (RDP(a) + log(1/delta) / (a - 1))).  The library's own conversion is tighter."""
+    import dp_accounting as dpa
+    from dp_accounting import rdp
+
+    orders = np.arange(2, 33, dtype=float)
+    acc = rdp.RdpAccountant(orders)
+    acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.01, dpa.GaussianDpEvent(4.0)), 10000))
+    moments = float(np.min(acc.rdp + math.log(1 / 1e-5) / (orders - 1)))
+    assert round(moments, 2) == 1.26
+    assert acc.get_epsilon(1e-5) < moments
+
+
+def test_the_accountants_rules():
+    """Without sampling a round is ``releases`` Gaussian mechanisms of multiplier sigma / 2 (replace-one): RDP
+    ``T r a / (2 (sigma / 2)^2)``, converted as the library does; sampling without replacement lowers epsilon,
+    local noise is never amplified, epsilon grows with the rounds and the budget is the last round within it."""
+    from dp_accounting import rdp
+
+    full = Accountant.of(2.0, 1, [2, 3, 1], [(4, 4)], 1e-5)
+    assert full.releases == 3  # an edge's noised sums per round: prod(tau_2..tau_3)
+    orders = np.array(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=float)
+    closed = 5 * 3 * orders / (2 * (2.0 / 2) ** 2)
+    assert full.epsilon(5) == pytest.approx(float(rdp.rdp_privacy_accountant.compute_epsilon(orders, closed,
+                                                                                              1e-5)[0]))
+    sampled = Accountant.of(2.0, 1, [2, 3, 1], [(4, 2), (8, 4)], 1e-5)
+    assert sampled.epsilon(5) < full.epsilon(5)
+    assert sampled.epsilon(5) == max(Accountant.of(2.0, 1, [2, 3, 1], [e], 1e-5).epsilon(5) for e in sampled.edges)
+    local = Accountant.of(2.0, 0, [2, 3, 1], [(4, 2)], 1e-5)
+    assert local.releases == 3 and local.edges == ((1, 1),) and local.epsilon(5) == full.epsilon(5)
+    eps = [sampled.epsilon(t) for t in range(0, 8)]
+    assert eps[0] == 0 and all(a < b for a, b in zip(eps, eps[1:]))
+    k = sampled.rounds_within(eps[4] + 1e-9, 50)
+    assert k == 4 and sampled.rounds_within(1e9, 50) == 50
+    assert Accountant.of(0.0, 1, [2, 1], [(4, 4)], 1e-5).epsilon(1) == math.inf
+
+
+def test_clipping_the_noise_and_the_largest_device_weight():
+    assert clip_scale(0.5, 1.0) == 1 and clip_scale(4.0, 1.0) == np.float32(0.25)
+    mech = Mechanism(clip=2.0, sigma=0.5, layer=2, kappa=1.5, seed=3)
+    a, b = mech.noise(1000, (2, 0, 1, 0), 3.0), mech.noise(1000, (2, 0, 1, 0), 3.0)
+    assert a.dtype == np.float32 and np.array_equal(a, b) and 2.7 < a.std() < 3.3
+    assert not np.array_equal(a, mech.noise(1000, (2, 0, 1, 1), 3.0))  # keyed by the call
+    assert mech.node_std(0.25) == 0.5 * 2.0 * 1.5 * 0.25
+    # a cloud over 2 edges of 3 and 1 devices, weighted by devices: the lone device weighs 1/4 at the cloud
+    planner = Planner(Tree.from_nested([3, 1]), [1, 1], Participation((1.0, 1.0), (1.0, 1.0)), 0)
+    plan = planner.plan(0)
+    assert largest_device_weight(plan, 0) == pytest.approx(max(3 / 4 * 1 / 3, 1 / 4))
+    assert largest_device_weight(plan, 1) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("kind, levels, bucket", [("qsgd", 2, 16), ("qsgd", 8, 0), ("round", 3, 8), ("topk", 8, 16),
+                                                  ("sign", 1, 16), ("none", 0, 16), ("qsgd", 4, "tensor")])
+def test_the_codecs_norm_factor_bounds_every_decoded_message(kind, levels, bucket):
+    rng = np.random.default_rng(0)
+    d = 60
+    codec = make_codec(levels, bucket, kind, tensor_sizes=(20, 40), fraction=0.1)
+    kappa = codec.norm_factor(d)
+    assert kappa is not None and kappa >= 1
+    worst = 0.0
+    for i in range(200):
+        x = rng.standard_normal(d).astype(np.float32) * (rng.random(d) < 0.2 if i % 2 else 1)
+        x = x.astype(np.float32)
+        if not np.linalg.norm(x):
+            continue
+        y = codec.decode(codec.encode(x, np.zeros(d, np.float32), (1, 4, 1, i, 0, 0)), d)
+        worst = max(worst, float(np.linalg.norm(y) / np.linalg.norm(x)))
+    assert worst <= kappa * (1 + 1e-6), (worst, kappa)
+
+
+def raw(tmp_path, name, **sections):
+    r = copy.deepcopy(SMALL)
+    r["train"] = {**r["train"], "rounds": 4, "vectorize": "off"}
+    r.update(copy.deepcopy(sections))
+    r["output"] = {"path": str(tmp_path / f"{name}.h5")}
+    return r
+
+
+def read(path):
+    with h5py.File(path) as f:
+        return f["model/final"][()], {k: f["metrics"][k][()] for k in f["metrics"]}, f.attrs["status"]
+
+
+PLACEMENTS = {
+    # local noise: error feedback and any codec are post-processing; two local runs per round
+    "local": dict(topology={"branching": [3, 3]}, tau=[2, 2], participation={"fraction": [0.67, 1]},
+                  quantizer={"levels": [3, 8], "bucket": 16, "error_feedback": [False, True]},
+                  privacy={"clip": 0.3, "noise_multiplier": 0.7, "placement": "local"}),
+    # noise at the edges of a 3-layer tree: momentum at the regions (above the noise) is post-processing
+    "edge": dict(topology={"branching": [2, 2, 3]}, tau=[2, 1, 2], participation={"fraction": [0.67, 1, 1]},
+                 quantizer={"levels": [3, 8, 8], "bucket": 16}, server={"optimizer": ["avg", "momentum", "avg"]},
+                 privacy={"clip": 0.3, "noise_multiplier": 0.7, "placement": "edge", "layer": 1}),
+    # noise at the cloud: float32 above the devices' link, unbiased weights (omega above 1 / devices)
+    "central": dict(topology={"branching": [2, 2, 3]}, tau=[2, 1, 1],
+                    participation={"fraction": [0.67, 1, 1], "weighting": "unbiased"},
+                    quantizer={"levels": [3, 0, 0], "bucket": 16},
+                    privacy={"clip": 0.3, "noise_multiplier": 0.7, "placement": "central"}),
+}
+
+
+@pytest.mark.parametrize("placement", sorted(PLACEMENTS))
+def test_every_placement_equals_the_serial_reference(tmp_path, placement):
+    r = raw(tmp_path, placement, **PLACEMENTS[placement])
+    Session(load_config(r), MPI.COMM_SELF).run()
+    model, metrics, _ = read(tmp_path / f"{placement}.h5")
+    ref = reference_for(load_config(r))
+    assert np.array_equal(model, ref.run(4))
+    no_noise = {**PLACEMENTS[placement], "privacy": {**PLACEMENTS[placement]["privacy"], "noise_multiplier": 0}}
+    r0 = raw(tmp_path, "clip-only", **no_noise)
+    Session(load_config(r0), MPI.COMM_SELF).run()
+    clipped, m0, _ = read(tmp_path / "clip-only.h5")
+    assert not np.array_equal(model, clipped) and np.isinf(m0["epsilon"]).all()
+    eps = metrics["epsilon"]
+    assert np.isfinite(eps).all() and (np.diff(eps) > 0).all()
+
+
+def test_a_run_stopped_at_its_budget_resumes_to_the_uninterrupted_run(tmp_path):
+    """A target epsilon stops the run (final model written, checkpoint kept); a larger target continues it from
+    the checkpoint to the model and metrics of a run without a target."""
+    sections = copy.deepcopy(PLACEMENTS["central"])
+    sections["privacy"]["noise_multiplier"] = 2.0
+    whole = raw(tmp_path, "whole", **sections)
+    Session(load_config(whole), MPI.COMM_SELF).run()
+    model, metrics, _ = read(tmp_path / "whole.h5")
+    target = float(metrics["epsilon"][1]) + 1e-6  # two rounds fit
+    budget = raw(tmp_path, "budget", **{**sections, "privacy": {**sections["privacy"], "target_epsilon": target}})
+    summary = Session(load_config(budget), MPI.COMM_SELF).run()
+    assert summary.status == "budget_spent" and summary.rounds_done == 2
+    assert "stopped at the privacy budget after 2 rounds" in summary.message
+    stopped, m2, status = read(tmp_path / "budget.h5")
+    assert status == "budget_spent" and (tmp_path / "budget.h5.ckpt").exists()
+    assert m2["epsilon"].tolist() == metrics["epsilon"][:2].tolist() and np.isfinite(m2["test_accuracy"][-1])
+    again = Session(load_config(budget), MPI.COMM_SELF).run(resume=True)  # the same target: nothing to run
+    assert again.status == "budget_spent" and again.rounds_done == 2
+    more = {**budget, "privacy": {**budget["privacy"], "target_epsilon": 1e6}}
+    Session(load_config(more), MPI.COMM_SELF).run(resume=True)
+    resumed, m4, status = read(tmp_path / "budget.h5")
+    assert status == "completed" and np.array_equal(resumed, model)
+    for key in ("epsilon", "uplink_bytes", "train_loss", "test_accuracy", "virtual_time"):
+        assert np.array_equal(m4[key], metrics[key], equal_nan=True), key
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"privacy": {"noise_multiplier": 1.0}}, r"'privacy.clip' = 0: privacy.noise_multiplier and"),
+    ({"privacy": {"clip": 1.0, "target_epsilon": 3}}, "without noise"),
+    ({"privacy": {"clip": 1.0, "placement": "edge", "layer": 2}}, r"'privacy.layer' = 2: .* 1..1"),
+    ({"tau": [2, 2], "privacy": {"clip": 1.0, "placement": "central"}}, r"tau_2..tau_2 must be 1"),
+    ({"tau": [2, 1], "quantizer": {"levels": [3, 0], "error_feedback": [True, False]},
+      "privacy": {"clip": 1.0, "placement": "central"}}, r"switch it off on links 1..2 \(link 1 has it\)"),
+    ({"tau": [2, 1], "server": {"optimizer": ["momentum", "avg"]}, "privacy": {"clip": 1.0}},
+     r"use avg on layers 1..1 \(layer 1\)"),
+    ({"aggregation": {"policy": ["all", "buffered"], "buffer": [0, 2]}, "privacy": {"clip": 1.0, "placement": "local"}},
+     "accounts synchronous rounds only"),
+    ({"mobility": {"model": "random", "p": 0.5}, "privacy": {"clip": 1.0, "placement": "local"}}, "a fixed tree"),
+])
+def test_bad_privacy_configs_are_refused_naming_the_key(tmp_path, sections, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(raw(tmp_path, "bad", **sections))
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"tau": [2, 1], "privacy": {"clip": 1.0, "placement": "central"}},
+     r"link 2 \(qsgd\(s=8, bucket=16\)\) lies between the devices and the noise at layer 2"),
+    ({"tau": [2, 1], "quantizer": {"levels": [3, 0], "bucket": 16},
+      "privacy": {"clip": 1.0, "noise_multiplier": 0.5, "target_epsilon": 1.0}},
+     r"'privacy.target_epsilon' = 1 is unreachable: one round already spends epsilon = \d"),
+])
+def test_what_only_the_built_run_knows_is_refused_before_training(tmp_path, sections, message):
+    with pytest.raises(RunError, match=message) as e:
+        Session(load_config(raw(tmp_path, "bad", **sections)), MPI.COMM_SELF)
+    assert e.value.code == 2 and not (tmp_path / "bad.h5").exists()
