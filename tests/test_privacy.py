@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from helpers import SMALL
+from helpers import REPO, SMALL, run_cli
 from qmlhfl_mpi import Session, load_config
 from qmlhfl_mpi.config import ConfigError
 from qmlhfl_mpi.core.codecs import make_codec
-from qmlhfl_mpi.core.plan import Planner
 from qmlhfl_mpi.core.participation import Participation
+from qmlhfl_mpi.core.plan import Planner
 from qmlhfl_mpi.core.privacy import Accountant, Mechanism, clip_scale, largest_device_weight
 from qmlhfl_mpi.core.topology import Tree
 from qmlhfl_mpi.run.errors import RunError
@@ -141,30 +141,29 @@ def test_every_placement_equals_the_serial_reference(tmp_path, placement):
     assert np.isfinite(eps).all() and (np.diff(eps) > 0).all()
 
 
-def test_a_run_stopped_at_its_budget_resumes_to_the_uninterrupted_run(tmp_path):
-    """A target epsilon stops the run (final model written, checkpoint kept); a larger target continues it from
-    the checkpoint to the model and metrics of a run without a target."""
-    sections = copy.deepcopy(PLACEMENTS["central"])
-    sections["privacy"]["noise_multiplier"] = 2.0
-    whole = raw(tmp_path, "whole", **sections)
-    Session(load_config(whole), MPI.COMM_SELF).run()
+@pytest.mark.portable
+def test_the_example_stopped_at_its_budget_on_2_ranks_resumes_on_1_to_the_uninterrupted_run(tmp_path):
+    """configs/examples/dp_central.yaml under mpiexec -n 2 stops before a round would spend more than its target
+    epsilon (exit 0, the final model written, the checkpoint kept); a larger target continues it on 1 rank to
+    the model and metrics of a run without a target."""
+    example = str(REPO / "configs/examples/dp_central.yaml")
+    sets = ["train.rounds=5", "privacy.target_epsilon=8"]
+    proc, _ = run_cli(2, ["run", example, "--quiet", *(x for s in sets for x in ("--set", s)), "--set",
+                          f"output.path={tmp_path / 'budget.h5'}"], timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopped at the privacy budget after 3 rounds: epsilon = 7.59" in proc.stderr
+    stopped, m3, status = read(tmp_path / "budget.h5")
+    assert status == "budget_spent" and (tmp_path / "budget.h5.ckpt").exists() and len(m3["epsilon"]) == 3
+    more = load_config(example, ["train.rounds=5", "privacy.target_epsilon=100", f"output.path={tmp_path / 'budget.h5'}"])
+    Session(more, MPI.COMM_SELF).run(resume=True)
+    Session(load_config(example, ["train.rounds=5", "privacy.target_epsilon=0",
+                                  f"output.path={tmp_path / 'whole.h5'}"]), MPI.COMM_SELF).run()
+    resumed, m5, status = read(tmp_path / "budget.h5")
     model, metrics, _ = read(tmp_path / "whole.h5")
-    target = float(metrics["epsilon"][1]) + 1e-6  # two rounds fit
-    budget = raw(tmp_path, "budget", **{**sections, "privacy": {**sections["privacy"], "target_epsilon": target}})
-    summary = Session(load_config(budget), MPI.COMM_SELF).run()
-    assert summary.status == "budget_spent" and summary.rounds_done == 2
-    assert "stopped at the privacy budget after 2 rounds" in summary.message
-    stopped, m2, status = read(tmp_path / "budget.h5")
-    assert status == "budget_spent" and (tmp_path / "budget.h5.ckpt").exists()
-    assert m2["epsilon"].tolist() == metrics["epsilon"][:2].tolist() and np.isfinite(m2["test_accuracy"][-1])
-    again = Session(load_config(budget), MPI.COMM_SELF).run(resume=True)  # the same target: nothing to run
-    assert again.status == "budget_spent" and again.rounds_done == 2
-    more = {**budget, "privacy": {**budget["privacy"], "target_epsilon": 1e6}}
-    Session(load_config(more), MPI.COMM_SELF).run(resume=True)
-    resumed, m4, status = read(tmp_path / "budget.h5")
     assert status == "completed" and np.array_equal(resumed, model)
+    assert m5["epsilon"][:3].tolist() == m3["epsilon"].tolist()
     for key in ("epsilon", "uplink_bytes", "train_loss", "test_accuracy", "virtual_time"):
-        assert np.array_equal(m4[key], metrics[key], equal_nan=True), key
+        assert np.array_equal(m5[key], metrics[key], equal_nan=True), key
 
 
 @pytest.mark.parametrize("sections, message", [

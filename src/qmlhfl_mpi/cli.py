@@ -194,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             say("error", summary.message)
             return EXIT_DIVERGED
         if summary.status == "budget_spent":
-            say("stopped", summary.message)
+            say("done", summary.message)
             return EXIT_OK
         if rank == 0:
             print(f"done: {summary.rounds_done} rounds, final test accuracy {summary.final_accuracy:.4f}, "
