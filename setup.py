@@ -25,6 +25,7 @@ setup(
         "matplotlib>=3.6,<4",
         "numba>=0.60,<0.70",
         "dp-accounting>=0.4,<1",
+        "cryptography>=42,<51",
     ],
     extras_require={
         "mpich": ["mpich>=4,<6"],

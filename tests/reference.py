@@ -125,12 +125,12 @@ class Reference:
     def __init__(self, root: Node, tau, levels, bucket, lr, batch, seed, model, train_data, samples=None,
                  kinds=None, fraction=None, availability=None, weighting="renormalize", server=None,
                  error_feedback=None, downlink=None, client=None, lr_at=None, tensor_sizes=None, fractions=None,
-                 clock=None):
+                 clock=None, intsum=None):
         self.root, self.tau, self.lr, self.batch, self.seed = root, tau, lr, batch, seed
         N = len(levels)
         kinds = kinds or ["qsgd"] * N
         fractions = fractions or [0.01] * N
-        self.codecs = [make_codec(s, bucket, k, tensor_sizes=tensor_sizes, fraction=f)
+        self.codecs = [make_codec(s, bucket, k, tensor_sizes=tensor_sizes, fraction=f, **(intsum or {}))
                        for s, k, f in zip(levels, kinds, fractions)]
         self.model = model
         self.params = list(model.parameters())
@@ -314,6 +314,7 @@ class Reference:
         acc = np.zeros_like(v)
         codec = self.codecs[n - 1]
         weight_of = dict(zip(kept, weights))
+        codes = [] if getattr(codec, "bits", None) else None  # intsum: integer codes added up
         for j in picked:
             c = u.children[j]
             if j not in weight_of:
@@ -326,8 +327,16 @@ class Reference:
             base = v
             if self.privacy and c.layer == 0:  # the device's update clipped (and, local placement, noised)
                 x, base = self.private_update(c.devices[0], x, v, t), np.zeros_like(v)
+            if codes is not None:
+                codes.append(codec.codes(x - base, float(a), (self.seed, 4, n, c.index, t, k),
+                                         (self.seed, 14, n, u.index, t, call)))
+                continue
             msg = self.uplink(n, c.index, x, base, (self.seed, 4, n, c.index, t, k))
             codec.decode_add(msg, a, acc)
+        if codes is not None:  # the sum in Python integers, read back as signed codes / gamma
+            total = np.array([sum(int(q[i]) for q in codes) % (1 << codec.bits) for i in range(codes[0].size)],
+                             dtype=np.uint64)
+            acc = codec.decode_sum(total, v.size, (self.seed, 14, n, u.index, t, call))
         if self.privacy:  # the largest weight of a device in this sum; the noise at the privacy layer
             self.omega[(n, u.index)] = max(
                 float(weight_of[j]) * (1.0 if n == 1 else self.omega[(n - 1, u.children[j].index)]) for j in kept)
@@ -707,7 +716,8 @@ def reference_for(cfg) -> Reference:
         availability=list(cfg.participation.availability) or None, weighting=cfg.participation.weighting,
         server=server, error_feedback=list(q.error_feedback) or None, downlink=list(q.downlink) or None,
         client=client, lr_at=schedule.at if schedule else None,
-        tensor_sizes=sizes, fractions=list(q.topk_fraction) or None, clock=clock_for(cfg, tree.num_devices, sizes))
+        tensor_sizes=sizes, fractions=list(q.topk_fraction) or None, clock=clock_for(cfg, tree.num_devices, sizes),
+        intsum=intsum_args(cfg))
     ref.parents = []
     ag = cfg.aggregation
     if "buffered" in ag.policy:
@@ -782,3 +792,27 @@ def clock_for(cfg, devices, sizes):
     return Clock(cfg.train.seed, devices, lat.step_time, _sigma(sy.speed), _sigma(sy.jitter),
                  list(lat.uplink_rate or [1e8] * N), list(lat.uplink_latency or [0.01] * N),
                  list(sy.down_rate or [0.0] * N), list(sy.down_latency or [0.0] * N), up, down, policies, intervals)
+
+
+def intsum_args(cfg):
+    """An intsum link 1's scale and rotation: the given scale, or the largest gamma with gamma C A + m <= 2^(b-1) - 1
+    (m the most children an edge samples, A = 1 for renormalised weights, else the most children)."""
+    q = cfg.quantizer
+    if not q.kind or q.kind[0] != "intsum":
+        return None
+    edges = build_tree(cfg.topology.tree if cfg.topology.tree is not None else None,
+                       list(cfg.topology.branching) if cfg.topology.branching else None)
+    most = max(len(e.children) for e in walk_layer(edges, 1))
+    m = most
+    if cfg.participation.fraction and cfg.participation.fraction[0] < 1:
+        m = min(most, max(1, math.floor(Fraction(repr(cfg.participation.fraction[0])) * most + Fraction(1, 2))))
+    A = 1.0 if cfg.participation.weighting == "renormalize" else float(most)
+    scale = (q.scale[0] if q.scale else 0) or ((1 << (q.levels[0] - 1)) - 1 - m) / (cfg.privacy.clip * A)
+    return {"scale": scale, "rotate": bool(q.rotate[0]) if q.rotate else False}
+
+
+def walk_layer(node, layer):
+    if node.layer == layer:
+        return [node]
+    return [x for c in node.children for x in walk_layer(c, layer)]
+

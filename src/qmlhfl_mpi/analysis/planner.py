@@ -164,6 +164,9 @@ def _outside_bound(cfg: Config) -> list[str]:
         out.append(f"buffered layers {buffered[0]}..{cfg.N} (updates from stale models, weighted by "
                    "aggregation.staleness: the bound assumes every child starts from its parent's newest model; it "
                    "still holds for the synchronous layers below within one job)")
+    if cfg.privacy.clip > 0:
+        out.append(f"differential privacy (updates clipped to {cfg.privacy.clip:g}, a biased step; Gaussian noise "
+                   f"{cfg.privacy.placement}: the bound has no noise term for it; docs/privacy.md)")
     if cfg.failures.intervals or cfg.failures.trace:
         out.append("edge servers that fail (their devices move or sit out, so the weights and the devices taking "
                    "part change while they are down)")

@@ -34,6 +34,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..core.clients import Clients
+from ..core.codecs.intsum import IntSumCodec
 from ..core.links import Link
 from ..core.plan import OPEN, Aggregation, RoundPlan
 from ..core.privacy import Mechanism, clip_scale, largest_device_weight
@@ -44,6 +45,7 @@ from ..core.vectors import LinkCodec, Vectors, through_host
 from .collectives import broadcast_bytes, broadcast_vector, post_receives, send_messages, wait
 from .communicators import LayerComms
 from .held import HeldMessages
+from .summing import SummedLink
 from .watchdog import Watchdog
 
 Vec = Any  # a vector of the backend: numpy array or torch tensor
@@ -57,13 +59,17 @@ class RoundExecutor:
 
     def __init__(self, layout: RankLayout, rank: int, comms: Sequence[LayerComms | None], links: Sequence[Link],
                  dim: int, clients: Clients, vectors: Vectors, guard: Watchdog | None = None,
-                 world: MPI.Intracomm | None = None, privacy: Mechanism | None = None) -> None:
+                 world: MPI.Intracomm | None = None, privacy: Mechanism | None = None,
+                 secure: Sequence[bool] = ()) -> None:
         tree = layout.tree
         if len(links) != tree.N:
             raise ValueError(f"need {tree.N} links, got {len(links)}")
         self.layout, self.tree, self.rank, self.comms = layout, tree, rank, list(comms)
         self.links, self.dim, self.clients, self.vectors, self.guard = tuple(links), dim, clients, vectors, guard
         self.privacy = privacy  # docs/privacy.md: clipping (and local noise) at training, noise at its layer
+        # links whose parents add integer codes (intsum), masked where the layer runs secure aggregation
+        self._summed = [SummedLink(n, lk.codec, dim, bool(secure[n - 1]) if secure else False)
+                        if isinstance(lk.codec, IntSumCodec) else None for n, lk in enumerate(links, start=1)]
         self.msg_len = [lk.codec.nbytes(dim) for lk in links]
         self.down_len = [4 * dim if lk.downlink is None else lk.downlink.nbytes(dim) for lk in links]
         self._up: list[LinkCodec] = [vectors.link_codec(lk.codec) for lk in links]
@@ -250,6 +256,9 @@ class RoundExecutor:
         v = self._model[(n, u)]
         first_kid = self.tree.children(n, u).start
         lc = self._spanning(n, u)
+        summed = self._summed[n - 1]
+        if summed is not None:
+            summed.open(plan, a, self.leads(n, u))
         if self.leads(n, u):
             self._acc[(n, u)] = self.vectors.zeros(self.dim)
             if lc is not None and lc.leaders is not None:  # posted first: the others' messages arrive meanwhile
@@ -410,7 +419,13 @@ class RoundExecutor:
         t0 = time.perf_counter()
         acc = None if self.hold and (n, p) == self._root else self._acc.get((n, p))
         key = plan.message_key(parent, j)
-        msg = self._encode(n, int(parent.children[j]), x, v, key, parent.weights[j] if acc is not None else None, acc)
+        summed = self._summed[n - 1]
+        if summed is not None:  # integer codes of the update, added on the parent's leader
+            update = np.asarray(self.vectors.to_host(x - v), dtype=np.float32)
+            msg = summed.add(plan, parent, j, update, self.leads(n, p))
+        else:
+            msg = self._encode(n, int(parent.children[j]), x, v, key, parent.weights[j] if acc is not None else None,
+                               acc)
         if msg is not None:
             self._parts.setdefault((n, p), []).append(msg)
         elif self._remote.get((n, p)):
@@ -467,6 +482,19 @@ class RoundExecutor:
         st = self.stats
         acc = self._acc.pop((n, u))
         remote = self._remote.pop((n, u), [])
+        summed = self._summed[n - 1]
+        if summed is not None:  # the children's codes added up: the weighted sum, exactly
+            for msg, req in remote:
+                t0 = time.perf_counter()
+                wait(req, self.guard)
+                t1 = time.perf_counter()
+                summed.add_message(a, msg)
+                st.t_comm += t1 - t0
+                st.t_codec += time.perf_counter() - t1
+            total, extra = summed.close(plan, a)
+            acc = self.vectors.from_host(total)
+            st.secagg_bytes[n - 1] += extra
+            remote = []
         if remote:
             codec = self._up[n - 1]
             weight = dict(zip(a.children.tolist(), a.weights))

@@ -29,7 +29,7 @@ from ..core.schedule import LRSchedule
 from ..core.server_opt import ServerOptimizer, make_server_optimizer
 from ..core.system import Availability, DeviceTrace, LinkTrace, SystemSpec, TraceError, read_table
 from ..core.theory import LatencyModel
-from ..core.topology import Tree
+from ..core.topology import Tree, TreeShape
 from ..core.vectors import HostVectors, Vectors
 from ..data.local import (
     LocalData,
@@ -41,7 +41,7 @@ from ..data.registry import DATASETS
 from ..data.source import DataError, GeneratedDataset, Pooled, load_pooled
 from ..learning.models import build_model, num_parameters
 from ..learning.train import ClientOptimizer
-from .dynamics import noise_layer, outages
+from .dynamics import int_scales, noise_layer, outages
 from .schema import Config, ConfigError, server_betas, system_distributions
 
 __all__ = ["client_optimizer", "codecs", "data_seed", "data_spec", "downlink_codecs", "latency", "links",
@@ -64,7 +64,8 @@ def codecs(cfg: Config, sizes: tuple[int, ...] | None = None) -> list[Codec]:
     q = cfg.quantizer
     if sizes is None:
         sizes = tensor_sizes(cfg)
-    return link_codecs(q.levels, q.bucket, q.kind, q.topk_fraction, sizes)
+    shape = TreeShape.of(cfg.topology.branching, cfg.topology.tree)
+    return link_codecs(q.levels, q.bucket, q.kind, q.topk_fraction, sizes, int_scales(cfg, shape), q.rotate)
 
 
 def downlink_codecs(cfg: Config, sizes: tuple[int, ...] | None = None) -> list[Codec | None]:

@@ -7,13 +7,15 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from ..core.asynchrony import Staleness
+from ..core.participation import sample_size
 from ..core.topology import TreeShape
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .schema import Config
 
-__all__ = ["noise_layer", "outages", "validate_buffered", "validate_moves", "validate_privacy"]
+__all__ = ["int_scales", "noise_layer", "outages", "validate_buffered", "validate_moves", "validate_privacy",
+           "validate_secure_aggregation"]
 
 
 def validate_moves(cfg: Config, edges: int) -> None:
@@ -155,4 +157,76 @@ def validate_privacy(cfg: Config, N: int) -> None:
         raise ConfigError(f"config key 'server.optimizer' = {list(s.optimizer)} with {where}: a server optimiser's "
                           f"state below the noise carries un-noised updates; use avg on layers 1..{L - 1} (layer "
                           f"{opt[0]})")
+
+
+def _group_bound(cfg: Config, shape: TreeShape) -> tuple[int, float]:
+    """The largest group of an intsum link 1 (children of an edge that take part) and the most its weights can
+    add up to (1 when they are renormalised over the participants)."""
+    m = shape.max_children[1]
+    if cfg.participation.fraction:
+        m = sample_size(cfg.participation.fraction[0], m)
+    return m, 1.0 if cfg.participation.weighting == "renormalize" else float(shape.max_children[1])
+
+
+def int_scales(cfg: Config, shape: TreeShape) -> tuple[float, ...]:
+    """Per link, the scale of an ``intsum`` link: ``quantizer.scale``, or (0) the largest ``gamma`` with
+    ``gamma C A + m <= 2^(b-1) - 1``: no group's sum wraps around (docs/privacy.md)."""
+    q, N = cfg.quantizer, len(shape.nodes) - 1
+    kinds = q.kind or ("qsgd",) * N
+    out = []
+    for n in range(N):
+        given = q.scale[n] if q.scale else 0.0
+        if kinds[n] != "intsum" or given:
+            out.append(given or 1.0)
+            continue
+        m, A = _group_bound(cfg, shape)
+        room = (1 << (q.levels[n] - 1)) - 1 - m
+        out.append(room / (cfg.privacy.clip * A) if room > 0 and cfg.privacy.clip > 0 else 0.0)
+    return tuple(out)
+
+
+def validate_secure_aggregation(cfg: Config, N: int, shape: TreeShape) -> None:
+    """An ``intsum`` link (link 1, clipped updates, no error feedback, a modulus that holds the group's sum) and
+    ``privacy.secure_aggregation`` (over an intsum link, groups of two or more)."""
+    q, p = cfg.quantizer, cfg.privacy
+    kinds = q.kind or ("qsgd",) * N
+    for n, kind in enumerate(kinds, start=1):
+        if kind != "intsum":
+            continue
+        if n != 1:
+            raise ConfigError(f"config key 'quantizer.kind' = {list(kinds)}: intsum on link {n}; this version sums "
+                              "integer codes of the devices' clipped updates only: use it on link 1")
+        if not p.clip > 0:
+            raise ConfigError("config key 'quantizer.kind' = intsum on link 1 needs privacy.clip > 0: the clip "
+                              "bounds the codes, so the group's sum cannot wrap around; give e.g. privacy.clip: 1.0")
+        if q.error_feedback and q.error_feedback[0]:
+            raise ConfigError("config key 'quantizer.error_feedback' with intsum on link 1: the parent only learns "
+                              "the group's sum, so a child's residual is not defined; switch it off on link 1")
+        b = q.levels[0]
+        if not 2 <= b <= 32:
+            raise ConfigError(f"config key 'quantizer.levels' = {list(q.levels)}: intsum on link 1 takes its bits b "
+                              "there, 2 <= b <= 32 (e.g. 16)")
+        m, A = _group_bound(cfg, shape)
+        gamma = int_scales(cfg, shape)[0]
+        top = (1 << (b - 1)) - 1
+        if not gamma > 0 or gamma * p.clip * A + m > top:
+            raise ConfigError(
+                f"config key 'quantizer.levels' = {list(q.levels)}: a modulus of 2^{b} is too small for a group's "
+                f"sum: with {m} children, clip C = {p.clip:g}, weights adding up to {A:g} and scale gamma = "
+                f"{gamma:.6g}, codes may reach gamma C A + m = {gamma * p.clip * A + m:.6g} > 2^{b - 1} - 1 = {top}; "
+                "give more bits, a smaller quantizer.scale (0: the largest that fits) or a smaller clip")
+    for n, on in enumerate(p.secure_aggregation, start=1):
+        if not on:
+            continue
+        if n != 1 or kinds[0] != "intsum":
+            raise ConfigError(f"config key 'privacy.secure_aggregation' = {list(p.secure_aggregation)}: layer {n} "
+                              "needs its children to send intsum codes; this version masks layer 1 over "
+                              "quantizer.kind intsum on link 1")
+        least = shape.min_children[1]
+        if cfg.participation.fraction:
+            least = sample_size(cfg.participation.fraction[0], least)
+        if least < 2:
+            raise ConfigError(f"config key 'privacy.secure_aggregation' on layer 1: an edge aggregates {least} child "
+                              "in some aggregation, and a group of one reveals its member's update to the parent; "
+                              "give every edge two or more participants (topology, participation.fraction)")
 

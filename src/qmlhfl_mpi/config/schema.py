@@ -31,7 +31,7 @@ from ..core.system import Distribution, TraceError
 from ..core.topology import TopologyError, Tree, TreeShape
 from ..data.registry import DATASETS
 from ..learning.registry import MODELS
-from .dynamics import validate_buffered, validate_moves, validate_privacy
+from .dynamics import validate_buffered, validate_moves, validate_privacy, validate_secure_aggregation
 from .errors import ConfigError
 
 
@@ -67,6 +67,10 @@ class QuantizerConfig:
     downlink: tuple[int, ...] = fld((), lo=0, hi=32767,
                                     doc="per link: qsgd levels of the parent's broadcast Q(v_new - v_prev) to its "
                                         "subtree; 0 or 'none' = float32 (empty = none everywhere)")
+    scale: tuple[float, ...] = fld((), lo=0, doc="per link: an intsum link's scale gamma (codes = round(gamma a u)); "
+                                                 "0 or empty = the largest that cannot wrap around (docs/privacy.md)")
+    rotate: tuple[bool, ...] = fld((), doc="per link: an intsum link rotates updates by a random Hadamard transform "
+                                           "first (shared by the group); empty = off")
 
 
 @dataclass(frozen=True)
@@ -273,6 +277,9 @@ class PrivacyConfig:
     delta: float = fld(0.0, lo=0, hi=0.5, doc="the delta of the reported (epsilon, delta); 0 = 1 / devices")
     target_epsilon: float = fld(0.0, lo=0, doc="stop (with a checkpoint) before a round would spend more than this "
                                                "epsilon; 0 = no budget")
+    secure_aggregation: tuple[bool, ...] = fld((), doc="per layer 1..N: its nodes learn only their children's sum "
+                                                       "(pairwise masks; needs an intsum link; layer 1 in this "
+                                                       "version); empty = off")
 
 
 @dataclass(frozen=True)
@@ -527,6 +534,7 @@ def validate(cfg: Config) -> None:
     _validate_system(cfg, N)
     validate_moves(cfg, shape.nodes[1])
     validate_privacy(cfg, N)
+    validate_secure_aggregation(cfg, N, shape)
     callback_specs(cfg.callbacks)
 
 
@@ -574,7 +582,9 @@ def _validate_links(cfg: Config, N: int) -> None:
              "participation.fraction": cfg.participation.fraction,
              "participation.availability": cfg.participation.availability,
              "server.optimizer": cfg.server.optimizer, "server.lr": cfg.server.lr,
-             "server.momentum": cfg.server.momentum, "server.eps": cfg.server.eps}
+             "server.momentum": cfg.server.momentum, "server.eps": cfg.server.eps,
+             "quantizer.scale": cfg.quantizer.scale, "quantizer.rotate": cfg.quantizer.rotate,
+             "privacy.secure_aggregation": cfg.privacy.secure_aggregation}
     for key, vals in lists.items():
         if vals and len(vals) != N:
             raise ConfigError(f"config key '{key}' = {list(vals)}: the tree has N={N} layers, so give {N} values "

@@ -59,6 +59,8 @@ class Aggregation:
     weights: np.ndarray         # float32: their weights a(c)
     message_calls: np.ndarray   # int64: per participant, its message's call on link n
     train_calls: np.ndarray     # int64, layer 1 only: per participating device, its training call
+    group: np.ndarray | None = None  # int64: the children that started (online), of which ``children`` were kept
+                                     # (a secure aggregation's key group); None: ``children``
 
     @property
     def empty(self) -> bool:
@@ -227,11 +229,13 @@ class Planner:
         return self.participation.weights_of(n, self._sizes(n, u, positions), self._total(n, u),
                                              len(self.tree.children(n, u)))
 
-    def prune(self, plan: RoundPlan, keep: Sequence[np.ndarray]) -> RoundPlan:
+    def prune(self, plan: RoundPlan, keep: Sequence[np.ndarray], online: Sequence[np.ndarray] | None = None
+              ) -> RoundPlan:
         """``plan`` with only the participants ``keep[i]`` (a mask over aggregation ``i``'s children) of every
         aggregation: the aggregations under a participant not kept go, the kept ones are re-weighted
         (:meth:`reweight`); the calls that key messages and training stay what they were, so what is kept
-        draws the same numbers whatever was dropped.  ``plan`` itself when everyone is kept."""
+        draws the same numbers whatever was dropped.  ``online[i]``: the children that started, recorded as
+        :attr:`Aggregation.group`.  ``plan`` itself when everyone is kept."""
         if all(k.all() for k in keep):
             return plan
         aggs = plan.aggregations
@@ -255,7 +259,8 @@ class Planner:
             out.append(Aggregation(a.layer, a.node, a.call, int(new_index[a.parent]) if a.parent >= 0 else -1,
                                    int(slot_map[a.parent][a.slot]) if a.parent >= 0 else -1, a.first, a.last,
                                    a.children[k], weights, a.message_calls[k],
-                                   a.train_calls[k] if a.layer == 1 else a.train_calls))
+                                   a.train_calls[k] if a.layer == 1 else a.train_calls,
+                                   None if online is None or k.all() else a.children[online[i]]))
         events = tuple((kind, int(new_index[i])) for kind, i in plan.events if new_index[i] >= 0)
         return RoundPlan(plan.round, plan.seed, tuple(out), events, plan.num_links, plan.members)
 

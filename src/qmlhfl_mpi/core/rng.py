@@ -27,6 +27,8 @@ SPEED, JITTER, LINK, TRACE = 0, 1, 2, 3  # the system model's sub-purposes (core
 MOBILITY = 12  # devices moving between edge servers: (seed, MOBILITY, round), counters 2d and 2d + 1
 NOISE = 13     # differential privacy's Gaussian noise: (seed, NOISE, layer, node, round, call); a device's
                # (local placement): (seed, NOISE, 0, device, round, training call)
+ROTATE = 14    # intsum's random signs, shared by a group: (seed, ROTATE, layer, node, round, call)
+SECAGG = 15    # a secure aggregation's private keys: (seed, SECAGG, layer, node, round, call, child)
 
 
 def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:

@@ -152,7 +152,7 @@ class RoundScheduler:
         drawn = self.planner.plan(t, self.members(t, t0), only, root, offset)
         clock = round_clock(drawn, int(self.planner.tau[0]), self.system, self.up_bits, self.down_bits,
                             self.policies, t0)
-        plan = self.planner.prune(drawn, clock.keep)
+        plan = self.planner.prune(drawn, clock.keep, clock.online)
         N = drawn.num_links
         extra_m, extra_d = np.zeros(N, dtype=np.int64), np.zeros(N, dtype=np.int64)
         if plan is not drawn and int(clock.dropped.sum()):

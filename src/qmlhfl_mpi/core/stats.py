@@ -32,6 +32,7 @@ class RoundStats:
     uplink_bytes: np.ndarray = field(init=False)    # per link: bytes of the messages this rank sent up
     messages: np.ndarray = field(init=False)        # per link: messages this rank sent up
     downlink_bytes: np.ndarray = field(init=False)  # per link: bytes of the models its nodes sent down
+    secagg_bytes: np.ndarray = field(init=False)    # per link: secure aggregation's keys and recovery (both ways)
     t_compute: float = 0.0
     t_codec: float = 0.0
     t_comm: float = 0.0
@@ -43,6 +44,7 @@ class RoundStats:
         self.uplink_bytes = np.zeros(self.num_links, dtype=np.int64)
         self.messages = np.zeros(self.num_links, dtype=np.int64)
         self.downlink_bytes = np.zeros(self.num_links, dtype=np.int64)
+        self.secagg_bytes = np.zeros(self.num_links, dtype=np.int64)
 
     def add(self, device: int, loss_sum: float, steps: int) -> None:
         """One local run of ``device`` (one of :attr:`devices`): its sum of step losses and its steps."""
@@ -52,7 +54,7 @@ class RoundStats:
         self.loss[i] += loss_sum
         self.steps[i] += steps
 
-    _SUMMED = ("loss", "steps", "uplink_bytes", "messages", "downlink_bytes")
+    _SUMMED = ("loss", "steps", "uplink_bytes", "messages", "downlink_bytes", "secagg_bytes")
     _PEAKS = ("t_compute", "t_codec", "t_comm")
 
     def reduce(self, total: Reduce, peak: Reduce, t_round: float) -> RoundTotals:
@@ -69,7 +71,8 @@ class RoundStats:
         return RoundTotals(
             train_loss=float(out["loss"].sum() / max(out["steps"].sum(), 1)),
             uplink_bytes=out["uplink_bytes"].astype(np.int64), messages=out["messages"].astype(np.int64),
-            downlink_bytes=out["downlink_bytes"].astype(np.int64), time_compute=float(peaks[0]),
+            downlink_bytes=out["downlink_bytes"].astype(np.int64),
+            secagg_bytes=out["secagg_bytes"].astype(np.int64), time_compute=float(peaks[0]),
             time_codec=float(peaks[1]), time_comm=float(peaks[2]), time_round=float(peaks[3]))
 
 
@@ -82,6 +85,7 @@ class RoundTotals:
     uplink_bytes: np.ndarray
     messages: np.ndarray
     downlink_bytes: np.ndarray
+    secagg_bytes: np.ndarray
     time_compute: float
     time_codec: float
     time_comm: float

@@ -42,7 +42,7 @@ SCALAR_METRICS = ("round", "test_accuracy", "test_loss", "train_loss", "time_com
                   "time_codec", "time_comm", "time_eval", "time_round", "modelled_time", "virtual_time", "offline",
                   "epsilon")
 INT_SCALARS = ("round", "offline")
-LINK_METRICS = ("uplink_bytes", "messages", "downlink_bytes", "dropped")  # int64, one column per link
+LINK_METRICS = ("uplink_bytes", "messages", "downlink_bytes", "dropped", "secagg_bytes")  # int64, per link
 # the clock's arrays: name -> (dtype, columns as a function of N)
 ARRAY_METRICS: dict[str, tuple[type, Any]] = {
     "link_busy": (np.float64, lambda N: N), "critical_path": (np.int64, lambda N: N + 1),

@@ -144,7 +144,8 @@ class Runtime:
         watchdog = Watchdog(comm, cfg.train.round_timeout) if size > 1 or cfg.train.round_timeout > 0 else None
         try:
             executor = step(lambda: RoundExecutor(layout, rank, comms, links, dim, clients, vectors, watchdog,
-                                                  world=comm, privacy=private[0] if private else None),
+                                                  world=comm, privacy=private[0] if private else None,
+                                                  secure=cfg.privacy.secure_aggregation),
                             (ValueError,), stage="building the executor")
         except BaseException:
             _free(comms, watchdog)

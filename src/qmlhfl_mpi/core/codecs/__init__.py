@@ -25,6 +25,9 @@ CODECS.register("topk", "qmlhfl_mpi.core.codecs.topk:topk",
                 "values float32 and indices bit-packed")
 CODECS.register("sign", "qmlhfl_mpi.core.codecs.sign:sign",
                 "biased: scaled sign, one bit per coordinate and one float32 scale (mean |x|) per bucket")
+CODECS.register("intsum", "qmlhfl_mpi.core.codecs.intsum:intsum",
+                "integer codes of quantizer.levels bits that a parent adds up mod 2^b (secure aggregation; link 1, "
+                "needs privacy.clip; quantizer.scale, quantizer.rotate)")
 CODECS.register("round", "qmlhfl_mpi.core.codecs.rounding:round_nearest",
                 "biased: deterministic nearest-level rounding with quantizer.levels levels per bucket norm "
                 "(qsgd's wire format)")
@@ -69,13 +72,16 @@ def make_codec(levels: int, bucket: int | str, kind: str = DEFAULT_KIND, **offer
 
 
 def link_codecs(levels: Sequence[int], bucket: int | str, kinds: Sequence[str] = (),
-                fractions: Sequence[float] = (), tensor_sizes: Sequence[int] | None = None) -> list[Codec]:
+                fractions: Sequence[float] = (), tensor_sizes: Sequence[int] | None = None,
+                scales: Sequence[float] = (), rotate: Sequence[bool] = ()) -> list[Codec]:
     """One codec per link: ``kinds[n]`` (default ``qsgd``) with ``levels[n]``, the shared ``bucket``,
-    ``fractions[n]`` (``quantizer.topk_fraction``, default 0.01) and the model's ``tensor_sizes``."""
+    ``fractions[n]`` (``quantizer.topk_fraction``, default 0.01), the model's ``tensor_sizes`` and, for the
+    codecs that take them, ``scales[n]`` and ``rotate[n]`` (``intsum``)."""
     for name, vals in (("kinds", kinds), ("fractions", fractions)):
         if vals and len(vals) != len(levels):
             raise ValueError(f"{name}={list(vals)} and levels={list(levels)}: give one of each per link")
     sizes = tuple(int(n) for n in tensor_sizes) if tensor_sizes is not None else None
     return [make_codec(s, bucket, kinds[i] if kinds else DEFAULT_KIND,
-                       fraction=fractions[i] if fractions else DEFAULT_TOPK_FRACTION, tensor_sizes=sizes)
+                       fraction=fractions[i] if fractions else DEFAULT_TOPK_FRACTION, tensor_sizes=sizes,
+                       scale=scales[i] if scales else 1.0, rotate=bool(rotate[i]) if rotate else False)
             for i, s in enumerate(levels)]
