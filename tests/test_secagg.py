@@ -153,3 +153,20 @@ def test_central_noise_over_intsum_codes_is_refused_before_training(tmp_path):
                output={"path": str(tmp_path / "bad.h5")})
     with pytest.raises(RunError, match=r"link 1's codec intsum\(b=16.*has no known norm bound"):
         Session(load_config(raw), MPI.COMM_SELF)
+
+
+def test_the_example_gives_the_same_model_with_the_masks_off(tmp_path):
+    """configs/examples/secagg.yaml (32 devices, key groups of 6, stragglers dropped) for 2 rounds, with and without
+    masks: the same model, the protocol's bytes counted only with them."""
+    from helpers import REPO
+
+    example = str(REPO / "configs/examples/secagg.yaml")
+    out = {}
+    for secure in ("true", "false"):
+        cfg = load_config(example, ["train.rounds=2", f"privacy.secure_aggregation=[{secure}, false]",
+                                    f"output.path={tmp_path / secure}.h5"])
+        Session(cfg, MPI.COMM_SELF).run()
+        with h5py.File(tmp_path / f"{secure}.h5") as f:
+            out[secure] = f["model/final"][()], f["metrics/secagg_bytes"][()], f["metrics/dropped"][()]
+    assert np.array_equal(out["true"][0], out["false"][0])
+    assert (out["true"][1][:, 0] > 0).all() and (out["false"][1] == 0).all() and (out["true"][2][:, 0] > 0).all()
