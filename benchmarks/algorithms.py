@@ -14,7 +14,8 @@ For each setting it runs: every link float32 (the baseline); full participation
 (the setting's qsgd links); ``participation.fraction`` 0.25
 on link 1; server momentum (FedAvgM, beta 0.9) at the cloud; FedAdam at the
 cloud; top-k 1% on link 1 without and with error feedback; scaled sign on
-link 1 with error feedback; and downlink qsgd with s = 16 on every link.  It
+link 1 with error feedback; downlink qsgd with s = 16 on every link; buffered layers 2..N (full buffers below
+the cloud, 2 at the cloud); and local DP (sigma 0.5) under secure aggregation at the edges (intsum codes).  It
 prints the final and the best test accuracy and the total uplink and downlink
 megabytes from each run's results file.  ``--smoke`` runs two tiny variants in
 seconds, at once and with ``train.vectorize=off`` (the first batched step imports
@@ -58,6 +59,14 @@ def variants(N: int) -> dict[str, list[str]]:
         "sign + EF": [f"quantizer.kind={per_link('sign', 'qsgd')}",
                       f"quantizer.error_feedback={per_link('true', 'false')}"],
         "downlink s = 16": [f"quantizer.downlink={per_link('16', '16')}"],
+        # buffered layers 2..N (docs/algorithms.md): full buffers at the regions, half at the cloud
+        "buffered 2..N": [f"aggregation.policy=[all{', buffered' * (N - 1)}]",
+                          "aggregation.buffer=[0" + ", 2" * (N - 1) + "]",
+                          "aggregation.staleness=[constant" + ", polynomial(0.5)" * (N - 1) + "]"],
+        # local DP (sigma 0.5, C = 1) under secure aggregation at the edges (docs/privacy.md)
+        "local DP + secagg": [f"quantizer.kind={per_link('intsum', 'qsgd')}", "quantizer.levels=[16"
+                              + ", 16" * (N - 1) + "]", "privacy.clip=1.0", "privacy.noise_multiplier=0.5",
+                              "privacy.placement=local", f"privacy.secure_aggregation={per_link('true', 'false')}"],
     }
 
 
