@@ -24,8 +24,8 @@ anything differs or a segment did not end as expected.  ``--pace S`` sleeps S
 seconds at the end of every round (a config callback; callbacks may change on
 resume and do not change results), so that rounds are long enough for the
 signal to land before the next boundary.  ``--smoke``: 4 rounds, every 2, a
-2 x 2 tree with tau = (1, 1) and pace 0.2 s: two segments (on 1 and 3 ranks)
-and the reference on 2, each mostly start-up (the test suite's smoke test).  No
+2 x 2 tree with tau = (1, 1) and pace 0.2 s: two segments (on 2 ranks, then 1)
+and the reference on 1, each mostly start-up (the test suite's smoke test).  No
 timing is asserted.
 """
 from __future__ import annotations
@@ -157,12 +157,12 @@ def main() -> int:
     ap.add_argument("--reference-ranks", type=int, default=4)
     ap.add_argument("--pace", type=float, default=None, help="seconds to sleep after every round (default 0)")
     ap.add_argument("--smoke", action="store_true",
-                    help="4 rounds, every 2, a 2x2 tree: three short runs (1 rank, resumed on 3; the reference on 2)")
+                    help="4 rounds, every 2, a 2x2 tree: three short runs (2 ranks, resumed on 1; the reference on 1)")
     ap.add_argument("--keep", default=None, help="keep the files in this directory (default: a temporary one)")
     args = ap.parse_args()
     rounds, every, extra = (4, 2, list(SMOKE)) if args.smoke else (args.rounds, args.every, [])
     if args.smoke:
-        args.ranks, args.reference_ranks = [1, 3], 2
+        args.ranks, args.reference_ranks = [2, 1], 1
     pace = args.pace if args.pace is not None else (0.2 if args.smoke else 0.0)
     if every < 2 or rounds < 1:
         ap.error("--every must be at least 2 and --rounds at least 1")
