@@ -623,6 +623,7 @@ class Clock:
         self.up_rate, self.up_latency, self.down_rate, self.down_latency = up_rate, up_latency, down_rate, down_latency
         self.up_bits, self.down_bits, self.policies = up_bits, down_bits, policies
         self.intervals = intervals or {}
+        self.secure_threshold = 0  # secure aggregation at the edges: the fewest survivors a key group sums
 
     def jitter(self, d, t):
         if not self.jitter_sigma:
@@ -677,6 +678,8 @@ class Clock:
                     end = arrive[keep[-1]]
             else:
                 keep, end = list(range(len(picked))), max(arrive)
+            if n == 1 and len(keep) < self.secure_threshold:  # a secure key group with too few survivors aborts
+                keep = []
             ref.kept[(n, u.index, call)] = sorted(picked[i] for i in keep)
             return end
 
@@ -719,6 +722,8 @@ def reference_for(cfg) -> Reference:
         tensor_sizes=sizes, fractions=list(q.topk_fraction) or None, clock=clock_for(cfg, tree.num_devices, sizes),
         intsum=intsum_args(cfg))
     ref.parents = []
+    if ref.clock is not None and cfg.privacy.secure_aggregation and cfg.privacy.secure_aggregation[0]:
+        ref.clock.secure_threshold = cfg.privacy.secure_threshold
     ag = cfg.aggregation
     if "buffered" in ag.policy:
         ref.buffered = {n: (ag.buffer[n - 1], staleness_function(ag.staleness[n - 1] if ag.staleness else "constant"))

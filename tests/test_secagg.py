@@ -118,8 +118,25 @@ def test_masks_change_nothing_but_what_the_parent_sees(tmp_path):
     assert (m_on["uplink_bytes"][:, 0] == m_on["messages"][:, 0] * 128 * 16 // 8).all()  # d' = 128 codes of 16 bits
 
 
+def test_a_group_with_too_few_survivors_aborts(tmp_path):
+    """privacy.secure_threshold 2: an aggregation whose key group keeps one survivor takes nobody (the lone
+    update stays hidden), its keys still counted; the serial reference aborts the same groups."""
+    sections = {**SECURE, "privacy": {**SECURE["privacy"], "secure_aggregation": [True, False]}}
+    lone, m1, _ = run_here(tmp_path, "lone", **sections)
+    strict, m2, raw = run_here(tmp_path, "strict", **{**sections, "privacy": {**sections["privacy"],
+                                                                             "secure_threshold": 2}})
+    assert not np.array_equal(strict, lone) and np.array_equal(reference_for(load_config(raw)).run(3), strict)
+    aborted = m2["dropped"][:, 0] - m1["dropped"][:, 0]  # survivors whose group aborted count as dropped
+    assert (aborted > 0).all() and (m2["messages"] == m1["messages"]).all()
+    assert (m2["secagg_bytes"][:, 0] < m1["secagg_bytes"][:, 0]).all()  # no seeds revealed for an aborted group
+    assert (m2["secagg_bytes"][:, 0] >= 4 * (3 * 32 + 3 * 2 * 32)).all()  # every group's keys
+
+
 @pytest.mark.parametrize("sections, message", [
     ({"quantizer": {"levels": [16, 8], "kind": ["intsum", "qsgd"]}}, r"intsum on link 1 needs privacy.clip > 0"),
+    ({"quantizer": {"levels": [16, 8], "kind": ["intsum", "qsgd"]},
+      "privacy": {"clip": 1.0, "placement": "local", "secure_aggregation": [True, False], "secure_threshold": 4}},
+     r"'privacy.secure_threshold' = 4: the smallest key group has 3 members"),
     ({"quantizer": {"levels": [3, 16], "kind": ["qsgd", "intsum"]}, "privacy": {"clip": 1.0, "placement": "local"}},
      r"intsum on link 2; this version"),
     ({"quantizer": {"levels": [4, 8], "kind": ["intsum", "qsgd"], "scale": [100.0, 0]},

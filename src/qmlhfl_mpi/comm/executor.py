@@ -296,6 +296,10 @@ class RoundExecutor:
         if self.hold and (n, u) == self._root:
             self._hold(a, leads)
             return
+        summed = self._summed[n - 1]
+        if a.empty and leads and summed is not None and summed.secure and a.group is not None:
+            g = len(a.group)  # a key group that aborted (too few survivors): its keys were exchanged
+            self.stats.secagg_bytes[n - 1] += 32 * g + 32 * g * (g - 1)
         new = v if a.empty else None
         if not a.empty:
             lc = self._spanning(n, u)

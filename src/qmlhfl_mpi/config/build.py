@@ -23,7 +23,7 @@ from ..core.links import Link
 from ..core.mobility import MarkovMoves, Mobility, MobilityModel, RandomMoves, Static, TraceMoves
 from ..core.participation import Participation, sample_size
 from ..core.partition import partition
-from ..core.policy import Policy, make_policy
+from ..core.policy import Policy, SecureThreshold, make_policy
 from ..core.privacy import Accountant, Mechanism
 from ..core.schedule import LRSchedule
 from ..core.server_opt import ServerOptimizer, make_server_optimizer
@@ -179,6 +179,10 @@ def policies(cfg: Config) -> tuple[Policy, ...]:
                                min_children=a.min_children[n] if a.min_children else 1, k=a.k[n] if a.k else 1,
                                buffer=a.buffer[n] if a.buffer else 1,
                                staleness=a.staleness[n] if a.staleness else "constant"))
+    p = cfg.privacy
+    for n, secure in enumerate(p.secure_aggregation):
+        if secure and p.secure_threshold > 1:  # a key group with fewer survivors aborts
+            out[n] = SecureThreshold(out[n], p.secure_threshold)
     return tuple(out)
 
 

@@ -229,4 +229,8 @@ def validate_secure_aggregation(cfg: Config, N: int, shape: TreeShape) -> None:
             raise ConfigError(f"config key 'privacy.secure_aggregation' on layer 1: an edge aggregates {least} child "
                               "in some aggregation, and a group of one reveals its member's update to the parent; "
                               "give every edge two or more participants (topology, participation.fraction)")
+        if p.secure_threshold > least:
+            raise ConfigError(f"config key 'privacy.secure_threshold' = {p.secure_threshold}: the smallest key group "
+                              f"has {least} members, so its edge's aggregations would always abort; give "
+                              f"1 <= secure_threshold <= {least}")
 

@@ -280,6 +280,9 @@ class PrivacyConfig:
     secure_aggregation: tuple[bool, ...] = fld((), doc="per layer 1..N: its nodes learn only their children's sum "
                                                        "(pairwise masks; needs an intsum link; layer 1 in this "
                                                        "version); empty = off")
+    secure_threshold: int = fld(1, lo=1, doc="a secure aggregation group whose survivors are fewer than this "
+                                             "aborts: its node takes none of them in that aggregation; 1 = never "
+                                             "(the model is then the same as without the masks)")
 
 
 @dataclass(frozen=True)

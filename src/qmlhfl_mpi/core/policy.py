@@ -107,6 +107,22 @@ class Buffered:
         return np.ones(len(arrive), dtype=bool), float(arrive[last]), last
 
 
+class SecureThreshold:
+    """A secure aggregation group's abort rule around a layer's policy (docs/privacy.md): when fewer than
+    ``threshold`` of the messages it keeps would be summed, the node takes none of them (the group aborts at the
+    same time: its members' masks could not hide a lone survivor's update)."""
+
+    def __init__(self, inner: Policy, threshold: int) -> None:
+        self.inner, self.threshold = inner, int(threshold)
+        self.name = getattr(inner, "name", "policy")
+
+    def select(self, arrive: np.ndarray, start: float) -> tuple[np.ndarray, float, int]:
+        kept, end, last = self.inner.select(arrive, start)
+        if int(np.count_nonzero(kept)) < self.threshold:
+            return np.zeros(len(arrive), dtype=bool), end, last
+        return kept, end, last
+
+
 POLICIES = Registry("aggregation policy", "aggregation.policy")
 POLICIES.register("all", All, "wait for every participating child (the paper's)")
 POLICIES.register("deadline", Deadline, "the children whose messages arrive within aggregation.deadline s of the "
