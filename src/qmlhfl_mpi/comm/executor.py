@@ -38,6 +38,7 @@ from ..core.codecs.intsum import IntSumCodec
 from ..core.links import Link
 from ..core.plan import OPEN, Aggregation, RoundPlan
 from ..core.privacy import Mechanism, clip_scale, largest_device_weight
+from ..core.secagg import recovery_bytes
 from ..core.server_opt import Average
 from ..core.stats import RoundStats
 from ..core.topology import RankLayout
@@ -298,8 +299,8 @@ class RoundExecutor:
             return
         summed = self._summed[n - 1]
         if a.empty and leads and summed is not None and summed.secure and a.group is not None:
-            g = len(a.group)  # a key group that aborted (too few survivors): its keys were exchanged
-            self.stats.secagg_bytes[n - 1] += 32 * g + 32 * g * (g - 1)
+            g = len(a.group)  # a key group that aborted (too few survivors): its keys were exchanged, no seed
+            self.stats.secagg_bytes[n - 1] += sum(recovery_bytes(g, g))
         new = v if a.empty else None
         if not a.empty:
             lc = self._spanning(n, u)

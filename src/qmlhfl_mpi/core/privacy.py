@@ -30,6 +30,7 @@ import numpy as np
 
 from . import rng
 from .plan import RoundPlan
+from .topology import aggregations_per_round
 
 __all__ = ["PLACEMENTS", "Accountant", "Mechanism", "clip_scale", "largest_device_weight"]
 
@@ -63,16 +64,17 @@ def clip_scale(norm: float, clip: float) -> np.float32:
 def largest_device_weight(plan: RoundPlan, i: int) -> float:
     """The largest product of weights from aggregation ``i`` down to a participating device (its weight in
     ``i``'s sum), over the plan's nested aggregations (one per child: the layers between aggregate once)."""
-    a = plan.aggregations[i]
-    if a.layer == 1:
-        return float(np.max(a.weights)) if len(a.weights) else 0.0
-    below: dict[int, int] = {}
-    for j in range(i + 1, len(plan.aggregations)):
-        b = plan.aggregations[j]
-        if b.parent == i:
-            below[b.slot] = j
-    return max((float(w) * largest_device_weight(plan, below[s]) for s, w in enumerate(a.weights) if s in below),
-               default=0.0)
+    aggs = plan.aggregations
+    below = {(b.parent, b.slot): j for j, b in enumerate(aggs) if b.parent >= 0}  # one pass over the plan
+
+    def largest(k: int) -> float:
+        a = aggs[k]
+        if a.layer == 1:
+            return float(np.max(a.weights)) if len(a.weights) else 0.0
+        return max((float(w) * largest(below[(k, s)]) for s, w in enumerate(a.weights) if (k, s) in below),
+                   default=0.0)
+
+    return largest(i)
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,7 @@ class Accountant:
     def of(cls, sigma: float, layer: int, tau: Sequence[int], edges: Sequence[tuple[int, int]],
            delta: float) -> Accountant:
         """The accountant of a run: ``tau`` the iteration counts, ``edges`` every edge's ``(devices, sampled)``."""
-        N = len(tau)
-        releases = math.prod(tau[1:]) if layer == 0 else math.prod(tau[layer:N])
+        releases = aggregations_per_round(tau, max(layer, 1))  # an edge's local runs a round, or a layer-L sum
         pairs = tuple(sorted({(1, 1)} if layer == 0 else {(int(n), int(m)) for n, m in edges}))
         return cls(float(sigma), int(releases), pairs, float(delta))
 

@@ -26,6 +26,7 @@ from .mobility import Mobility
 from .plan import Planner, RoundPlan
 from .policy import Buffered, Deadline, Policy
 from .tiers import Tier, TieredSchedule
+from .topology import aggregations_per_round
 
 __all__ = ["FINISH_PERCENTILES", "RoundScheduler", "TimedRound", "changed_rows"]
 
@@ -126,7 +127,7 @@ class RoundScheduler:
         """How many jobs a child of a lowest buffered node does in one synchronous round: ``prod(tau_{m+1..N})``."""
         m = self.buffered
         assert m is not None
-        return int(np.prod(self.planner.tau[m:], dtype=np.int64))
+        return aggregations_per_round(self.planner.tau, m)
 
     def schedule(self) -> TieredSchedule:
         """The events of the buffered layers (:mod:`.tiers`); each START's payload is its job's

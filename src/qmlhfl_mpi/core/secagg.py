@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from . import rng
@@ -51,8 +51,6 @@ class Group:
     def pair_mask(self, i: int, j: int) -> np.ndarray:
         """The mask children ``i`` and ``j`` agree on (uint64 in ``[0, 2^b)``), from ``i``'s private key and
         ``j``'s public key (the same from ``j``'s side)."""
-        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-
         shared = self.private(i).exchange(X25519PublicKey.from_public_bytes(self.public(j)))
         seed = int.from_bytes(hashlib.sha256(shared + b"qmlhfl-mask").digest()[:16], "little")
         gen = np.random.Generator(np.random.PCG64(seed))

@@ -19,6 +19,7 @@ from ..core import rng
 from ..core.scheduler import FINISH_PERCENTILES, RoundScheduler, TimedRound
 from ..core.stats import RoundStats
 from ..core.tiers import ADOPT, ARRIVE, FLUSH, SEND, START, Pending, TieredSchedule, TierEvent
+from ..core.topology import aggregations_per_round
 from .agreement import Agreement
 
 __all__ = ["BufferedRounds"]
@@ -102,7 +103,7 @@ class BufferedRounds:
                 else:
                     ex.tier_models[(n, u)] = (new, ex.tier_models[(n, u)][1])
             elif e.kind == SEND:  # keyed as the synchronous run's message of that work: (round, call)
-                per_round = int(np.prod(self.scheduler.planner.tau[n + 1:], dtype=np.int64))
+                per_round = aggregations_per_round(self.scheduler.planner.tau, n + 1)  # its sends a round
                 ex.send(n, u, (self.scheduler.planner.seed, rng.QUANT, n + 1, u, e.job // per_round,
                                e.job % per_round))
                 busy[n] += t.busy
