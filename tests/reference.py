@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from qmlhfl_mpi.core.codecs import make_codec
 from qmlhfl_mpi.core.codecs.stream import key_words, uniforms_at
+from qmlhfl_mpi.core.ddgauss import discrete_gaussian
 
 try:
     from reference_client import sgd_run
@@ -328,8 +329,15 @@ class Reference:
             if self.privacy and c.layer == 0:  # the device's update clipped (and, local placement, noised)
                 x, base = self.private_update(c.devices[0], x, v, t), np.zeros_like(v)
             if codes is not None:
-                codes.append(codec.codes(x - base, float(a), (self.seed, 4, n, c.index, t, k),
-                                         (self.seed, 14, n, u.index, t, call)))
+                q = codec.codes(x - base, float(a), (self.seed, 4, n, c.index, t, k), (self.seed, 14, n, u.index, t, call))
+                if self.privacy and self.privacy.get("shares"):  # distributed DP: the device's discrete share
+                    p, device = self.privacy, c.devices[0]
+                    omega = max(float(weight_of[i]) for i in kept)
+                    std = p["sigma"] * (omega * p["clip"] * codec.scale + math.sqrt(q.size)) / math.sqrt(p["shares"])
+                    share = discrete_gaussian(gen(self.seed, 13, 0, device, t, self.calls[("train", device)] - 1),
+                                              std, q.size)
+                    q = ((q.astype(np.int64) + share) % (1 << codec.bits)).astype(np.uint64)
+                codes.append(q)
                 continue
             msg = self.uplink(n, c.index, x, base, (self.seed, 4, n, c.index, t, k))
             codec.decode_add(msg, a, acc)
@@ -340,7 +348,7 @@ class Reference:
         if self.privacy:  # the largest weight of a device in this sum; the noise at the privacy layer
             self.omega[(n, u.index)] = max(
                 float(weight_of[j]) * (1.0 if n == 1 else self.omega[(n - 1, u.children[j].index)]) for j in kept)
-            if n == self.privacy["layer"]:
+            if n == self.privacy["layer"] and not self.privacy.get("shares"):
                 p = self.privacy
                 std = p["sigma"] * p["clip"] * p["kappa"] * self.omega[(n, u.index)]
                 acc = acc + gen(self.seed, 13, n, u.index, t, call).standard_normal(v.size, dtype=np.float32) \
@@ -720,7 +728,7 @@ def reference_for(cfg) -> Reference:
         server=server, error_feedback=list(q.error_feedback) or None, downlink=list(q.downlink) or None,
         client=client, lr_at=schedule.at if schedule else None,
         tensor_sizes=sizes, fractions=list(q.topk_fraction) or None, clock=clock_for(cfg, tree.num_devices, sizes),
-        intsum=intsum_args(cfg))
+        intsum=intsum_args(cfg, sum(sizes)))
     ref.parents = []
     if ref.clock is not None and cfg.privacy.secure_aggregation and cfg.privacy.secure_aggregation[0]:
         ref.clock.secure_threshold = cfg.privacy.secure_threshold
@@ -730,11 +738,12 @@ def reference_for(cfg) -> Reference:
                         for n in range(1, N + 1) if ag.policy[n - 1] == "buffered"}
     p = cfg.privacy
     if p.clip > 0:  # kappa: the link-1 qsgd codec moves a coordinate by at most one level of its bucket's norm
-        layer = {"local": 0, "edge": p.layer, "central": cfg.N}[p.placement]
+        layer = {"local": 0, "edge": p.layer, "central": cfg.N, "distributed": 1}[p.placement]
         d, s1 = sum(sizes), q.levels[0]
         blen = d if not q.bucket or q.bucket >= d else q.bucket
         kappa = 1.0 if layer == 0 or s1 == 0 else 1.0 + math.sqrt(blen) / s1
-        ref.privacy = {"clip": p.clip, "sigma": p.noise_multiplier, "layer": layer, "kappa": kappa}
+        ref.privacy = {"clip": p.clip, "sigma": p.noise_multiplier, "layer": layer, "kappa": kappa,
+                       "shares": p.secure_threshold if p.placement == "distributed" else 0}
     m, f = cfg.mobility, cfg.failures
     if m.model != "static" or f.intervals:
         assert m.neighbours in ("uniform", "ring") and not f.trace
@@ -799,9 +808,10 @@ def clock_for(cfg, devices, sizes):
                  list(sy.down_rate or [0.0] * N), list(sy.down_latency or [0.0] * N), up, down, policies, intervals)
 
 
-def intsum_args(cfg):
+def intsum_args(cfg, d=0):
     """An intsum link 1's scale and rotation: the given scale, or the largest gamma with gamma C A + m <= 2^(b-1) - 1
-    (m the most children an edge samples, A = 1 for renormalised weights, else the most children)."""
+    (m the most children an edge samples, A = 1 for renormalised weights, else the most children); distributed DP
+    keeps 8 standard deviations of the group's noise, 8 sigma sqrt(m / t) (gamma C + sqrt(d')), inside too."""
     q = cfg.quantizer
     if not q.kind or q.kind[0] != "intsum":
         return None
@@ -812,8 +822,13 @@ def intsum_args(cfg):
     if cfg.participation.fraction and cfg.participation.fraction[0] < 1:
         m = min(most, max(1, math.floor(Fraction(repr(cfg.participation.fraction[0])) * most + Fraction(1, 2))))
     A = 1.0 if cfg.participation.weighting == "renormalize" else float(most)
-    scale = (q.scale[0] if q.scale else 0) or ((1 << (q.levels[0] - 1)) - 1 - m) / (cfg.privacy.clip * A)
-    return {"scale": scale, "rotate": bool(q.rotate[0]) if q.rotate else False}
+    rotate = bool(q.rotate[0]) if q.rotate else False
+    p = cfg.privacy
+    h = 8 * p.noise_multiplier * math.sqrt(m / p.secure_threshold) if p.placement == "distributed" else 0.0
+    codes = 2 ** math.ceil(math.log2(d)) if rotate and d > 1 else d
+    scale = (q.scale[0] if q.scale else 0) or ((1 << (q.levels[0] - 1)) - 1 - m - h * math.sqrt(codes)) / (
+        p.clip * (A + h))
+    return {"scale": scale, "rotate": rotate}
 
 
 def walk_layer(node, layer):

@@ -173,17 +173,23 @@ def test_central_noise_over_intsum_codes_is_refused_before_training(tmp_path):
 
 
 def test_the_example_gives_the_same_model_with_the_masks_off(tmp_path):
-    """configs/examples/secagg.yaml (32 devices, key groups of 6, stragglers dropped) for 2 rounds, with and without
-    masks: the same model, the protocol's bytes counted only with them."""
+    """configs/examples/secagg.yaml (32 devices, key groups of 6, stragglers dropped) for 2 rounds: distributed DP
+    as given (noise shares in the codes, keys counted, a finite epsilon); with each device's own Gaussian noise
+    instead (placement local), with and without masks: the same model, the protocol's bytes counted only with
+    them."""
     from helpers import REPO
 
     example = str(REPO / "configs/examples/secagg.yaml")
     out = {}
-    for secure in ("true", "false"):
-        cfg = load_config(example, ["train.rounds=2", f"privacy.secure_aggregation=[{secure}, false]",
-                                    f"output.path={tmp_path / secure}.h5"])
+    for name, sets in (("distributed", []), ("true", ["privacy.placement=local"]),
+                       ("false", ["privacy.placement=local", "privacy.secure_aggregation=[false, false]"])):
+        cfg = load_config(example, ["train.rounds=2", f"output.path={tmp_path / name}.h5", *sets])
         Session(cfg, MPI.COMM_SELF).run()
-        with h5py.File(tmp_path / f"{secure}.h5") as f:
-            out[secure] = f["model/final"][()], f["metrics/secagg_bytes"][()], f["metrics/dropped"][()]
+        with h5py.File(tmp_path / f"{name}.h5") as f:
+            out[name] = (f["model/final"][()], f["metrics/secagg_bytes"][()], f["metrics/dropped"][()],
+                         f["metrics/epsilon"][()])
     assert np.array_equal(out["true"][0], out["false"][0])
     assert (out["true"][1][:, 0] > 0).all() and (out["false"][1] == 0).all() and (out["true"][2][:, 0] > 0).all()
+    ddg = out["distributed"]
+    assert (ddg[1][:, 0] > 0).all() and np.isfinite(ddg[0]).all() and not np.array_equal(ddg[0], out["true"][0])
+    assert 0 < ddg[3][0] < ddg[3][1] < np.inf

@@ -210,13 +210,15 @@ REFERENCE_CASES = {
         participation={"fraction": [0.7, 1.0], "weighting": "unbiased"}, system={"speed": "lognormal(1)"},
         aggregation={"policy": ["deadline", "all"], "deadline": [0.03, 0]},
         privacy={"clip": 0.5, "noise_multiplier": 1.5, "placement": "central"}),
-    # secure aggregation at the edges (docs/privacy.md): intsum codes of locally noised updates, rotated, masked
-    # pairwise across ranks (an edge's devices split over ranks), stragglers dropped inside key groups
-    "N2-secagg-local-dp-dropouts": dict(
+    # secure aggregation at the edges (docs/privacy.md): intsum codes with the devices' discrete Gaussian shares
+    # (distributed DP), rotated, masked pairwise across ranks (an edge's devices split over ranks), stragglers
+    # dropped inside key groups, groups of fewer than 2 survivors aborted
+    "N2-secagg-distributed-dp-dropouts": dict(
         topology={"branching": [2, 5]}, tau=[2, 2], participation={"fraction": [0.8, 1]},
-        quantizer={"levels": [16, 8], "bucket": 16, "kind": ["intsum", "qsgd"], "rotate": [True, False]},
+        quantizer={"levels": [20, 8], "bucket": 16, "kind": ["intsum", "qsgd"], "rotate": [True, False]},
         system={"speed": "lognormal(1)"}, aggregation={"policy": ["deadline", "all"], "deadline": [0.03, 0]},
-        privacy={"clip": 0.5, "noise_multiplier": 0.8, "placement": "local", "secure_aggregation": [True, False]}),
+        privacy={"clip": 0.5, "noise_multiplier": 0.8, "placement": "distributed", "secure_aggregation": [True, False],
+                 "secure_threshold": 2}),
     # (speeds so spread that a fast device's message is twice in one buffer of 3, in rounds 0-2)
     "N1-fedbuff-hinge": dict(
         topology={"tree": 6}, tau=[3], quantizer={"levels": [4], "bucket": 16},

@@ -165,7 +165,7 @@ def _outside_bound(cfg: Config) -> list[str]:
                    "aggregation.staleness: the bound assumes every child starts from its parent's newest model; it "
                    "still holds for the synchronous layers below within one job)")
     if cfg.privacy.clip > 0:
-        out.append(f"differential privacy (updates clipped to {cfg.privacy.clip:g}, a biased step; Gaussian noise "
+        out.append(f"differential privacy (updates clipped to {cfg.privacy.clip:g}, a biased step; noise placed "
                    f"{cfg.privacy.placement}: the bound has no noise term for it; docs/privacy.md)")
     if cfg.failures.intervals or cfg.failures.trace:
         out.append("edge servers that fail (their devices move or sit out, so the weights and the devices taking "
@@ -207,15 +207,20 @@ def privacy_lines(cfg: Config, tree: Tree, dim: int, codecs: Sequence[Codec]) ->
         return []
     mech, acc = got
     p, T = cfg.privacy, cfg.train.rounds
-    where = {"local": "at every device", "edge": f"at every layer-{mech.layer} node",
-             "central": "at the cloud"}[p.placement]
+    where = {"local": "at every device", "edge": f"at every layer-{mech.layer} node", "central": "at the cloud",
+             "distributed": "in shares at every device, added to its masked integer codes"}[p.placement]
     scale = "sigma C" if mech.layer == 0 else f"sigma C kappa omega (kappa = {mech.kappa:.4g}, link 1's codec; omega " \
                                               "the largest device weight in the sum)"
-    out = [f"privacy: updates clipped to C = {p.clip:g}, Gaussian noise {where} with std {scale}, sigma = "
+    if mech.shares:
+        scale = f"sigma (omega C gamma + sqrt(d')) / sqrt({mech.shares}) per share in code units ({acc.shares[0]} " \
+                f"codes; the shares of any {mech.shares} survivors carry the noise)"
+    kind = "discrete Gaussian" if mech.shares else "Gaussian"
+    out = [f"privacy: updates clipped to C = {p.clip:g}, {kind} noise {where} with std {scale}, sigma = "
            f"{p.noise_multiplier:g}; replace-one device, {acc.releases} noised release(s) per device per round, "
            f"edge sampling {', '.join(f'{m} of {n}' for n, m in acc.edges)} (docs/privacy.md)"]
     eps = acc.epsilon(T)
-    out.append(f"  epsilon after {T} rounds = {eps:.4g} at delta = {acc.delta:.3g} (RDP accountant, dp-accounting); "
+    how = "the distributed discrete Gaussian's bound (Kairouz et al. 2021)" if mech.shares else "dp-accounting"
+    out.append(f"  epsilon after {T} rounds = {eps:.4g} at delta = {acc.delta:.3g} (RDP accountant, {how}); "
                f"after 1 round {acc.epsilon(1):.4g}")
     if p.target_epsilon:
         k = acc.rounds_within(p.target_epsilon, T)

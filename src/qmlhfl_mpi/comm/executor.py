@@ -69,7 +69,9 @@ class RoundExecutor:
         self.links, self.dim, self.clients, self.vectors, self.guard = tuple(links), dim, clients, vectors, guard
         self.privacy = privacy  # docs/privacy.md: clipping (and local noise) at training, noise at its layer
         # links whose parents add integer codes (intsum), masked where the layer runs secure aggregation
-        self._summed = [SummedLink(n, lk.codec, dim, bool(secure[n - 1]) if secure else False)
+        shares = privacy if privacy is not None and privacy.shares else None  # distributed DP: in link 1's codes
+        self._summed = [SummedLink(n, lk.codec, dim, bool(secure[n - 1]) if secure else False,
+                                   shares if n == 1 else None)
                         if isinstance(lk.codec, IntSumCodec) else None for n, lk in enumerate(links, start=1)]
         self.msg_len = [lk.codec.nbytes(dim) for lk in links]
         self.down_len = [4 * dim if lk.downlink is None else lk.downlink.nbytes(dim) for lk in links]
@@ -513,7 +515,7 @@ class RoundExecutor:
                 st.t_codec += time.perf_counter() - t1
         t0 = time.perf_counter()
         mech = self.privacy
-        if mech is not None and mech.layer == n:
+        if mech is not None and mech.layer == n and not mech.shares:
             std = mech.node_std(largest_device_weight(plan, plan.aggregations.index(a)))
             acc += self.vectors.from_host(mech.noise(self.dim, (n, u, plan.round, a.call), std))
         new = self._update(n, u, v, acc)

@@ -9,6 +9,7 @@ import numpy as np
 from ..core import rng
 from ..core.codecs.intsum import IntSumCodec
 from ..core.plan import Aggregation, RoundPlan
+from ..core.privacy import Mechanism
 from ..core.secagg import Group, recovery_bytes
 
 __all__ = ["SummedLink"]
@@ -17,8 +18,9 @@ __all__ = ["SummedLink"]
 class SummedLink:
     """Link ``n``'s ``intsum`` codec over models of ``dim`` values; ``secure``: its parents learn only sums."""
 
-    def __init__(self, n: int, codec: IntSumCodec, dim: int, secure: bool) -> None:
+    def __init__(self, n: int, codec: IntSumCodec, dim: int, secure: bool, shares: Mechanism | None = None) -> None:
         self.n, self.codec, self.dim, self.secure = n, codec, dim, secure
+        self.shares = shares  # distributed DP: every child adds its discrete Gaussian share to its codes
         self._sums: dict[int, np.ndarray] = {}      # by parent node, on its leader
         self._groups: dict[int, Group] = {}         # by parent node, where its children are made (replaced at the
                                                     # node's next aggregation)
@@ -41,6 +43,12 @@ class SummedLink:
         returned as its message."""
         c = int(a.children[j])
         codes = self.codec.codes(update, float(a.weights[j]), plan.message_key(a, j), self._rotation(plan, a))
+        mech = self.shares
+        if mech is not None:  # keyed like a device's local noise: (0, device, round, training call)
+            size = codes.size
+            std = mech.share_std(float(np.max(a.weights)), self.codec.scale, size)
+            noise = mech.discrete_noise(size, (0, c, plan.round, int(a.train_calls[j])), std)
+            codes = np.mod(codes.astype(np.int64) + noise, self.codec.modulus).astype(np.uint64)
         if self.secure:
             codes = self._groups[a.node].masked(c, codes)
         if leads:

@@ -8,6 +8,7 @@ these raise.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 from ..accel import TorchVectors
 from ..core.clock import SystemModel
 from ..core.codecs import Codec, link_codecs, make_codec
+from ..core.codecs.intsum import IntSumCodec
 from ..core.failures import EdgeFailures, Outage
 from ..core.links import Link
 from ..core.mobility import MarkovMoves, Mobility, MobilityModel, RandomMoves, Static, TraceMoves
@@ -41,7 +43,7 @@ from ..data.registry import DATASETS
 from ..data.source import DataError, GeneratedDataset, Pooled, load_pooled
 from ..learning.models import build_model, num_parameters
 from ..learning.train import ClientOptimizer
-from .dynamics import int_scales, noise_layer, outages
+from .dynamics import check_modulus, int_scales, noise_layer, outages
 from .schema import Config, ConfigError, server_betas, system_distributions
 
 __all__ = ["client_optimizer", "codecs", "data_seed", "data_spec", "downlink_codecs", "latency", "links",
@@ -65,7 +67,12 @@ def codecs(cfg: Config, sizes: tuple[int, ...] | None = None) -> list[Codec]:
     if sizes is None:
         sizes = tensor_sizes(cfg)
     shape = TreeShape.of(cfg.topology.branching, cfg.topology.tree)
-    return link_codecs(q.levels, q.bucket, q.kind, q.topk_fraction, sizes, int_scales(cfg, shape), q.rotate)
+    p = cfg.privacy  # distributed DP keeps the noise's tail inside the modulus: the codes' count matters
+    dim = sum(sizes) if sizes else model_dim(cfg) if p.placement == "distributed" and p.clip > 0 else 0
+    scales = int_scales(cfg, shape, dim)
+    if dim and q.kind and q.kind[0] == "intsum":
+        check_modulus(cfg, shape, scales[0], dim)
+    return link_codecs(q.levels, q.bucket, q.kind, q.topk_fraction, sizes, scales, q.rotate)
 
 
 def downlink_codecs(cfg: Config, sizes: tuple[int, ...] | None = None) -> list[Codec | None]:
@@ -333,8 +340,19 @@ def privacy(cfg: Config, tree: Tree, dim: int, uplinks: Sequence[Codec], check_t
     if not p.clip > 0:
         return None
     L, q = noise_layer(cfg, tree.N), cfg.quantizer
-    kappa = 1.0
-    if L >= 1:
+    kappa, shares = 1.0, (0, 0)
+    if p.placement == "distributed":  # the shares go into link 1's integer codes: their count and the modulus
+        codec = uplinks[0]
+        assert isinstance(codec, IntSumCodec)
+        check_modulus(cfg, TreeShape.of(cfg.topology.branching, cfg.topology.tree), codec.scale, dim)
+        shares = (codec.length(dim), p.secure_threshold)
+        least = p.noise_multiplier * math.sqrt(shares[0] / shares[1])
+        if p.noise_multiplier and least < 0.5:
+            raise ConfigError(f"config key 'privacy.noise_multiplier' = {p.noise_multiplier:g}: a device's discrete "
+                              f"Gaussian share may have std {least:.3g} < 1/2 code, below what the distributed "
+                              "bound covers (Kairouz et al.); raise the noise multiplier or lower "
+                              "privacy.secure_threshold")
+    elif L >= 1:
         got = uplinks[0].norm_factor(dim)
         if got is None:
             raise ConfigError(f"config key 'quantizer.kind' = {list(q.kind)}: link 1's codec {uplinks[0].name} "
@@ -350,10 +368,10 @@ def privacy(cfg: Config, tree: Tree, dim: int, uplinks: Sequence[Codec], check_t
     delta = p.delta or 1.0 / tree.num_devices
     f1 = cfg.participation.fraction[0] if cfg.participation.fraction else 1.0
     edges = {(n, sample_size(f1, n)) for n in (len(tree.children(1, e)) for e in range(tree.num_nodes(1))) if n}
-    accountant = Accountant.of(p.noise_multiplier, L, cfg.tau, sorted(edges), delta)
+    accountant = Accountant.of(p.noise_multiplier, L, cfg.tau, sorted(edges), delta, shares)
     if check_target and p.target_epsilon and accountant.epsilon(1) > p.target_epsilon:
         raise ConfigError(f"config key 'privacy.target_epsilon' = {p.target_epsilon:g} is unreachable: one round "
                           f"already spends epsilon = {accountant.epsilon(1):.4g} at delta = {delta:.3g}; raise the "
                           "target or privacy.noise_multiplier")
-    return Mechanism(p.clip, p.noise_multiplier, L, kappa, cfg.train.seed), accountant
+    return Mechanism(p.clip, p.noise_multiplier, L, kappa, cfg.train.seed, shares[1]), accountant
 

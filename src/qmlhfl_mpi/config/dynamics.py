@@ -14,8 +14,8 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .schema import Config
 
-__all__ = ["int_scales", "noise_layer", "outages", "validate_buffered", "validate_moves", "validate_privacy",
-           "validate_secure_aggregation"]
+__all__ = ["check_modulus", "int_scales", "noise_layer", "outages", "validate_buffered", "validate_moves",
+           "validate_privacy", "validate_secure_aggregation"]
 
 
 def validate_moves(cfg: Config, edges: int) -> None:
@@ -108,7 +108,7 @@ def validate_buffered(cfg: Config, N: int) -> None:
 def noise_layer(cfg: Config, N: int) -> int:
     """The layer that adds the privacy noise: 0 (each device), ``privacy.layer`` (edge) or ``N`` (the cloud)."""
     p = cfg.privacy
-    return {"local": 0, "edge": p.layer, "central": N}[p.placement]
+    return {"local": 0, "edge": p.layer, "central": N, "distributed": 1}[p.placement]
 
 
 def validate_privacy(cfg: Config, N: int) -> None:
@@ -130,6 +130,14 @@ def validate_privacy(cfg: Config, N: int) -> None:
         raise ConfigError(f"config key 'privacy.layer' = {p.layer}: the edge placement adds noise at a layer "
                           f"between the devices and the cloud, 1..{N - 1}" +
                           ("; a tree with N = 1 has none: use privacy.placement: central" if N == 1 else ""))
+    if p.placement == "distributed":
+        kinds = q.kind or ("qsgd",) * N
+        if kinds[0] != "intsum" or not (p.secure_aggregation and p.secure_aggregation[0]):
+            raise ConfigError(f"config key 'privacy.placement' = distributed: the devices' discrete Gaussian shares "
+                              "add up to the noise only in a masked integer sum, and an edge that sees single "
+                              f"messages learns each share (quantizer.kind = {list(kinds)}, "
+                              f"privacy.secure_aggregation = {list(p.secure_aggregation)}); give quantizer.kind "
+                              "intsum on link 1 and privacy.secure_aggregation: [true, ...]")
     L = noise_layer(cfg, N)
     where = f"privacy.placement {p.placement}" + (f" at layer {L}" if p.placement == "edge" else "")
     if "buffered" in cfg.aggregation.policy:
@@ -168,9 +176,23 @@ def _group_bound(cfg: Config, shape: TreeShape) -> tuple[int, float]:
     return m, 1.0 if cfg.participation.weighting == "renormalize" else float(shape.max_children[1])
 
 
-def int_scales(cfg: Config, shape: TreeShape) -> tuple[float, ...]:
+TAIL = 8.0  # distributed DP: the noise of a group's sum kept within TAIL standard deviations of the modulus
+
+
+def noise_headroom(cfg: Config, shape: TreeShape) -> float:
+    """Distributed DP: the most standard deviations of the noise in a group's sum per unit of ``sigma Delta``,
+    ``TAIL sqrt(m / t)`` (``m`` the largest group, ``t`` the fewest shares); 0 for any other placement."""
+    p = cfg.privacy
+    if p.placement != "distributed" or not p.noise_multiplier > 0:
+        return 0.0
+    m, _ = _group_bound(cfg, shape)
+    return TAIL * p.noise_multiplier * math.sqrt(m / p.secure_threshold)
+
+
+def int_scales(cfg: Config, shape: TreeShape, dim: int = 0) -> tuple[float, ...]:
     """Per link, the scale of an ``intsum`` link: ``quantizer.scale``, or (0) the largest ``gamma`` with
-    ``gamma C A + m <= 2^(b-1) - 1``: no group's sum wraps around (docs/privacy.md)."""
+    ``gamma C A + m + h (gamma C + sqrt(d')) <= 2^(b-1) - 1``: no group's sum wraps around (docs/privacy.md;
+    ``h`` the :func:`noise_headroom` of distributed DP, ``d'`` the codes of a ``dim``-parameter model)."""
     q, N = cfg.quantizer, len(shape.nodes) - 1
     kinds = q.kind or ("qsgd",) * N
     out = []
@@ -180,9 +202,35 @@ def int_scales(cfg: Config, shape: TreeShape) -> tuple[float, ...]:
             out.append(given or 1.0)
             continue
         m, A = _group_bound(cfg, shape)
-        room = (1 << (q.levels[n] - 1)) - 1 - m
-        out.append(room / (cfg.privacy.clip * A) if room > 0 and cfg.privacy.clip > 0 else 0.0)
+        h = noise_headroom(cfg, shape)
+        room = (1 << (q.levels[n] - 1)) - 1 - m - h * math.sqrt(_codes(q.rotate, n, dim))
+        out.append(room / (cfg.privacy.clip * (A + h)) if room > 0 and cfg.privacy.clip > 0 else 0.0)
     return tuple(out)
+
+
+def check_modulus(cfg: Config, shape: TreeShape, gamma: float, dim: int) -> None:
+    """Raise :class:`ConfigError` when a group's sum on intsum link 1 may wrap around mod ``2^b``: its codes reach
+    ``gamma C A + m`` (plus, distributed, ``h (gamma C + sqrt(d'))`` of noise; ``dim`` 0: before the model is
+    known)."""
+    q, p = cfg.quantizer, cfg.privacy
+    b = q.levels[0]
+    m, A = _group_bound(cfg, shape)
+    h = noise_headroom(cfg, shape)
+    top = (1 << (b - 1)) - 1
+    reach = gamma * p.clip * A + m + h * (gamma * p.clip + math.sqrt(_codes(q.rotate, 0, dim)))
+    if not gamma > 0 or reach > top + 1e-9 * top:  # (the largest scale that fits reaches top, rounded)
+        noise = f" + {TAIL:g} standard deviations of the distributed noise" if h else ""
+        raise ConfigError(
+            f"config key 'quantizer.levels' = {list(q.levels)}: a modulus of 2^{b} is too small for a group's sum: "
+            f"with {m} children, clip C = {p.clip:g}, weights adding up to {A:g} and scale gamma = {gamma:.6g}"
+            f"{' (none > 0 fits)' if not gamma > 0 else ''}, codes may reach gamma C A + m{noise} = {reach:.6g} > "
+            f"2^{b - 1} - 1 = {top}; give more bits, a smaller quantizer.scale (0: the largest that fits) or a smaller "
+            "clip")
+
+
+def _codes(rotate: tuple[bool, ...], n: int, dim: int) -> int:
+    """The codes of a ``dim``-parameter model on link ``n + 1`` (rotated: the next power of two)."""
+    return 1 << max(0, (dim - 1).bit_length()) if rotate and rotate[n] and dim else dim
 
 
 def validate_secure_aggregation(cfg: Config, N: int, shape: TreeShape) -> None:
@@ -206,15 +254,7 @@ def validate_secure_aggregation(cfg: Config, N: int, shape: TreeShape) -> None:
         if not 2 <= b <= 32:
             raise ConfigError(f"config key 'quantizer.levels' = {list(q.levels)}: intsum on link 1 takes its bits b "
                               "there, 2 <= b <= 32 (e.g. 16)")
-        m, A = _group_bound(cfg, shape)
-        gamma = int_scales(cfg, shape)[0]
-        top = (1 << (b - 1)) - 1
-        if not gamma > 0 or gamma * p.clip * A + m > top:
-            raise ConfigError(
-                f"config key 'quantizer.levels' = {list(q.levels)}: a modulus of 2^{b} is too small for a group's "
-                f"sum: with {m} children, clip C = {p.clip:g}, weights adding up to {A:g} and scale gamma = "
-                f"{gamma:.6g}, codes may reach gamma C A + m = {gamma * p.clip * A + m:.6g} > 2^{b - 1} - 1 = {top}; "
-                "give more bits, a smaller quantizer.scale (0: the largest that fits) or a smaller clip")
+        check_modulus(cfg, shape, int_scales(cfg, shape)[0], 0)
     for n, on in enumerate(p.secure_aggregation, start=1):
         if not on:
             continue

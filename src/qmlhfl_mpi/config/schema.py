@@ -270,9 +270,11 @@ class PrivacyConfig:
     noise_multiplier: float = fld(0.0, lo=0, doc="sigma: the Gaussian noise's standard deviation is sigma C (times "
                                                  "the codec's norm factor and the largest device weight at edge and "
                                                  "central placements); 0 = clipping only (epsilon = inf)")
-    placement: str = fld("central", choices=("local", "edge", "central"),
-                         doc="who adds the noise: every device (local), every node of privacy.layer (edge) or the "
-                             "cloud (central)")
+    placement: str = fld("central", choices=("local", "edge", "central", "distributed"),
+                         doc="who adds the noise: every device (local), every node of privacy.layer (edge), the "
+                             "cloud (central), or every device a discrete Gaussian share under secure aggregation "
+                             "on layer 1 (distributed: the shares of any privacy.secure_threshold devices add up "
+                             "to the noise)")
     layer: int = fld(1, lo=1, doc="edge placement: the layer whose nodes add the noise (1..N-1)")
     delta: float = fld(0.0, lo=0, hi=0.5, doc="the delta of the reported (epsilon, delta); 0 = 1 / devices")
     target_epsilon: float = fld(0.0, lo=0, doc="stop (with a checkpoint) before a round would spend more than this "

@@ -17,6 +17,13 @@ device (``prod(tau_{2..N})`` local runs for ``local``, without amplification: ea
 seen), each amplified by the device's edge sampling ``m`` of ``C_e`` (sampled without replacement), the
 worst edge size counted.  Sampling above the edges, availability and dropped children only lower a device's
 participation and are not counted (a valid upper bound).
+
+``distributed`` (layer 1, with secure aggregation on link 1): every device adds a discrete Gaussian share to its
+integer codes (:mod:`.ddgauss`), of std ``sigma Delta / sqrt(t)`` in code units, ``Delta = omega C gamma + sqrt(d')``
+the most one device's rounded codes can weigh and ``t`` = ``privacy.secure_threshold`` the fewest shares a sum
+the edge sees can hold (a group with fewer survivors aborts).  The edge sees the masked sum only; the accountant
+composes Kairouz et al.'s bound for a sum of ``t`` discrete Gaussians at L2 sensitivity over std ``2 / sigma``
+(replace-one), amplified by the edge sampling with Wang et al.'s general bound (:func:`.ddgauss.sampled_wor_rdp`).
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from functools import cached_property
 import numpy as np
 
 from . import rng
+from .ddgauss import ORDERS, ddg_rdp, ddg_tau, discrete_gaussian, sampled_wor_rdp
 from .plan import RoundPlan
 from .topology import aggregations_per_round
 
@@ -36,22 +44,46 @@ __all__ = ["PLACEMENTS", "Accountant", "Mechanism", "clip_scale", "largest_devic
 
 
 @functools.lru_cache(maxsize=64)
-def _round_rdp(sigma: float, releases: int, edges: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """One round's RDP per edge class (computed once per process: the sampled mechanism's takes ~0.2 s)."""
-    import dp_accounting as dpa
+def _round_rdp(sigma: float, releases: int, edges: tuple[tuple[int, int], ...], shares: tuple[int, int] = (0, 0)
+               ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """One round's RDP per edge class, with its orders, in one or more ways (the smallest epsilon counts; computed
+    once per process: the sampled mechanism's takes ~0.2 s); ``shares = (d', t)``: the distributed discrete
+    Gaussian in ``d'`` codes, ``t`` shares at the fewest.
+    A sample's RDP is never above the unsampled mechanism's (Renyi divergence is jointly quasi-convex), so the
+    smaller of the two counts: the amplification bounds are loose when most devices take part."""
     from dp_accounting import rdp
 
+    default = np.array(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=np.float64)
     out = []
-    orders = np.array(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=np.float64)
+    if shares[1]:
+        d, t = shares
+        tau = ddg_tau(sigma * math.sqrt(d / t), t)  # the smallest share's std in code units: Delta >= sqrt(d')
+
+        def one(alpha: float) -> float:
+            return ddg_rdp(alpha, 2.0 / sigma, tau, d)
+
+        for n, m in edges:  # any order unsampled; sampled, Wang et al.'s bound at integer orders as well
+            ways = [(default, releases * np.array([one(a) for a in default]))]
+            if m < n:
+                ways.append((np.array(ORDERS, dtype=np.float64),
+                             releases * np.array([sampled_wor_rdp(a, m / n, one) for a in ORDERS])))
+            out.append(ways)
+        return out
+    import dp_accounting as dpa
+
     for n, m in edges:
-        acc = rdp.RdpAccountant(orders, neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-        one = dpa.GaussianDpEvent(sigma / 2.0)
-        event = one if m == n else dpa.SampledWithoutReplacementDpEvent(n, m, one)
-        acc.compose(dpa.SelfComposedDpEvent(event, releases))
-        out.append(np.array(acc.rdp, dtype=np.float64))
-    return orders, out
+        one_event = dpa.GaussianDpEvent(sigma / 2.0)
+        curves = []
+        for event in (one_event, dpa.SampledWithoutReplacementDpEvent(n, m, one_event)) if m < n else (one_event,):
+            acc = rdp.RdpAccountant(default, neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
+            acc.compose(dpa.SelfComposedDpEvent(event, releases))
+            curves.append(np.array(acc.rdp, dtype=np.float64))
+        out.append([(default, np.minimum.reduce(curves))])
+    return out
 
 PLACEMENTS = {"local": "every device adds noise to its clipped update (trusts nobody)",
+              "distributed": "every device adds a discrete Gaussian share to its masked integer codes; the edge sees "
+                             "only the noised sum (trusts nobody; needs secure aggregation on layer 1)",
               "edge": "every node of privacy.layer adds noise to its children's weighted sum (trusts that layer)",
               "central": "the cloud adds noise to its children's weighted sum (trusts the cloud)"}
 
@@ -80,13 +112,16 @@ def largest_device_weight(plan: RoundPlan, i: int) -> float:
 @dataclass(frozen=True)
 class Mechanism:
     """The mechanism of a run: clip ``C``, noise multiplier ``sigma``, noise layer ``layer`` (0: local) and
-    the link-1 codec's norm factor ``kappa`` (1 when ``layer`` is 0: the noise goes in before the codec)."""
+    the link-1 codec's norm factor ``kappa`` (1 when ``layer`` is 0: the noise goes in before the codec);
+    ``shares`` > 0: distributed, the devices' discrete Gaussian shares add up to the noise in any ``shares`` of
+    them (``layer`` 1)."""
 
     clip: float
     sigma: float
     layer: int
     kappa: float
     seed: int
+    shares: int = 0
 
     def local_std(self) -> float:
         return self.sigma * self.clip
@@ -94,6 +129,15 @@ class Mechanism:
     def node_std(self, omega: float) -> float:
         """The noise's standard deviation at a layer-``layer`` node whose largest device weight is ``omega``."""
         return self.sigma * self.clip * self.kappa * omega
+
+    def share_std(self, omega: float, gamma: float, d: int) -> float:
+        """Distributed: a device's share's std in code units, ``sigma (omega C gamma + sqrt(d)) / sqrt(shares)``,
+        for the largest device weight ``omega``, the codec's scale ``gamma`` and ``d`` codes."""
+        return self.sigma * (omega * self.clip * gamma + math.sqrt(d)) / math.sqrt(self.shares)
+
+    def discrete_noise(self, d: int, key: Sequence[int], std: float) -> np.ndarray:
+        """``N_Z(0, std^2)`` per code (int64) from the stream ``(seed, NOISE, *key)``."""
+        return discrete_gaussian(rng.generator((self.seed, rng.NOISE, *key)), std, d)
 
     def noise(self, d: int, key: Sequence[int], std: float) -> np.ndarray:
         """``N(0, std^2 I)`` in float32 from the stream ``(seed, NOISE, *key)``."""
@@ -106,25 +150,28 @@ class Mechanism:
 class Accountant:
     """Epsilon after ``t`` rounds at ``delta`` for a mechanism of noise multiplier ``sigma`` at layer
     ``layer``: ``releases`` noised releases per device per round, each amplified by sampling ``m`` of ``n``
-    at the device's edge, for every ``(n, m)`` in ``edges`` (the worst counts)."""
+    at the device's edge, for every ``(n, m)`` in ``edges`` (the worst counts); ``shares = (d', t)`` for the
+    distributed discrete Gaussian (``(0, 0)``: Gaussian)."""
 
     sigma: float
     releases: int
     edges: tuple[tuple[int, int], ...]
     delta: float
+    shares: tuple[int, int] = (0, 0)
 
     @classmethod
     def of(cls, sigma: float, layer: int, tau: Sequence[int], edges: Sequence[tuple[int, int]],
-           delta: float) -> Accountant:
+           delta: float, shares: tuple[int, int] = (0, 0)) -> Accountant:
         """The accountant of a run: ``tau`` the iteration counts, ``edges`` every edge's ``(devices, sampled)``."""
         releases = aggregations_per_round(tau, max(layer, 1))  # an edge's local runs a round, or a layer-L sum
         pairs = tuple(sorted({(1, 1)} if layer == 0 else {(int(n), int(m)) for n, m in edges}))
-        return cls(float(sigma), int(releases), pairs, float(delta))
+        return cls(float(sigma), int(releases), pairs, float(delta), (int(shares[0]), int(shares[1])))
 
     @cached_property
-    def _rdp(self) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The RDP orders and, per edge class, one round's RDP (``dp-accounting``, replace-one)."""
-        return _round_rdp(self.sigma, self.releases, self.edges)
+    def _rdp(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Per edge class, the RDP orders and one round's RDP (``dp-accounting``, replace-one; distributed:
+        :mod:`.ddgauss`)."""
+        return _round_rdp(self.sigma, self.releases, self.edges, self.shares)
 
     def epsilon(self, rounds: int) -> float:
         """Epsilon at :attr:`delta` after ``rounds`` rounds (``inf`` without noise, 0 after no round)."""
@@ -134,9 +181,8 @@ class Accountant:
             return math.inf
         from dp_accounting import rdp
 
-        orders, per_round = self._rdp
-        return max(float(rdp.rdp_privacy_accountant.compute_epsilon(orders, rounds * r, self.delta)[0])
-                   for r in per_round)
+        return max(min(float(rdp.rdp_privacy_accountant.compute_epsilon(orders, rounds * r, self.delta)[0])
+                       for orders, r in ways) for ways in self._rdp)
 
     def epsilons(self, rounds: int) -> np.ndarray:
         """Epsilon after 1, 2, ..., ``rounds`` rounds (float64)."""
