@@ -59,14 +59,14 @@ def modelled_round(sets: list[str]) -> float:
 
 
 def write(study: str, header: str, report: str, variants: list[tuple[str, list[str]]],
-          seeds: tuple[int, ...] = SEEDS) -> None:
+          seeds: tuple[int, ...] = SEEDS, base: str = BASE) -> None:
     lines = [f"# Study '{study}' of docs/experiments.md, written by studies/generate.py; run with",
              f"#   .venv/bin/qmlhfl-mpi sweep --file studies/{study}.txt --jobs 2 --continue",
              *(f"# {h}" for h in header.strip().splitlines()),
              f"# report: --out {IMG} --prefix {study} --csv {IMG}/{study}.csv {report}"]
     for name, sets in variants:
         for s in seeds:
-            words = [BASE, *(w for x in sets for w in ("--set", x)), "--set", f"train.seed={s}",
+            words = [base, *(w for x in sets for w in ("--set", x)), "--set", f"train.seed={s}",
                      "--set", f"output.path={OUT}/{study}/{name}-seed{s}.h5"]
             lines.append(" ".join(words))
     path = REPO / "studies" / f"{study}.txt"
@@ -233,8 +233,64 @@ share a pool of 4 classes, 2 per device): edge-level heterogeneity; device speed
           f"--target 0.7 --last 5 --at-time {STRAGGLER_AT:g} --label-keys mobility.model,mobility.p", variants, seeds)
 
 
+PRIVACY_BASE = "studies/configs/fmnist_privacy.yaml"
+PRIVACY_EPSILONS = (1, 4, 8)
+
+
+def privacy_sigma(epsilon: float, placement: str) -> float:
+    """The noise multiplier whose epsilon after the privacy base's 30 rounds is ``epsilon`` (to 1e-4, from
+    above): the accountant of the run, by bisection (epsilon falls as sigma grows)."""
+    from qmlhfl_mpi.config import build, load_config
+    from qmlhfl_mpi.core.privacy import Accountant
+
+    sets = PRIVACY_PLACEMENTS[placement]
+    cfg = load_config(str(REPO / PRIVACY_BASE), [*sets, "privacy.noise_multiplier=1"])
+    tree = cfg.build_tree()
+    dim = build.model_dim(cfg)
+    _, acc = build.privacy(cfg, tree, dim, build.codecs(cfg))
+    lo, hi = 0.1, 200.0
+    while hi / lo > 1 + 1e-5:
+        mid = math.sqrt(lo * hi)
+        got = Accountant(mid, acc.releases, acc.edges, acc.delta, acc.shares).epsilon(cfg.train.rounds)
+        lo, hi = (lo, mid) if got <= epsilon else (mid, hi)
+    return round(hi, 4)
+
+
+PRIVACY_PLACEMENTS = {
+    "central": ["privacy.placement=central"],
+    "edge": ["privacy.placement=edge", "privacy.layer=1"],
+    "local": ["privacy.placement=local"],
+    # 32-bit integer codes (4 bytes each, like float32): 16 bits leave the 64 children's sum no room for the
+    # noise's 8 standard deviations at a useful scale; the shares of all 64 group members carry the noise
+    "distributed": ["privacy.placement=distributed", "quantizer.kind=[intsum,qsgd]", "quantizer.levels=[32,0]",
+                    "quantizer.rotate=[true,false]", "privacy.secure_aggregation=[true,false]",
+                    "privacy.secure_threshold=64"],
+}
+
+
+def privacy() -> None:
+    """Study 10 (issue 23): each noise placement at epsilon 1, 4, 8 (delta = 1/256) after 30 rounds, and without
+    noise (clipping only, epsilon infinite) over QSGD and over the distributed placement's integer codes."""
+    variants = [("inf", []), ("distributed-inf", PRIVACY_PLACEMENTS["distributed"])]
+    sigmas = []
+    for where, sets in PRIVACY_PLACEMENTS.items():
+        for eps in PRIVACY_EPSILONS:
+            sigma = privacy_sigma(eps, where)
+            sigmas.append(f"{where} eps {eps}: sigma {sigma}")
+            variants.append((f"{where}-eps{eps}", [*sets, f"privacy.noise_multiplier={sigma}"]))
+    write("privacy", f"""
+N = 2: 256 devices in 4 edges of 64 (IID Fashion-MNIST), multinomial logistic regression; tau = (4, 1); every
+device in every round; link 1 QSGD s = 255, bucket 512, link 2 float32 (distributed: 32-bit intsum codes, rotated,
+masked, groups of 64); clip C = 0.5; 30 rounds; Gaussian noise at the cloud (central), at each edge (edge), at each
+device (local) or in discrete shares under secure aggregation (distributed), its multiplier set for epsilon 1, 4, 8
+at delta = 1/256 after 30 rounds by the run's own accountant:
+{chr(10).join(sigmas)}""", "--target 0.75 --last 5 --label-keys privacy.placement,privacy.noise_multiplier", variants,
+          SEEDS, PRIVACY_BASE)
+
+
 STUDIES = {"depth": depth, "quant_layers": quant_layers, "biased": biased, "selection": selection,
-           "hetero": hetero, "stragglers": stragglers, "asynchrony": asynchrony, "mobility": mobility}
+           "hetero": hetero, "stragglers": stragglers, "asynchrony": asynchrony, "mobility": mobility,
+           "privacy": privacy}
 
 
 def main() -> None:
