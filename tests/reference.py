@@ -279,14 +279,17 @@ class Reference:
     def private_update(self, device, x, v, t):
         """DP-FedAvg at the device (docs/privacy.md): the update clipped to L2 norm C, plus N(0, (sigma C)^2) when
         the noise is local (keyed by the device's training call of this run)."""
-        p = self.privacy
+        p, clip = self.privacy, self.clip_now
         u = x - v
         norm = float(np.sqrt(np.dot(u.astype(np.float64), u.astype(np.float64))))
-        u = u * np.float32(1.0 if norm <= p["clip"] else p["clip"] / norm)
+        self.counted[0] += norm <= clip
+        self.counted[1] += 1
+        u = u * np.float32(1.0 if norm <= clip else clip / norm)
         if p["layer"] == 0:
             call = self.calls[("train", device)] - 1
             u = u + gen(self.seed, 13, 0, device, t, call).standard_normal(v.size, dtype=np.float32) \
-                * np.float32(p["sigma"] * p["clip"])
+                * np.float32(self.update_sigma() * clip)
+            self.count_draw(0, device, t, call)
         return u
 
     def uplink(self, n, index, x, v, key):
@@ -350,7 +353,8 @@ class Reference:
                 float(weight_of[j]) * (1.0 if n == 1 else self.omega[(n - 1, u.children[j].index)]) for j in kept)
             if n == self.privacy["layer"] and not self.privacy.get("shares"):
                 p = self.privacy
-                std = p["sigma"] * p["clip"] * p["kappa"] * self.omega[(n, u.index)]
+                std = self.update_sigma() * self.clip_now * p["kappa"] * self.omega[(n, u.index)]
+                self.count_draw(n, u.index, t, call)
                 acc = acc + gen(self.seed, 13, n, u.index, t, call).standard_normal(v.size, dtype=np.float32) \
                     * np.float32(std)
         new = self.server_step(n, u, v, acc)
@@ -530,8 +534,25 @@ class Reference:
                 self.calls = {}
                 self.virtual_time += self.clock.time_round(self, t, self.virtual_time)
             self.calls = {}
+            self.counted = [0, 0, []]  # adaptive clipping: updates within the clip, all, the count's noise draws
             w = self.aggregate(self.root, w, t)
+            p = self.privacy
+            if p and p.get("quantile") and self.counted[1]:  # C <- C exp(-lr (b - q)), b the noised fraction within
+                b = (self.counted[0] + math.fsum(self.counted[2])) / self.counted[1]
+                self.clip_now *= math.exp(-p["clip_lr"] * (b - p["quantile"]))
         return w
+
+    def update_sigma(self):
+        """The update's noise multiplier: sigma, or with adaptive clipping (sigma^-2 - (2 sigma_b)^-2)^-1/2."""
+        p = self.privacy
+        if not p.get("quantile") or not p["sigma"]:
+            return p["sigma"]
+        return 1.0 / math.sqrt(p["sigma"] ** -2 - (2.0 * p["count_std"]) ** -2)
+
+    def count_draw(self, *key):
+        """Adaptive clipping: one party's noise on its count of updates within the clip."""
+        if self.privacy.get("quantile") and self.privacy["count_std"]:
+            self.counted[2].append(float(gen(self.seed, 16, *key).standard_normal()) * self.privacy["count_std"])
 
 
 def moment(node, edge_of):
@@ -743,7 +764,10 @@ def reference_for(cfg) -> Reference:
         blen = d if not q.bucket or q.bucket >= d else q.bucket
         kappa = 1.0 if layer == 0 or s1 == 0 else 1.0 + math.sqrt(blen) / s1
         ref.privacy = {"clip": p.clip, "sigma": p.noise_multiplier, "layer": layer, "kappa": kappa,
-                       "shares": p.secure_threshold if p.placement == "distributed" else 0}
+                       "shares": p.secure_threshold if p.placement == "distributed" else 0,
+                       "quantile": p.clip_quantile, "clip_lr": p.clip_lr,
+                       "count_std": p.clip_count_noise or p.noise_multiplier}
+        ref.clip_now = p.clip
     m, f = cfg.mobility, cfg.failures
     if m.model != "static" or f.intervals:
         assert m.neighbours in ("uniform", "ring") and not f.trace

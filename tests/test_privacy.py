@@ -68,7 +68,7 @@ def test_clipping_the_noise_and_the_largest_device_weight():
     a, b = mech.noise(1000, (2, 0, 1, 0), 3.0), mech.noise(1000, (2, 0, 1, 0), 3.0)
     assert a.dtype == np.float32 and np.array_equal(a, b) and 2.7 < a.std() < 3.3
     assert not np.array_equal(a, mech.noise(1000, (2, 0, 1, 1), 3.0))  # keyed by the call
-    assert mech.node_std(0.25) == 0.5 * 2.0 * 1.5 * 0.25
+    assert mech.node_std(0.25, mech.clip) == 0.5 * 2.0 * 1.5 * 0.25
     # a cloud over 2 edges of 3 and 1 devices, weighted by devices: the lone device weighs 1/4 at the cloud
     planner = Planner(Tree.from_nested([3, 1]), [1, 1], Participation((1.0, 1.0), (1.0, 1.0)), 0)
     plan = planner.plan(0)
@@ -112,11 +112,13 @@ PLACEMENTS = {
     # local noise: error feedback and any codec are post-processing; two local runs per round
     "local": dict(topology={"branching": [3, 3]}, tau=[2, 2], participation={"fraction": [0.67, 1]},
                   quantizer={"levels": [3, 8], "bucket": 16, "error_feedback": [False, True]},
-                  privacy={"clip": 0.3, "noise_multiplier": 0.7, "placement": "local"}),
-    # noise at the edges of a 3-layer tree: momentum at the regions (above the noise) is post-processing
+                  privacy={"clip": 0.3, "noise_multiplier": 0.7, "placement": "local", "clip_quantile": 0.5}),
+    # noise at the edges of a 3-layer tree: momentum at the regions (above the noise) is post-processing; the
+    # clip adapts (each edge noises its count)
     "edge": dict(topology={"branching": [2, 2, 3]}, tau=[2, 1, 2], participation={"fraction": [0.67, 1, 1]},
                  quantizer={"levels": [3, 8, 8], "bucket": 16}, server={"optimizer": ["avg", "momentum", "avg"]},
-                 privacy={"clip": 0.3, "noise_multiplier": 0.7, "placement": "edge", "layer": 1}),
+                 privacy={"clip": 0.3, "noise_multiplier": 0.7, "placement": "edge", "layer": 1,
+                          "clip_quantile": 0.7, "clip_lr": 0.5, "clip_count_noise": 2.0}),
     # noise at the cloud: float32 above the devices' link, unbiased weights (omega above 1 / devices)
     "central": dict(topology={"branching": [2, 2, 3]}, tau=[2, 1, 1],
                     participation={"fraction": [0.67, 1, 1], "weighting": "unbiased"},
@@ -139,6 +141,35 @@ def test_every_placement_equals_the_serial_reference(tmp_path, placement):
     assert not np.array_equal(model, clipped) and np.isinf(m0["epsilon"]).all()
     eps = metrics["epsilon"]
     assert np.isfinite(eps).all() and (np.diff(eps) > 0).all()
+
+
+def test_an_adaptive_clip_moves_toward_the_quantile_from_either_side(tmp_path):
+    """Andrew et al.'s geometric update: a clip 100 times too small grows and one 100 times too large shrinks,
+    each by exp(clip_lr q) or exp(-clip_lr (1 - q)) while every update is clipped or none is, and both end near
+    each other (the median update norm); every round records the clip it used and its noised fraction; a fixed
+    clip records its clip and no fraction (it is not released)."""
+    base = dict(topology={"branching": [2, 3]}, tau=[2, 1], quantizer={"levels": [0, 0]},
+                privacy={"noise_multiplier": 0.5, "placement": "central", "clip_quantile": 0.5, "clip_lr": 1.0})
+    clips = {}
+    for start in (1e-3, 10.0):
+        r = raw(tmp_path, f"c{start}", **{**base, "privacy": {**base["privacy"], "clip": start}})
+        r["train"]["rounds"] = 14
+        Session(load_config(r), MPI.COMM_SELF).run()
+        _, m, _ = read(tmp_path / f"c{start}.h5")
+        clip, frac = m["clip"], m["unclipped_fraction"]
+        assert clip[0] == start and np.isfinite(frac).all()
+        assert np.allclose(clip[1:], clip[:-1] * np.exp(-(frac[:-1] - 0.5)), rtol=1e-12)
+        first = 0 if start < 1 else 1  # all clipped (about 0 within) or none (about 1): a full step
+        assert abs(frac[0] - first) < 0.6 and (clip[1] > clip[0]) == (start < 1)
+        clips[start] = clip
+    assert 0.2 < clips[1e-3][-1] / clips[10.0][-1] < 5, (clips[1e-3][-1], clips[10.0][-1])
+    fixed = raw(tmp_path, "fixed", **{**base, "privacy": {"clip": 0.1, "noise_multiplier": 0.5}})
+    Session(load_config(fixed), MPI.COMM_SELF).run()
+    _, m, _ = read(tmp_path / "fixed.h5")
+    assert (m["clip"] == 0.1).all() and np.isnan(m["unclipped_fraction"]).all()
+    mech = Mechanism(1.0, 2.0, 2, 1.0, 0, quantile=0.5, clip_lr=0.2, count_std=3.0)
+    assert mech.update_sigma == pytest.approx((2.0 ** -2 - 6.0 ** -2) ** -0.5)
+    assert mech.next_clip(1.0, 3, 4, 0.0) == (pytest.approx(math.exp(-0.2 * 0.25)), 0.75)
 
 
 @pytest.mark.portable
@@ -178,6 +209,11 @@ def test_the_example_stopped_at_its_budget_on_2_ranks_resumes_on_1_to_the_uninte
     ({"aggregation": {"policy": ["all", "buffered"], "buffer": [0, 2]}, "privacy": {"clip": 1.0, "placement": "local"}},
      "accounts synchronous rounds only"),
     ({"mobility": {"model": "random", "p": 0.5}, "privacy": {"clip": 1.0, "placement": "local"}}, "a fixed tree"),
+    ({"privacy": {"clip": 1.0, "noise_multiplier": 2.0, "placement": "local", "clip_quantile": 0.5,
+                  "clip_count_noise": 0.9}}, r"'privacy.clip_count_noise' = 0.9: .* exceed .* = 1"),
+    ({"privacy": {"clip": 1.0, "placement": "local", "clip_quantile": 0.5, "clip_lr": 0}}, r"'privacy.clip_lr' = 0"),
+    ({"quantizer": {"levels": [16, 8], "kind": ["intsum", "qsgd"]},
+      "privacy": {"clip": 1.0, "placement": "local", "clip_quantile": 0.5}}, r"intsum's scale is fixed"),
 ])
 def test_bad_privacy_configs_are_refused_naming_the_key(tmp_path, sections, message):
     with pytest.raises(ConfigError, match=message):

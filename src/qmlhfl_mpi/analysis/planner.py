@@ -218,6 +218,11 @@ def privacy_lines(cfg: Config, tree: Tree, dim: int, codecs: Sequence[Codec]) ->
     out = [f"privacy: updates clipped to C = {p.clip:g}, {kind} noise {where} with std {scale}, sigma = "
            f"{p.noise_multiplier:g}; replace-one device, {acc.releases} noised release(s) per device per round, "
            f"edge sampling {', '.join(f'{m} of {n}' for n, m in acc.edges)} (docs/privacy.md)"]
+    if mech.quantile:
+        out.append(f"  adaptive clip (Andrew et al. 2021): from C = {p.clip:g} toward the {mech.quantile:g} quantile "
+                   f"of the update norms, step {mech.clip_lr:g}; each noise-adding party adds N(0, "
+                   f"{mech.count_std:g}^2) to its count of updates within C, and the update's noise multiplier is "
+                   f"{mech.update_sigma:.4g}, so that both together cost sigma = {mech.sigma:g}")
     eps = acc.epsilon(T)
     how = "the distributed discrete Gaussian's bound (Kairouz et al. 2021)" if mech.shares else "dp-accounting"
     out.append(f"  epsilon after {T} rounds = {eps:.4g} at delta = {acc.delta:.3g} (RDP accountant, {how}); "

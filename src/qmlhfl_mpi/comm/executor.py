@@ -68,6 +68,8 @@ class RoundExecutor:
         self.layout, self.tree, self.rank, self.comms = layout, tree, rank, list(comms)
         self.links, self.dim, self.clients, self.vectors, self.guard = tuple(links), dim, clients, vectors, guard
         self.privacy = privacy  # docs/privacy.md: clipping (and local noise) at training, noise at its layer
+        self.clip = privacy.clip if privacy is not None else 0.0  # the clip now (adaptive: set every round)
+        self.clip_counts = np.zeros(2, dtype=np.int64)  # this rank's updates within the clip, and all, this round
         # links whose parents add integer codes (intsum), masked where the layer runs secure aggregation
         shares = privacy if privacy is not None and privacy.shares else None  # distributed DP: in link 1's codes
         self._summed = [SummedLink(n, lk.codec, dim, bool(secure[n - 1]) if secure else False,
@@ -474,10 +476,12 @@ class RoundExecutor:
             return x, v
         u = x - v
         host = np.asarray(self.vectors.to_host(u), dtype=np.float64)
-        u *= float(clip_scale(float(np.sqrt(np.dot(host, host))), mech.clip))  # a float32 value
+        norm = float(np.sqrt(np.dot(host, host)))
+        self.clip_counts += (int(norm <= self.clip), 1)
+        u *= float(clip_scale(norm, self.clip))  # a float32 value
         if mech.layer == 0:
             key = (0, int(a.children[j]), plan.round, int(a.train_calls[j]))
-            u += self.vectors.from_host(mech.noise(self.dim, key, mech.local_std()))
+            u += self.vectors.from_host(mech.noise(self.dim, key, mech.local_std(self.clip)))
         if self._zero is None:
             self._zero = self.vectors.zeros(self.dim)
         return u, self._zero
@@ -516,7 +520,7 @@ class RoundExecutor:
         t0 = time.perf_counter()
         mech = self.privacy
         if mech is not None and mech.layer == n and not mech.shares:
-            std = mech.node_std(largest_device_weight(plan, plan.aggregations.index(a)))
+            std = mech.node_std(largest_device_weight(plan, plan.aggregations.index(a)), self.clip)
             acc += self.vectors.from_host(mech.noise(self.dim, (n, u, plan.round, a.call), std))
         new = self._update(n, u, v, acc)
         st.t_codec += time.perf_counter() - t0

@@ -373,5 +373,6 @@ def privacy(cfg: Config, tree: Tree, dim: int, uplinks: Sequence[Codec], check_t
         raise ConfigError(f"config key 'privacy.target_epsilon' = {p.target_epsilon:g} is unreachable: one round "
                           f"already spends epsilon = {accountant.epsilon(1):.4g} at delta = {delta:.3g}; raise the "
                           "target or privacy.noise_multiplier")
-    return Mechanism(p.clip, p.noise_multiplier, L, kappa, cfg.train.seed, shares[1]), accountant
+    return Mechanism(p.clip, p.noise_multiplier, L, kappa, cfg.train.seed, shares[1], p.clip_quantile, p.clip_lr,
+                     (p.clip_count_noise or p.noise_multiplier) if p.clip_quantile else 0.0), accountant
 

@@ -130,6 +130,20 @@ def validate_privacy(cfg: Config, N: int) -> None:
         raise ConfigError(f"config key 'privacy.layer' = {p.layer}: the edge placement adds noise at a layer "
                           f"between the devices and the cloud, 1..{N - 1}" +
                           ("; a tree with N = 1 has none: use privacy.placement: central" if N == 1 else ""))
+    if p.clip_quantile:
+        kinds = q.kind or ("qsgd",) * N
+        if "intsum" in kinds:
+            raise ConfigError(f"config key 'privacy.clip_quantile' = {p.clip_quantile:g} with quantizer.kind = "
+                              f"{list(kinds)}: intsum's scale is fixed from privacy.clip, and a clip that grows would "
+                              "wrap its sums around; use a fixed clip (clip_quantile: 0) with intsum")
+        if not p.clip_lr > 0:
+            raise ConfigError(f"config key 'privacy.clip_lr' = {p.clip_lr:g}: adaptive clipping needs a step > 0 "
+                              "(e.g. 0.2)")
+        sigma_b = p.clip_count_noise or p.noise_multiplier
+        if p.noise_multiplier and not 2 * sigma_b > p.noise_multiplier:
+            raise ConfigError(f"config key 'privacy.clip_count_noise' = {p.clip_count_noise:g}: the count's noise must "
+                              f"exceed privacy.noise_multiplier / 2 = {p.noise_multiplier / 2:g}, or the count alone "
+                              "spends the whole budget; give a larger value, or 0 (= noise_multiplier)")
     if p.placement == "distributed":
         kinds = q.kind or ("qsgd",) * N
         if kinds[0] != "intsum" or not (p.secure_aggregation and p.secure_aggregation[0]):

@@ -279,6 +279,14 @@ class PrivacyConfig:
     delta: float = fld(0.0, lo=0, hi=0.5, doc="the delta of the reported (epsilon, delta); 0 = 1 / devices")
     target_epsilon: float = fld(0.0, lo=0, doc="stop (with a checkpoint) before a round would spend more than this "
                                                "epsilon; 0 = no budget")
+    clip_quantile: float = fld(0.0, lo=0, hi=0.99, doc="adaptive clipping (Andrew et al. 2021): after every round "
+                                                          "the clip moves toward this quantile of the update norms, "
+                                                          "from privacy.clip; 0 = a fixed clip")
+    clip_lr: float = fld(0.2, lo=0, doc="adaptive clipping's step: C <- C exp(-clip_lr (b - clip_quantile)), b the "
+                                        "noised fraction of updates within C")
+    clip_count_noise: float = fld(0.0, lo=0, doc="adaptive clipping: std of the Gaussian noise each noise-adding "
+                                                 "party adds to its count of updates within C; must exceed "
+                                                 "noise_multiplier / 2; 0 = noise_multiplier")
     secure_aggregation: tuple[bool, ...] = fld((), doc="per layer 1..N: its nodes learn only their children's sum "
                                                        "(pairwise masks; needs an intsum link; layer 1 in this "
                                                        "version); empty = off")

@@ -122,13 +122,49 @@ class Mechanism:
     kappa: float
     seed: int
     shares: int = 0
+    quantile: float = 0.0   # adaptive clipping (Andrew et al. 2021): the target quantile; 0 = a fixed clip
+    clip_lr: float = 0.0    # its geometric step
+    count_std: float = 0.0  # the noise every noise-adding party adds to its count of updates within the clip
 
-    def local_std(self) -> float:
-        return self.sigma * self.clip
+    @property
+    def update_sigma(self) -> float:
+        """The update's noise multiplier: ``sigma``, or with adaptive clipping ``(sigma^-2 - (2 sigma_b)^-2)^-1/2``,
+        so that the update and the count together cost what noise ``sigma`` alone does (Andrew et al., Thm 1)."""
+        if not self.quantile or not self.sigma:
+            return self.sigma
+        return 1.0 / math.sqrt(self.sigma ** -2 - (2.0 * self.count_std) ** -2)
 
-    def node_std(self, omega: float) -> float:
+    def local_std(self, clip: float) -> float:
+        """A device's noise's standard deviation under clip ``clip`` (local placement)."""
+        return self.update_sigma * clip
+
+    def node_std(self, omega: float, clip: float) -> float:
         """The noise's standard deviation at a layer-``layer`` node whose largest device weight is ``omega``."""
-        return self.sigma * self.clip * self.kappa * omega
+        return self.update_sigma * clip * self.kappa * omega
+
+    def count_noise(self, plan: RoundPlan) -> float:
+        """Adaptive clipping: the sum of the round's noise on the count of updates within the clip, one draw of
+        ``N(0, sigma_b^2)`` per noise-adding party (a device's local run, or an aggregation of the noise layer),
+        keyed like its noise, added up exactly (``math.fsum``: the same in any order)."""
+        if not self.count_std:
+            return 0.0
+        keys: list[tuple[int, ...]] = []
+        for a in plan.aggregations:
+            if self.layer == 0 and a.layer == 1:
+                keys += [(0, int(c), plan.round, int(k)) for c, k in zip(a.children, a.train_calls)]
+            elif self.layer == a.layer and self.layer and not a.empty:  # (an empty one adds no noise)
+                keys.append((a.layer, a.node, plan.round, a.call))
+        return math.fsum(float(rng.generator((self.seed, rng.CLIPCOUNT, *k)).standard_normal()) * self.count_std
+                         for k in keys)
+
+    def next_clip(self, clip: float, within: int, total: int, noise: float) -> tuple[float, float]:
+        """Adaptive clipping after a round: ``(C', b)`` with ``b = (within + noise) / total`` the noised fraction of
+        the round's ``total`` updates within ``clip`` and ``C' = clip exp(-clip_lr (b - quantile))`` (``clip``
+        and NaN when no update was clipped this round)."""
+        if not total:
+            return clip, math.nan
+        b = (within + noise) / total
+        return clip * math.exp(-self.clip_lr * (b - self.quantile)), b
 
     def share_std(self, omega: float, gamma: float, d: int) -> float:
         """Distributed: a device's share's std in code units, ``sigma (omega C gamma + sqrt(d)) / sqrt(shares)``,

@@ -29,6 +29,7 @@ NOISE = 13     # differential privacy's Gaussian noise: (seed, NOISE, layer, nod
                # (local placement): (seed, NOISE, 0, device, round, training call)
 ROTATE = 14    # intsum's random signs, shared by a group: (seed, ROTATE, layer, node, round, call)
 SECAGG = 15    # a secure aggregation's private keys: (seed, SECAGG, layer, node, round, call, child)
+CLIPCOUNT = 16  # adaptive clipping's noise on the count of unclipped updates: keyed like NOISE
 
 
 def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:

@@ -20,7 +20,8 @@ Schema (documented for users in docs/results.md)::
              uplink_bytes, messages, downlink_bytes, dropped (each rounds x N),
              time_compute, time_codec, time_comm, time_eval, time_round, modelled_time,
              virtual_time, offline, link_busy (rounds x N), critical_path (rounds x N+1),
-             finish_time (rounds x 5: percentiles 0, 10, 50, 90, 100), epsilon (privacy; NaN without)
+             finish_time (rounds x 5: percentiles 0, 10, 50, 90, 100), epsilon (privacy; NaN without),
+             clip (privacy's clip in the round), unclipped_fraction (adaptive clipping's noised fraction)
     /model/initial         flat float32 cloud model before the first round (model.init: module only)
     /model/final           flat float32 cloud model after the last round
 """
@@ -40,7 +41,7 @@ from .space import as_os_error
 
 SCALAR_METRICS = ("round", "test_accuracy", "test_loss", "train_loss", "time_compute",
                   "time_codec", "time_comm", "time_eval", "time_round", "modelled_time", "virtual_time", "offline",
-                  "epsilon")
+                  "epsilon", "clip", "unclipped_fraction")
 INT_SCALARS = ("round", "offline")
 LINK_METRICS = ("uplink_bytes", "messages", "downlink_bytes", "dropped", "secagg_bytes")  # int64, per link
 # the clock's arrays: name -> (dtype, columns as a function of N)

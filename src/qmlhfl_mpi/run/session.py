@@ -29,6 +29,7 @@ from ..results import CheckpointError
 from .agreement import Agreement
 from .buffered import BufferedRounds
 from .callbacks import Callback, RunSummary, configured_callbacks
+from .clipping import ClipState
 from .errors import RunError
 from .lock import OutputLock
 from .preflight import Start, claim_output, input_digests
@@ -71,6 +72,7 @@ class Session:
         self._moved = np.zeros((0, 3), dtype=np.int64)  # rank 0: the last round's /topology/parents rows
         self._async: BufferedRounds | None = None  # buffered layers: the rounds of events
         self._epsilons: np.ndarray | None = None  # privacy: epsilon after rounds 1, 2, ... (set by run)
+        self._clip = ClipState(self.runtime.executor, self.comm, self.runtime.watchdog)  # privacy's clip per round
         self._lock = OutputLock(cfg.output.path)
 
     def __getattr__(self, name: str) -> Any:
@@ -162,10 +164,12 @@ class Session:
             if self._async is None:
                 self._async = BufferedRounds(rt.scheduler, rt.executor, self.agreement, t, w)
             w, clock, extra_m, extra_d, end = self._async.round(w)
+            clock.update({"clip": math.nan, "unclipped_fraction": math.nan})  # (privacy refuses buffered layers)
         else:
             timed = rt.scheduler.round(t, self.virtual_time)
             w = rt.executor.run(timed.plan, w)
             clock, extra_m, extra_d = timed.record(self.virtual_time), timed.extra_messages, timed.extra_downlinks
+            clock.update(self._clip.after_round(timed.plan))
             end = self.virtual_time + timed.duration
         totals = rt.executor.stats.reduce(lambda x: sum_over_ranks(comm, x, guard),
                                           lambda x: max_over_ranks(comm, x, guard), time.perf_counter() - t0)
@@ -284,6 +288,7 @@ class Session:
                 initial=rt.initial_vector if cfg.model.init == "module" else None, parents=self._parents_so_far()))
             agreement.hooks(callbacks, "on_run_start", self)
             self._epsilons = self._privacy_epsilons()
+            self._clip.resume(start.metrics if rt.rank == 0 else None, self.start_round)
             if self.start_round >= self._budget_rounds() and self.start_round < self.rounds:
                 status, message = "budget_spent", self._budget_message(self.start_round)
             for t in range(self.start_round, self.rounds if status == "completed" else self.start_round):
