@@ -287,9 +287,28 @@ def mobility() -> list[str]:
     return out
 
 
+def privacy() -> list[str]:
+    """Study 10 (issue 23; directions from the noise's standard deviation, fixed before the runs): at equal epsilon,
+    a trusted edge tier (edge) beats trusting nobody (local: each device's noise; 8x the std here), and ties
+    trusting nobody under secure aggregation (distributed: the same std, no codec factor kappa); trusting the
+    cloud too (central) beats edge (half the std over 4 edges)."""
+    s = "privacy"
+    out = [HEAD]
+    for eps in (1, 4, 8):
+        out.append(compare(s, f"a trusted edge tier is more accurate than local noise at epsilon {eps}",
+                           f"edge-eps{eps}", f"local-eps{eps}", last(5)))
+        out.append(compare(s, f"a trusted edge tier is more accurate than distributed noise at epsilon {eps}",
+                           f"edge-eps{eps}", f"distributed-eps{eps}", last(5)))
+        out.append(compare(s, f"a trusted cloud is more accurate than a trusted edge tier at epsilon {eps}",
+                           f"central-eps{eps}", f"edge-eps{eps}", last(5)))
+    out.append(compare(s, "without noise, the distributed placement's 32-bit codes lose accuracy against QSGD "
+                          "s = 255", "distributed-inf", "inf", last(5), sign=-1))
+    return out
+
+
 STUDIES = {"depth": depth, "quant_layers": quant_layers, "biased": biased, "selection": selection,
            "hetero": hetero, "optvsrandom": optvsrandom, "stragglers": stragglers, "asynchrony": asynchrony,
-           "mobility": mobility}
+           "mobility": mobility, "privacy": privacy}
 
 
 def main() -> None:
