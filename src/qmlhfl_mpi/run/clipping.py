@@ -7,7 +7,6 @@ import math
 from typing import Any
 
 import numpy as np
-from mpi4py import MPI
 
 from ..comm.collectives import sum_over_ranks
 from ..comm.executor import RoundExecutor
@@ -20,7 +19,7 @@ __all__ = ["ClipState"]
 class ClipState:
     """The clip of every round for ``executor`` (a fixed clip, an adaptive one, or none without privacy)."""
 
-    def __init__(self, executor: RoundExecutor, comm: MPI.Intracomm, guard: Watchdog | None = None) -> None:
+    def __init__(self, executor: RoundExecutor, comm: Any, guard: Watchdog | None = None) -> None:
         self.executor, self.comm, self.guard = executor, comm, guard
 
     def after_round(self, plan: RoundPlan) -> dict[str, float]:
