@@ -80,7 +80,9 @@ SMALL: dict[str, Any] = {
     "topology": {"branching": [2, 3]},
     "tau": [2, 2],
     "quantizer": {"levels": [3, 8], "bucket": 16},
-    "train": {"lr": 0.1, "batch_size": 8, "rounds": 2, "seed": 7, "eval_every": 1},
+    # vectorize off: a process's first batched step imports torch._dynamo (torch.func's grad does), about 1.4 s on
+    # this machine, which every launched rank of a test would pay for a few steps; the batched path has its own tests
+    "train": {"lr": 0.1, "batch_size": 8, "rounds": 2, "seed": 7, "eval_every": 1, "vectorize": "off"},
     "data": {"name": "synthetic", "synthetic": {"dim": 6, "classes": 3, "samples": 24}},
     "model": {"name": "mlp", "args": {"hidden": 5}},
     "output": {"path": "out.h5"},
