@@ -37,8 +37,9 @@ def test_algorithms_benchmark_smoke():
     out = bench("benchmarks/algorithms.py", "--smoke", "--ranks", "1")
     rows = [ln.split() for ln in out.strip().splitlines()[1:]]
     assert len(rows) == 2 and all(r[0] == "quickstart" for r in rows)
-    assert all(0 <= float(r[-4]) <= 1 for r in rows)  # the final accuracy, from each run's results file
-    up = [float(r[-2]) for r in rows]
+    assert all(0 <= float(r[-5]) <= 1 for r in rows)  # the final accuracy, from each run's results file
+    assert all(float(r[-1]) > 0 for r in rows)  # seconds a run took
+    up = [float(r[-3]) for r in rows]
     assert up[1] < up[0]  # top-k 1% on link 1 sends fewer bytes than qsgd s=4
 
 
