@@ -288,9 +288,24 @@ at delta = 1/256 after 30 rounds by the run's own accountant:
           SEEDS, PRIVACY_BASE)
 
 
+def admm(seeds: tuple[int, ...] = SEEDS) -> None:
+    """Study 11 (issue 24, open question 1): ADMM at the edges (FedADMM, rho 0.01 / 0.1 / 1) against averaging,
+    under edge-level heterogeneity (edge-shards) and the base config's quantized links; every run trains one
+    device at a time (ADMM's per-device anchors), so averaging does too."""
+    base = ["data.partition.kind=edge-shards", "train.rounds=40", "train.vectorize=off"]
+    variants = [("avg", [*base, "admm.layer=0"])]
+    variants += [(f"admm-rho{r}", [*base, "admm.layer=1", f"admm.rho={r}"]) for r in ("0.01", "0.1", "1")]
+    write("admm", """
+N = 2: 32 devices in 4 edges of 8; tau = (4, 4); QSGD s = (4, 8), bucket 512; edge-shards (each edge's devices
+share a pool of 4 classes, 2 per device): edge-level heterogeneity; the edges average their devices' models
+(avg) or run ADMM with them (FedADMM: a dual per device, the augmented local problem, the augmented model sent)
+with rho 0.01 / 0.1 / 1; 40 rounds; one device at a time (train.vectorize off) in every run.""",
+          "--target 0.7 --last 5 --label-keys admm.layer,admm.rho", variants, seeds)
+
+
 STUDIES = {"depth": depth, "quant_layers": quant_layers, "biased": biased, "selection": selection,
            "hetero": hetero, "stragglers": stragglers, "asynchrony": asynchrony, "mobility": mobility,
-           "privacy": privacy}
+           "privacy": privacy, "admm": admm}
 
 
 def main() -> None:

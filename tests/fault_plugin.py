@@ -82,9 +82,9 @@ class _Faulty:
     def __init__(self, clients, fault):
         self.clients, self.fault = clients, fault
 
-    def train(self, v, devices, round_, calls, peers):
+    def train(self, v, devices, round_, calls, peers, **kw):
         self.fault(round_)
-        return self.clients.train(v, devices, round_, calls, peers)
+        return self.clients.train(v, devices, round_, calls, peers, **kw)
 
 
 def fill(directory: Path, leave: int) -> Path:

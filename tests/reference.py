@@ -149,6 +149,7 @@ class Reference:
         self.downlink = [make_codec(s, bucket, "qsgd", tensor_sizes=tensor_sizes) if s else None
                          for s in (downlink or [0] * N)]
         self.client = client or {}
+        self.admm, self.duals = 0.0, {}  # ADMM at the edges: rho, each device's dual (set by reference_for)
         self.lr_at = lr_at or (lambda t: self.lr)
         self.clock = clock  # a Clock: the system model and the policies; None = everyone is kept
         self.kept = {}      # (layer, node, call) -> positions kept, from the clock's pass
@@ -186,6 +187,15 @@ class Reference:
         need = self.tau[0] * b
         order = np.concatenate([g.permutation(n) for _ in range(math.ceil(need / n))])[:need].reshape(self.tau[0], b)
         lr = self.lr_at(t)
+        if self.admm:  # FedADMM at the edges: prox toward v - y / rho, then the dual step, the augmented model
+            rho, dual = self.admm, self.duals.get(device)
+            inv = np.float32(1.0 / rho)
+            anchor = v.copy() if dual is None else v - dual * inv
+            sgd_run(self.model, self.params, x, y, order, lr, **{**self.client, "prox_mu": rho}, w0=anchor)
+            xs = self.vector()
+            dual = np.float32(rho) * (xs - v) if dual is None else dual + np.float32(rho) * (xs - v)
+            self.duals[device] = dual
+            return xs + dual * inv
         if self.client:
             sgd_run(self.model, self.params, x, y, order, lr, **self.client)
             return self.vector()
@@ -751,6 +761,7 @@ def reference_for(cfg) -> Reference:
         tensor_sizes=sizes, fractions=list(q.topk_fraction) or None, clock=clock_for(cfg, tree.num_devices, sizes),
         intsum=intsum_args(cfg, sum(sizes)))
     ref.parents = []
+    ref.admm, ref.duals = (cfg.admm.rho if cfg.admm.layer else 0.0), {}
     if ref.clock is not None and cfg.privacy.secure_aggregation and cfg.privacy.secure_aggregation[0]:
         ref.clock.secure_threshold = cfg.privacy.secure_threshold
     ag = cfg.aggregation

@@ -27,12 +27,19 @@ def _loss(out, y):
     return F.cross_entropy(out, y)
 
 
-def sgd_run(model, params, x, y, order, lr, momentum=0.0, nesterov=False, weight_decay=0.0, prox_mu=0.0):
+def sgd_run(model, params, x, y, order, lr, momentum=0.0, nesterov=False, weight_decay=0.0, prox_mu=0.0, w0=None):
     """``len(order)`` steps on the minibatches ``x[order[s]], y[order[s]]`` (order: a ``(steps, b)``
     index array); updates ``params`` (the model's parameters, in order) in place, returns nothing.
-    Momentum buffers live for this run only."""
+    Momentum buffers live for this run only.  ``w0``: the proximal anchor as one flat float32 array (ADMM),
+    else the start of the run."""
     plain = momentum == 0 and weight_decay == 0 and prox_mu == 0
-    w0 = [p.detach().clone() for p in params]
+    if w0 is None:
+        w0 = [p.detach().clone() for p in params]
+    else:
+        flat, w0, off = torch.from_numpy(np.ascontiguousarray(w0, dtype=np.float32)), [], 0
+        for p in params:
+            w0.append(flat[off:off + p.numel()].view_as(p).clone())
+            off += p.numel()
     bufs = [None] * len(params)
     for s in range(len(order)):
         idx = torch.from_numpy(np.asarray(order[s]))

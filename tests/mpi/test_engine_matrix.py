@@ -230,6 +230,12 @@ REFERENCE_CASES = {
         system={"speed": "lognormal(1)"}, aggregation={"policy": ["deadline", "all"], "deadline": [0.03, 0]},
         privacy={"clip": 0.5, "noise_multiplier": 0.8, "placement": "distributed", "secure_aggregation": [True, False],
                  "secure_threshold": 2}),
+    # ADMM at the edges (docs/algorithms.md): a dual per device on the rank that trains it, edges that sample,
+    # error feedback on the device link, momentum in the local solves (stopped and resumed on another rank count)
+    "N3-admm-edges-sampled": dict(
+        topology={"tree": [[3, 2], [4]]}, tau=[2, 2, 1], participation={"fraction": [0.7, 1, 1]},
+        quantizer={"levels": [4, 8, 0], "bucket": 16, "error_feedback": [True, False, False]},
+        train={"momentum": 0.5}, admm={"layer": 1, "rho": 0.3}),
     # (speeds so spread that a fast device's message is twice in one buffer of 3, in rounds 0-2)
     "N1-fedbuff-hinge": dict(
         topology={"tree": 6}, tau=[3], quantizer={"levels": [4], "bucket": 16},
@@ -265,12 +271,14 @@ def test_every_size_and_both_backends_equal_the_serial_reference(mpi_tmp_path, c
             flushes = [[c for c, _ in e.entries] for events in islice(sched.rounds(), 3) for e in events
                        if e.kind == FLUSH]
             assert any(len(set(f)) < len(f) for f in flushes), flushes
-    if "buffered-layers" in case or "adaptive-clip" in case:  # stopped after round 1 on 3 ranks, resumed on 2
+    if "buffered-layers" in case or "adaptive-clip" in case or "admm" in case:  # stopped after round 1 on 3
+        # ranks, resumed on 2
         out = mpi_tmp_path / "resumed.h5"
         on(3, raw, out, callbacks=[StopAfter(1)])
-        if WORLD.rank == 0 and "buffered-layers" in case:
+        if WORLD.rank == 0 and ("buffered-layers" in case or "admm" in case):
             with h5py.File(str(out) + ".ckpt", "r") as f:
-                assert {"tier", "held", "buffer"} <= {k.split(".")[0] for k in f["state"]}, sorted(f["state"])
+                kinds = {k.split(".")[0] for k in f["state"]}
+                assert ({"dual"} if "admm" in case else {"tier", "held", "buffer"}) <= kinds, sorted(f["state"])
         on(2, raw, out, resume=True)
         if WORLD.rank == 0:
             model, metrics, _ = read(out)

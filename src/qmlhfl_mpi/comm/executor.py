@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from ..core.admm import Admm
 from ..core.clients import Clients
 from ..core.codecs.intsum import IntSumCodec
 from ..core.links import Link
@@ -61,7 +62,7 @@ class RoundExecutor:
     def __init__(self, layout: RankLayout, rank: int, comms: Sequence[LayerComms | None], links: Sequence[Link],
                  dim: int, clients: Clients, vectors: Vectors, guard: Watchdog | None = None,
                  world: MPI.Intracomm | None = None, privacy: Mechanism | None = None,
-                 secure: Sequence[bool] = ()) -> None:
+                 secure: Sequence[bool] = (), admm: Admm | None = None) -> None:
         tree = layout.tree
         if len(links) != tree.N:
             raise ValueError(f"need {tree.N} links, got {len(links)}")
@@ -70,6 +71,8 @@ class RoundExecutor:
         self.privacy = privacy  # docs/privacy.md: clipping (and local noise) at training, noise at its layer
         self.clip = privacy.clip if privacy is not None else 0.0  # the clip now (adaptive: set every round)
         self.clip_counts = np.zeros(2, dtype=np.int64)  # this rank's updates within the clip, and all, this round
+        self.admm = admm  # ADMM at the edges (core/admm.py): a dual per device, on the rank that trains it
+        self.duals: dict[int, np.ndarray] = {}
         # links whose parents add integer codes (intsum), masked where the layer runs secure aggregation
         shares = privacy if privacy is not None and privacy.shares else None  # distributed DP: in link 1's codes
         self._summed = [SummedLink(n, lk.codec, dim, bool(secure[n - 1]) if secure else False,
@@ -286,12 +289,20 @@ class RoundExecutor:
         devices = [int(a.children[j]) for j in local]
         calls = [int(a.train_calls[j]) for j in local]
         st = self.stats
+        admm, kw = self.admm, {}
+        if admm is not None:  # each device's augmented local problem: FedProx's term toward its anchor
+            host_v = np.asarray(self.vectors.to_host(v), dtype=np.float32)
+            kw["prox"] = (admm.rho, lambda dev: admm.anchor(host_v, self.duals.get(dev)))
         t0 = time.perf_counter()
         for j, dev, (x, loss_sum, steps) in zip(local, devices, self.clients.train(
-                v, devices, plan.round, calls, a.children)):
+                v, devices, plan.round, calls, a.children, **kw)):
             st.t_compute += time.perf_counter() - t0
             st.add(dev, loss_sum, steps)
-            yield j, dev, x
+            if admm is not None:  # the dual step; the device sends its augmented model
+                self.duals[dev], aug = admm.step(np.asarray(self.vectors.to_host(x)), host_v, self.duals.get(dev))
+                yield j, dev, self.vectors.from_host(aug)
+            else:
+                yield j, dev, x
             t0 = time.perf_counter()
 
     def _close(self, plan: RoundPlan, a: Aggregation) -> None:
@@ -581,6 +592,7 @@ class RoundExecutor:
         host = self.vectors.to_host
         out = {f"server.{n}.{u}.{k}": host(x) for (n, u), st in self.server_state.items() for k, x in st.items()}
         out.update({f"residual.{n}.{c}": host(e) for (n, c), e in self.residuals.items()})
+        out.update({f"dual.1.{i}": y for i, y in self.duals.items()})
         for (n, u), (x, start) in self.tier_models.items():
             if self.leads(n, u):
                 out[f"tier.{n}.{u}.model"], out[f"tier.{n}.{u}.start"] = x, start
@@ -595,6 +607,8 @@ class RoundExecutor:
                 out += tree.num_nodes(n) * len(lk.server.state_names)
             if lk.error_feedback:
                 out += tree.num_nodes(n - 1)
+        if self.admm is not None:
+            out += tree.num_devices
         return out
 
     def owner(self, name: str) -> int:
@@ -605,9 +619,9 @@ class RoundExecutor:
             return self.layout.leader(layer, self.tree.parent(layer - 1, node))
         if kind in ("server", "tier", "buffer"):
             return self.layout.leader(layer, node)
-        if kind == "residual":
+        if kind in ("residual", "dual"):
             return self.layout.leader(layer - 1, node)
-        raise ValueError(f"state {name!r} is of no known kind (server., residual., tier., held., buffer.)")
+        raise ValueError(f"state {name!r} is of no known kind (server., residual., dual., tier., held., buffer.)")
 
     def load_state(self, entries: dict[str, np.ndarray]) -> None:
         """Take over the entries of :meth:`state` that this rank keeps (after a resume)."""
@@ -625,6 +639,8 @@ class RoundExecutor:
                 self.server_state.setdefault((int(parts[1]), int(parts[2])), {})[parts[3]] = self.vectors.from_host(vec)
             elif parts[0] == "residual":
                 self.residuals[(int(parts[1]), int(parts[2]))] = self.vectors.from_host(vec)
+            elif parts[0] == "dual":
+                self.duals[int(parts[2])] = vec
             else:
                 tiers.setdefault((int(parts[1]), int(parts[2])), {})[parts[3]] = vec
         for key, got in tiers.items():

@@ -14,7 +14,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .schema import Config
 
-__all__ = ["check_modulus", "int_scales", "noise_layer", "outages", "validate_buffered", "validate_moves",
+__all__ = ["check_modulus", "int_scales", "validate_admm", "noise_layer", "outages", "validate_buffered", "validate_moves",
            "validate_privacy", "validate_secure_aggregation"]
 
 
@@ -288,3 +288,31 @@ def validate_secure_aggregation(cfg: Config, N: int, shape: TreeShape) -> None:
                               f"has {least} members, so its edge's aggregations would always abort; give "
                               f"1 <= secure_threshold <= {least}")
 
+
+
+def validate_admm(cfg: Config) -> None:
+    """The ``admm`` section: layer 1 (the edges with their devices) in this version, a penalty > 0, and none of
+    the options that would change a device's local problem or its message otherwise."""
+    a = cfg.admm
+    if not a.layer:
+        return
+    if a.layer != 1:
+        raise ConfigError(f"config key 'admm.layer' = {a.layer}: this version runs ADMM at the edges (layer 1), "
+                          "with the devices as its clients; give admm.layer: 1, or 0 for averaging")
+    if not a.rho > 0:
+        raise ConfigError(f"config key 'admm.rho' = {a.rho:g}: ADMM's penalty must be > 0 (e.g. 0.1)")
+    clash = [(cond, what, fix) for cond, what, fix in (
+        (cfg.train.prox_mu > 0, f"train.prox_mu = {cfg.train.prox_mu:g}", "ADMM's local problem has its own "
+         "proximal term (rho): set train.prox_mu: 0"),
+        (cfg.train.vectorize == "on", "train.vectorize = on", "each device's proximal anchor differs, so ADMM "
+         "trains one device at a time: set train.vectorize: auto or off"),
+        (cfg.privacy.clip > 0, f"privacy.clip = {cfg.privacy.clip:g}", "the dual carries un-noised updates into "
+         "later messages: drop the privacy section"),
+        (bool(cfg.aggregation.policy) and cfg.aggregation.policy[0] == "buffered", "a buffered layer 1",
+         "ADMM's edges aggregate synchronously: use a synchronous policy on layer 1"),
+        (cfg.mobility.model != "static" or bool(cfg.failures.intervals) or bool(cfg.failures.trace),
+         "mobility/failures", "a device's dual belongs to its edge: drop the mobility and failures sections"),
+    ) if cond]
+    if clash:
+        _, what, fix = clash[0]
+        raise ConfigError(f"config key 'admm.layer' = 1 with {what}: {fix}")

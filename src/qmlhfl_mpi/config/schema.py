@@ -31,7 +31,13 @@ from ..core.system import Distribution, TraceError
 from ..core.topology import TopologyError, Tree, TreeShape
 from ..data.registry import DATASETS
 from ..learning.registry import MODELS
-from .dynamics import validate_buffered, validate_moves, validate_privacy, validate_secure_aggregation
+from .dynamics import (
+    validate_admm,
+    validate_buffered,
+    validate_moves,
+    validate_privacy,
+    validate_secure_aggregation,
+)
 from .errors import ConfigError
 
 
@@ -296,6 +302,15 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class AdmmConfig:
+    layer: int = fld(0, lo=0, doc="the layer whose nodes run ADMM with their children (FedADMM: each child keeps a "
+                                  "dual, solves an augmented local problem and sends its augmented model; "
+                                  "docs/algorithms.md); 1 = the edges with their devices, the layer this version "
+                                  "supports; 0 = off")
+    rho: float = fld(0.1, lo=0, doc="ADMM's penalty rho > 0: the local proximal weight and the dual step")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     path: str = fld("results/run.h5", doc="HDF5 results file")
     checkpoint_every: int = fld(1, lo=0, doc="write the checkpoint every k global rounds; 0 = only on SIGTERM/SIGUSR1")
@@ -319,6 +334,7 @@ class Config:
     mobility: MobilityConfig = field(default_factory=MobilityConfig)
     failures: FailuresConfig = field(default_factory=FailuresConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    admm: AdmmConfig = field(default_factory=AdmmConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     callbacks: Any = fld([], doc="extra callbacks: a list of 'module:attr' / 'file.py:attr' references, or "
                                  "{ref: REF, args: {...}} mappings; attr(**args) must give a qmlhfl_mpi.Callback")
@@ -548,6 +564,7 @@ def validate(cfg: Config) -> None:
     validate_moves(cfg, shape.nodes[1])
     validate_privacy(cfg, N)
     validate_secure_aggregation(cfg, N, shape)
+    validate_admm(cfg)
     callback_specs(cfg.callbacks)
 
 

@@ -12,7 +12,7 @@ participants), so both give each device the same bits on any number of ranks.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,11 +34,12 @@ class OneByOne:
     def __init__(self, trainer: LocalTrainer, data: Data, steps: int) -> None:
         self.trainer, self.data, self.steps = trainer, data, steps
 
-    def train(self, v: Vec, devices: Sequence[int], round_: int, calls: Sequence[int], peers: np.ndarray
-              ) -> Iterator[tuple[Vec, float, int]]:
+    def train(self, v: Vec, devices: Sequence[int], round_: int, calls: Sequence[int], peers: np.ndarray,
+              prox: tuple[float, Callable[[int], np.ndarray]] | None = None) -> Iterator[tuple[Vec, float, int]]:
         for dev, call in zip(devices, calls):
             x, y = self.data[dev]
-            out, loss_sum = self.trainer.train(v, x, y, self.steps, dev, round_, call)
+            out, loss_sum = self.trainer.train(v, x, y, self.steps, dev, round_, call,
+                                               None if prox is None else (prox[0], prox[1](dev)))
             yield out, loss_sum, self.steps
 
 
@@ -48,8 +49,10 @@ class Batched:
     def __init__(self, trainer: LocalTrainer, data: Data, steps: int) -> None:
         self.batched, self.data, self.steps = VectorTrainer(trainer), data, steps
 
-    def train(self, v: Vec, devices: Sequence[int], round_: int, calls: Sequence[int], peers: np.ndarray
-              ) -> Iterator[tuple[Vec, float, int]]:
+    def train(self, v: Vec, devices: Sequence[int], round_: int, calls: Sequence[int], peers: np.ndarray,
+              prox: tuple[float, Callable[[int], np.ndarray]] | None = None) -> Iterator[tuple[Vec, float, int]]:
+        if prox is not None:
+            raise ValueError("per-device proximal anchors (ADMM) train one device at a time: train.vectorize off")
         results = self.batched.train_many(v, [self.data[d] for d in devices], self.steps, devices, round_, calls,
                                           peers)
         for x, loss_sum in results:

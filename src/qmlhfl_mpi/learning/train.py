@@ -29,6 +29,7 @@ device.  With all options off the step is today's plain
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,7 +149,8 @@ class LocalTrainer:
         return np.concatenate(perms)[:need].reshape(steps, b)
 
     def train(self, v: np.ndarray | torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int,
-              device: int, round_: int, call: int) -> tuple[Any, float]:
+              device: int, round_: int, call: int, prox: tuple[float, np.ndarray] | None = None
+              ) -> tuple[Any, float]:
         """``steps`` SGD steps from ``v`` on ``(x, y)`` at the learning rate of round ``round_``;
         returns (new vector, sum of step losses).  The new vector is of ``v``'s kind: a host array
         for an array, a tensor on the trainer's device for a tensor (the aggregation's backend).
@@ -158,6 +160,9 @@ class LocalTrainer:
         default generator, which is seeded from ``(seed, FORWARD, device,
         round, call)`` for this call and restored afterwards, so it too does
         not depend on the rank that trains the device.
+
+        ``prox = (mu, anchor)``: the proximal term ``mu (w - anchor)`` instead of the client optimiser's
+        (ADMM's local problem, :mod:`qmlhfl_mpi.core.admm`).
         """
         self.set_vector(v)
         idx = torch.from_numpy(self._batches(len(y), steps, rng.stream(self.seed, rng.BATCH, device, round_, call)))
@@ -169,10 +174,14 @@ class LocalTrainer:
             if devices:
                 torch.cuda.manual_seed(forward_seed)
             lr = self.lr_at(round_)
-            if self.opt.is_plain:
+            opt, anchor = self.opt, None
+            if prox is not None:
+                opt = dataclasses.replace(opt, prox_mu=float(prox[0]))
+                anchor = torch.from_numpy(np.ascontiguousarray(prox[1], dtype=np.float32)).to(self.device)
+            if opt.is_plain:
                 loss_sum = self._steps(x, y, idx, steps, lr)
             else:
-                loss_sum = self._steps_opt(x, y, idx, steps, lr)
+                loss_sum = self._steps_opt(x, y, idx, steps, lr, opt, anchor)
         return self.result(v), loss_sum
 
     def _steps(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, steps: int, lr: float) -> float:
@@ -192,10 +201,10 @@ class LocalTrainer:
             loss_sum += float(loss.detach())
         return loss_sum
 
-    def _steps_opt(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, steps: int, lr: float) -> float:
+    def _steps_opt(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, steps: int, lr: float,
+                   opt: ClientOptimizer, anchor: torch.Tensor | None = None) -> float:
         """SGD with momentum / nesterov / weight decay / proximal term: the ops of the module
-        docstring, in its order."""
-        opt = self.opt
+        docstring, in its order; the proximal term toward ``anchor`` (flat), else the run's start."""
         model, params = self.model, self.params
         mu, m = opt.prox_mu, opt.momentum
         w0 = bufs = None
@@ -203,7 +212,7 @@ class LocalTrainer:
             if self._w0 is None:
                 self._w0 = self._views(torch.empty_like(self.flat))
             w0 = self._w0
-            torch._foreach_copy_(w0, params)
+            torch._foreach_copy_(w0, params if anchor is None else self._views(anchor))
         if m != 0:
             if self._buf is None:
                 self._buf = self._views(torch.empty_like(self.flat))

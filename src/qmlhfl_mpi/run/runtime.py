@@ -24,6 +24,7 @@ from ..comm.watchdog import Watchdog
 from ..config import Config, ConfigError
 from ..config import build as builders
 from ..config.sizing import check_memory, recheck_memory
+from ..core.admm import Admm
 from ..core.clients import Clients
 from ..core.codecs import Codec
 from ..core.links import Link
@@ -131,8 +132,8 @@ class Runtime:
         initial = trainer.get_vector()
         if cfg.model.init == "module":  # the factory's own init: rank 0's model for everyone
             initial = broadcast_vector(comm, initial if rank == 0 else None, dim)
-        vectorized = step(lambda: use_vectorized(cfg.train.vectorize, model, dim), (ValueError,),
-                          stage="choosing the batched trainer")
+        vectorized = cfg.admm.layer == 0 and step(lambda: use_vectorized(cfg.train.vectorize, model, dim),
+                                                  (ValueError,), stage="choosing the batched trainer")
         clients: Clients = (Batched if vectorized else OneByOne)(trainer, data.train, cfg.tau[0])
         participation = builders.participation(cfg)
         samples = data.samples if cfg.topology.weighting == "samples" else None
@@ -145,7 +146,8 @@ class Runtime:
         try:
             executor = step(lambda: RoundExecutor(layout, rank, comms, links, dim, clients, vectors, watchdog,
                                                   world=comm, privacy=private[0] if private else None,
-                                                  secure=cfg.privacy.secure_aggregation),
+                                                  secure=cfg.privacy.secure_aggregation,
+                                                  admm=Admm(cfg.admm.rho) if cfg.admm.layer else None),
                             (ValueError,), stage="building the executor")
         except BaseException:
             _free(comms, watchdog)

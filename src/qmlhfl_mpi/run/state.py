@@ -26,6 +26,7 @@ def state_problem(executor: RoundExecutor, state: dict[str, np.ndarray], dim: in
             executor.owner(name)
         except (ValueError, IndexError):
             return (f"the checkpoint's state {name!r} is of no known kind (server.<n>.<u>.<name>, residual.<n>.<c>, "
+                    "dual.1.<i>, "
                     "tier.<n>.<u>.<model|start>, held.<n>.<c>.<k>, buffer.<n>.<u>.<i>.<c>.<k>)")
         if np.asarray(arr).size != dim:
             return f"the checkpoint's state {name!r} has {np.asarray(arr).size} values but the model {dim}"
