@@ -20,6 +20,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..config import build as builders
 from ..config.sizing import available_memory, sizing
+from ..core.bound_v2 import bound_v2, max_lr_v2, noise_shares, v2_terms
 from ..core.codecs import Codec
 from ..core.exitcodes import EXIT_LR_VIOLATED, EXIT_OK, EXIT_USAGE
 from ..core.memory import estimate_memory, fits, format_bytes
@@ -35,6 +36,7 @@ from ..core.theory import (
     q_per_link,
     round_time,
     round_time_parts,
+    tree_constants,
 )
 from ..core.topology import Tree, messages_per_round
 from ..data.local import LocalData
@@ -235,6 +237,30 @@ def privacy_lines(cfg: Config, tree: Tree, dim: int, codecs: Sequence[Codec]) ->
     return out
 
 
+def bound_v2_lines(cfg: Config, tree: Tree, qs: Sequence[float], L: float, zeta: Sequence[float]) -> list[str]:
+    """What ``check`` says of bound v2 (docs/theory.md section 17): its window coefficients, its admissible lr
+    next to the old one, and at ``train.lr`` each drift term's share (full gradients, the zeta ESTIMATES)."""
+    c = tree_constants(tree)
+    t = v2_terms(cfg.tau, qs, c.alpha, c.beta, noise_shares(tree), c.s2)
+    hetero = any(z > 0 for z in zeta)
+    lr2 = max_lr_v2(L, t, 0.0, hetero)
+    out = [f"bound v2 (docs/theory.md section 17): window coefficients W_n = {', '.join(f'{w:.4g}' for w in t.W)}, "
+           f"quantization inside the windows Q_n = {', '.join(f'{q:.4g}' for q in t.Q)}; admissible lr < "
+           f"{lr2:.4g} (full gradients)"]
+    lr = cfg.train.lr if cfg.train.lr < lr2 else 0.9 * lr2
+    where = "train.lr" if lr == cfg.train.lr else f"0.9 x the admissible lr ({lr:.4g}; train.lr fails the condition)"
+    b = bound_v2(max(cfg.train.rounds, 1), lr, L, t, 0.0, 0.0, list(zeta))
+    if not b.admissible or not math.isfinite(b.total) or b.total <= 0:
+        return out
+    shares = {k: v for k, v in b.shares().items() if k.startswith("drift") or k == "quant_noise"}
+    names = {"quant_noise": "injected quantization noise", "drift_noise": "quantization noise inside the windows"}
+    out.append(f"  at {where}, shares of its drift and noise terms: " + ", ".join(
+        f"{names.get(k, k.replace('drift_', 'layer ') + ' heterogeneity')} {100 * v:.1f}%"
+        for k, v in shares.items()) +
+        f" (lambda = {', '.join(f'{lam:.3g}' for lam in b.lam)}, chosen for the whole bound)")
+    return out
+
+
 def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
     """Print the check report through ``write``; returns the exit code."""
     cfg = config_mod.load(args.config, args.set)
@@ -316,6 +342,8 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
           f"B' = {lt.B:.4g}: admissible lr < {1.0 / (L * math.sqrt(lt.B)):.4g}")
     write(f"per-layer drift coefficients c_n = {', '.join(f'{c:.4g}' for c in coef)}; share of the "
           f"heterogeneity drift 2 sum c_n zeta_n^2: {shares} (optimize --zeta2-layers uses these constants)")
+    for line in bound_v2_lines(cfg, tree, qs, L, zeta):
+        write(line)
     if not ok and args.strict:
         return EXIT_LR_VIOLATED
     return EXIT_OK
