@@ -86,6 +86,37 @@ def _smoothness(cfg: Config, given: float | None) -> tuple[float, str]:
     return L, f"ESTIMATE: largest Hessian eigenvalue at the initial model over {len(batches)} devices' data"
 
 
+def estimate_effective_q(cfg: Config, codecs: Sequence[Codec], max_devices: int = 8, draws: int = 4,
+                         max_samples: int = 256) -> list[float]:
+    """ESTIMATES of each link's *effective* quantization factor (docs/theory.md section 17):
+    ``mean ||Q(u) - u||^2 / ||u||^2`` of the link's codec over the first local updates
+    ``u = -lr tau_1 grad f_i(w0)`` of (at most ``max_devices``) devices at the initial model (full-batch gradients
+    on at most ``max_samples`` samples), ``draws`` quantizations each.  A4's ``q_n`` is the worst case over every
+    vector; this is what the codec does to the run's own update directions (the links above the devices are
+    measured on the same vectors: their messages are averages of them)."""
+    _, model, data = _model_and_data(cfg, max_devices)
+    params = [p for p in model.parameters()]
+    step = cfg.train.lr * cfg.tau[0]
+    updates = []
+    for x, y in data.train.values():
+        loss = loss_fn(model(x[:max_samples]), y[:max_samples])
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)]).detach()
+        updates.append((-step * g).numpy().astype(np.float32))
+    out = []
+    for n, codec in enumerate(codecs, start=1):
+        ratios = []
+        for i, u in enumerate(updates):
+            norm2 = float(np.dot(u.astype(np.float64), u))
+            if norm2 == 0:
+                continue
+            zero = np.zeros_like(u)
+            for k in range(draws):
+                got = codec.decode(codec.encode(u, zero, (cfg.train.seed, 99, n, i, k)), u.size)
+                ratios.append(float(np.sum((np.asarray(got, dtype=np.float64) - u) ** 2)) / norm2)
+        out.append(float(np.mean(ratios)) if ratios else 0.0)
+    return out
+
+
 def estimate_heterogeneity(cfg: Config, max_nodes: int = 8, max_children: int = 8, max_devices: int = 8,
                            max_samples: int = 256) -> list[float]:
     """ESTIMATES of ``zeta_n^2`` (docs/theory.md section 15) at the initial model.
@@ -344,6 +375,12 @@ def cmd_check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
           f"heterogeneity drift 2 sum c_n zeta_n^2: {shares} (optimize --zeta2-layers uses these constants)")
     for line in bound_v2_lines(cfg, tree, qs, L, zeta):
         write(line)
+    q_eff = estimate_effective_q(cfg, codecs)
+    write(f"effective q_n = {', '.join(f'{q:.4g}' for q in q_eff)} against A4's q_n = "
+          f"{', '.join(f'{q:.4g}' for q in qs)} (ESTIMATE: each link's codec on the first local updates of up to 8 "
+          "devices at the initial model; docs/theory.md section 17)")
+    for line in bound_v2_lines(cfg, tree, q_eff, L, zeta)[:1]:
+        write("  with them, " + line)
     if not ok and args.strict:
         return EXIT_LR_VIOLATED
     return EXIT_OK
