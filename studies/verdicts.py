@@ -160,6 +160,18 @@ def depth() -> list[str]:
                f"{spearman([-bound[v][0] for v in names], per_round):+.2f} (over the N = 2 splits alone: "
                f"{spearman([-bound[v][0] for v in splits], acc):+.2f}); Spearman(-bound at the deadline, "
                f"deadline accuracy) = {spearman([-bound[v][1] for v in names], deadline):+.2f}\n")
+    v2 = {}
+    for line in (Path(__file__).resolve().parent / "depth_bound_v2.out").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[0].startswith("n"):
+            v2[cells[0]] = (float(cells[7]), float(cells[8]))  # bound v2 after 40 rounds, at the deadline
+    names2 = list(v2)
+    out.append(f"Bound v2 in its own unit (studies/depth_bound_v2.out, docs/theory.md section 17) over the "
+               f"{len(names2)} variants: Spearman(-bound v2 after 40 rounds, rounds 36-40 accuracy) = "
+               f"{spearman([-v2[v][0] for v in names2], [values(s, v, end).mean() for v in names2]):+.2f} (over "
+               f"the N = 2 splits alone: {spearman([-v2[v][0] for v in splits], acc):+.2f}); Spearman(-bound v2 "
+               f"at the deadline, deadline accuracy) = "
+               f"{spearman([-v2[v][1] for v in names2], [values(s, v, at_time(40)).mean() for v in names2]):+.2f}\n")
     out.append(HEAD)
     out.append(compare(s, "frequent edge aggregation helps per round", "n2-tau1-32", "n2-tau32-1", end))
     out.append(compare(s, "rare edge aggregation wins at the deadline", "n2-tau32-1", "n2-tau1-32", at_time(40)))
