@@ -65,3 +65,11 @@ moved
 # TierEvent.tier: which buffered tier an event is at (core/tiers.py, groundwork; read by tests/test_tiers.py and by
 # the executor once the tiers are wired)
 tier
+# Cell's fields (analysis/evaluation.py): the evaluation table's columns, read by tests/test_evaluation.py and by the
+# study script that prints the optimiser's evaluation (issue 24)
+chosen_mean
+median_draw_mean
+oracle_mean
+default_mean
+fastest_mean
+half_width
