@@ -65,8 +65,8 @@ moved
 # TierEvent.tier: which buffered tier an event is at (core/tiers.py, groundwork; read by tests/test_tiers.py and by
 # the executor once the tiers are wired)
 tier
-# Cell's fields (analysis/evaluation.py): the evaluation table's columns, read by tests/test_evaluation.py and by the
-# study script that prints the optimiser's evaluation (issue 24)
+# Cell fields (analysis/evaluation.py): the evaluation table columns, read by tests/test_evaluation.py; the
+# optimiser evaluation of issue 24 (not written yet) prints them
 chosen_mean
 median_draw_mean
 oracle_mean
