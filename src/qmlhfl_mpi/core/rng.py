@@ -30,6 +30,7 @@ NOISE = 13     # differential privacy's Gaussian noise: (seed, NOISE, layer, nod
 ROTATE = 14    # intsum's random signs, shared by a group: (seed, ROTATE, layer, node, round, call)
 SECAGG = 15    # a secure aggregation's private keys: (seed, SECAGG, layer, node, round, call, child)
 CLIPCOUNT = 16  # adaptive clipping's noise on the count of unclipped updates: keyed like NOISE
+DRAWS = 17     # an optimiser's evaluation: the random candidate draws, (seed, DRAWS)
 
 
 def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:
