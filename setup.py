@@ -30,7 +30,7 @@ setup(
     extras_require={
         "mpich": ["mpich>=4,<6"],
         "test": ["pytest>=7,<10", "pytest-mpi>=0.6,<1", "pandas>=1.5,<4", "tensorboard>=2.10,<3", "import-linter>=2.0,<3",
-                 "vulture>=2.10,<3", "datasets>=2.14,<6", "pyarrow>=14,<30"],
+                 "vulture>=2.10,<3", "datasets>=2.14,<6", "pyarrow>=14,<30", "scipy>=1.9,<2"],
         "tensorboard": ["tensorboard>=2.10,<3"],
         "arrow": ["pyarrow>=14,<30"],
         "lint": ["ruff>=0.17,<0.18", "mypy>=2.4,<2.5", "import-linter>=2.0,<3", "types-PyYAML"],
