@@ -13,7 +13,7 @@ from qmlhfl_mpi.core.bound_v2 import V2Terms, bound_v2, max_lr_v2, noise_shares,
 from qmlhfl_mpi.core.codecs import link_codecs, make_codec
 from qmlhfl_mpi.core.theory import convergence_bound_terms, max_lr, q_per_link, tree_constants
 from qmlhfl_mpi.core.topology import Tree
-from test_theory import global_loss, least_squares, run_recursion
+from test_theory import aggregate_due, global_loss, least_squares, run_recursion
 
 
 def terms_of(tree: Tree, tau, qs) -> V2Terms:
@@ -47,29 +47,13 @@ def simulate(tree, tau, levels, mu, As, bs, seed):
                     dc = tree.device_range(n - 1, c)
                     P = (dc.stop - dc.start) / D
                     out["G"][n - 1] += P * np.sum((g[dc.start:dc.stop].mean(0) - g[du.start:du.stop].mean(0)) ** 2)
-                    out["zeta2"][n - 1] = max(out["zeta2"][n - 1], 0.0)
             z = sum((tree.device_range(n - 1, c).stop - tree.device_range(n - 1, c).start) / D * np.sum(
                 (gy[tree.device_range(n - 1, c).start:tree.device_range(n - 1, c).stop].mean(0)
                  - gy[tree.device_range(n, u).start:tree.device_range(n, u).stop].mean(0)) ** 2)
                 for u in range(tree.num_nodes(n)) for c in tree.children(n, u))
             out["zeta2"][n - 1] = max(out["zeta2"][n - 1], z)  # A3' at the points visited (its sup there)
         x = x - mu * g
-        for n in range(1, N + 1):
-            if (k + 1) % math.prod(tau[:n]):
-                break
-            for u in range(tree.num_nodes(n)):
-                kids = tree.children(n, u)
-                cur = x[kids.start:kids.stop] if n == 1 else node[n - 1][kids.start:kids.stop]
-                new = node[n][u].copy()
-                for xc, a in zip(cur, tree.weights(n, u)):
-                    diff = (xc - node[n][u]).astype(np.float32)
-                    new += a * codecs[n - 1].decode(codecs[n - 1].encode_vector(diff, rng), d).astype(np.float64)
-                node[n][u] = new
-                for lay in range(n):
-                    for c in range(tree.num_nodes(lay)):
-                        if tree.device_range(lay, c).start in tree.device_range(n, u):
-                            node[lay][c] = new
-                x[tree.device_range(n, u).start:tree.device_range(n, u).stop] = new
+        aggregate_due(tree, tau, k, x, node, codecs, rng)
     return out
 
 

@@ -387,23 +387,31 @@ def drift_check(tree, tau, levels, mu, As, bs, seed):
         phi += np.mean(np.sum((x - w0) ** 2, axis=1))
         h += np.mean(np.sum(grads ** 2, axis=1))
         x = x - mu * grads
-        for n in range(1, N + 1):
-            if (k + 1) % math.prod(tau[:n]):
-                break
-            for u in range(tree.num_nodes(n)):
-                kids = tree.children(n, u)
-                cur = x[kids.start:kids.stop] if n == 1 else node[n - 1][kids.start:kids.stop]
-                new = node[n][u].copy()
-                for xc, a in zip(cur, tree.weights(n, u)):
-                    diff = (xc - node[n][u]).astype(np.float32)
-                    new += a * codecs[n - 1].decode(codecs[n - 1].encode_vector(diff, rng), d).astype(np.float64)
-                node[n][u] = new
-                for lay in range(n):  # broadcast down the subtree
-                    for c in range(tree.num_nodes(lay)):
-                        if tree.device_range(lay, c).start in tree.device_range(n, u):
-                            node[lay][c] = new
-                x[tree.device_range(n, u).start:tree.device_range(n, u).stop] = new
+        aggregate_due(tree, tau, k, x, node, codecs, rng)
     return phi, h, node[N][0]
+
+
+def aggregate_due(tree, tau, k, x, node, codecs, rng):
+    """After step ``k``: every layer due aggregates bottom-up, in place on the devices' models ``x`` and the
+    nodes' last models ``node[n]`` (QSGD of each child's difference from the node), each node's new model sent
+    down its subtree."""
+    d = x.shape[1]
+    for n in range(1, tree.N + 1):
+        if (k + 1) % math.prod(tau[:n]):
+            break
+        for u in range(tree.num_nodes(n)):
+            kids = tree.children(n, u)
+            cur = x[kids.start:kids.stop] if n == 1 else node[n - 1][kids.start:kids.stop]
+            new = node[n][u].copy()
+            for xc, a in zip(cur, tree.weights(n, u)):
+                diff = (xc - node[n][u]).astype(np.float32)
+                new += a * codecs[n - 1].decode(codecs[n - 1].encode_vector(diff, rng), d).astype(np.float64)
+            node[n][u] = new
+            for lay in range(n):  # broadcast down the subtree
+                for c in range(tree.num_nodes(lay)):
+                    if tree.device_range(lay, c).start in tree.device_range(n, u):
+                        node[lay][c] = new
+            x[tree.device_range(n, u).start:tree.device_range(n, u).stop] = new
 
 
 @pytest.mark.parametrize("tau,levels", [((3, 2), (0, 0)), ((2, 3), (4, 2)), ((2, 2, 2), (2, 4, 0))])

@@ -41,6 +41,7 @@ import torch
 
 from ..config import Config
 from ..config import build as builders
+from ..core.golden import golden_section
 from ..core.theory import (
     convergence_bound_layers_terms,
     convergence_bound_terms,
@@ -161,19 +162,7 @@ def fit_scale(measured: Sequence[float], predict: Callable[[int, float], float],
     us = np.linspace(lo, hi, grid)
     vals = [sse(float(u)) for u in us]
     k = int(np.argmin(vals))
-    a, b = float(us[max(k - 1, 0)]), float(us[min(k + 1, grid - 1)])
-    g = (math.sqrt(5.0) - 1.0) / 2.0
-    x1, x2 = b - g * (b - a), a + g * (b - a)
-    f1, f2 = sse(x1), sse(x2)
-    while b - a > tol:
-        if f1 <= f2:
-            b, x2, f2 = x2, x1, f1
-            x1 = b - g * (b - a)
-            f1 = sse(x1)
-        else:
-            a, x1, f1 = x1, x2, f2
-            x2 = a + g * (b - a)
-            f2 = sse(x2)
+    a, b = golden_section(sse, float(us[max(k - 1, 0)]), float(us[min(k + 1, grid - 1)]), tol)
     u = (a + b) / 2.0
     best = min([(sse(u), u), (vals[k], float(us[k]))])
     return math.exp(best[1]), best[0]

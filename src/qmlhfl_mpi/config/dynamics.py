@@ -7,6 +7,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from ..core.asynchrony import Staleness
+from ..core.codecs.intsum import code_length
 from ..core.participation import sample_size
 from ..core.topology import TreeShape
 from .errors import ConfigError
@@ -217,7 +218,8 @@ def int_scales(cfg: Config, shape: TreeShape, dim: int = 0) -> tuple[float, ...]
             continue
         m, A = _group_bound(cfg, shape)
         h = noise_headroom(cfg, shape)
-        room = (1 << (q.levels[n] - 1)) - 1 - m - h * math.sqrt(_codes(q.rotate, n, dim))
+        codes = code_length(dim, bool(q.rotate and q.rotate[n]))
+        room = (1 << (q.levels[n] - 1)) - 1 - m - h * math.sqrt(codes)
         out.append(room / (cfg.privacy.clip * (A + h)) if room > 0 and cfg.privacy.clip > 0 else 0.0)
     return tuple(out)
 
@@ -231,7 +233,8 @@ def check_modulus(cfg: Config, shape: TreeShape, gamma: float, dim: int) -> None
     m, A = _group_bound(cfg, shape)
     h = noise_headroom(cfg, shape)
     top = (1 << (b - 1)) - 1
-    reach = gamma * p.clip * A + m + h * (gamma * p.clip + math.sqrt(_codes(q.rotate, 0, dim)))
+    codes = code_length(dim, bool(q.rotate and q.rotate[0]))
+    reach = gamma * p.clip * A + m + h * (gamma * p.clip + math.sqrt(codes))
     if not gamma > 0 or reach > top + 1e-9 * top:  # (the largest scale that fits reaches top, rounded)
         noise = f" + {TAIL:g} standard deviations of the distributed noise" if h else ""
         raise ConfigError(
@@ -240,11 +243,6 @@ def check_modulus(cfg: Config, shape: TreeShape, gamma: float, dim: int) -> None
             f"{' (none > 0 fits)' if not gamma > 0 else ''}, codes may reach gamma C A + m{noise} = {reach:.6g} > "
             f"2^{b - 1} - 1 = {top}; give more bits, a smaller quantizer.scale (0: the largest that fits) or a smaller "
             "clip")
-
-
-def _codes(rotate: tuple[bool, ...], n: int, dim: int) -> int:
-    """The codes of a ``dim``-parameter model on link ``n + 1`` (rotated: the next power of two)."""
-    return 1 << max(0, (dim - 1).bit_length()) if rotate and rotate[n] and dim else dim
 
 
 def validate_secure_aggregation(cfg: Config, N: int, shape: TreeShape) -> None:

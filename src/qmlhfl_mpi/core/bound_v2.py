@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .golden import golden_section
 from .topology import Tree
 
 __all__ = ["V2Terms", "V2Bound", "v2_terms", "bound_v2", "max_lr_v2", "noise_shares"]
@@ -149,7 +150,6 @@ def _needs_lambda(t: V2Terms, sigma2: float) -> list[bool]:
 def _search(f, lam: list[float], free: list[bool], sweeps: int = 6) -> list[float]:  # type: ignore[no-untyped-def]
     """Coordinate-wise golden-section search of ``f(lam)`` over ``log lam_n`` in ``[-12, 12]`` for the free
     ``n`` (a few sweeps: the objective is smooth and unimodal in each coordinate where it is finite)."""
-    g = (math.sqrt(5.0) - 1.0) / 2.0
     for _ in range(sweeps):
         for n, is_free in enumerate(free):
             if not is_free:
@@ -160,18 +160,7 @@ def _search(f, lam: list[float], free: list[bool], sweeps: int = 6) -> list[floa
                 trial[n] = math.exp(s)
                 return f(trial)
 
-            a, b = -12.0, 12.0
-            c1, c2 = b - g * (b - a), a + g * (b - a)
-            f1, f2 = at(c1), at(c2)
-            for _ in range(60):
-                if f1 <= f2:
-                    b, c2, f2 = c2, c1, f1
-                    c1 = b - g * (b - a)
-                    f1 = at(c1)
-                else:
-                    a, c1, f1 = c1, c2, f2
-                    c2 = a + g * (b - a)
-                    f2 = at(c2)
+            a, b = golden_section(at, -12.0, 12.0, 1e-11)
             lam[n] = math.exp((a + b) / 2.0)
     return lam
 

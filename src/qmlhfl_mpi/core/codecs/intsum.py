@@ -31,7 +31,7 @@ from .base import Codec, StreamKey
 from .bitpack import pack, unpack
 from .stream import key_words, uniforms
 
-__all__ = ["IntSumCodec", "fwht", "intsum"]
+__all__ = ["IntSumCodec", "code_length", "fwht", "intsum"]
 
 
 def fwht(x: np.ndarray) -> np.ndarray:
@@ -44,6 +44,11 @@ def fwht(x: np.ndarray) -> np.ndarray:
         out = np.stack([blocks[:, 0] + blocks[:, 1], blocks[:, 0] - blocks[:, 1]], axis=1).reshape(-1)
         h *= 2
     return out / math.sqrt(n)
+
+
+def code_length(d: int, rotate: bool) -> int:
+    """The codes of a ``d``-value message: ``d``, or rotated the next power of two."""
+    return 1 << max(0, (d - 1).bit_length()) if rotate and d else d
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class IntSumCodec(Codec):
 
     def length(self, d: int) -> int:
         """The codes per message: ``d``, or rotated the next power of two."""
-        return 1 << max(0, (d - 1).bit_length()) if self.rotate and d else d
+        return code_length(d, self.rotate)
 
     def nbytes(self, d: int) -> int:
         n = self.length(d)
