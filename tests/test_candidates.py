@@ -30,7 +30,7 @@ def test_the_grid_is_what_fits_the_deadline(clock):
         fits = clock.durations(tau, 2).sum() <= 0.8
         assert (tau in grid) == fits, tau
     assert 0 < len(grid) < len(every) and grid == sorted(grid)
-    with pytest.raises(ValueError, match="expected N, max_tau, min_rounds >= 1"):
+    with pytest.raises(ValueError, match="expected N, min_rounds >= 1, values >= 1 and a deadline > 0"):
         deadline_grid(clock, 2, 5, 0.0)
 
 

@@ -107,6 +107,16 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--calibrate", action="store_true",
                     help="fit the bound's scale c (L_eff = c L) to short pilot runs at the configured lr, then "
                          "optimise with the calibrated bound (docs/theory.md section 16)")
+    op.add_argument("--search", choices=("bound", "halving"), default="bound",
+                    help="bound: minimise the convergence bound (default); halving: successive halving of pilot runs "
+                         "on the virtual clock, scored by the validation loss (docs/theory.md section 18)")
+    op.add_argument("--candidates", type=int, default=12, help="--search halving: space-filling candidates (12)")
+    op.add_argument("--eta", type=int, default=3, help="--search halving: keep the best 1/eta at each rung (3)")
+    op.add_argument("--validation", type=float, default=0.1,
+                    help="--search halving: share of the training data the pilots hold out to score on (0.1; "
+                         "data.validation when the config sets it)")
+    op.add_argument("--tau-values", type=int, nargs="+", default=None, metavar="V",
+                    help="--search halving: the values each tau_n may take (default 1, 2, 4, .. up to --max-tau)")
     op.add_argument("--pilot-rounds", type=int, default=3, help="global rounds per pilot run (default 3, >= 2)")
     op.add_argument("--pilot-tau", action="append", default=None, metavar="T1,..,TN",
                     help="a pilot tau (repeat for more); default: flat-heavy, configured and frequent-aggregation "
@@ -217,13 +227,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(sig, signal.SIG_IGN)
 
 
-def _pilot_runner(cfg: Config) -> str:
-    """Run one calibration pilot in this process (``MPI.COMM_SELF``); its results file path."""
+def _pilot_runner(cfg: Config, resume: bool = False) -> str:
+    """Run one pilot in this process (``MPI.COMM_SELF``), or continue it (``resume``); its results file path."""
     from mpi4py import MPI
 
     from .run.session import Session
 
-    summary = Session(cfg, MPI.COMM_SELF).run(overwrite=True)
+    summary = Session(cfg, MPI.COMM_SELF).run(overwrite=not resume, resume=resume)
     if summary.status == "preempted":
         raise ValueError(f"pilot run with tau={list(cfg.tau)} was stopped ({summary.message}): rerun optimize")
     return summary.path

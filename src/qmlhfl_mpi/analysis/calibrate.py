@@ -57,7 +57,7 @@ __all__ = ["Pilot", "PilotRunner", "BoundModel", "fit_scale", "default_pilot_tau
            "initial_gradient_norm2"]
 
 #: runs a config to completion and returns the path of its results file
-PilotRunner = Callable[[Config], str]
+PilotRunner = Callable[[Config, bool], str]  # (config, resume) -> its results file; runs in this process
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ def run_pilots(cfg: Config, taus: Sequence[Sequence[int]], rounds: int, runner: 
                 train=dataclasses.replace(cfg.train, rounds=rounds, eval_every=rounds),
                 output=dataclasses.replace(cfg.output, path=str(Path(tmp) / f"pilot{i}.h5"), checkpoint_every=0,
                                            csv=False, tensorboard=""))
-            metrics = read_run(runner(pcfg))["metrics"]
+            metrics = read_run(runner(pcfg, False))["metrics"]
             loss = [float(v) for v in np.asarray(metrics["train_loss"], dtype=np.float64)]
             rt = round_time(dim, t, codecs, tree, lat)
             if len(loss) < 2 or not all(math.isfinite(v) for v in loss):

@@ -17,16 +17,25 @@ from collections.abc import Sequence
 from ..core import rng
 from .clockfit import ClockModel
 
-__all__ = ["deadline_grid", "most_steps", "random_draws"]
+__all__ = ["deadline_grid", "deadline_grid_values", "most_steps", "random_draws"]
 
 
 def deadline_grid(clock: ClockModel, N: int, max_tau: int, deadline: float, min_rounds: int = 1
                   ) -> list[tuple[int, ...]]:
     """The deadline-feasible ``tau`` (ascending), each with at least ``min_rounds`` rounds within ``deadline``."""
-    if N < 1 or max_tau < 1 or not deadline > 0 or min_rounds < 1:
-        raise ValueError(f"deadline_grid: N={N!r}, max_tau={max_tau!r}, deadline={deadline!r}, "
-                         f"min_rounds={min_rounds!r}: expected N, max_tau, min_rounds >= 1 and a deadline > 0")
-    return [tau for tau in itertools.product(range(1, max_tau + 1), repeat=N)
+    if max_tau < 1:
+        raise ValueError(f"deadline_grid: max_tau={max_tau!r}: expected an integer >= 1")
+    return deadline_grid_values(clock, N, range(1, max_tau + 1), deadline, min_rounds)
+
+
+def deadline_grid_values(clock: ClockModel, N: int, values: Sequence[int], deadline: float, min_rounds: int = 1
+                         ) -> list[tuple[int, ...]]:
+    """As :func:`deadline_grid`, over ``tau_n`` in ``values`` (ascending, distinct, >= 1)."""
+    vals = sorted({int(v) for v in values})
+    if not vals or vals[0] < 1 or N < 1 or not deadline > 0 or min_rounds < 1:
+        raise ValueError(f"deadline_grid_values: N={N!r}, values={list(values)!r}, deadline={deadline!r}, "
+                         f"min_rounds={min_rounds!r}: expected N, min_rounds >= 1, values >= 1 and a deadline > 0")
+    return [tau for tau in itertools.product(vals, repeat=N)
             if clock.rounds_within(tau, deadline, cap=min_rounds) >= min_rounds]
 
 

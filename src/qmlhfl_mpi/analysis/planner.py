@@ -42,6 +42,7 @@ from ..core.topology import Tree, messages_per_round
 from ..data.local import LocalData
 from ..learning.train import loss_fn
 from . import calibrate as cal
+from . import search as search_mod
 from .clockfit import ClockModel
 
 
@@ -462,6 +463,8 @@ def cmd_optimize(args: argparse.Namespace, write: Callable[[str], None],
         raise ValueError(f"--write {args.write!r} exists; pass --overwrite to replace it")
     tree = cfg.build_tree()
     dim = builders.model_dim(cfg)
+    if getattr(args, "search", "bound") == "halving":
+        return _optimize_by_search(args, cfg, tree, dim, write, run_pilot)
     L, how = _smoothness(cfg, args.L)
     lr = cfg.train.lr if args.lr is None else args.lr
     calibrate = bool(getattr(args, "calibrate", False))
@@ -507,6 +510,45 @@ def cmd_optimize(args: argparse.Namespace, write: Callable[[str], None],
         head = f"# tau optimised by qmlhfl-mpi optimize for a {args.deadline:g} s deadline\n"
         if calibrate:
             head += f"# calibrated scale c = {scale:.6g} {cal_note}\n"
+        out.write_text(head + new.to_yaml())
+        write(f"wrote {out}")
+    return EXIT_OK
+
+
+def _optimize_by_search(args: argparse.Namespace, cfg: Config, tree: Tree, dim: int, write: Callable[[str], None],
+                        run_pilot: cal.PilotRunner | None) -> int:
+    """``optimize --search halving`` (:mod:`qmlhfl_mpi.analysis.search`): pilots on the virtual clock."""
+    if run_pilot is None:
+        raise ValueError("--search halving needs a pilot runner: use the qmlhfl-mpi command line")
+    if getattr(args, "calibrate", False):
+        raise ValueError("--calibrate fits the bound; --search halving uses no bound: drop one of them")
+    if args.lr is not None and args.lr != cfg.train.lr:
+        raise ValueError(f"--search halving with --lr {args.lr!r} != train.lr {cfg.train.lr!r}: the pilots train at "
+                         f"train.lr; drop --lr or pass --set train.lr={args.lr!r}")
+    if not args.deadline > 0:
+        raise ValueError(f"--deadline {args.deadline!r}: expected virtual seconds > 0")
+    for name, v, lo in (("--candidates", args.candidates, 1), ("--eta", args.eta, 2), ("--max-tau", args.max_tau, 1)):
+        if v < lo:
+            raise ValueError(f"{name} {v!r}: expected an integer >= {lo}")
+    values = tuple(args.tau_values) if args.tau_values else search_mod.power_values(args.max_tau)
+    if min(values) < 1:
+        raise ValueError(f"--tau-values {list(values)}: expected integers >= 1")
+    clock = ClockModel(cfg, tree, dim)
+    res = search_mod.search(cfg, clock, args.deadline, run_pilot, values=values, candidates=args.candidates,
+                            eta=args.eta, validation=args.validation)
+    lines = res.lines()
+    for line in lines:
+        write(line)
+    rounds = clock.rounds_within(res.chosen, args.deadline)
+    write(f"optimum tau = {list(res.chosen)}: {rounds} rounds end within the {args.deadline:g} s deadline on the "
+          "virtual clock")
+    if args.write:
+        out = Path(args.write)
+        new = dataclasses.replace(cfg, tau=tuple(res.chosen), train=dataclasses.replace(cfg.train, rounds=rounds))
+        config_mod.validate(new)
+        head = (f"# tau optimised by qmlhfl-mpi optimize --search halving for a {args.deadline:g} s deadline of "
+                f"virtual time; train.rounds = the rounds within it\n"
+                + "".join(f"# {line}\n" for line in lines) + f"# search-json: {res.to_json()}\n")
         out.write_text(head + new.to_yaml())
         write(f"wrote {out}")
     return EXIT_OK

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..accel import TorchVectors
+from ..core import rng
 from ..core.clock import SystemModel
 from ..core.codecs import Codec, link_codecs, make_codec
 from ..core.codecs.intsum import IntSumCodec
@@ -40,7 +41,7 @@ from ..data.local import (
     pooled_local_data,
 )
 from ..data.registry import DATASETS
-from ..data.source import DataError, GeneratedDataset, Pooled, load_pooled
+from ..data.source import DataError, GeneratedDataset, Pooled, load_pooled, take
 from ..learning.models import build_model, num_parameters
 from ..learning.train import ClientOptimizer
 from .dynamics import check_modulus, int_scales, noise_layer, outages
@@ -48,7 +49,7 @@ from .schema import Config, ConfigError, server_betas, system_distributions
 
 __all__ = ["client_optimizer", "codecs", "data_seed", "data_spec", "downlink_codecs", "latency", "links",
            "local_data", "lr_schedule", "mobility", "model", "model_dim", "participation", "policies", "server_optimizers",
-           "system", "tensor_sizes", "vectors"]
+           "split_validation", "system", "tensor_sizes", "vectors"]
 
 
 def tensor_sizes(cfg: Config) -> tuple[int, ...] | None:
@@ -287,9 +288,13 @@ def local_data(cfg: Config, tree: Tree, devices: Sequence[int], rank: int, num_r
     cache = int(cfg.data.cache_mb * (1 << 20))
     if is_generated(obj):
         return generated_local_data(generated(cfg, obj), tree.num_devices, devices, cache_bytes=cache,
-                                    test_devices=cfg.data.test_devices, all_samples=all_samples)
+                                    test_devices=cfg.data.test_devices, all_samples=all_samples,
+                                    validation=cfg.data.validation)
     train = _pooled(cfg, obj, True)
     test = _pooled(cfg, obj, False)
+    keep = None
+    if cfg.data.validation > 0:  # a keyed share of the training set replaces the test split
+        train, test, keep = split_validation(train, cfg.data.validation, data_seed(cfg))
     if test.input_shape != train.input_shape:
         raise DataError(f"data set {cfg.data.name!r}: test samples have shape {test.input_shape} but training "
                         f"samples {train.input_shape}")
@@ -298,14 +303,34 @@ def local_data(cfg: Config, tree: Tree, devices: Sequence[int], rank: int, num_r
                         f"test split {test.y.dtype}; both must be class labels or both regression targets")
     p = cfg.data.partition
     labels = np.zeros(len(train), dtype=np.int64) if train.regression else train.y  # targets: no label skew
+    if keep is not None:
+        labels = labels[keep]
     try:
         parts = partition(labels, tree.num_devices, p.kind, data_seed(cfg), classes_per_device=p.classes_per_device,
                           alpha=p.alpha, size_sigma=p.size_sigma, classes_per_edge=p.classes_per_edge,
-                          groups=[tree.device_range(1, u) for u in range(tree.num_nodes(1))], owners=train.owner)
+                          groups=[tree.device_range(1, u) for u in range(tree.num_nodes(1))],
+                          owners=train.owner if keep is None or train.owner is None else train.owner[keep])
     except ValueError as e:
         raise DataError(f"data.partition.kind {p.kind!r} on data set {cfg.data.name!r} "
-                        f"({len(train)} training samples, {tree.num_devices} devices): {e}") from None
+                        f"({len(labels)} training samples, {tree.num_devices} devices): {e}") from None
+    if keep is not None:  # the partition's indices are into the kept samples: map them back
+        parts = [keep[q] for q in parts]
     return pooled_local_data(train, test, parts, devices, rank, num_ranks, cache_bytes=cache)
+
+
+def split_validation(train: Pooled, fraction: float, seed: int) -> tuple[Pooled, Pooled, np.ndarray]:
+    """``(train, validation, keep)``: a keyed ``fraction`` of ``train`` (stream ``(seed, VALIDATION)``, the same
+    for any rank count) becomes the validation split; ``keep`` are the ascending indices left to partition."""
+    n = len(train)
+    m = int(round(fraction * n))
+    if not 1 <= m < n:
+        raise DataError(f"data.validation={fraction!r} of {n} training samples holds out {m}: expected at least one "
+                        "and fewer than all; raise or lower data.validation")
+    order = rng.stream(seed, rng.VALIDATION).permutation(n)
+    held, keep = np.sort(order[:m]), np.sort(order[m:])
+    y = np.ascontiguousarray(train.y[held])
+    val = Pooled(take(train.x, held).numpy(), y, None if train.owner is None else train.owner[held])
+    return train, val, keep
 
 
 def data_spec(cfg: Config) -> tuple[tuple[int, ...], int]:

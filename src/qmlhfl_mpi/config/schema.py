@@ -177,6 +177,10 @@ class DataConfig:
                                            "made (docs/hpc.md, 'Sizing')")
     test_devices: int = fld(0, lo=0, doc="generated data sets: the test set is the held-out part of this many "
                                          "devices spread evenly over the tree; 0 = every device")
+    validation: float = fld(0.0, lo=0, hi=0.5, doc="share of the training data held out as a validation set that "
+                                                    "replaces the test set in the run's evaluations (/metrics/test_* "
+                                                    "then score the validation part; `optimize --search` uses it); "
+                                                    "0 = off")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
 
@@ -314,6 +318,8 @@ class AdmmConfig:
 class OutputConfig:
     path: str = fld("results/run.h5", doc="HDF5 results file")
     checkpoint_every: int = fld(1, lo=0, doc="write the checkpoint every k global rounds; 0 = only on SIGTERM/SIGUSR1")
+    keep_checkpoint: bool = fld(False, doc="keep the last checkpoint when the run completes, so that --resume with a "
+                                           "larger train.rounds trains the same run longer")
     csv: bool = fld(False, doc="also log every round to a CSV file beside the results (output.path with .csv)")
     tensorboard: str = fld("", doc="directory for TensorBoard scalars; empty = off (needs the tensorboard extra)")
 
@@ -693,7 +699,8 @@ def input_files(cfg: Config) -> dict[str, str]:
 
 # keys that may change between a checkpoint and its resumption: they do not
 # change the trained model or the recorded metrics
-RESUME_FREE_KEYS = ("output.path", "output.checkpoint_every", "output.csv", "output.tensorboard", "train.rounds",
+RESUME_FREE_KEYS = ("output.path", "output.checkpoint_every", "output.keep_checkpoint", "output.csv",
+                    "output.tensorboard", "train.rounds",
                     "privacy.target_epsilon",
                     "train.threads", "train.share_gpus", "train.round_timeout", "train.memory_check",
                     "train.memory_limit_gb", "callbacks")

@@ -31,6 +31,7 @@ ROTATE = 14    # intsum's random signs, shared by a group: (seed, ROTATE, layer,
 SECAGG = 15    # a secure aggregation's private keys: (seed, SECAGG, layer, node, round, call, child)
 CLIPCOUNT = 16  # adaptive clipping's noise on the count of unclipped updates: keyed like NOISE
 DRAWS = 17     # an optimiser's evaluation: the random candidate draws, (seed, DRAWS)
+VALIDATION = 18  # the validation part of a pooled training set: (data seed, VALIDATION)
 
 
 def stream(seed: int, purpose: int, *ids: int) -> np.random.Generator:

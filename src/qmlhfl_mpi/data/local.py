@@ -154,16 +154,26 @@ class LocalData:
         self.test_x, self.test_y = self.test_x.to(device), self.test_y.to(device)
 
 
+def validation_size(train_size: int, fraction: float) -> int:
+    """Training samples a device of a generated data set holds out for validation: ``round(fraction n)``, at
+    least one and leaving at least one to train on (none when ``fraction`` is 0 or the device has one)."""
+    if not fraction > 0 or train_size < 2:
+        return 0
+    return min(train_size - 1, max(1, int(round(fraction * train_size))))
+
+
 def generated_local_data(ds: GeneratedDataset, num_devices: int, devices: Sequence[int], *, cache_bytes: int,
-                         test_devices: int = 0, all_samples: bool = True) -> LocalData:
+                         test_devices: int = 0, all_samples: bool = True, validation: float = 0.0) -> LocalData:
     """The devices ``devices`` of a generated data set, made when drawn.  The test set is the held-out part of
     :func:`evaluation_devices` (``test_devices``), one evaluation chunk per such device.  Training data always
     come from ``ds.train_data`` when a device is drawn (never from the test set's draw), so a device trains on
     the same bits whatever the cache holds.  ``all_samples``: count every device's training samples here (else
-    only ``devices``')."""
+    only ``devices``').  ``validation`` > 0: every device trains on the first ``n - m`` of its ``n`` training
+    samples (:func:`validation_size`), and the evaluation devices' last ``m`` replace their test part."""
     samples = np.zeros(num_devices, dtype=np.int64)
     for k in (range(num_devices) if all_samples else devices):
-        samples[k] = ds.train_size(k)
+        n = ds.train_size(k)
+        samples[k] = n - validation_size(n, validation)
 
     def make(k: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = ds.train_data(k, int(samples[k]) if samples[k] else None)
@@ -180,10 +190,11 @@ def generated_local_data(ds: GeneratedDataset, num_devices: int, devices: Sequen
             continue
         x, y = ds.device(k)
         n = ds.train_size(k)
-        tx.append(x[n:])
-        ty.append(y[n:])
-        chunks.append((cid, off, off + len(y) - n))
-        off += len(y) - n
+        lo_k, hi_k = (n - validation_size(n, validation), n) if validation > 0 else (n, len(y))
+        tx.append(x[lo_k:hi_k])
+        ty.append(y[lo_k:hi_k])
+        chunks.append((cid, off, off + hi_k - lo_k))
+        off += hi_k - lo_k
     dtype_y = np.float32 if ds.num_classes == 1 else np.int64
     test_x = np.concatenate(tx) if tx else np.zeros((0, *ds.input_shape), dtype=np.float32)
     test_y = np.concatenate(ty) if ty else np.zeros(0, dtype=dtype_y)

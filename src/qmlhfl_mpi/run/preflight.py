@@ -58,9 +58,11 @@ def preflight(cfg: Config, overwrite: bool, resume: bool, rebuild_results: bool 
         except Exception as e:  # noqa: BLE001 - any h5py failure means unreadable
             problem = f"--resume: results file {str(out)!r} is unreadable ({e})"
         else:
-            if status == "completed":
+            if status == "completed" and not (ck.exists() and rows < cfg.train.rounds):
+                kept = (f"raise train.rounds above {rows} to train it longer" if ck.exists() else
+                        "a run with output.keep_checkpoint: true keeps its checkpoint and can be trained longer")
                 raise RunError(f"--resume: {str(out)!r} already holds a completed run of {rows} rounds; nothing "
-                               "to do. Choose a new output.path to train again")
+                               f"to do ({kept}). Choose a new output.path to train again")
     if problem and not ck.exists():
         raise RunError(f"{problem} and it has no checkpoint {str(ck)!r}, so there is nothing to resume; nothing "
                        "was changed. Start a new run (move the file away, or --overwrite)")

@@ -69,16 +69,20 @@ def io_advice(where: Path, e: OSError, after_round: int | None) -> str:
 
 
 class Checkpointer:
-    """Writes ``<output>.ckpt`` every ``every`` rounds (0: only when a stop is agreed); checks the space
-    first (the new checkpoint is written beside the previous one, which stays until the rename)."""
+    """Writes ``<output>.ckpt`` every ``every`` rounds (0: only when a stop is agreed), and after the last round
+    when it is to be ``keep``-t (``output.keep_checkpoint``); checks the space first (the new checkpoint is
+    written beside the previous one, which stays until the rename)."""
 
-    def __init__(self, output: str | Path, every: int, config_yaml: str, inputs: str = "") -> None:
+    def __init__(self, output: str | Path, every: int, config_yaml: str, inputs: str = "", keep: bool = False) -> None:
         self.path = checkpoint_path(output)
         self.every, self.config_yaml, self.inputs = every, config_yaml, inputs  # inputs: the input files' digests
+        self.keep = keep
 
     def due(self, done: int, total: int, stop: bool) -> bool:
-        """Whether to checkpoint after ``done`` of ``total`` rounds (never after the last)."""
-        return done < total and (stop or (self.every > 0 and done % self.every == 0))
+        """Whether to checkpoint after ``done`` of ``total`` rounds (after the last only when it is kept)."""
+        if done >= total:
+            return self.keep and done == total
+        return stop or (self.every > 0 and done % self.every == 0)
 
     def write(self, model: np.ndarray, done: int, state: Mapping[str, np.ndarray] | None = None,
               results: ResultsFile | None = None) -> None:

@@ -274,7 +274,8 @@ class Session:
         results = ResultsFile(cfg.output.path)
         ckpt = Checkpointer(cfg.output.path, cfg.output.checkpoint_every, cfg.to_yaml(),
                             inputs=agreement.step(lambda: input_digests(cfg) if rt.rank == 0 else "", (OSError,),
-                                                  stage="reading the input files' digests"))
+                                                  stage="reading the input files' digests"),
+                            keep=cfg.output.keep_checkpoint)
         status, message, done, acc = "completed", "", self.start_round, float("nan")
         try:  # from here on, rank 0 records any failure in the results file (or removes a file with no round)
             callbacks = agreement.step(self.config_callbacks, (PluginError, RunError),
@@ -325,7 +326,7 @@ class Session:
             if status != "preempted":  # completed, diverged or at the budget: the file keeps the model it ended with
                 self._record_class_counts(results)
                 agreement.on_rank0("writing the final model", results.final, w)
-                if status != "budget_spent":  # (kept: a larger budget continues from it)
+                if status != "budget_spent" and not ckpt.keep:  # (kept: more rounds continue from it)
                     agreement.on_rank0("removing the checkpoint", ckpt.remove)
         except RoundTimeout as e:
             status, message = "failed", e.message

@@ -1,0 +1,205 @@
+"""`optimize --search halving`: a model-free search for ``tau`` against the virtual clock (issue 24;
+docs/theory.md section 18).  Not collective: the pilots run one after another in this process.
+
+1. **Candidates.**  The deadline-feasible grid (:func:`~.candidates.deadline_grid` over ``tau_n`` in a value
+   list, by default the powers of two up to ``--max-tau``) is thinned to ``k`` members by a greedy maximin
+   (space-filling) design in ``log2 tau`` (:func:`space_filling`), which starts from the configured ``tau`` and the
+   "most SGD steps by the deadline" member, so both are always tried.
+2. **Successive halving.**  Every candidate trains, on a validation split of the training data
+   (``data.validation``; the test set is never read), for the rounds that end within 20% of the deadline on the
+   clock (at least one); the best ``1/eta`` by the global model's validation loss go on to 50%, and the best of
+   those (at least two) to 100% (:func:`successive_halving`).  A survivor continues its own run (its checkpoint is
+   kept, ``output.keep_checkpoint``), so it trains each round once.  The choice is the lowest validation loss at
+   100% of the deadline.
+3. **Its cost** is every pilot step's process CPU time (core-seconds), reported beside the chosen candidate's own
+   cumulative cost, which is one full run to the deadline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config
+from ..results.reader import read_run
+from .candidates import deadline_grid_values, most_steps
+from .clockfit import ClockModel
+
+__all__ = ["SearchResult", "Trial", "power_values", "search", "space_filling", "successive_halving"]
+
+Runner = Callable[[Config, bool], str]  # (config, resume) -> its results file; as calibrate.PilotRunner
+
+FRACTIONS = (0.2, 0.5, 1.0)
+_ONLY_LAST = 1 << 30  # a pilot's eval_every: it evaluates after its last round only (the same in every rung)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One pilot step: ``tau`` trained to ``rounds`` (the rounds within ``budget`` virtual seconds)."""
+
+    tau: tuple[int, ...]
+    rung: int
+    budget: float
+    rounds: int
+    score: float          # the global model's validation loss after ``rounds`` (inf when not finite)
+    core_seconds: float   # process CPU seconds of this step (0 when no new round was needed)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The search: its candidates, every pilot step, and the choice."""
+
+    deadline: float
+    fractions: tuple[float, ...]
+    eta: int
+    candidates: tuple[tuple[int, ...], ...]
+    trials: tuple[Trial, ...]
+    chosen: tuple[int, ...]
+    grid_size: int = 0
+
+    @property
+    def cost(self) -> float:
+        """Core-seconds of every pilot step."""
+        return math.fsum(t.core_seconds for t in self.trials)
+
+    @property
+    def full_run_cost(self) -> float:
+        """Core-seconds the chosen ``tau`` took to reach the deadline: one full run."""
+        return math.fsum(t.core_seconds for t in self.trials if t.tau == self.chosen)
+
+    def rung(self, r: int) -> list[Trial]:
+        """The pilot steps of rung ``r`` (0-based), best first."""
+        return sorted((t for t in self.trials if t.rung == r), key=lambda t: (t.score, t.tau))
+
+    def lines(self) -> list[str]:
+        """What `optimize` prints and writes into the config (one line per rung, then the cost)."""
+        out = [f"search: successive halving (eta {self.eta}) over {len(self.candidates)} space-filling candidates of "
+               f"{self.grid_size} deadline-feasible tau, scored by the validation loss at "
+               f"{', '.join(f'{100 * f:g}%' for f in self.fractions)} of the {self.deadline:g} s deadline"]
+        for r in range(len(self.fractions)):
+            steps = self.rung(r)
+            if steps:
+                out.append(f"  rung {r + 1} ({steps[0].budget:.4g} s): " + "; ".join(
+                    f"{list(t.tau)} {t.rounds} rounds loss {t.score:.5g}" for t in steps))
+        out.append(f"  chosen tau = {list(self.chosen)}; pilots cost {self.cost:.1f} core-s in {len(self.trials)} "
+                   f"steps, {self.cost / self.full_run_cost if self.full_run_cost > 0 else math.nan:.2f} x one full "
+                   f"run of the choice ({self.full_run_cost:.1f} core-s)")
+        return out
+
+    def to_json(self) -> str:
+        """The whole search as one line of JSON (the written config records it)."""
+        d = asdict(self)
+        d["cost_core_seconds"], d["full_run_core_seconds"] = self.cost, self.full_run_cost
+        return json.dumps(d, separators=(",", ":"), default=float)
+
+
+def power_values(max_tau: int) -> tuple[int, ...]:
+    """``1, 2, 4, ...`` up to ``max_tau`` (and ``max_tau`` itself)."""
+    if max_tau < 1:
+        raise ValueError(f"max_tau={max_tau!r}: expected an integer >= 1")
+    vals = [1 << i for i in range(max_tau.bit_length()) if 1 << i <= max_tau]
+    return tuple(sorted(set(vals) | {max_tau}))
+
+
+def space_filling(grid: Sequence[tuple[int, ...]], k: int, first: Sequence[tuple[int, ...]] = ()
+                  ) -> list[tuple[int, ...]]:
+    """``k`` members of ``grid`` (all when it has fewer): the members of ``first`` that are in the grid, then greedily
+    the member farthest (Euclidean, in ``log2 tau``) from those chosen; ties go to the earlier grid member."""
+    if k < 1:
+        raise ValueError(f"space_filling: k={k!r}: expected at least one candidate")
+    members = [tuple(int(v) for v in t) for t in grid]
+    if len(members) <= k:
+        return members
+    pts = np.log2(np.array(members, dtype=np.float64))
+    index = {t: i for i, t in enumerate(members)}
+    chosen = list(dict.fromkeys(index[tuple(t)] for t in first if tuple(t) in index))[:k]
+    if not chosen:
+        chosen = [0]
+    dist = np.min(np.linalg.norm(pts[:, None, :] - pts[None, chosen, :], axis=2), axis=1)
+    while len(chosen) < k:
+        i = int(np.argmax(dist))  # the first of the farthest
+        chosen.append(i)
+        dist = np.minimum(dist, np.linalg.norm(pts - pts[i], axis=1))
+    return [members[i] for i in chosen]
+
+
+def successive_halving(candidates: Sequence[tuple[int, ...]], deadline: float,
+                       rounds_within: Callable[[tuple[int, ...], float], int],
+                       train: Callable[[tuple[int, ...], int], tuple[float, float]],
+                       fractions: Sequence[float] = FRACTIONS, eta: int = 3, final: int = 2,
+                       grid_size: int = 0) -> SearchResult:
+    """Successive halving (see the module doc).  ``rounds_within(tau, seconds)``: whole rounds of ``tau`` within
+    ``seconds`` on the clock; ``train(tau, rounds)``: bring ``tau``'s pilot to ``rounds`` rounds (continuing its
+    own earlier run) and return ``(validation loss, core-seconds)``.  Survivors of a rung: the best
+    ``ceil(n / eta)``, but at least ``final`` (ties: the smaller ``tau`` in order)."""
+    if not candidates:
+        raise ValueError("successive_halving: no candidates (no tau fits the deadline)")
+    fr = tuple(float(f) for f in fractions)
+    if not fr or any(not 0 < f <= 1 for f in fr) or list(fr) != sorted(fr) or fr[-1] != 1.0:
+        raise ValueError(f"fractions {list(fr)}: expected increasing shares of the deadline in (0, 1], the last 1")
+    if eta < 2 or final < 1:
+        raise ValueError(f"eta={eta!r}, final={final!r}: expected eta >= 2 and final >= 1")
+    alive = [tuple(int(v) for v in t) for t in dict.fromkeys(tuple(c) for c in candidates)]
+    done: dict[tuple[int, ...], tuple[int, float]] = {}  # tau -> (rounds trained, last score)
+    trials: list[Trial] = []
+    for r, f in enumerate(fr):
+        scored = []
+        for tau in alive:
+            rounds = max(1, rounds_within(tau, f * deadline))
+            have, score = done.get(tau, (0, math.inf))
+            cost = 0.0
+            if rounds > have:
+                score, cost = train(tau, rounds)
+                score = float(score) if math.isfinite(score) else math.inf
+                done[tau] = (rounds, score)
+            trials.append(Trial(tau, r, f * deadline, max(rounds, have), score, float(cost)))
+            scored.append((score, tau))
+        scored.sort()
+        if r + 1 < len(fr):
+            keep = max(min(final, len(scored)), math.ceil(len(scored) / eta))
+            alive = [tau for _, tau in scored[:keep]]
+        else:
+            alive = [scored[0][1]]
+    return SearchResult(float(deadline), fr, int(eta), tuple(tuple(c) for c in candidates), tuple(trials), alive[0],
+                        grid_size)
+
+
+def search(cfg: Config, clock: ClockModel, deadline: float, runner: Runner, *, values: Sequence[int],
+           candidates: int = 12, eta: int = 3, validation: float = 0.1, workdir: str | Path | None = None
+           ) -> SearchResult:
+    """The search of the module doc for ``cfg`` (its ``tau`` is the configured one) under ``deadline`` virtual
+    seconds on ``clock``; ``runner`` trains the pilots, in a temporary directory under ``workdir``."""
+    N = clock.tree.N
+    grid = deadline_grid_values(clock, N, values, deadline)
+    if not grid:
+        raise ValueError(f"no tau with tau_n in {list(values)} completes a round within the deadline {deadline:g} s "
+                         "on the virtual clock: raise --deadline")
+    first = [tuple(cfg.tau), most_steps(clock, grid, deadline)]
+    cands = space_filling(grid, candidates, first)
+    if cfg.data.validation > 0:
+        validation = cfg.data.validation
+    if not 0 < validation <= 0.5:
+        raise ValueError(f"--validation {validation!r}: expected a share of the training data in (0, 0.5]")
+
+    with tempfile.TemporaryDirectory(prefix="qmlhfl-search-", dir=workdir) as tmp:
+        def train(tau: tuple[int, ...], rounds: int) -> tuple[float, float]:
+            path = str(Path(tmp) / f"tau{'_'.join(map(str, tau))}.h5")
+            pcfg = dataclasses.replace(
+                cfg, tau=tau, data=dataclasses.replace(cfg.data, validation=validation),
+                train=dataclasses.replace(cfg.train, rounds=rounds, eval_every=_ONLY_LAST),
+                output=dataclasses.replace(cfg.output, path=path, checkpoint_every=0, keep_checkpoint=True,
+                                           csv=False, tensorboard=""))
+            t0 = time.process_time()
+            out = runner(pcfg, Path(path).exists())
+            cost = time.process_time() - t0
+            loss = np.asarray(read_run(out)["metrics"]["test_loss"], dtype=np.float64)
+            return float(loss[-1]) if loss.size else math.inf, cost
+
+        return successive_halving(cands, deadline, clock.rounds_within, train, eta=eta, grid_size=len(grid))
