@@ -2,6 +2,10 @@
 itself.
 
 * Four networks: {slow cloud link, slow device link} x {constant device speed, lognormal(1) device speed}.
+  Two designs for the drawn speeds: ``one-network`` (``system.seed: 0`` in every run: the network the search saw
+  is the one it is evaluated on; only the training seed varies) and ``per-seed`` (the speeds are drawn anew with
+  each ``train.seed``, so the evaluation seeds run on other networks than the search's).  Constant speeds draw
+  nothing, so both designs share those runs.
 * For each network and each of three deadlines of virtual time, the search runs on seed 0 with 10% of the
   training data held out for validation (`analysis.search.search`, the code behind the command).
 * Every candidate of the grid (tau_n in 1, 2, 4, 8, 16: 25 configurations) runs once per evaluation seed 1..4 for
@@ -14,11 +18,14 @@ itself.
 
 Usage (from the repository root; two processes share the jobs, each runs its pilots and grid runs in-process):
 
-    python studies/optimizer_eval.py run --part 0 --parts 2 &  python studies/optimizer_eval.py run --part 1 --parts 2
-    python studies/optimizer_eval.py table > studies/optimizer_eval.out
+    python studies/optimizer_eval.py run --design one-network --part 0 --parts 2 &
+    python studies/optimizer_eval.py run --design one-network --part 1 --parts 2
+    python studies/optimizer_eval.py table --design one-network > studies/optimizer_eval.out
 
-Results go to results/studies/optimizer/ (grid runs, one JSON per search, one cost line per job); `run` skips the
-jobs whose output exists, so an interrupted study continues.
+Results go to results/studies/optimizer/ (grid runs, one JSON per search under search/<method>-<design>/, one
+cost line per job); `run` skips the jobs whose output exists, so an interrupted study continues.  ``--method v1``
+reads the searches of the first version (kept as records; its code gave a candidate with no round within a rung's
+budget one round anyway) with ``table``.
 """
 from __future__ import annotations
 
@@ -55,10 +62,20 @@ SEARCH_SEED = 0
 DEFAULT = (4, 4)
 DRAWS = 10
 INITIAL = 0.1  # accuracy before any round ends: chance on the 10 balanced test classes
+METHOD = "v2"  # the search's version: v2 compares every rung at equal virtual time (docs/theory.md section 18)
 
 
-def systems() -> list[tuple[str, list[str]]]:
-    return [(f"{net}/{sp}", [*sets, f"system.speed={SPEEDS[sp]}"]) for net, sets in NETWORKS.items() for sp in SPEEDS]
+DESIGNS = ("one-network", "per-seed")
+
+
+def systems(design: str) -> list[tuple[str, list[str]]]:
+    fixed = ["system.seed=0"] if design == "one-network" else []
+    return [(f"{net}/{sp}", [*sets, f"system.speed={SPEEDS[sp]}", *fixed]) for net, sets in NETWORKS.items()
+            for sp in SPEEDS]
+
+
+def drawn(system: str) -> bool:
+    return not system.endswith("/constant")
 
 
 def load(sets: list[str], seed: int, tau: tuple[int, ...] = DEFAULT) -> config_mod.Config:
@@ -70,17 +87,18 @@ def clock_of(cfg: config_mod.Config) -> ClockModel:
     return ClockModel(cfg, cfg.build_tree(), model_dim(cfg))
 
 
-def grid_path(system: str, tau: tuple[int, ...], seed: int) -> Path:
-    return OUT / "grid" / system / f"tau{tau[0]}-{tau[1]}-seed{seed}.h5"
+def grid_path(design: str, system: str, tau: tuple[int, ...], seed: int) -> Path:
+    where = OUT / "grid" / system / (design if drawn(system) else "")
+    return where / f"tau{tau[0]}-{tau[1]}-seed{seed}.h5"
 
 
-def search_path(system: str, deadline: float) -> Path:
-    return OUT / "search" / system / f"deadline{deadline:g}.json"
+def search_path(method: str, design: str, system: str, deadline: float) -> Path:
+    return OUT / "search" / f"{method}-{design if drawn(system) else 'constant'}" / system / f"deadline{deadline:g}.json"
 
 
-def jobs() -> list[tuple]:
-    out: list[tuple] = [("search", name, sets, d) for name, sets in systems() for d in DEADLINES]
-    out += [("grid", name, sets, tau, seed) for name, sets in systems() for seed in EVAL_SEEDS
+def jobs(design: str) -> list[tuple]:
+    out: list[tuple] = [("search", design, name, sets, d) for name, sets in systems(design) for d in DEADLINES]
+    out += [("grid", design, name, sets, tau, seed) for name, sets in systems(design) for seed in EVAL_SEEDS
             for tau in ((a, b) for a in VALUES for b in VALUES)]
     return out
 
@@ -98,8 +116,8 @@ def _session_run(cfg: config_mod.Config, resume: bool = False) -> str:
 def run_job(job: tuple, log) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     if job[0] == "search":
-        _, name, sets, deadline = job
-        path = search_path(name, deadline)
+        _, design, name, sets, deadline = job
+        path = search_path(METHOD, design, name, deadline)
         if path.exists():
             return
         cfg = load(sets, SEARCH_SEED)
@@ -109,10 +127,10 @@ def run_job(job: tuple, log) -> None:
                      validation=0.1, workdir=tmp)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(res.to_json())
-        what = f"search {name} {deadline:g}"
+        what = f"search {METHOD} {design} {name} {deadline:g}"
     else:
-        _, name, sets, tau, seed = job
-        path = grid_path(name, tau, seed)
+        _, design, name, sets, tau, seed = job
+        path = grid_path(design, name, tau, seed)
         if path.exists():
             return
         cfg = load(sets, seed, tau)
@@ -124,23 +142,23 @@ def run_job(job: tuple, log) -> None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, rounds=rounds),
                                   output=dataclasses.replace(cfg.output, path=str(path)))
         _session_run(cfg)
-        what = f"grid {name} {tau} seed {seed}"
+        what = f"grid {design} {name} {tau} seed {seed}"
     log.write(json.dumps({"job": what, "wall_s": time.perf_counter() - t0, "core_s": time.process_time() - c0})
               + "\n")
     log.flush()
 
 
-def cmd_run(part: int, parts: int) -> None:
+def cmd_run(design: str, part: int, parts: int) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / f"cost-part{part}.jsonl", "a") as log:
-        for job in jobs()[part::parts]:
+        for job in jobs(design)[part::parts]:
             run_job(job, log)
 
 
-def scores(system: str, tau: tuple[int, ...], deadline: float) -> list[float]:
+def scores(design: str, system: str, tau: tuple[int, ...], deadline: float) -> list[float]:
     out = []
     for seed in EVAL_SEEDS:
-        path = grid_path(system, tau, seed)
+        path = grid_path(design, system, tau, seed)
         if not path.exists():
             if path.with_suffix(".none").exists():
                 out.append(INITIAL)
@@ -151,7 +169,7 @@ def scores(system: str, tau: tuple[int, ...], deadline: float) -> list[float]:
     return out
 
 
-def cmd_table() -> None:
+def cmd_table(design: str, method: str) -> None:
     name_of = {}
     cells = []
     print("| network | speed | deadline s | chosen | oracle | chosen % | median draw % | chosen - median (95% CI) "
@@ -159,17 +177,17 @@ def cmd_table() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     search_core = grid_core = 0.0
     full_runs = []
-    for i, (system, sets) in enumerate(systems()):
+    for i, (system, sets) in enumerate(systems(design)):
         clock0 = clock_of(load(sets, SEARCH_SEED))
         for j, deadline in enumerate(DEADLINES):
-            rec = json.loads(search_path(system, deadline).read_text())
+            rec = json.loads(search_path(method, design, system, deadline).read_text())
             search_core += rec["cost_core_seconds"]
             full_runs.append(rec["full_run_core_seconds"])
             grid = deadline_grid_values(clock0, 2, VALUES, deadline)
             draws = random_draws(grid, DRAWS, seed=100 * i + j)
             fastest = most_steps(clock0, grid, deadline)
             chosen = tuple(rec["chosen"])
-            every = {tau: scores(system, tau, deadline) for tau in ((a, b) for a in VALUES for b in VALUES)}
+            every = {tau: scores(design, system, tau, deadline) for tau in ((a, b) for a in VALUES for b in VALUES)}
             for tau in every:
                 name_of[tau] = f"({tau[0]}, {tau[1]})"
             sc = {name_of[t]: v for t, v in every.items()}
@@ -187,26 +205,30 @@ def cmd_table() -> None:
     for part in sorted(OUT.glob("cost-part*.jsonl")):
         for line in part.read_text().splitlines():
             rec = json.loads(line)
-            if rec["job"].startswith("grid"):
+            mine = ("one-network" in rec["job"]) == (design == "one-network") or "constant" in rec["job"]
+            if rec["job"].startswith("grid") and mine:
                 grid_core += rec["core_s"]
     print(f"compute: searches {search_core / 60:.1f} core-min for 12 searches (median "
           f"{float(np.median([c for c in full_runs])):.1f} core-s for one full run of the choice, the searches "
           f"{search_core / max(math.fsum(full_runs), 1e-9):.2f} x that); evaluation grid {grid_core / 60:.1f} "
-          f"core-min ({len(jobs()) - 12} runs)")
+          f"core-min ({len(jobs(design)) - 12} runs)")
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
+    r.add_argument("--design", choices=DESIGNS, required=True)
     r.add_argument("--part", type=int, default=0)
     r.add_argument("--parts", type=int, default=1)
-    sub.add_parser("table")
+    t = sub.add_parser("table")
+    t.add_argument("--design", choices=DESIGNS, required=True)
+    t.add_argument("--method", default=METHOD, help=f"the searches of this version (default {METHOD}; v1: the first)")
     a = ap.parse_args(argv)
     if a.cmd == "run":
-        cmd_run(a.part, a.parts)
+        cmd_run(a.design, a.part, a.parts)
     else:
-        cmd_table()
+        cmd_table(a.design, a.method)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -198,3 +199,18 @@ def test_real_debian_fashion_mnist():
     x = train.images(np.arange(0, 60000, 6))
     assert tuple(x.shape) == (10000, 1, 28, 28)
     assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1.0) < 0.05  # normalisation constants fit
+
+
+def test_a_parsed_idx_file_is_kept_for_the_next_run_until_the_file_changes(tmp_path, idx_splits):
+    from qmlhfl_mpi.data import images as images_mod
+
+    _write_idx_dir(tmp_path, gz=True, splits={"train": idx_splits["train"]})
+    first = load_image_data("fashion-mnist", tmp_path, train=True)
+    hits = images_mod._parse_idx_cached.cache_info().hits
+    again = load_image_data("fashion-mnist", tmp_path, train=True)
+    assert images_mod._parse_idx_cached.cache_info().hits == hits + 2  # images and labels, not parsed again
+    np.testing.assert_array_equal(again.labels, first.labels)
+    flipped = (idx_splits["train"][0], (idx_splits["train"][1] + 1) % 10)  # same size, new content
+    _write_idx_dir(tmp_path, gz=True, splits={"train": flipped})
+    os.utime(tmp_path / "train-labels-idx1-ubyte.gz", ns=(1, 1))  # a new modification time, whatever the clock
+    np.testing.assert_array_equal(load_image_data("fashion-mnist", tmp_path, train=True).labels, flipped[1])

@@ -274,3 +274,25 @@ def test_a_config_from_before_the_clock_resumes_its_absent_sections_count_as_def
     assert config_diff(yaml.safe_dump(old), cfg) == []
     slow = load_config({**SMALL, "system": {"speed": "lognormal(1)"}})
     assert config_diff(yaml.safe_dump(old), slow) == ["system.speed: 'constant' -> 'lognormal(1)'"]
+
+
+def test_system_seed_keeps_one_network_while_the_run_seed_varies():
+    import copy
+
+    from helpers import SMALL
+    from qmlhfl_mpi import load_config
+    from qmlhfl_mpi.analysis.clockfit import ClockModel
+    from qmlhfl_mpi.config.build import model_dim
+
+    def durations(train_seed, system_seed):
+        raw = copy.deepcopy(SMALL)
+        raw["train"]["seed"] = train_seed
+        raw["system"] = {"speed": "lognormal(1)", "jitter": "lognormal(0.5)", "link_spread": ["lognormal(1)", "constant"],
+                         "seed": system_seed}
+        cfg = load_config(raw)
+        return ClockModel(cfg, cfg.build_tree(), model_dim(cfg)).durations(cfg.tau, 4)
+
+    fixed = durations(1, 5)
+    assert np.array_equal(durations(2, 5), fixed)                # the run's seed does not move the network
+    assert not np.array_equal(durations(1, 6), fixed)            # its own seed does
+    assert np.array_equal(durations(5, None), fixed)             # null: the run's seed, as before

@@ -143,7 +143,8 @@ def with_traces(sections: dict[str, Any], where: Path) -> dict[str, Any]:
 # the serial reference's arithmetic is the unbatched path's: these run with vectorize off
 REFERENCE_CASES = {
     "N1-fedavg": dict(topology={"tree": 5}, tau=[3], quantizer={"levels": [4], "bucket": 16}),
-    "N2-hier-local-qsgd": dict(topology={"branching": [2, 3]}, tau=[2, 3], quantizer={"levels": [3, 0], "bucket": 0}),
+    "N2-hier-local-qsgd-validation": dict(topology={"branching": [2, 3]}, tau=[2, 3],
+                                          quantizer={"levels": [3, 0], "bucket": 0}, data={"validation": 0.25}),
     "N3": dict(topology={"branching": [2, 2, 2]}, tau=[2, 2, 2], quantizer={"levels": [2, 6, 16], "bucket": 8}),
     "N3-unbalanced": dict(topology={"tree": [[3, 1], [2]]}, tau=[1, 2, 2],
                           quantizer={"levels": [4, 8, 2], "bucket": 16}),

@@ -7,8 +7,9 @@ docs/theory.md section 18).  Not collective: the pilots run one after another in
    "most SGD steps by the deadline" member, so both are always tried.
 2. **Successive halving.**  Every candidate trains, on a validation split of the training data
    (``data.validation``; the test set is never read), for the rounds that end within 20% of the deadline on the
-   clock (at least one); the best ``1/eta`` by the global model's validation loss go on to 50%, and the best of
-   those (at least two) to 100% (:func:`successive_halving`).  A survivor continues its own run (its checkpoint is
+   clock; the best ``1/eta`` by the global model's validation loss go on to 50%, and the best of those (at least
+   two) to 100% (:func:`successive_halving`).  Every rung compares at the same virtual time: a candidate with no
+   round within a rung's budget is not judged there and goes on.  A survivor continues its own run (its checkpoint is
    kept, ``output.keep_checkpoint``), so it trains each round once.  The choice is the lowest validation loss at
    100% of the deadline.
 3. **Its cost** is every pilot step's process CPU time (core-seconds), reported beside the chosen candidate's own
@@ -48,7 +49,7 @@ class Trial:
     rung: int
     budget: float
     rounds: int
-    score: float          # the global model's validation loss after ``rounds`` (inf when not finite)
+    score: float          # the global model's validation loss after ``rounds`` (inf: diverged; NaN: not judged)
     core_seconds: float   # process CPU seconds of this step (0 when no new round was needed)
 
 
@@ -75,8 +76,9 @@ class SearchResult:
         return math.fsum(t.core_seconds for t in self.trials if t.tau == self.chosen)
 
     def rung(self, r: int) -> list[Trial]:
-        """The pilot steps of rung ``r`` (0-based), best first."""
-        return sorted((t for t in self.trials if t.rung == r), key=lambda t: (t.score, t.tau))
+        """The pilot steps of rung ``r`` (0-based), best first (those not judged last)."""
+        return sorted((t for t in self.trials if t.rung == r),
+                      key=lambda t: (math.isnan(t.score), t.score if not math.isnan(t.score) else 0.0, t.tau))
 
     def lines(self) -> list[str]:
         """What `optimize` prints and writes into the config (one line per rung, then the cost)."""
@@ -87,7 +89,8 @@ class SearchResult:
             steps = self.rung(r)
             if steps:
                 out.append(f"  rung {r + 1} ({steps[0].budget:.4g} s): " + "; ".join(
-                    f"{list(t.tau)} {t.rounds} rounds loss {t.score:.5g}" for t in steps))
+                    f"{list(t.tau)} {t.rounds} rounds loss {t.score:.5g}" if t.rounds else
+                    f"{list(t.tau)} waits (no round within the budget)" for t in steps))
         out.append(f"  chosen tau = {list(self.chosen)}; pilots cost {self.cost:.1f} core-s in {len(self.trials)} "
                    f"steps, {self.cost / self.full_run_cost if self.full_run_cost > 0 else math.nan:.2f} x one full "
                    f"run of the choice ({self.full_run_cost:.1f} core-s)")
@@ -96,8 +99,10 @@ class SearchResult:
     def to_json(self) -> str:
         """The whole search as one line of JSON (the written config records it)."""
         d = asdict(self)
+        for t in d["trials"]:  # null: not judged at that rung (no round within its budget), or diverged
+            t["score"] = t["score"] if math.isfinite(t["score"]) else None
         d["cost_core_seconds"], d["full_run_core_seconds"] = self.cost, self.full_run_cost
-        return json.dumps(d, separators=(",", ":"), default=float)
+        return json.dumps(d, separators=(",", ":"), default=float, allow_nan=False)
 
 
 def power_values(max_tau: int) -> tuple[int, ...]:
@@ -137,8 +142,10 @@ def successive_halving(candidates: Sequence[tuple[int, ...]], deadline: float,
                        grid_size: int = 0) -> SearchResult:
     """Successive halving (see the module doc).  ``rounds_within(tau, seconds)``: whole rounds of ``tau`` within
     ``seconds`` on the clock; ``train(tau, rounds)``: bring ``tau``'s pilot to ``rounds`` rounds (continuing its
-    own earlier run) and return ``(validation loss, core-seconds)``.  Survivors of a rung: the best
-    ``ceil(n / eta)``, but at least ``final`` (ties: the smaller ``tau`` in order)."""
+    own earlier run) and return ``(validation loss, core-seconds)``.  Every rung compares the candidates at the
+    same virtual time: a candidate none of whose rounds ends within the rung's budget is not judged there and
+    goes on (score NaN, no cost).  Survivors of a rung: those waiting and the best ``ceil(n / eta)`` of the ``n``
+    judged, but at least ``final`` of them (ties: the smaller ``tau`` in order)."""
     if not candidates:
         raise ValueError("successive_halving: no candidates (no tau fits the deadline)")
     fr = tuple(float(f) for f in fractions)
@@ -150,21 +157,26 @@ def successive_halving(candidates: Sequence[tuple[int, ...]], deadline: float,
     done: dict[tuple[int, ...], tuple[int, float]] = {}  # tau -> (rounds trained, last score)
     trials: list[Trial] = []
     for r, f in enumerate(fr):
-        scored = []
+        scored, waiting = [], []
         for tau in alive:
-            rounds = max(1, rounds_within(tau, f * deadline))
-            have, score = done.get(tau, (0, math.inf))
+            rounds = rounds_within(tau, f * deadline)
+            have, score = done.get(tau, (0, math.nan))
             cost = 0.0
             if rounds > have:
                 score, cost = train(tau, rounds)
                 score = float(score) if math.isfinite(score) else math.inf
                 done[tau] = (rounds, score)
             trials.append(Trial(tau, r, f * deadline, max(rounds, have), score, float(cost)))
-            scored.append((score, tau))
+            if rounds == 0:  # no round ends within the budget: not judged yet, and it has cost nothing
+                waiting.append(tau)
+            else:
+                scored.append((score, tau))
         scored.sort()
         if r + 1 < len(fr):
             keep = max(min(final, len(scored)), math.ceil(len(scored) / eta))
-            alive = [tau for _, tau in scored[:keep]]
+            alive = [tau for _, tau in scored[:keep]] + waiting
+        elif not scored:
+            raise ValueError(f"no candidate completes a round within the deadline {deadline:g} s")
         else:
             alive = [scored[0][1]]
     return SearchResult(float(deadline), fr, int(eta), tuple(tuple(c) for c in candidates), tuple(trials), alive[0],

@@ -175,7 +175,7 @@ def system(cfg: Config, tree: Tree) -> SystemModel:
         if s.link_trace else None,
         availability=Availability.read(s.availability_trace, "system.availability_trace", tree.num_devices,
                                        s.availability_period) if s.availability_trace else None)
-    return SystemModel.build(tree, latency(cfg), spec, cfg.train.seed)
+    return SystemModel.build(tree, latency(cfg), spec, cfg.train.seed if s.seed is None else s.seed)
 
 
 def policies(cfg: Config) -> tuple[Policy, ...]:

@@ -226,6 +226,9 @@ class SystemConfig:
                                           "its parent starts an aggregation does not take part")
     availability_period: float = fld(0.0, lo=0, doc="the availability trace repeats every this many seconds; 0 = "
                                                     "it does not (offline after a device's last interval)")
+    seed: int | None = fld(None, lo=0, hi=2**63 - 1,
+                           doc="seed of the system's draws (speed, jitter, link_spread); null = train.seed. Fix it "
+                               "to keep one network while train.seed varies")
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ class SystemModel:
     links: tuple[LinkTimes, ...]        # links 1..N
     jitter: Distribution = Distribution()
     availability: Availability | None = None
+    seed: int | None = None             # the jitter's draws (None: the run's seed, given per round)
 
     @classmethod
     def uniform(cls, tree: Tree, latency: LatencyModel) -> SystemModel:
@@ -153,11 +154,13 @@ class SystemModel:
             shared = bool(spec.shared[n - 1]) if spec.shared else False
             ingress = (spec.ingress_rate[n - 1] if spec.ingress_rate else 0.0) or latency.uplink_rate[n - 1]
             links.append(LinkTimes(up_rate, up_lat, down_rate, down_lat, shared, float(ingress)))
-        return cls(step, tuple(links), spec.jitter, spec.availability)
+        return cls(step, tuple(links), spec.jitter, spec.availability, seed)
 
     def device_steps(self, devices: np.ndarray, seed: int, round_: int) -> np.ndarray:
-        """Seconds per SGD step of ``devices`` in round ``round_`` (their jitter drawn)."""
-        return self.step_seconds[devices] * jitter_factors(self.jitter, seed, round_, devices)
+        """Seconds per SGD step of ``devices`` in round ``round_`` (their jitter drawn from the system's seed, else
+        ``seed``)."""
+        return self.step_seconds[devices] * jitter_factors(self.jitter, seed if self.seed is None else self.seed,
+                                                           round_, devices)
 
 
 @dataclass

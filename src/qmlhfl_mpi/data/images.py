@@ -28,6 +28,7 @@ converts only the requested samples to normalised ``float32``.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
@@ -140,6 +141,22 @@ def _read_upto(f: _Readable, n: int) -> bytes:
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """:func:`_parse_idx`, kept for the process's next run (pilots and in-process sweeps) while the file's
+    size and modification time are unchanged; the array is read-only."""
+    try:
+        st = path.stat()
+    except OSError:
+        return _parse_idx(path, ndim)  # its message names the problem
+    return _parse_idx_cached(str(path.resolve()), st.st_size, st.st_mtime_ns, ndim)
+
+
+@functools.lru_cache(maxsize=4)  # the two files of each split of one data set
+def _parse_idx_cached(path: str, size: int, mtime_ns: int, ndim: int) -> np.ndarray:
+    del size, mtime_ns  # the cache's key: a changed file is parsed again
+    return _parse_idx(Path(path), ndim)
+
+
+def _parse_idx(path: Path, ndim: int) -> np.ndarray:
     """Parse a (possibly gzipped) unsigned-byte IDX file into a uint8 array.
 
     The header is read first, then exactly the bytes it announces (plus one, to
