@@ -201,7 +201,15 @@ def cmd_table(design: str, method: str) -> None:
     print()
     print(f"win rate against the median random draw: {sum(c.win for c in cells)} of {len(cells)} cells "
           f"({100 * win:.0f}%); mean regret to the oracle {regret:.2f} points; median regret "
-          f"{float(np.median([c.regret for c in cells])):.2f}; largest {max(c.regret for c in cells):.2f}")
+          f"{float(np.median([c.regret for c in cells])):.2f}; largest {max(c.regret for c in cells):.2f}; "
+          f"the interval excludes 0 in {sum(c.diff - c.half_width > 0 for c in cells)} cells (above) and "
+          f"{sum(c.diff + c.half_width < 0 for c in cells)} (below)")
+    for name, attr in (("the default (4, 4)", "default_mean"), ("most steps", "fastest_mean"),
+                       ("the median draw", "median_draw_mean")):
+        vals = [getattr(c, attr) for c in cells]
+        beats = sum(v > c.median_draw_mean for v, c in zip(vals, cells))
+        print(f"  {name}: " + (f"beats the median draw in {beats} cells; " if attr != "median_draw_mean" else "")
+              + f"mean regret {float(np.mean([100 * (c.oracle_mean - v) for v, c in zip(vals, cells)])):.2f} points")
     for part in sorted(OUT.glob("cost-part*.jsonl")):
         for line in part.read_text().splitlines():
             rec = json.loads(line)
