@@ -1,13 +1,43 @@
 """The benchmarks run (smoke test only: tiny sizes, seconds; no timing is asserted).  The smokes of the
 mpiexec benchmarks run their jobs at once (round, algorithms: on one rank each, so two jobs fill two cores;
-the GPU check needs its 1- and 2-rank jobs)."""
+the GPU check needs its 1- and 2-rank jobs).  The one-process smokes start together, two at a time (the
+fixture ``outputs``), so the suite's second core is not idle while they import torch."""
 from __future__ import annotations
 
-from helpers import bench
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from helpers import REPO, bench, clean_env
+
+CONCURRENT = {  # one process each, no mpiexec: started two at a time
+    "codec": ("benchmarks/codec.py", "--d", "5000", "--repeat", "2", "--levels", "4", "16"),
+    "vectorize": ("benchmarks/vectorize.py", "--smoke"),
+    "clock": ("benchmarks/clock.py", "--smoke"),
+}
 
 
-def test_codec_benchmark_prints_every_codec_and_the_floor():
-    out = bench("benchmarks/codec.py", "--d", "5000", "--repeat", "2", "--levels", "4", "16")
+def _run(args: tuple[str, ...]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=180, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def outputs() -> dict[str, subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(CONCURRENT, pool.map(_run, CONCURRENT.values())))
+
+
+def smoke(outputs, name: str) -> str:
+    proc = outputs[name]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_codec_benchmark_prints_every_codec_and_the_floor(outputs):
+    out = smoke(outputs, "codec")
     assert "memory floor" in out
     for name in ("qsgd(s=4, bucket=512)", "qsgd(s=16, bucket=512)", "none"):
         assert name in out
@@ -21,13 +51,13 @@ def test_round_benchmark_smoke():
     assert all(float(ln.split()[4]) > 0 for ln in lines)  # the median round time, from each run's results file
 
 
-def test_vectorize_benchmark_smoke():
-    out = bench("benchmarks/vectorize.py", "--smoke")
+def test_vectorize_benchmark_smoke(outputs):
+    out = smoke(outputs, "vectorize")
     assert "speed-up" in out and out.strip().splitlines()[-1].endswith("x")
 
 
 def test_scale_benchmark_smoke():
-    out = bench("benchmarks/scale.py", "--smoke")
+    out = bench("benchmarks/scale.py", "--smoke")  # a 2-rank job: alone
     row = out.strip().splitlines()[-1].split()
     assert row[:3] == ["10000", "1,1,1", "0.1"] and float(row[4]) > 0 and row[5] == "1.00"
     assert float(row[-2]) > 0 and 0 < float(row[-1]) < 50  # the memory check's estimate; MB of 100 rounds' file
@@ -54,8 +84,8 @@ def test_gpu_check_smoke_on_the_cpu():
     assert "host aggregation: the same model as device aggregation" in out
 
 
-def test_clock_benchmark_smoke():
-    out = bench("benchmarks/clock.py", "--smoke")
+def test_clock_benchmark_smoke(outputs):
+    out = smoke(outputs, "clock")
     rows = [ln.split() for ln in out.strip().splitlines() if ln.split() and ln.split()[0] == "200"]
     assert [r[2] for r in rows] == ["all", "deadline", "first_k", "moving"]
     assert float(rows[0][3]) > 0 and float(rows[0][4]) > 0  # milliseconds of the plan, seconds of the round
