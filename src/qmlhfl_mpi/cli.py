@@ -259,8 +259,8 @@ def _check(args: argparse.Namespace, write: Callable[[str], None]) -> int:
 
 
 def _optimize(args: argparse.Namespace, write: Callable[[str], None]) -> int:
-    from .analysis import planner
-    return planner.cmd_optimize(args, write, run_pilot=_pilot_runner)
+    from .analysis import optimizer
+    return optimizer.cmd_optimize(args, write, run_pilot=_pilot_runner)
 
 
 def _plan(args: argparse.Namespace, write: Callable[[str], None]) -> int:
