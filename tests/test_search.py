@@ -113,6 +113,31 @@ def test_optimize_search_returns_a_feasible_tau_and_records_search_pilots_and_co
     assert "# search: successive halving" in written and "pilots cost" in written and "rung 3" in text
 
 
+def test_optimize_search_can_choose_the_levels_too(tmp_path, capsys):
+    cfg_path = small_config(tmp_path, latency={"step_time": 0.01, "uplink_rate": [2e4, 2e4],
+                                               "uplink_latency": [0.01, 0.05]})
+    out = tmp_path / "chosen.yaml"
+    rc = main(["optimize", str(cfg_path), "--search", "halving", "--deadline", "3", "--max-tau", "2",
+               "--levels-values", "2", "0", "--candidates", "5", "--write", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    rec = json.loads(next(ln for ln in out.read_text().splitlines() if ln.startswith("# search-json: ")).split(": ", 1)[1])
+    new = load_config(str(out))
+    assert new.quantizer.levels == tuple(rec["chosen_levels"]) and all(v in (0, 2) for v in new.quantizer.levels)
+    assert new.tau == tuple(rec["chosen"]) and all(len(c) == 4 for c in rec["candidates"])
+    assert len({tuple(c[2:]) for c in rec["candidates"]}) >= 2  # the design spans the levels too
+    clock = ClockModel(new, new.build_tree(), builders.model_dim(new))  # the chosen levels' own clock
+    assert new.train.rounds == clock.rounds_within(new.tau, 3.0) >= 1
+    for t in rec["trials"]:  # every pilot's rounds on the clock of its own levels: float32 messages are slower
+        cfg_t = dataclasses.replace(new, quantizer=dataclasses.replace(new.quantizer, levels=tuple(t["levels"])))
+        c = ClockModel(cfg_t, cfg_t.build_tree(), builders.model_dim(cfg_t))
+        assert t["rounds"] == c.rounds_within(tuple(t["tau"]), t["budget"])
+    assert "levels = [" in text
+    rc = main(["optimize", str(small_config(tmp_path, "topk.yaml", quantizer={"kind": ["topk", "qsgd"]})),
+               "--search", "halving", "--deadline", "3", "--levels-values", "2"])
+    assert rc == 2 and "on links whose codec is qsgd" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--calibrate"], "drop one of them"),
     (["--eta", "1"], "--eta 1: expected an integer >= 2"),

@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
                          "data.validation when the config sets it)")
     op.add_argument("--tau-values", type=int, nargs="+", default=None, metavar="V",
                     help="--search halving: the values each tau_n may take (default 1, 2, 4, .. up to --max-tau)")
+    op.add_argument("--levels-values", type=int, nargs="+", default=None, metavar="S",
+                    help="--search halving: also choose each link's QSGD levels among these (0 = float32)")
     op.add_argument("--pilot-rounds", type=int, default=3, help="global rounds per pilot run (default 3, >= 2)")
     op.add_argument("--pilot-tau", action="append", default=None, metavar="T1,..,TN",
                     help="a pilot tau (repeat for more); default: flat-heavy, configured and frequent-aggregation "

@@ -173,18 +173,29 @@ def _optimize_by_search(args: argparse.Namespace, cfg: Config, tree: Tree, dim: 
     values = tuple(args.tau_values) if args.tau_values else search_mod.power_values(args.max_tau)
     if min(values) < 1:
         raise ValueError(f"--tau-values {list(values)}: expected integers >= 1")
+    levels = tuple(getattr(args, "levels_values", None) or ())
+    if levels:
+        kinds = set(cfg.quantizer.kind) or {"qsgd"}
+        if kinds != {"qsgd"} or any(not 0 <= v <= 32767 for v in levels):
+            raise ValueError(f"--levels-values {list(levels)} with quantizer.kind {list(cfg.quantizer.kind) or 'qsgd'}: "
+                             "the search chooses QSGD levels, 0 (float32) to 32767, on links whose codec is qsgd")
     clock = ClockModel(cfg, tree, dim)
     res = search_mod.search(cfg, clock, args.deadline, run_pilot, values=values, candidates=args.candidates,
-                            eta=args.eta, validation=args.validation)
+                            eta=args.eta, validation=args.validation, levels_values=levels,
+                            clock_for=lambda c: ClockModel(c, tree, dim))
     lines = res.lines()
     for line in lines:
         write(line)
-    rounds = clock.rounds_within(res.chosen, args.deadline)
-    write(f"optimum tau = {list(res.chosen)}: {rounds} rounds end within the {args.deadline:g} s deadline on the "
-          "virtual clock")
+    chosen_cfg = cfg if not res.chosen_levels else dataclasses.replace(
+        cfg, quantizer=dataclasses.replace(cfg.quantizer, levels=res.chosen_levels))
+    rounds = (clock if not res.chosen_levels else ClockModel(chosen_cfg, tree, dim)).rounds_within(res.chosen,
+                                                                                                   args.deadline)
+    write(f"optimum tau = {list(res.chosen)}" + (f", levels = {list(res.chosen_levels)}" if res.chosen_levels else "")
+          + f": {rounds} rounds end within the {args.deadline:g} s deadline on the virtual clock")
     if args.write:
         out = Path(args.write)
-        new = dataclasses.replace(cfg, tau=tuple(res.chosen), train=dataclasses.replace(cfg.train, rounds=rounds))
+        new = dataclasses.replace(chosen_cfg, tau=tuple(res.chosen),
+                                  train=dataclasses.replace(cfg.train, rounds=rounds))
         config_mod.validate(new)
         head = (f"# tau optimised by qmlhfl-mpi optimize --search halving for a {args.deadline:g} s deadline of "
                 f"virtual time; train.rounds = the rounds within it\n"

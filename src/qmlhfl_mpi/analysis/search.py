@@ -18,6 +18,7 @@ docs/theory.md section 18).  Not collective: the pilots run one after another in
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import tempfile
@@ -51,6 +52,7 @@ class Trial:
     rounds: int
     score: float          # the global model's validation loss after ``rounds`` (inf: diverged; NaN: not judged)
     core_seconds: float   # process CPU seconds of this step (0 when no new round was needed)
+    levels: tuple[int, ...] = ()  # the links' quantizer levels, when the search chooses them (0 = float32)
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,11 @@ class SearchResult:
     deadline: float
     fractions: tuple[float, ...]
     eta: int
-    candidates: tuple[tuple[int, ...], ...]
+    candidates: tuple[tuple[int, ...], ...]   # tau, or tau then levels when the search chooses them
     trials: tuple[Trial, ...]
     chosen: tuple[int, ...]
     grid_size: int = 0
+    chosen_levels: tuple[int, ...] = ()       # when the search chooses them
 
     @property
     def cost(self) -> float:
@@ -73,25 +76,27 @@ class SearchResult:
     @property
     def full_run_cost(self) -> float:
         """Core-seconds the chosen ``tau`` took to reach the deadline: one full run."""
-        return math.fsum(t.core_seconds for t in self.trials if t.tau == self.chosen)
+        return math.fsum(t.core_seconds for t in self.trials if (t.tau, t.levels) == (self.chosen, self.chosen_levels))
 
     def rung(self, r: int) -> list[Trial]:
         """The pilot steps of rung ``r`` (0-based), best first (those not judged last)."""
         return sorted((t for t in self.trials if t.rung == r),
-                      key=lambda t: (math.isnan(t.score), t.score if not math.isnan(t.score) else 0.0, t.tau))
+                      key=lambda t: (math.isnan(t.score), t.score if not math.isnan(t.score) else 0.0, t.tau, t.levels))
 
     def lines(self) -> list[str]:
         """What `optimize` prints and writes into the config (one line per rung, then the cost)."""
+        what = "(tau, levels)" if self.chosen_levels else "tau"
         out = [f"search: successive halving (eta {self.eta}) over {len(self.candidates)} space-filling candidates of "
-               f"{self.grid_size} deadline-feasible tau, scored by the validation loss at "
+               f"{self.grid_size} deadline-feasible {what}, scored by the validation loss at "
                f"{', '.join(f'{100 * f:g}%' for f in self.fractions)} of the {self.deadline:g} s deadline"]
         for r in range(len(self.fractions)):
             steps = self.rung(r)
             if steps:
                 out.append(f"  rung {r + 1} ({steps[0].budget:.4g} s): " + "; ".join(
-                    f"{list(t.tau)} {t.rounds} rounds loss {t.score:.5g}" if t.rounds else
-                    f"{list(t.tau)} waits (no round within the budget)" for t in steps))
-        out.append(f"  chosen tau = {list(self.chosen)}; pilots cost {self.cost:.1f} core-s in {len(self.trials)} "
+                    f"{_name(t.tau, t.levels)} {t.rounds} rounds loss {t.score:.5g}" if t.rounds else
+                    f"{_name(t.tau, t.levels)} waits (no round within the budget)" for t in steps))
+        chosen = f"tau = {list(self.chosen)}" + (f", levels = {list(self.chosen_levels)}" if self.chosen_levels else "")
+        out.append(f"  chosen {chosen}; pilots cost {self.cost:.1f} core-s in {len(self.trials)} "
                    f"steps, {self.cost / self.full_run_cost if self.full_run_cost > 0 else math.nan:.2f} x one full "
                    f"run of the choice ({self.full_run_cost:.1f} core-s)")
         return out
@@ -105,6 +110,10 @@ class SearchResult:
         return json.dumps(d, separators=(",", ":"), default=float, allow_nan=False)
 
 
+def _name(tau: tuple[int, ...], levels: tuple[int, ...]) -> str:
+    return f"{list(tau)}" + (f" s={list(levels)}" if levels else "")
+
+
 def power_values(max_tau: int) -> tuple[int, ...]:
     """``1, 2, 4, ...`` up to ``max_tau`` (and ``max_tau`` itself)."""
     if max_tau < 1:
@@ -113,16 +122,18 @@ def power_values(max_tau: int) -> tuple[int, ...]:
     return tuple(sorted(set(vals) | {max_tau}))
 
 
-def space_filling(grid: Sequence[tuple[int, ...]], k: int, first: Sequence[tuple[int, ...]] = ()
-                  ) -> list[tuple[int, ...]]:
+def space_filling(grid: Sequence[tuple[int, ...]], k: int, first: Sequence[tuple[int, ...]] = (),
+                  coords: Callable[[tuple[int, ...]], Sequence[float]] | None = None) -> list[tuple[int, ...]]:
     """``k`` members of ``grid`` (all when it has fewer): the members of ``first`` that are in the grid, then greedily
-    the member farthest (Euclidean, in ``log2 tau``) from those chosen; ties go to the earlier grid member."""
+    the member farthest (Euclidean, in ``coords``: by default ``log2`` of every value) from those chosen; ties go
+    to the earlier grid member."""
     if k < 1:
         raise ValueError(f"space_filling: k={k!r}: expected at least one candidate")
     members = [tuple(int(v) for v in t) for t in grid]
     if len(members) <= k:
         return members
-    pts = np.log2(np.array(members, dtype=np.float64))
+    pts = (np.log2(np.array(members, dtype=np.float64)) if coords is None else
+           np.array([coords(t) for t in members], dtype=np.float64))
     index = {t: i for i, t in enumerate(members)}
     chosen = list(dict.fromkeys(index[tuple(t)] for t in first if tuple(t) in index))[:k]
     if not chosen:
@@ -139,13 +150,16 @@ def successive_halving(candidates: Sequence[tuple[int, ...]], deadline: float,
                        rounds_within: Callable[[tuple[int, ...], float], int],
                        train: Callable[[tuple[int, ...], int], tuple[float, float]],
                        fractions: Sequence[float] = FRACTIONS, eta: int = 3, final: int = 2,
-                       grid_size: int = 0) -> SearchResult:
+                       grid_size: int = 0, split: Callable[[tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
+                       | None = None) -> SearchResult:
     """Successive halving (see the module doc).  ``rounds_within(tau, seconds)``: whole rounds of ``tau`` within
     ``seconds`` on the clock; ``train(tau, rounds)``: bring ``tau``'s pilot to ``rounds`` rounds (continuing its
     own earlier run) and return ``(validation loss, core-seconds)``.  Every rung compares the candidates at the
     same virtual time: a candidate none of whose rounds ends within the rung's budget is not judged there and
     goes on (score NaN, no cost).  Survivors of a rung: those waiting and the best ``ceil(n / eta)`` of the ``n``
-    judged, but at least ``final`` of them (ties: the smaller ``tau`` in order)."""
+    judged, but at least ``final`` of them (ties: the smaller ``tau`` in order).  ``split``: a candidate's
+    ``(tau, levels)`` when the candidates carry levels too (default: the candidate is ``tau``)."""
+    split = split or (lambda c: (c, ()))
     if not candidates:
         raise ValueError("successive_halving: no candidates (no tau fits the deadline)")
     fr = tuple(float(f) for f in fractions)
@@ -166,7 +180,7 @@ def successive_halving(candidates: Sequence[tuple[int, ...]], deadline: float,
                 score, cost = train(tau, rounds)
                 score = float(score) if math.isfinite(score) else math.inf
                 done[tau] = (rounds, score)
-            trials.append(Trial(tau, r, f * deadline, max(rounds, have), score, float(cost)))
+            trials.append(Trial(split(tau)[0], r, f * deadline, max(rounds, have), score, float(cost), split(tau)[1]))
             if rounds == 0:  # no round ends within the budget: not judged yet, and it has cost nothing
                 waiting.append(tau)
             else:
@@ -179,32 +193,63 @@ def successive_halving(candidates: Sequence[tuple[int, ...]], deadline: float,
             raise ValueError(f"no candidate completes a round within the deadline {deadline:g} s")
         else:
             alive = [scored[0][1]]
-    return SearchResult(float(deadline), fr, int(eta), tuple(tuple(c) for c in candidates), tuple(trials), alive[0],
-                        grid_size)
+    best = split(alive[0])
+    return SearchResult(float(deadline), fr, int(eta), tuple(tuple(c) for c in candidates), tuple(trials), best[0],
+                        grid_size, best[1])
 
 
 def search(cfg: Config, clock: ClockModel, deadline: float, runner: Runner, *, values: Sequence[int],
-           candidates: int = 12, eta: int = 3, validation: float = 0.1, workdir: str | Path | None = None
+           candidates: int = 12, eta: int = 3, validation: float = 0.1, workdir: str | Path | None = None,
+           levels_values: Sequence[int] = (), clock_for: Callable[[Config], ClockModel] | None = None
            ) -> SearchResult:
     """The search of the module doc for ``cfg`` (its ``tau`` is the configured one) under ``deadline`` virtual
-    seconds on ``clock``; ``runner`` trains the pilots, in a temporary directory under ``workdir``."""
+    seconds on ``clock``; ``runner`` trains the pilots, in a temporary directory under ``workdir``.
+    ``levels_values``: also choose every link's QSGD levels among these (0 = float32); ``clock_for`` gives the
+    clock of a config with other levels (its messages' sizes change)."""
     N = clock.tree.N
-    grid = deadline_grid_values(clock, N, values, deadline)
+    level_sets = [tuple(cfg.quantizer.levels)] if not levels_values else sorted(
+        itertools.product(sorted({int(v) for v in levels_values}), repeat=N))
+    if levels_values and clock_for is None:
+        raise ValueError("search with levels_values needs clock_for, the clock of a config with other levels")
+
+    def with_levels(levels: tuple[int, ...]) -> Config:
+        return dataclasses.replace(cfg, quantizer=dataclasses.replace(cfg.quantizer, levels=levels))
+
+    clocks = {lv: clock if not levels_values or clock_for is None else clock_for(with_levels(lv)) for lv in level_sets}
+    width = N if not levels_values else 2 * N
+    grid = [tau + (lv if levels_values else ()) for lv in level_sets
+            for tau in deadline_grid_values(clocks[lv], N, values, deadline)]
     if not grid:
         raise ValueError(f"no tau with tau_n in {list(values)} completes a round within the deadline {deadline:g} s "
                          "on the virtual clock: raise --deadline")
-    first = [tuple(cfg.tau), most_steps(clock, grid, deadline)]
-    cands = space_filling(grid, candidates, first)
+
+    def split(c: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return c[:N], c[N:width]
+
+    def clock_of(c: tuple[int, ...]) -> ClockModel:
+        return clocks[split(c)[1]] if levels_values else clock
+
+    top = max((v for v in levels_values if v > 0), default=1)
+    coords = None if not levels_values else (  # log2 tau, log2 s (float32 as one octave above the finest s)
+        lambda c: [math.log2(v) for v in c[:N]] + [math.log2(v if v > 0 else 2 * top) for v in c[N:]])
+    def steps(c: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:  # most SGD steps, then the smaller K
+        return (-math.prod(c[:N]) * clock_of(c).rounds_within(c[:N], deadline), math.prod(c[:N]), c)
+
+    configured = tuple(cfg.tau) + (tuple(cfg.quantizer.levels) if levels_values else ())
+    first = [configured, most_steps(clock, grid, deadline) if not levels_values else min(grid, key=steps)]
+    cands = space_filling(grid, candidates, first, coords)
     if cfg.data.validation > 0:
         validation = cfg.data.validation
     if not 0 < validation <= 0.5:
         raise ValueError(f"--validation {validation!r}: expected a share of the training data in (0, 0.5]")
 
     with tempfile.TemporaryDirectory(prefix="qmlhfl-search-", dir=workdir) as tmp:
-        def train(tau: tuple[int, ...], rounds: int) -> tuple[float, float]:
-            path = str(Path(tmp) / f"tau{'_'.join(map(str, tau))}.h5")
+        def train(c: tuple[int, ...], rounds: int) -> tuple[float, float]:
+            tau, levels = split(c)
+            path = str(Path(tmp) / f"tau{'_'.join(map(str, c))}.h5")
+            base = with_levels(levels) if levels_values else cfg
             pcfg = dataclasses.replace(
-                cfg, tau=tau, data=dataclasses.replace(cfg.data, validation=validation),
+                base, tau=tau, data=dataclasses.replace(cfg.data, validation=validation),
                 train=dataclasses.replace(cfg.train, rounds=rounds, eval_every=_ONLY_LAST),
                 output=dataclasses.replace(cfg.output, path=path, checkpoint_every=0, keep_checkpoint=True,
                                            csv=False, tensorboard=""))
@@ -214,4 +259,5 @@ def search(cfg: Config, clock: ClockModel, deadline: float, runner: Runner, *, v
             loss = np.asarray(read_run(out)["metrics"]["test_loss"], dtype=np.float64)
             return float(loss[-1]) if loss.size else math.inf, cost
 
-        return successive_halving(cands, deadline, clock.rounds_within, train, eta=eta, grid_size=len(grid))
+        return successive_halving(cands, deadline, lambda c, t: clock_of(c).rounds_within(split(c)[0], t), train,
+                                  eta=eta, grid_size=len(grid), split=split)
