@@ -838,7 +838,7 @@ def clock_for(cfg, devices, sizes):
     lat = cfg.latency
     policies = [((ag.policy[n] if ag.policy else "all"), (ag.deadline[n] if ag.deadline else 0.0),
                  (ag.min_children[n] if ag.min_children else 1), (ag.k[n] if ag.k else 1)) for n in range(N)]
-    return Clock(cfg.train.seed, devices, lat.step_time, _sigma(sy.speed), _sigma(sy.jitter),
+    return Clock(cfg.train.seed if sy.seed is None else sy.seed, devices, lat.step_time, _sigma(sy.speed), _sigma(sy.jitter),
                  list(lat.uplink_rate or [1e8] * N), list(lat.uplink_latency or [0.01] * N),
                  list(sy.down_rate or [0.0] * N), list(sy.down_latency or [0.0] * N), up, down, policies, intervals)
 

@@ -174,7 +174,8 @@ REFERENCE_CASES = {
     # the virtual clock (docs/system.md): stragglers dropped at a deadline, over-selection at the cloud
     "N2-clock-deadline-first_k": dict(
         topology={"branching": [2, 3]}, tau=[2, 2], quantizer={"levels": [3, 8], "bucket": 16},
-        participation={"fraction": [0.67, 1.0]}, system={"speed": "lognormal(1)", "jitter": "lognormal(0.3)"},
+        participation={"fraction": [0.67, 1.0]},
+        system={"speed": "lognormal(1)", "jitter": "lognormal(0.3)", "seed": 3},  # the network's own seed
         aggregation={"policy": ["deadline", "first_k"], "deadline": [0.05, 0], "k": [0, 1]}),
     # availability in time, downlink times, a deadline some nodes miss entirely (they keep their model)
     "N3-clock-availability-downlink": dict(
