@@ -143,6 +143,8 @@ def test_optimize_search_can_choose_the_levels_too(tmp_path, capsys):
     (["--eta", "1"], "--eta 1: expected an integer >= 2"),
     (["--lr", "0.5"], "--set train.lr=0.5"),
     (["--validation", "0.9"], "--validation 0.9"),
+    (["--tau-values", "0", "2"], "--tau-values [0, 2]: expected integers >= 1"),
+    (["--candidates", "0"], "--candidates 0: expected an integer >= 1"),
 ])
 def test_optimize_search_refuses_bad_options(tmp_path, capsys, args, message):
     rc = main(["optimize", str(small_config(tmp_path)), "--search", "halving", "--deadline", "3", *args])
