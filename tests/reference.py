@@ -149,7 +149,8 @@ class Reference:
         self.downlink = [make_codec(s, bucket, "qsgd", tensor_sizes=tensor_sizes) if s else None
                          for s in (downlink or [0] * N)]
         self.client = client or {}
-        self.admm, self.duals = 0.0, {}  # ADMM at the edges: rho, each device's dual (set by reference_for)
+        self.admm, self.duals = 0.0, {}  # ADMM: rho, each child's dual (set by reference_for)
+        self.admm_layer, self.anchor = 1, None  # ADMM's layer; above 1, the anchor of the subtree now training
         self.lr_at = lr_at or (lambda t: self.lr)
         self.clock = clock  # a Clock: the system model and the policies; None = everyone is kept
         self.kept = {}      # (layer, node, call) -> positions kept, from the clock's pass
@@ -187,7 +188,11 @@ class Reference:
         need = self.tau[0] * b
         order = np.concatenate([g.permutation(n) for _ in range(math.ceil(need / n))])[:need].reshape(self.tau[0], b)
         lr = self.lr_at(t)
-        if self.admm:  # FedADMM at the edges: prox toward v - y / rho, then the dual step, the augmented model
+        if self.anchor is not None:  # ADMM above the edges: the subtree's prox toward its anchor, no dual here
+            sgd_run(self.model, self.params, x, y, order, lr, **{**self.client, "prox_mu": self.admm},
+                    w0=self.anchor)
+            return self.vector()
+        if self.admm and self.admm_layer == 1:  # FedADMM at the edges: prox toward v - y / rho, the dual step
             rho, dual = self.admm, self.duals.get(device)
             inv = np.float32(1.0 / rho)
             anchor = v.copy() if dual is None else v - dual * inv
@@ -336,7 +341,16 @@ class Reference:
                 self.count(("up", n, c.index))
                 continue
             a = weight_of[j]
-            x = self.work(c, v, t)
+            if self.admm and n == self.admm_layer > 1:  # FedADMM with subtrees: c trains toward its anchor
+                rho, dual = np.float32(self.admm), self.duals.get(c.index)
+                self.anchor = v.copy() if dual is None else v - dual * np.float32(1.0 / self.admm)
+                x = self.work(c, v, t)
+                self.anchor = None
+                dual = rho * (x - v) if dual is None else dual + rho * (x - v)
+                self.duals[c.index] = dual
+                x = x + dual * np.float32(1.0 / self.admm)
+            else:
+                x = self.work(c, v, t)
             k = self.count(("up", n, c.index))
             base = v
             if self.privacy and c.layer == 0:  # the device's update clipped (and, local placement, noised)
@@ -761,7 +775,7 @@ def reference_for(cfg) -> Reference:
         tensor_sizes=sizes, fractions=list(q.topk_fraction) or None, clock=clock_for(cfg, tree.num_devices, sizes),
         intsum=intsum_args(cfg, sum(sizes)))
     ref.parents = []
-    ref.admm, ref.duals = (cfg.admm.rho if cfg.admm.layer else 0.0), {}
+    ref.admm, ref.duals, ref.admm_layer = (cfg.admm.rho if cfg.admm.layer else 0.0), {}, max(cfg.admm.layer, 1)
     if ref.clock is not None and cfg.privacy.secure_aggregation and cfg.privacy.secure_aggregation[0]:
         ref.clock.secure_threshold = cfg.privacy.secure_threshold
     ag = cfg.aggregation

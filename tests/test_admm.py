@@ -6,6 +6,7 @@ N3-admm-edges-sampled."""
 from __future__ import annotations
 
 import copy
+import math
 
 import h5py
 import numpy as np
@@ -94,8 +95,45 @@ def test_the_example_runs_and_differs_from_averaging_under_edge_level_heterogene
     assert np.isfinite(out[1]).all() and not np.array_equal(out[1], out[0])
 
 
+@pytest.mark.parametrize("layer, tree, tau, fraction", [
+    (2, [2, 2, 2], [2, 2, 1], [0.5, 1.0, 1.0]),   # the regional servers with their edges as clients
+    (3, [2, 2, 2], [1, 2, 2], [1.0, 0.5, 1.0]),   # the cloud with its regions as clients
+    (2, [2, 3], [2, 2], [0.67, 1.0]),             # N = 2: the cloud with its edges
+])
+def test_admm_above_the_edges_against_the_reference(tmp_path, layer, tree, tau, fraction):
+    """ADMM at layer L >= 2: each subtree trains toward its anchor and takes the dual step at its send-up.  The
+    reference's model bit for bit, not averaging's; the duals are per layer L-1 node; the anchors' bytes are the
+    only downlink bytes averaging does not have, one float32 vector per node and device below each child per
+    period."""
+    N = len(tree)
+    sections = dict(topology={"branching": tree}, tau=tau, participation={"fraction": fraction},
+                    quantizer={"levels": [4] * N, "bucket": 16}, admm={"layer": layer, "rho": 0.5},
+                    output={"checkpoint_every": 1})
+    got, raw = run_here(tmp_path, "admm", **sections)
+    assert np.array_equal(reference_for(load_config(raw)).run(4), got) and np.isfinite(got).all()
+    avg, _ = run_here(tmp_path, "avg", **{**sections, "admm": {"layer": 0}})
+    assert not np.array_equal(avg, got)
+    with h5py.File(tmp_path / "admm.h5") as f, h5py.File(tmp_path / "avg.h5") as g:
+        extra = f["metrics/downlink_bytes"][()].sum(axis=0) - g["metrics/downlink_bytes"][()].sum(axis=0)
+        assert np.array_equal(f["metrics/uplink_bytes"][()], g["metrics/uplink_bytes"][()])
+    cfg = load_config(raw)
+    t = cfg.build_tree()
+    d = got.size
+    periods = 4 * math.prod(tau[layer:])  # the ADMM node's aggregations in 4 rounds (full participation above)
+    kids = [math.ceil(fraction[layer - 1] * len(t.children(layer, 0)) - 0.5) if fraction[layer - 1] < 1
+            else len(t.children(layer, 0))]
+    below = [t.num_nodes(m - 1) // t.num_nodes(layer - 1) for m in range(1, layer)]  # per child, on link m
+    nodes = t.num_nodes(layer)
+    want = [4 * d * periods * nodes * kids[0] * below[m - 1] if m < layer else 0 for m in range(1, N + 1)]
+    assert extra.tolist() == want, (extra.tolist(), want)
+
+
 @pytest.mark.parametrize("sections, message", [
-    ({"admm": {"layer": 2}}, r"'admm.layer' = 2: this version runs ADMM at the edges"),
+    ({"admm": {"layer": 3}}, r"'admm.layer' = 3: the tree has layers 1..2 \(1 = the edges"),
+    ({"admm": {"layer": 2}, "system": {"down_rate": [1e6, 0]}},
+     r"'admm.layer' = 2 with system.down_rate = \[1000000.0, 0.0\]: .* set system.down_rate to 0 on links 1..1"),
+    ({"admm": {"layer": 2}, "aggregation": {"policy": ["all", "buffered"], "buffer": [0, 1]}},
+     r"'admm.layer' = 2 with a buffered layer at or below 2"),
     ({"admm": {"layer": 1, "rho": 0}}, r"'admm.rho' = 0: ADMM's penalty must be > 0"),
     ({"admm": {"layer": 1}, "train": {"prox_mu": 0.1}}, r"with train.prox_mu = 0.1: .* set train.prox_mu: 0"),
     ({"admm": {"layer": 1}, "train": {"vectorize": "on"}}, r"with train.vectorize = on: .* one device at a time"),

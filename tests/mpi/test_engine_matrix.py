@@ -238,6 +238,12 @@ REFERENCE_CASES = {
         topology={"tree": [[3, 2], [4]]}, tau=[2, 2, 1], participation={"fraction": [0.7, 1, 1]},
         quantizer={"levels": [4, 8, 0], "bucket": 16, "error_feedback": [True, False, False]},
         train={"momentum": 0.5}, admm={"layer": 1, "rho": 0.3}),
+    # ADMM at the regional servers: the edges' subtrees train toward their anchors; edge 0 (6 devices) spans
+    # ranks 0 and 1 on 3 and 4 ranks, so its anchor is broadcast over its subtree
+    "N3-admm-regions-spanning": dict(
+        topology={"tree": [[6], [2, 2]]}, tau=[2, 2, 1], participation={"fraction": [0.67, 0.5, 1]},
+        quantizer={"levels": [4, 8, 0], "bucket": 16, "error_feedback": [False, True, False]},
+        admm={"layer": 2, "rho": 0.3}),
     # (speeds so spread that a fast device's message is twice in one buffer of 3, in rounds 0-2)
     "N1-fedbuff-hinge": dict(
         topology={"tree": 6}, tau=[3], quantizer={"levels": [4], "bucket": 16},

@@ -71,8 +71,9 @@ class RoundExecutor:
         self.privacy = privacy  # docs/privacy.md: clipping (and local noise) at training, noise at its layer
         self.clip = privacy.clip if privacy is not None else 0.0  # the clip now (adaptive: set every round)
         self.clip_counts = np.zeros(2, dtype=np.int64)  # this rank's updates within the clip, and all, this round
-        self.admm = admm  # ADMM at the edges (core/admm.py): a dual per device, on the rank that trains it
-        self.duals: dict[int, np.ndarray] = {}
+        self.admm = admm  # ADMM (core/admm.py): a dual per child of the ADMM layer, on the rank that leads it
+        self.duals: dict[int, np.ndarray] = {}      # child (a device at layer 1, else a layer L-1 node) -> dual
+        self._anchors: dict[int, np.ndarray] = {}   # ADMM above layer 1: layer L-1 node -> its subtree's anchor
         # links whose parents add integer codes (intsum), masked where the layer runs secure aggregation
         shares = privacy if privacy is not None and privacy.shares else None  # distributed DP: in link 1's codes
         self._summed = [SummedLink(n, lk.codec, dim, bool(secure[n - 1]) if secure else False,
@@ -259,6 +260,8 @@ class RoundExecutor:
         n, u = a.layer, a.node
         if a.first and a.parent >= 0:  # the first repetition starts from the parent's model
             self._model[(n, u)] = self._model[(n + 1, self.tree.parent(n, u))]
+            if self.admm is not None and self.admm.layer == n + 1:  # a subtree's anchor for the parent's period
+                self._anchor(n, u)
         if a.empty:
             return
         v = self._model[(n, u)]
@@ -290,7 +293,14 @@ class RoundExecutor:
         calls = [int(a.train_calls[j]) for j in local]
         st = self.stats
         admm, kw = self.admm, {}
-        if admm is not None:  # each device's augmented local problem: FedProx's term toward its anchor
+        if admm is not None and admm.layer > 1:  # the device's subtree's anchor (set when the period began)
+            c = a.node
+            for n in range(1, admm.layer - 1):
+                c = self.tree.parent(n, c)
+            z = self._anchors[c]
+            kw["prox"] = (admm.rho, lambda dev: z)
+            admm = None  # the dual step is the subtree's, at its send-up
+        elif admm is not None:  # each device's augmented local problem: FedProx's term toward its anchor
             host_v = np.asarray(self.vectors.to_host(v), dtype=np.float32)
             kw["prox"] = (admm.rho, lambda dev: admm.anchor(host_v, self.duals.get(dev)))
         t0 = time.perf_counter()
@@ -304,6 +314,28 @@ class RoundExecutor:
             else:
                 yield j, dev, x
             t0 = time.perf_counter()
+
+    def _anchor(self, n: int, c: int) -> None:
+        """ADMM at layer ``n + 1``: child ``c``'s anchor ``z_c = v - y_c / rho`` for its subtree's training in the
+        parent's period, made on ``c``'s leader from the parent's model (just taken as ``c``'s) and shared with the
+        ranks of ``c``'s subtree.  It travels down the subtree beside the model: counted as one float32 vector per
+        node and device below ``c`` on each of links ``1..n``."""
+        assert self.admm is not None
+        z = None
+        if self.leads(n, c):
+            v = np.asarray(self.vectors.to_host(self._model[(n, c)]), dtype=np.float32)
+            z = self.admm.anchor(v, self.duals.get(c))
+            lo, hi = c, c + 1
+            for m in range(n, 0, -1):  # the layer m-1 descendants of c: receivers on link m
+                lo, hi = self.tree.children(m, lo).start, self.tree.children(m, hi - 1).stop
+                self.stats.downlink_bytes[m - 1] += 4 * self.dim * (hi - lo)
+        lc = self._spanning(n, c)
+        if lc is not None and lc.subtree is not None:
+            t0 = time.perf_counter()
+            z = broadcast_vector(lc.subtree, z, self.dim, self.guard)
+            self.stats.t_comm += time.perf_counter() - t0
+        assert z is not None
+        self._anchors[c] = np.asarray(z, dtype=np.float32)
 
     def _close(self, plan: RoundPlan, a: Aggregation) -> None:
         n, u = a.layer, a.node
@@ -332,7 +364,12 @@ class RoundExecutor:
         if a.last and a.parent >= 0 and leads:  # the node's model goes up as its message
             parent = plan.aggregations[a.parent]
             assert new is not None
-            self._send_up(plan, parent, a.slot, new, self._model[(n + 1, parent.node)])
+            base = self._model[(n + 1, parent.node)]
+            if self.admm is not None and self.admm.layer == n + 1:  # the dual step; the augmented model goes up
+                host = self.vectors.to_host
+                self.duals[u], aug = self.admm.step(np.asarray(host(new)), np.asarray(host(base)), self.duals.get(u))
+                new = self.vectors.from_host(aug)
+            self._send_up(plan, parent, a.slot, new, base)
         if a.last:
             self._model.pop((n, u), None)
 
@@ -592,7 +629,8 @@ class RoundExecutor:
         host = self.vectors.to_host
         out = {f"server.{n}.{u}.{k}": host(x) for (n, u), st in self.server_state.items() for k, x in st.items()}
         out.update({f"residual.{n}.{c}": host(e) for (n, c), e in self.residuals.items()})
-        out.update({f"dual.1.{i}": y for i, y in self.duals.items()})
+        if self.admm is not None:
+            out.update({f"dual.{self.admm.layer}.{i}": y for i, y in self.duals.items()})
         for (n, u), (x, start) in self.tier_models.items():
             if self.leads(n, u):
                 out[f"tier.{n}.{u}.model"], out[f"tier.{n}.{u}.start"] = x, start
@@ -608,7 +646,7 @@ class RoundExecutor:
             if lk.error_feedback:
                 out += tree.num_nodes(n - 1)
         if self.admm is not None:
-            out += tree.num_devices
+            out += tree.num_nodes(self.admm.layer - 1)
         return out
 
     def owner(self, name: str) -> int:

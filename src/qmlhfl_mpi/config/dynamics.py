@@ -289,14 +289,20 @@ def validate_secure_aggregation(cfg: Config, N: int, shape: TreeShape) -> None:
 
 
 def validate_admm(cfg: Config) -> None:
-    """The ``admm`` section: layer 1 (the edges with their devices) in this version, a penalty > 0, and none of
-    the options that would change a device's local problem or its message otherwise."""
+    """The ``admm`` section: a layer 1..N, a penalty > 0, and none of the options that would change a device's
+    local problem or its message otherwise."""
     a = cfg.admm
     if not a.layer:
         return
-    if a.layer != 1:
-        raise ConfigError(f"config key 'admm.layer' = {a.layer}: this version runs ADMM at the edges (layer 1), "
-                          "with the devices as its clients; give admm.layer: 1, or 0 for averaging")
+    N = cfg.N
+    if not 1 <= a.layer <= N:
+        raise ConfigError(f"config key 'admm.layer' = {a.layer}: the tree has layers 1..{N} (1 = the edges with "
+                          f"their devices, {N} = the cloud); give one of them, or 0 for averaging")
+    down = cfg.system.down_rate
+    if a.layer > 1 and any(r > 0 for r in down[:a.layer - 1]):
+        raise ConfigError(f"config key 'admm.layer' = {a.layer} with system.down_rate = {list(down)}: a child's anchor "
+                          "travels down its subtree beside the model, and the virtual clock does not time it; set "
+                          f"system.down_rate to 0 on links 1..{a.layer - 1}")
     if not a.rho > 0:
         raise ConfigError(f"config key 'admm.rho' = {a.rho:g}: ADMM's penalty must be > 0 (e.g. 0.1)")
     clash = [(cond, what, fix) for cond, what, fix in (
@@ -306,11 +312,13 @@ def validate_admm(cfg: Config) -> None:
          "trains one device at a time: set train.vectorize: auto or off"),
         (cfg.privacy.clip > 0, f"privacy.clip = {cfg.privacy.clip:g}", "the dual carries un-noised updates into "
          "later messages: drop the privacy section"),
-        (bool(cfg.aggregation.policy) and cfg.aggregation.policy[0] == "buffered", "a buffered layer 1",
-         "ADMM's edges aggregate synchronously: use a synchronous policy on layer 1"),
+        (bool(cfg.aggregation.policy) and "buffered" in cfg.aggregation.policy[:a.layer],
+         f"a buffered layer at or below {a.layer}", f"ADMM's layer and those below it aggregate synchronously: use "
+         f"synchronous policies on layers 1..{a.layer}"),
         (cfg.mobility.model != "static" or bool(cfg.failures.intervals) or bool(cfg.failures.trace),
-         "mobility/failures", "a device's dual belongs to its edge: drop the mobility and failures sections"),
+         "mobility/failures", "a dual belongs to its child's place in the tree: drop the mobility and failures "
+         "sections"),
     ) if cond]
     if clash:
         _, what, fix = clash[0]
-        raise ConfigError(f"config key 'admm.layer' = 1 with {what}: {fix}")
+        raise ConfigError(f"config key 'admm.layer' = {a.layer} with {what}: {fix}")

@@ -311,9 +311,9 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class AdmmConfig:
     layer: int = fld(0, lo=0, doc="the layer whose nodes run ADMM with their children (FedADMM: each child keeps a "
-                                  "dual, solves an augmented local problem and sends its augmented model; "
-                                  "docs/algorithms.md); 1 = the edges with their devices, the layer this version "
-                                  "supports; 0 = off")
+                                  "dual, its subtree solves an augmented local problem and it sends its augmented "
+                                  "model; docs/algorithms.md); 1 = the edges with their devices, N = the cloud; "
+                                  "0 = off")
     rho: float = fld(0.1, lo=0, doc="ADMM's penalty rho > 0: the local proximal weight and the dual step")
 
 

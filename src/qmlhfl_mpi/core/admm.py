@@ -12,6 +12,12 @@ term with ``mu = rho`` toward ``z_i``.  Then
 and ``x^_i`` is what the device sends (as ``x^_i - v`` through the link's codec).  The edge averages the
 augmented models, ``v <- sum_i a_i x^_i`` (its server step as for any message).  A device that does not take part
 keeps its dual.  All in float32, in this order, on the host (the serial reference repeats it).
+
+At a higher layer ``L`` the children are subtrees (docs/algorithms.md, "ADMM above the edges"): child ``c`` of a
+layer-``L`` node with model ``v`` keeps ``y_c``; every device of ``c``'s subtree adds ``rho (x - z_c)`` to its
+gradients, ``z_c = v - y_c / rho``, throughout the node's aggregation period (the subtree minimises
+``f_c(x) + <y_c, x - v> + rho/2 ||x - v||^2`` by its own hierarchical SGD); then ``c`` takes the same dual step
+with its model ``x_c`` and sends ``x_c + y_c / rho``.
 """
 from __future__ import annotations
 
@@ -24,13 +30,16 @@ __all__ = ["Admm"]
 
 @dataclass(frozen=True)
 class Admm:
-    """The penalty ``rho`` > 0 of the ADMM layer."""
+    """The penalty ``rho`` > 0 and the ``layer`` whose nodes run ADMM with their children (1: the edges)."""
 
     rho: float
+    layer: int = 1
 
     def __post_init__(self) -> None:
         if not self.rho > 0:
             raise ValueError(f"admm.rho = {self.rho!r}: must be > 0")
+        if self.layer < 1:
+            raise ValueError(f"admm.layer = {self.layer!r}: must be >= 1")
 
     def anchor(self, v: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         """The local run's proximal anchor ``z = v - y / rho`` (``v`` without a dual yet)."""

@@ -147,7 +147,7 @@ class Runtime:
             executor = step(lambda: RoundExecutor(layout, rank, comms, links, dim, clients, vectors, watchdog,
                                                   world=comm, privacy=private[0] if private else None,
                                                   secure=cfg.privacy.secure_aggregation,
-                                                  admm=Admm(cfg.admm.rho) if cfg.admm.layer else None),
+                                                  admm=Admm(cfg.admm.rho, cfg.admm.layer) if cfg.admm.layer else None),
                             (ValueError,), stage="building the executor")
         except BaseException:
             _free(comms, watchdog)
