@@ -303,9 +303,26 @@ with rho 0.01 / 0.1 / 1; 40 rounds; one device at a time (train.vectorize off) i
           "--target 0.7 --last 5 --label-keys admm.layer,admm.rho", variants, seeds)
 
 
+def admm_regions(seeds: tuple[int, ...] = SEEDS) -> None:
+    """Study 11, second part: ADMM above the edges.  N = 3 (2 regions of 2 edges of 8 devices), tau (4, 2, 2),
+    edge-shards; the regions average their edges (avg), or run ADMM with them (layer 2), or the edges run it
+    with their devices (layer 1), rho 1; one device at a time in every run."""
+    base = ["topology.branching=[2,2,8]", "tau=[4,2,2]", "quantizer.levels=[4,8,8]", "latency.uplink_rate=[1e7,1e8,1e7]",
+            "latency.uplink_latency=[0.02,0.02,0.2]", "data.partition.kind=edge-shards",
+            "train.rounds=40", "train.vectorize=off"]
+    variants = [("avg", [*base, "admm.layer=0"]), ("admm-layer1", [*base, "admm.layer=1", "admm.rho=1"]),
+                ("admm-layer2", [*base, "admm.layer=2", "admm.rho=1"])]
+    write("admm_regions", """
+N = 3: 32 devices, 2 regions of 2 edges of 8; tau = (4, 2, 2); QSGD s = (4, 8, 8), bucket 512; edge-shards (each
+edge's devices share a pool of 4 classes): the edges and the regions differ; averaging everywhere (avg), ADMM at
+the edges with their devices (layer 1), or at the regions with their edges as clients (layer 2: each edge's subtree
+trains toward its anchor), rho 1; 40 rounds; one device at a time (train.vectorize off) in every run.""",
+          "--target 0.7 --last 5 --label-keys admm.layer,admm.rho", variants, seeds)
+
+
 STUDIES = {"depth": depth, "quant_layers": quant_layers, "biased": biased, "selection": selection,
            "hetero": hetero, "stragglers": stragglers, "asynchrony": asynchrony, "mobility": mobility,
-           "privacy": privacy, "admm": admm}
+           "privacy": privacy, "admm": admm, "admm_regions": admm_regions}
 
 
 def main() -> None:

@@ -331,9 +331,23 @@ def admm() -> list[str]:
     return out
 
 
+def admm_regions() -> list[str]:
+    """Study 11, second part: ADMM at the regions (layer 2, the edges' subtrees as clients) and at the edges
+    (layer 1), rho 1, against averaging on an N = 3 tree with edge-shards."""
+    s = "admm_regions"
+    out = [HEAD]
+    for v, what in (("admm-layer2", "ADMM at the regions"), ("admm-layer1", "ADMM at the edges")):
+        out.append(compare(s, f"{what} is more accurate than averaging (last 5 of 40 rounds)", v, "avg", last(5)))
+        out.append(compare(s, f"{what} reaches 70% in fewer rounds than averaging", v, "avg", rounds_to(0.7, 40),
+                           unit="rounds", sign=-1, scale=1.0))
+    out.append(compare(s, "ADMM at the regions is more accurate than at the edges (no direction fixed)",
+                       "admm-layer2", "admm-layer1", last(5)))
+    return out
+
+
 STUDIES = {"depth": depth, "quant_layers": quant_layers, "biased": biased, "selection": selection,
            "hetero": hetero, "optvsrandom": optvsrandom, "stragglers": stragglers, "asynchrony": asynchrony,
-           "mobility": mobility, "privacy": privacy, "admm": admm}
+           "mobility": mobility, "privacy": privacy, "admm": admm, "admm_regions": admm_regions}
 
 
 def main() -> None:
