@@ -123,7 +123,9 @@ def test_optimize_search_can_choose_the_levels_too(tmp_path, capsys):
     assert rc == 0, text
     rec = json.loads(next(ln for ln in out.read_text().splitlines() if ln.startswith("# search-json: ")).split(": ", 1)[1])
     new = load_config(str(out))
-    assert new.quantizer.levels == tuple(rec["chosen_levels"]) and all(v in (0, 2) for v in new.quantizer.levels)
+    assert new.quantizer.levels == tuple(rec["chosen_levels"])
+    assert all(v in (0, 2) for v in new.quantizer.levels) or new.quantizer.levels == (3, 8)  # or the configured
+    assert [2, 2, 3, 8] in rec["candidates"]  # the configured choice is always tried
     assert new.tau == tuple(rec["chosen"]) and all(len(c) == 4 for c in rec["candidates"])
     assert len({tuple(c[2:]) for c in rec["candidates"]}) >= 2  # the design spans the levels too
     clock = ClockModel(new, new.build_tree(), builders.model_dim(new))  # the chosen levels' own clock
@@ -136,6 +138,15 @@ def test_optimize_search_can_choose_the_levels_too(tmp_path, capsys):
     rc = main(["optimize", str(small_config(tmp_path, "topk.yaml", quantizer={"kind": ["topk", "qsgd"]})),
                "--search", "halving", "--deadline", "3", "--levels-values", "2"])
     assert rc == 2 and "on links whose codec is qsgd" in capsys.readouterr().err
+
+
+def test_the_configured_tau_is_a_candidate_even_off_the_value_grid(tmp_path, capsys):
+    out = tmp_path / "c.yaml"
+    rc = main(["optimize", str(small_config(tmp_path)), "--search", "halving", "--deadline", "2", "--tau-values", "1",
+               "4", "--candidates", "3", "--write", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rec = json.loads(next(ln for ln in out.read_text().splitlines() if ln.startswith("# search-json: ")).split(": ", 1)[1])
+    assert rec["candidates"][0] == [2, 2] and rec["grid_size"] == 5  # (1|4)^2 and the configured (2, 2)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -236,6 +236,9 @@ def search(cfg: Config, clock: ClockModel, deadline: float, runner: Runner, *, v
         return (-math.prod(c[:N]) * clock_of(c).rounds_within(c[:N], deadline), math.prod(c[:N]), c)
 
     configured = tuple(cfg.tau) + (tuple(cfg.quantizer.levels) if levels_values else ())
+    if configured not in grid and len(configured) == width and clock.rounds_within(tuple(cfg.tau), deadline) >= 1:
+        grid.append(configured)  # the configured choice is always a candidate when it fits the deadline
+        clocks.setdefault(split(configured)[1], clock)
     first = [configured, most_steps(clock, grid, deadline) if not levels_values else min(grid, key=steps)]
     cands = space_filling(grid, candidates, first, coords)
     if cfg.data.validation > 0:
