@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from qmlhfl_mpi.core.bound_v2 import V2Terms, bound_v2, max_lr_v2, noise_shares, v2_terms
-from qmlhfl_mpi.core.codecs import link_codecs, make_codec
+from qmlhfl_mpi.core.codecs import link_codecs
 from qmlhfl_mpi.core.theory import convergence_bound_terms, max_lr, q_per_link, tree_constants
 from qmlhfl_mpi.core.topology import Tree
-from test_theory import aggregate_due, global_loss, least_squares, run_recursion
+from test_theory import aggregate_due, global_loss, least_squares, round_start, run_recursion
 
 
 def terms_of(tree: Tree, tau, qs) -> V2Terms:
@@ -26,11 +26,7 @@ def simulate(tree, tau, levels, mu, As, bs, seed):
     and per layer n: G_n = sum_u sum_c P_c ||g_c - g_u||^2 (at the devices' models) and zeta_n^2 at the mean."""
     m, d = As[0].shape
     D, N = tree.num_devices, tree.N
-    rng = np.random.default_rng(seed)
-    codecs = [make_codec(s, 0) for s in levels]
-    w0 = np.random.default_rng(99).standard_normal(d)
-    x = np.tile(w0, (D, 1))
-    node = [np.tile(w0, (tree.num_nodes(n), 1)) for n in range(N + 1)]
+    rng, codecs, _, x, node = round_start(tree, levels, d, seed)
     grad = [lambda z, i=i: As[i].T @ (As[i] @ z - bs[i]) / m for i in range(D)]
     K = math.prod(tau)
     out = {"gamma": 0.0, "H": 0.0, "G": np.zeros(N), "zeta2": np.zeros(N)}

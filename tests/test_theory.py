@@ -375,11 +375,7 @@ def drift_check(tree, tau, levels, mu, As, bs, seed):
     with Phi^k = sum_i p_i ||x_i^k - w_t||^2, H^k = sum_i p_i ||grad f_i(x_i^k)||^2."""
     m, d = As[0].shape
     D, N = tree.num_devices, tree.N
-    rng = np.random.default_rng(seed)
-    codecs = [make_codec(s, 0) for s in levels]
-    w0 = np.random.default_rng(99).standard_normal(d)
-    x = np.tile(w0, (D, 1))
-    node = [np.tile(w0, (tree.num_nodes(n), 1)) for n in range(N + 1)]  # model each node last set
+    rng, codecs, w0, x, node = round_start(tree, levels, d, seed)
     K = math.prod(tau)
     phi = h = 0.0
     for k in range(K):
@@ -389,6 +385,15 @@ def drift_check(tree, tau, levels, mu, As, bs, seed):
         x = x - mu * grads
         aggregate_due(tree, tau, k, x, node, codecs, rng)
     return phi, h, node[N][0]
+
+
+def round_start(tree, levels, d, seed):
+    """A step-by-step round's start: the quantizer stream, the links' QSGD codecs, ``w0``, every device's model and
+    every node's last model (all ``w0``)."""
+    w0 = np.random.default_rng(99).standard_normal(d)
+    node = [np.tile(w0, (tree.num_nodes(n), 1)) for n in range(tree.N + 1)]  # model each node last set
+    return (np.random.default_rng(seed), [make_codec(s, 0) for s in levels], w0, np.tile(w0, (tree.num_devices, 1)),
+            node)
 
 
 def aggregate_due(tree, tau, k, x, node, codecs, rng):

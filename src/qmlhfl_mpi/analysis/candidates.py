@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..core import rng
 from .clockfit import ClockModel
 
-__all__ = ["deadline_grid", "deadline_grid_values", "most_steps", "random_draws"]
+__all__ = ["deadline_grid", "deadline_grid_values", "most_steps", "most_steps_by", "random_draws"]
 
 
 def deadline_grid(clock: ClockModel, N: int, max_tau: int, deadline: float, min_rounds: int = 1
@@ -50,6 +50,19 @@ def random_draws(grid: Sequence[tuple[int, ...]], k: int, seed: int) -> list[tup
 def most_steps(clock: ClockModel, grid: Sequence[tuple[int, ...]], deadline: float,
                cap: int = 100_000) -> tuple[int, ...]:
     """The member of ``grid`` with the most SGD steps by ``deadline``: ``prod(tau)`` times its rounds that fit."""
+    return most_steps_by(grid, lambda tau: clock.rounds_within(tau, deadline, cap))
+
+
+def most_steps_by(grid: Sequence[tuple[int, ...]], rounds: Callable[[tuple[int, ...]], int],
+                  width: int | None = None) -> tuple[int, ...]:
+    """As :func:`most_steps`, with ``rounds(member)`` the rounds that fit; a member's ``tau`` is its first
+    ``width`` entries (default: all; the rest may be other choices, e.g. levels).  Ties: the smaller ``K``, then
+    the smaller member."""
     if not grid:
         raise ValueError("most_steps: an empty grid (no tau fits the deadline)")
-    return min(grid, key=lambda tau: (-math.prod(tau) * clock.rounds_within(tau, deadline, cap), math.prod(tau), tau))
+
+    def key(c: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:
+        K = math.prod(c[:width])
+        return -K * rounds(c), K, c
+
+    return min(grid, key=key)

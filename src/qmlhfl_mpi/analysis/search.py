@@ -31,7 +31,7 @@ import numpy as np
 
 from ..config import Config
 from ..results.reader import read_run
-from .candidates import deadline_grid_values, most_steps
+from .candidates import deadline_grid_values, most_steps_by
 from .clockfit import ClockModel
 
 __all__ = ["SearchResult", "Trial", "power_values", "search", "space_filling", "successive_halving"]
@@ -207,39 +207,37 @@ def search(cfg: Config, clock: ClockModel, deadline: float, runner: Runner, *, v
     ``levels_values``: also choose every link's QSGD levels among these (0 = float32); ``clock_for`` gives the
     clock of a config with other levels (its messages' sizes change)."""
     N = clock.tree.N
-    level_sets = [tuple(cfg.quantizer.levels)] if not levels_values else sorted(
-        itertools.product(sorted({int(v) for v in levels_values}), repeat=N))
     if levels_values and clock_for is None:
         raise ValueError("search with levels_values needs clock_for, the clock of a config with other levels")
+    # a candidate is tau, then (when the search chooses them) the links' levels; each levels setting has its clock
+    level_sets = [()] if not levels_values else sorted(
+        itertools.product(sorted({int(v) for v in levels_values}), repeat=N))
 
     def with_levels(levels: tuple[int, ...]) -> Config:
-        return dataclasses.replace(cfg, quantizer=dataclasses.replace(cfg.quantizer, levels=levels))
+        return cfg if not levels else dataclasses.replace(cfg, quantizer=dataclasses.replace(cfg.quantizer,
+                                                                                              levels=levels))
 
-    clocks = {lv: clock if not levels_values or clock_for is None else clock_for(with_levels(lv)) for lv in level_sets}
-    width = N if not levels_values else 2 * N
-    grid = [tau + (lv if levels_values else ()) for lv in level_sets
-            for tau in deadline_grid_values(clocks[lv], N, values, deadline)]
+    clocks = {lv: clock if not lv or clock_for is None else clock_for(with_levels(lv)) for lv in level_sets}
+    grid = [tau + lv for lv in level_sets for tau in deadline_grid_values(clocks[lv], N, values, deadline)]
     if not grid:
         raise ValueError(f"no tau with tau_n in {list(values)} completes a round within the deadline {deadline:g} s "
                          "on the virtual clock: raise --deadline")
 
     def split(c: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return c[:N], c[N:width]
+        return c[:N], c[N:]
 
-    def clock_of(c: tuple[int, ...]) -> ClockModel:
-        return clocks[split(c)[1]] if levels_values else clock
+    def rounds_within(c: tuple[int, ...], seconds: float) -> int:
+        return clocks[split(c)[1]].rounds_within(split(c)[0], seconds)
 
     top = max((v for v in levels_values if v > 0), default=1)
     coords = None if not levels_values else (  # log2 tau, log2 s (float32 as one octave above the finest s)
         lambda c: [math.log2(v) for v in c[:N]] + [math.log2(v if v > 0 else 2 * top) for v in c[N:]])
-    def steps(c: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:  # most SGD steps, then the smaller K
-        return (-math.prod(c[:N]) * clock_of(c).rounds_within(c[:N], deadline), math.prod(c[:N]), c)
-
     configured = tuple(cfg.tau) + (tuple(cfg.quantizer.levels) if levels_values else ())
-    if configured not in grid and len(configured) == width and clock.rounds_within(tuple(cfg.tau), deadline) >= 1:
+    if (configured not in grid and len(configured) == N + len(level_sets[0])
+            and clock.rounds_within(tuple(cfg.tau), deadline) >= 1):
         grid.append(configured)  # the configured choice is always a candidate when it fits the deadline
         clocks.setdefault(split(configured)[1], clock)
-    first = [configured, most_steps(clock, grid, deadline) if not levels_values else min(grid, key=steps)]
+    first = [configured, most_steps_by(grid, lambda c: rounds_within(c, deadline), N)]
     cands = space_filling(grid, candidates, first, coords)
     if cfg.data.validation > 0:
         validation = cfg.data.validation
@@ -250,9 +248,8 @@ def search(cfg: Config, clock: ClockModel, deadline: float, runner: Runner, *, v
         def train(c: tuple[int, ...], rounds: int) -> tuple[float, float]:
             tau, levels = split(c)
             path = str(Path(tmp) / f"tau{'_'.join(map(str, c))}.h5")
-            base = with_levels(levels) if levels_values else cfg
             pcfg = dataclasses.replace(
-                base, tau=tau, data=dataclasses.replace(cfg.data, validation=validation),
+                with_levels(levels), tau=tau, data=dataclasses.replace(cfg.data, validation=validation),
                 train=dataclasses.replace(cfg.train, rounds=rounds, eval_every=_ONLY_LAST),
                 output=dataclasses.replace(cfg.output, path=path, checkpoint_every=0, keep_checkpoint=True,
                                            csv=False, tensorboard=""))
@@ -262,5 +259,4 @@ def search(cfg: Config, clock: ClockModel, deadline: float, runner: Runner, *, v
             loss = np.asarray(read_run(out)["metrics"]["test_loss"], dtype=np.float64)
             return float(loss[-1]) if loss.size else math.inf, cost
 
-        return successive_halving(cands, deadline, lambda c, t: clock_of(c).rounds_within(split(c)[0], t), train,
-                                  eta=eta, grid_size=len(grid), split=split)
+        return successive_halving(cands, deadline, rounds_within, train, eta=eta, grid_size=len(grid), split=split)

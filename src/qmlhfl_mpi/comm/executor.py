@@ -299,7 +299,7 @@ class RoundExecutor:
                 c = self.tree.parent(n, c)
             z = self._anchors[c]
             kw["prox"] = (admm.rho, lambda dev: z)
-            admm = None  # the dual step is the subtree's, at its send-up
+            admm = None  # the dual step is the subtree's, at its send-up (_close), not the devices'
         elif admm is not None:  # each device's augmented local problem: FedProx's term toward its anchor
             host_v = np.asarray(self.vectors.to_host(v), dtype=np.float32)
             kw["prox"] = (admm.rho, lambda dev: admm.anchor(host_v, self.duals.get(dev)))

@@ -294,7 +294,7 @@ def local_data(cfg: Config, tree: Tree, devices: Sequence[int], rank: int, num_r
     test = _pooled(cfg, obj, False)
     keep = None
     if cfg.data.validation > 0:  # a keyed share of the training set replaces the test split
-        train, test, keep = split_validation(train, cfg.data.validation, data_seed(cfg))
+        test, keep = split_validation(train, cfg.data.validation, data_seed(cfg))
     if test.input_shape != train.input_shape:
         raise DataError(f"data set {cfg.data.name!r}: test samples have shape {test.input_shape} but training "
                         f"samples {train.input_shape}")
@@ -318,9 +318,9 @@ def local_data(cfg: Config, tree: Tree, devices: Sequence[int], rank: int, num_r
     return pooled_local_data(train, test, parts, devices, rank, num_ranks, cache_bytes=cache)
 
 
-def split_validation(train: Pooled, fraction: float, seed: int) -> tuple[Pooled, Pooled, np.ndarray]:
-    """``(train, validation, keep)``: a keyed ``fraction`` of ``train`` (stream ``(seed, VALIDATION)``, the same
-    for any rank count) becomes the validation split; ``keep`` are the ascending indices left to partition."""
+def split_validation(train: Pooled, fraction: float, seed: int) -> tuple[Pooled, np.ndarray]:
+    """``(validation, keep)``: a keyed ``fraction`` of ``train`` (stream ``(seed, VALIDATION)``, the same for any
+    rank count) becomes the validation split; ``keep`` are the ascending indices of ``train`` left to partition."""
     n = len(train)
     m = int(round(fraction * n))
     if not 1 <= m < n:
@@ -330,7 +330,7 @@ def split_validation(train: Pooled, fraction: float, seed: int) -> tuple[Pooled,
     held, keep = np.sort(order[:m]), np.sort(order[m:])
     y = np.ascontiguousarray(train.y[held])
     val = Pooled(take(train.x, held).numpy(), y, None if train.owner is None else train.owner[held])
-    return train, val, keep
+    return val, keep
 
 
 def data_spec(cfg: Config) -> tuple[tuple[int, ...], int]:
